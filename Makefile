@@ -1,0 +1,37 @@
+# Two commands matter: `make serve` (a local cluster serving a model) and `make test` (the whole suite).
+# Both create .venv on first use. torch is installed first and pinned, so pip keeps the CPU build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.meshllm-installed
+TORCH ?= torch==2.13.0
+MODEL ?= demo
+STAGES ?= 2
+PORT ?= 8100
+
+.PHONY: setup serve test lint proto clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/meshllm serve --model $(MODEL) --stages $(STAGES) --port $(PORT)
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+proto: $(STAMP)
+	$(BIN)/python -m meshllm.transport.proto.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,88 @@
+"""The engine protocol: what every engine (torch, mlx) offers the runtime.
+
+A stage owns the half-open range of decoder layers `[start, end)` of one checkpoint. The first stage also
+embeds token ids; the last also applies the final norm and the lm_head. Layer indices and weight names
+stay global, so a stage's weights are found by their Hugging Face names.
+
+A step is a batch of segments. Each segment is `n_tokens` new tokens of one sequence starting at absolute
+position `start_pos`; the step concatenates the tokens of all its segments, in order, into one `[T, ...]`
+input so that every linear layer runs once for the whole step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the last stage picks the next token of a sequence. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # None: a fresh random seed per sequence
+    min_tokens: int = 0  # eos_token_ids are banned until this many tokens were sampled
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Segment:
+    seq_id: int
+    start_pos: int  # absolute position of the segment's first token in its sequence
+    n_tokens: int
+    sample: bool = False  # the last stage samples a token after this segment (end of prompt, or decode)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class StepInput:
+    """What a stage consumes: token ids on the first stage, hidden states from the previous one after."""
+
+    step_id: int
+    segments: list[Segment]
+    token_ids: np.ndarray | None = None  # [T] int64, first stage only
+    hidden_states: Any = None  # [T, hidden] engine tensor (torch.Tensor or mx.array)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(segment.n_tokens for segment in self.segments)
+
+
+@dataclass
+class StepOutput:
+    """What a stage produces: hidden states for the next stage, or logits when it is the last."""
+
+    step_id: int
+    segments: list[Segment]
+    hidden_states: Any = None  # [T, hidden], stages that are not last
+    logits: np.ndarray | None = None  # [S, vocab] float32 for the segments with sample=True, last stage
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq_id: int
+    token_id: int
+    logprob: float
+
+
+class Stage(Protocol):
+    """Layers `[start, end)` of one checkpoint, with a KV cache per live sequence."""
+
+    layer_range: tuple[int, int]
+    is_first: bool
+    is_last: bool
+
+    def forward(self, step: StepInput) -> StepOutput: ...
+
+    def release(self, seq_ids: list[int]) -> None:
+        """Drop the KV caches of these sequences; unknown ids are ignored."""
+
+    def live_sequences(self) -> int: ...
+
+    def weight_bytes(self) -> int:
+        """Bytes of parameters this stage holds."""
+        ...

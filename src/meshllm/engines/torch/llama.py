@@ -1,0 +1,220 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) written for stage execution.
+
+The variants differ only in fields of `ModelConfig`: q/k/v bias (qwen2), per-head q/k RMSNorm (qwen3),
+tied embeddings, RoPE scaling (llama 3) and a sliding attention window (mistral). Parameter names match
+the Hugging Face checkpoints below the `model.` prefix, with global layer indices.
+
+Tensors inside a step are flat: `T` is the total number of new tokens of all the step's segments, and
+attention is the only operation that looks at segments separately (each against its own KV cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshllm.engines.base import Segment
+from meshllm.errors import ConfigError
+from meshllm.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model's dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with the checkpoint's `rope_scaling` applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq.float()
+    if rope_type == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ConfigError(f"config.json: rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class KVCache:
+    """One sequence's keys and values for one layer; capacity grows by doubling, length is `offset`."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)  # [H_kv, capacity, D]
+        self.values = torch.empty_like(self.keys)
+        self.offset = 0
+
+    def truncate(self, length: int) -> None:
+        self.offset = min(self.offset, length)
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `[H_kv, n, D]` keys and values; return all of them so far, `[H_kv, offset, D]`."""
+        n = keys.shape[1]
+        end = self.offset + n
+        if end > self.keys.shape[1]:
+            capacity = max(end, 2 * self.keys.shape[1], 64)
+            grown_keys = self.keys.new_empty(self.keys.shape[0], capacity, self.keys.shape[2])
+            grown_values = torch.empty_like(grown_keys)
+            grown_keys[:, : self.offset] = self.keys[:, : self.offset]
+            grown_values[:, : self.offset] = self.values[:, : self.offset]
+            self.keys, self.values = grown_keys, grown_values
+        self.keys[:, self.offset : end] = keys
+        self.values[:, self.offset : end] = values
+        self.offset = end
+        return self.keys[:, :end], self.values[:, :end]
+
+
+def attention_mask(start_pos: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean `[n, start_pos + n]` mask: query i (at start_pos + i) sees keys up to itself (and the window)."""
+    if n == 1 and (window is None or start_pos < window):
+        return None
+    query_pos = torch.arange(start_pos, start_pos + n, device=device)[:, None]
+    key_pos = torch.arange(start_pos + n, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window
+        bias = config.attention_bias
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        # qwen3 normalises each head's queries and keys before the rotary embedding.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,
+        segments: list[Segment],
+        caches: list[KVCache],  # one per segment
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        outputs = []
+        offset = 0
+        for segment, cache in zip(segments, caches, strict=True):
+            n = segment.n_tokens
+            span = slice(offset, offset + n)
+            keys, values = cache.update_and_fetch(k[span].transpose(0, 1), v[span].transpose(0, 1))
+            mask = attention_mask(segment.start_pos, n, self.window, x.device)
+            out = F.scaled_dot_product_attention(
+                q[span].transpose(0, 1)[None],  # [1, H, n, D]
+                keys[None],  # [1, H_kv, L, D]
+                values[None],
+                attn_mask=mask,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
+            outputs.append(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+            offset += n
+        return self.o_proj(torch.cat(outputs))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = bool(config.raw.get("mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, segments, caches) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class StageModel(nn.Module):
+    """Layers `[start, end)`; the embedding when first; the final norm and lm_head when last.
+
+    Parameter names are the checkpoint's without the `model.` prefix: `layers.{i}.…` keeps the global i.
+    """
+
+    def __init__(self, config: ModelConfig, layer_range: tuple[int, int], is_first: bool, is_last: bool):
+        super().__init__()
+        start, end = layer_range
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [T, hidden], or [T] token ids on the first stage
+        positions: torch.Tensor,  # [T]
+        segments: list[Segment],
+        caches: dict[int, list[KVCache]],  # layer index -> one cache per segment
+    ) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            hidden_states = self.embed_tokens(hidden_states)
+        cos, sin = self.rope(positions, hidden_states.dtype)
+        for index, layer in self.layers.items():
+            hidden_states = layer(hidden_states, cos, sin, segments, caches[int(index)])
+        return hidden_states
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab], last stage only."""
+        return self.lm_head(self.norm(hidden_states))

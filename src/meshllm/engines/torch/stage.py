@@ -1,0 +1,151 @@
+"""A PyTorch pipeline stage: layers `[start, end)` of a checkpoint, with one KV cache per live sequence."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshllm.engines.base import StepInput, StepOutput
+from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
+from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
+from meshllm.errors import ConfigError, StageError
+from meshllm.models.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
+    start, end = layer_range
+    if not (0 <= start < end <= num_layers):
+        raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
+    return start, end
+
+
+class TorchStage:
+    """Layers `[start, end)`; embeds when first; norm, lm_head and logits when last."""
+
+    engine = "torch"
+
+    def __init__(self, model: StageModel, layer_range: tuple[int, int], is_first: bool, is_last: bool):
+        self.model = model
+        self.config = model.config
+        self.layer_range = layer_range
+        self.is_first, self.is_last = is_first, is_last
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self._caches: dict[int, dict[int, KVCache]] = {}  # seq_id -> layer index -> cache
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def live_sequences(self) -> int:
+        return len(self._caches)
+
+    def weight_bytes(self) -> int:
+        unique = {id(p): p for p in self.model.parameters()}
+        return sum(p.numel() * p.element_size() for p in unique.values())
+
+    def release(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self._caches.pop(seq_id, None)
+
+    def _cache(self, seq_id: int, start_pos: int) -> dict[int, KVCache]:
+        caches = self._caches.get(seq_id)
+        if caches is None:
+            if start_pos != 0:
+                raise StageError(f"sequence {seq_id}: first step starts at position {start_pos}, not 0")
+            config = self.config
+            caches = {
+                layer: KVCache(config.num_key_value_heads, config.head_dim, self.dtype, self.device)
+                for layer in range(*self.layer_range)
+            }
+            self._caches[seq_id] = caches
+        for cache in caches.values():
+            if start_pos > cache.offset:
+                raise StageError(f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}")
+            cache.truncate(start_pos)  # a step may restart from an earlier position
+        return caches
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> StepOutput:
+        segments = step.segments
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.n_tokens) for s in segments]).to(self.device)
+        if self.is_first:
+            if step.token_ids is None:
+                raise StageError("the first stage needs token ids")
+            hidden_states = torch.as_tensor(np.asarray(step.token_ids), dtype=torch.long, device=self.device)
+        else:
+            if step.hidden_states is None:
+                raise StageError("a stage after the first needs hidden states")
+            hidden_states = torch.as_tensor(step.hidden_states).to(self.device, self.dtype)
+        if hidden_states.shape[0] != positions.shape[0]:
+            raise StageError(f"step {step.step_id}: {hidden_states.shape[0]} inputs for {positions.shape[0]} tokens")
+
+        per_sequence = [self._cache(s.seq_id, s.start_pos) for s in segments]
+        caches = {layer: [c[layer] for c in per_sequence] for layer in range(*self.layer_range)}
+        hidden_states = self.model(hidden_states, positions, segments, caches)
+        if not self.is_last:
+            return StepOutput(step.step_id, segments, hidden_states=hidden_states)
+        last_tokens = torch.tensor(np.cumsum([s.n_tokens for s in segments]) - 1, device=self.device)
+        logits = self.model.logits(hidden_states[last_tokens])  # [S, vocab]
+        return StepOutput(step.step_id, segments, logits=logits.float().cpu().numpy())
+
+
+def load_stage(
+    checkpoint: Checkpoint | str,
+    layer_range: tuple[int, int],
+    dtype: str = "float32",
+    device: str | None = None,
+    **_: Any,
+) -> TorchStage:
+    """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.open(checkpoint)
+    config = checkpoint.config
+    start, end = validate_layer_range(tuple(layer_range), config.num_hidden_layers)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    is_first, is_last = start == 0, end == config.num_hidden_layers
+    torch_dtype, target = DTYPES[dtype], pick_device(device)
+
+    with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint
+        model = StageModel(config, (start, end), is_first, is_last)
+    names = stage_tensor_names(checkpoint, (start, end), is_first, is_last)
+    from meshllm.engines.torch.quantized import dequantize_stage_tensors
+
+    tensors = dequantize_stage_tensors(checkpoint, list(names), torch_dtype, read_tensors)
+    state = {names[name]: tensor for name, tensor in tensors.items() if name in names}
+    if is_last and config.tie_word_embeddings:
+        state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
+        if not is_first:
+            state.pop("embed_tokens.weight", None)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConfigError(f"{checkpoint.path}: tensor {missing[0]!r} (stage name) missing from the checkpoint")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(config)  # buffers are not in the checkpoint; made on meta above
+    model.to(target)
+    model.eval()
+    stage = TorchStage(model, (start, end), is_first, is_last)
+    log.info(
+        "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
+        start, end, checkpoint.name, stage.weight_bytes() / 1e6, dtype, target,
+    )
+    return stage

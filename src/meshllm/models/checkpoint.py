@@ -1,0 +1,97 @@
+"""Find a checkpoint's files (a local folder or a hub id) and read single tensors from it by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from meshllm.errors import ConfigError
+from meshllm.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "demo"
+
+
+def cache_dir() -> Path:
+    """Where meshllm keeps what it makes (the demo checkpoint); MESHLLM_CACHE overrides it."""
+    return Path(os.environ.get("MESHLLM_CACHE", Path.home() / ".cache" / "meshllm"))
+
+
+def resolve_model(reference: str) -> Path:
+    """A local folder, 'demo', or a Hugging Face hub id (downloaded, with a progress bar, when not cached)."""
+    if reference == DEMO_MODEL:
+        from meshllm.models.tiny import demo_checkpoint
+
+        return demo_checkpoint()
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model {reference!r}: a checkpoint is a folder, not a file")
+        return path.resolve()
+    if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise ConfigError(f"model {reference!r}: no such folder (and not a hub id of the form 'org/name')")
+    return _download(reference)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated: one line that says what to do
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"model {repo_id!r}: could not download from the Hugging Face hub ({reason}); "
+            "pass the path of a local checkpoint folder instead"
+        ) from None
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder in Hugging Face layout: config.json, *.safetensors (one or sharded), tokenizer."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, reference: str | Path) -> Checkpoint:
+        checkpoint = cls(resolve_model(str(reference)))
+        _ = checkpoint.config  # fail early on a folder that is no checkpoint
+        return checkpoint
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_file(self.path / "config.json")
+
+    @cached_property
+    def weight_map(self) -> dict[str, Path]:
+        """Tensor name -> the safetensors file that holds it."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            mapping = json.loads(index.read_text())["weight_map"]
+            return {name: self.path / file for name, file in mapping.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{self.path}: no *.safetensors files")
+        from safetensors import safe_open
+
+        weight_map: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="numpy") as handle:
+                weight_map.update(dict.fromkeys(handle.keys(), file))
+        return weight_map
+
+    def require(self, names: list[str]) -> None:
+        missing = [name for name in names if name not in self.weight_map]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ConfigError(f"{self.path}: tensor {shown} missing from the checkpoint's safetensors files")
+
+    @property
+    def name(self) -> str:
+        return self.path.name

@@ -1,0 +1,1 @@
+"""Moving tensors between processes: the proto, its generated code, the tensor codec, the communicator."""
