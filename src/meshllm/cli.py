@@ -15,7 +15,6 @@ COMMANDS = {
     "generate": ("meshllm.runtime.generate_cli", "generate text in one process (K in-process stages)"),
     "serve": ("meshllm.server.serve_cli", "serve the OpenAI-compatible API from a local cluster"),
     "worker": ("meshllm.runtime.worker_cli", "run a stage worker that waits for the coordinator"),
-    "coordinator": ("meshllm.server.coordinator_cli", "run the coordinator of a cluster file's cluster"),
     "cluster": ("meshllm.cluster.cli", "start, inspect and stop a cluster described in a TOML file"),
     "comm": ("meshllm.transport.comm_cli", "the gRPC communicator: benchmarks"),
 }

@@ -31,5 +31,7 @@ def load_stage(engine: str, checkpoint: Any, layer_range: tuple[int, int], **opt
     try:
         module = importlib.import_module(f"meshllm.engines.{engine}")
     except ImportError as error:
-        raise ConfigError(f"engine {engine!r} is not installed here ({error}); pip install 'meshllm[{engine}]'") from None
+        raise ConfigError(
+            f"engine {engine!r} is not installed here ({error}); pip install 'meshllm[{engine}]'"
+        ) from None
     return module.load_stage(checkpoint, layer_range, **options)

@@ -44,9 +44,16 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(config.get(key), int) or config[key] <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {config.get(key)!r}")
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        ):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # bool is an int subclass
+                raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
 
         # transformers 5 writes rope settings under rope_parameters; hub checkpoints mostly at the top level.
         rope = dict(config.get("rope_parameters") or {})
@@ -74,7 +81,9 @@ class ModelConfig:
         try:
             config = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{path.parent}: no config.json (not a Hugging Face checkpoint folder)") from None
+            raise ConfigError(
+                f"{path.parent}: no config.json (not a Hugging Face checkpoint folder)"
+            ) from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(config, source=str(path))

@@ -218,7 +218,11 @@ def make_checkpoint(
 def _save_sharded(weights: dict, path: Path, shards: int, save) -> None:
     names = list(weights)
     if shards <= 1:
-        save({name: weights[name] for name in names}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save(
+            {name: weights[name] for name in names},
+            str(path / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         return
     per_shard = -(-len(names) // shards)
     weight_map = {}
@@ -227,7 +231,10 @@ def _save_sharded(weights: dict, path: Path, shards: int, save) -> None:
         file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
         save({name: weights[name] for name in chunk}, str(path / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(chunk, file))
-    total = sum(int(np.prod(w.shape)) * w.element_size() if hasattr(w, "element_size") else w.nbytes for w in weights.values())
+    total = sum(
+        int(np.prod(w.shape)) * w.element_size() if hasattr(w, "element_size") else w.nbytes
+        for w in weights.values()
+    )
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
 

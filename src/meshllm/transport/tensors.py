@@ -6,7 +6,6 @@ raw 16-bit patterns and is viewed as bfloat16 again on the torch or mlx side.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,9 @@ def framework_of(array: Any) -> str:
 
 def dtype_name(array: Any) -> str:
     """The wire name of `array`'s dtype ('float32', 'bfloat16', ...)."""
-    name = str(array.dtype).rsplit(".", 1)[-1]
+    dtype = array.dtype
+    # numpy's name drops the byte order ('>i4' is int32); torch and mlx print 'torch.int32', 'mlx.core.int32'.
+    name = dtype.name if isinstance(dtype, np.dtype) else str(dtype).rsplit(".", 1)[-1]
     if name not in WIRE_DTYPES:
         raise TypeError(f"dtype {array.dtype} cannot go on the wire (supported: {', '.join(WIRE_DTYPES)})")
     return name
@@ -54,9 +55,7 @@ def to_bytes(array: Any) -> tuple[bytes, list[int], str]:
         host = np.array(array.view(mx.uint16) if dtype == "bfloat16" else array, copy=False)
     else:
         host = np.asarray(array)
-    host = np.ascontiguousarray(host)
-    if sys.byteorder != "little":
-        host = host.byteswap()
+    host = np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("<"))  # converts big-endian values
     return host.tobytes(), list(array.shape), dtype
 
 

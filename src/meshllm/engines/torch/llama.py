@@ -54,7 +54,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= original / high) & (wavelen <= original / low)
         return torch.where(medium, smoothed, scaled).float()
-    raise ConfigError(f"config.json: rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+    raise ConfigError(
+        f"config.json: rope_scaling type {rope_type!r} is not supported (default, linear, llama3)"
+    )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        # qwen2's bias is on q/k/v only; llama-style checkpoints with attention_bias have it on o_proj too
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias and config.model_type != "qwen2")
         # qwen3 normalises each head's queries and keys before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None

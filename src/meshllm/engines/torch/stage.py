@@ -78,14 +78,18 @@ class TorchStage:
             self._caches[seq_id] = caches
         for cache in caches.values():
             if start_pos > cache.offset:
-                raise StageError(f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}")
+                raise StageError(
+                    f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}"
+                )
             cache.truncate(start_pos)  # a step may restart from an earlier position
         return caches
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> StepOutput:
         segments = step.segments
-        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.n_tokens) for s in segments]).to(self.device)
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.n_tokens) for s in segments]).to(
+            self.device
+        )
         if self.is_first:
             if step.token_ids is None:
                 raise StageError("the first stage needs token ids")
@@ -95,7 +99,9 @@ class TorchStage:
                 raise StageError("a stage after the first needs hidden states")
             hidden_states = torch.as_tensor(step.hidden_states).to(self.device, self.dtype)
         if hidden_states.shape[0] != positions.shape[0]:
-            raise StageError(f"step {step.step_id}: {hidden_states.shape[0]} inputs for {positions.shape[0]} tokens")
+            raise StageError(
+                f"step {step.step_id}: {hidden_states.shape[0]} inputs for {positions.shape[0]} tokens"
+            )
 
         per_sequence = [self._cache(s.seq_id, s.start_pos) for s in segments]
         caches = {layer: [c[layer] for c in per_sequence] for layer in range(*self.layer_range)}
@@ -131,21 +137,41 @@ def load_stage(
 
     tensors = dequantize_stage_tensors(checkpoint, list(names), torch_dtype, read_tensors)
     state = {names[name]: tensor for name, tensor in tensors.items() if name in names}
-    if is_last and config.tie_word_embeddings:
-        state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
-        if not is_first:
-            state.pop("embed_tokens.weight", None)
+    tied = is_last and config.tie_word_embeddings
+    if tied:
+        # The embedding matrix is the lm_head (a checkpoint that also saves lm_head.weight has it equal).
+        embedding = state.get("embed_tokens.weight") if is_first else state.pop("embed_tokens.weight", None)
+        if embedding is not None:
+            state["lm_head.weight"] = embedding
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     if missing:
-        raise ConfigError(f"{checkpoint.path}: tensor {missing[0]!r} (stage name) missing from the checkpoint")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{checkpoint.path}: tensor {_checkpoint_name(missing[0], tied)!r}{more} "
+            "missing from the checkpoint's safetensors files"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    if tied and is_first:
+        model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
     model.inv_freq = rope_inv_freq(config)  # buffers are not in the checkpoint; made on meta above
     model.to(target)
     model.eval()
     stage = TorchStage(model, (start, end), is_first, is_last)
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
-        start, end, checkpoint.name, stage.weight_bytes() / 1e6, dtype, target,
+        start,
+        end,
+        checkpoint.name,
+        stage.weight_bytes() / 1e6,
+        dtype,
+        target,
     )
     return stage
+
+
+def _checkpoint_name(stage_name: str, tied: bool) -> str:
+    """The checkpoint tensor a stage parameter is read from (the inverse of `stage_tensor_names`)."""
+    if stage_name.startswith("lm_head."):
+        return "model.embed_tokens.weight" if tied else stage_name
+    return f"model.{stage_name}"

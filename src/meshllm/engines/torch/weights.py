@@ -12,7 +12,9 @@ from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
 
 
-def stage_tensor_names(checkpoint: Checkpoint, layer_range: tuple[int, int], is_first: bool, is_last: bool) -> dict[str, str]:
+def stage_tensor_names(
+    checkpoint: Checkpoint, layer_range: tuple[int, int], is_first: bool, is_last: bool
+) -> dict[str, str]:
     """Checkpoint tensor name -> stage parameter name, for exactly the tensors this stage needs."""
     start, end = layer_range
     wanted: dict[str, str] = {}

@@ -1,0 +1,305 @@
+"""`meshllm cluster start`: check every device, start the workers, wait for their Health, start the
+coordinator, wait for its /health, print the plan and the API's URL.
+
+What already runs and answers is left alone, so a second start says the cluster runs, and a start after
+a worker died brings back just that worker (the coordinator watches its workers and loads it again).
+A process of ours that runs but does not answer (or no longer matches the file) is stale: `--force`
+stops it, by the pid its pid file names; without it, start says so and stops.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meshllm.cluster import checks, health
+from meshllm.cluster.launch import Machine
+from meshllm.cluster.logs import read_log_tail
+from meshllm.cluster.state import ClusterState, PidRecord
+from meshllm.cluster.status import format_bytes
+from meshllm.cluster.stop import stop_record
+from meshllm.cluster.tasks import ERROR_INDENT, parallel, raise_all
+from meshllm.config import COORDINATOR_STAGE, Cluster, Device
+from meshllm.errors import ConfigError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Survey:
+    up: set[str]  # devices whose process runs and answers where the file says
+    stale: list[tuple[PidRecord, str]]  # our processes that run but are not what the file asks for, and why
+
+
+class Starter:
+    def __init__(self, cluster: Cluster, force: bool = False, timeout: float = DEFAULT_TIMEOUT_S, echo=print):
+        self.cluster = cluster
+        self.state = ClusterState(cluster)
+        self.force = force
+        self.timeout = timeout
+        self.echo = echo
+        self.token = self.state.token()
+        self.api_key = cluster.cluster.api_key
+        self.machines = {device.name: Machine.of(device, cluster.path) for device in cluster.device}
+
+    def run(self) -> int:
+        cluster = self.cluster
+        survey = self.survey(self.state.records())
+        if survey.up == {device.name for device in cluster.device}:
+            self.echo(f"cluster {cluster.name!r} is already running: API at {cluster.api_url}/v1")
+            return 0
+        if survey.stale:
+            if not self.force:
+                raise_all([ConfigError(reason) for _, reason in survey.stale])
+            for record, _ in survey.stale:
+                self.echo(f"stopping stale {record.role} {record.device} (pid {record.pid}) …")
+                stop_record(self.state, record, str(cluster.path))
+        to_start = [device for device in cluster.device if device.name not in survey.up]
+        facts = self.check(to_start, coordinator_running=cluster.coordinator.name in survey.up)
+
+        workers = [device for device in to_start if not device.is_coordinator]
+        started = parallel(lambda device: self.launch(device, facts[device.name]), workers)
+        raise_all(started)
+        waited = parallel(lambda record: (record, self.wait_worker(record)), started)
+        for result in waited:
+            if not isinstance(result, Exception):
+                record, seconds = result
+                self.echo(f"worker {record.device} answers Health in {seconds:.1f} s (pid {record.pid})")
+        raise_all(waited)
+
+        coordinator = cluster.coordinator
+        if coordinator in to_start:
+            record = self.launch(coordinator, facts[coordinator.name])
+            seconds = self.wait_coordinator(record)
+            self.echo(f"coordinator {coordinator.name} healthy in {seconds:.1f} s (pid {record.pid})")
+        else:
+            self.echo(f"coordinator {coordinator.name} runs; waiting for it to load the restarted workers …")
+            seconds = self.wait_coordinator(self.state.records()[coordinator.name])
+            self.echo(f"cluster healthy again in {seconds:.1f} s")
+        self.print_plan()
+        self.echo(f"API ready at {cluster.api_url}/v1")
+        return 0
+
+    # -- what runs already -----------------------------------------------------------------------
+
+    def survey(self, records: dict[str, PidRecord]) -> Survey:
+        """Sort the pid files: gone (the file is removed), up, or stale."""
+        results = parallel(self._classify, records.values())
+        raise_all(results)
+        up = {name for name, verdict in results if verdict == "up"}
+        stale = [(records[name], verdict) for name, verdict in results if verdict not in ("up", "gone")]
+        return Survey(up, stale)
+
+    def _classify(self, record: PidRecord) -> tuple[str, str]:
+        machine = record.machine_for(str(self.cluster.path))
+        if not machine.call("alive", {"pids": [record.pid]})[str(record.pid)]:
+            self.state.remove(record.device)
+            return record.device, "gone"
+        how = f"run `meshllm cluster stop -c {self.cluster.path}` or add --force"
+        earlier = f"device {record.device!r}: pid {record.pid} from an earlier start still runs"
+        try:
+            device = self.cluster.get(record.device)
+        except ConfigError:
+            return record.device, f"{earlier} but the device is no longer in {self.cluster.path}: {how}"
+        expected = self.cluster.dial(device)
+        if device.role != record.role or expected != record.address:
+            return record.device, f"{earlier} as {record.role} at {record.address}, not at {expected}: {how}"
+        if device.is_coordinator:
+            answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
+            what = "/health"
+        else:
+            answer = health.worker_health(expected, self.token, timeout=3.0)
+            what = "Health"
+        if answer.refused:
+            return record.device, f"{earlier} but refuses this cluster's token: {how}"
+        if not answer.ok:
+            return record.device, f"{earlier} but does not answer {what} at {expected} (hung?): {how}"
+        return record.device, "up"
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def check(self, devices: list[Device], coordinator_running: bool) -> dict[str, dict[str, Any]]:
+        """Probe every device to start; raise one ConfigError listing every problem found."""
+        cluster = self.cluster
+        results = parallel(lambda device: checks.probe(cluster, device, self.machines[device.name]), devices)
+        facts = {device.name: result for device, result in zip(devices, results, strict=True)}
+        coordinator = cluster.coordinator
+        if coordinator_running:
+            coordinator_version = self.state.records()[coordinator.name].version
+        else:
+            found = facts[coordinator.name]
+            coordinator_version = None if isinstance(found, Exception) else found.get("meshllm")
+        errors: list[Exception] = []
+        for device in devices:
+            found = facts[device.name]
+            if isinstance(found, Exception):
+                self.echo(f"checking {device.name} … failed")
+                errors.append(found)
+                continue
+            _, port = cluster.listen(device)
+            self.echo(f"checking {device.name} … {checks.summary(device, found, port)}")
+            machine = self.machines[device.name]
+            errors += [
+                ConfigError(problem)
+                for problem in checks.problems(cluster, device, machine, found, coordinator_version)
+            ]
+        raise_all(errors)
+        if not coordinator_running:
+            checks.check_memory_fit(
+                cluster, {name: found.get("memory_available") for name, found in facts.items()}
+            )
+        return facts
+
+    # -- starting --------------------------------------------------------------------------------
+
+    def launch(self, device: Device, facts: dict[str, Any]) -> PidRecord:
+        """Start the device's process detached there; its pid file is written at once."""
+        threads = checks.threads_for(self.cluster, device, facts["cpu_count"])
+        argv = self.coordinator_argv(device) if device.is_coordinator else self.worker_argv(device, threads)
+        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env}
+        machine = self.machines[device.name]
+        result = machine.call(
+            "launch",
+            {
+                "argv": argv,
+                "cwd": device.workdir,
+                "log": self.state.log_path(device),
+                "env": env,
+                "files": {self.state.token_path(device): self.token + "\n"},
+            },
+        )
+        if "error" in result:
+            raise ConfigError(f"device {device.name!r}: cannot start it {machine.where}: {result['error']}")
+        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"])
+        self.state.write(record)
+        return record
+
+    def worker_argv(self, device: Device, threads: int) -> list[str]:
+        bind, port = self.cluster.listen(device)
+        argv = [device.python, "-m", "meshllm", "worker", "--host", bind, "--port", str(port)]
+        argv += [
+            "--name",
+            device.name,
+            "--token-file",
+            self.state.token_path(device),
+            "--threads",
+            str(threads),
+        ]
+        engine = device.engine or self.cluster.cluster.engine
+        return argv + (["--engine", engine] if engine else [])
+
+    def coordinator_argv(self, device: Device) -> list[str]:
+        settings = self.cluster.cluster
+        bind, port = self.cluster.listen(device)
+        argv = [device.python, "-m", "meshllm", "serve", "--model", settings.model, "--host", bind]
+        argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
+        workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
+        argv += ["--workers", workers] if workers else ["--stages", "1"]
+        memory = ",".join(
+            f"{COORDINATOR_STAGE if other.is_coordinator else other.name}={other.memory:g}"
+            for other in self.cluster.device
+            if other.memory
+        )
+        optional = {
+            "--memory": memory,
+            "--dtype": settings.dtype,
+            "--engine": device.engine or settings.engine,
+            "--api-key": settings.api_key,
+            "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
+        }
+        for flag, value in optional.items():
+            if value:
+                argv += [flag, value]
+        return argv
+
+    # -- waiting ---------------------------------------------------------------------------------
+
+    def wait_worker(self, record: PidRecord) -> float:
+        """Seconds until the worker answers Health; ConfigError when it exits or the time is up."""
+        device = self.cluster.get(record.device)
+        started = time.monotonic()
+        while True:
+            answer = health.worker_health(device.address, self.token, timeout=2.0)
+            if answer.ok:
+                return time.monotonic() - started
+            if answer.refused:
+                raise ConfigError(
+                    f"device {device.name!r}: the process answering at {device.address} refuses this "
+                    "cluster's token (another cluster's worker on that port?)"
+                )
+            self._check_alive(device, record)
+            if time.monotonic() - started > self.timeout:
+                raise ConfigError(
+                    f"device {device.name!r}: no answer to Health at {device.address} within "
+                    f"{self.timeout:.0f} s, though its process (pid {record.pid}) runs and listens on "
+                    f"{device.listen_host}:{device.port}: is host = {device.host!r} the address this machine "
+                    f"reaches it at, and is port {device.port} open in its firewall? "
+                    f"(`meshllm cluster logs {device.name} -c {self.cluster.path}`)"
+                )
+            time.sleep(0.3)
+
+    def wait_coordinator(self, record: PidRecord) -> float:
+        """Seconds until /health is 200; ConfigError when the coordinator exits or the time is up."""
+        device = self.cluster.coordinator
+        started = time.monotonic()
+        last = "no answer"
+        while True:
+            answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
+            if answer.ok:
+                status, body = answer.reply
+                if status == 200:
+                    return time.monotonic() - started
+                last = body.get("message") if isinstance(body, dict) else str(body)
+            else:
+                last = answer.error
+            self._check_alive(device, record)
+            if time.monotonic() - started > self.timeout:
+                raise ConfigError(
+                    f"device {device.name!r}: the coordinator is not healthy after {self.timeout:.0f} s "
+                    f"({last}); see `meshllm cluster logs -c {self.cluster.path}`"
+                )
+            time.sleep(0.5)
+
+    def _check_alive(self, device: Device, record: PidRecord) -> None:
+        machine = self.machines[device.name]
+        if machine.call("alive", {"pids": [record.pid]})[str(record.pid)]:
+            return
+        self.state.remove(device.name)
+        lines = read_log_tail(machine, record.log, 12)
+        where = f" on {device.host}" if device.is_remote else ""
+        hint = ""
+        if any("No module named" in line for line in lines):
+            hint = ERROR_INDENT + "Install it there: " + checks.install_command(machine, record.version)
+        raise ConfigError(
+            f"device {device.name!r}: the {device.role} exited during start. Last lines of {record.log}{where}:"
+            + "".join(ERROR_INDENT + "  " + line for line in lines)
+            + hint
+        )
+
+    # -- the plan --------------------------------------------------------------------------------
+
+    def print_plan(self) -> None:
+        info = health.gpu_info(self.cluster.api_url, self.api_key)
+        if not info:
+            return
+        names = {COORDINATOR_STAGE: self.cluster.coordinator.name}
+        rows = []
+        for entry in info.get("devices", []):
+            start, end = entry.get("layers") or (0, 0)
+            name = (
+                names.get(entry["name"], entry["name"])
+                if entry.get("role") == "coordinator"
+                else entry["name"]
+            )
+            rows.append(
+                (
+                    name,
+                    entry.get("role", ""),
+                    f"layers [{start}, {end})",
+                    format_bytes(entry.get("weight_bytes")),
+                )
+            )
+        width = max(len(row[0]) for row in rows)
+        for name, role, layers, weights in rows:
+            self.echo(f"  {name:<{width}}  {role:<11}  {layers:<14}  {weights}")

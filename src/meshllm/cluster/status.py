@@ -1,0 +1,127 @@
+"""`meshllm cluster status`: one row per device, from the pid files (does the process run?), each worker's
+gRPC Info (does it answer, what has it loaded?) and the coordinator's /distributed/gpu-info (the plan,
+each device's status as the coordinator sees it, round-trip times)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meshllm.cluster import health
+from meshllm.cluster.state import ClusterState, PidRecord
+from meshllm.cluster.tasks import parallel, raise_all
+from meshllm.config import COORDINATOR_STAGE, Cluster, Device
+
+COLUMNS = ("device", "host", "role", "pid", "state", "layers", "memory", "rtt")
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    host: str
+    role: str
+    pid: str
+    state: str  # stopped | down | healthy | not loaded | unreachable | not answering | ...
+    layers: str
+    memory: str
+    rtt: str
+
+    def cells(self) -> tuple[str, ...]:
+        return (self.device, self.host, self.role, self.pid, self.state, self.layers, self.memory, self.rtt)
+
+
+def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None]:
+    """The rows of the table, and the coordinator's gpu-info (None when it does not answer)."""
+    state = ClusterState(cluster)
+    token = state.token()
+    records = state.records()
+    devices = cluster.device
+
+    def running(device: Device) -> bool:
+        record = records.get(device.name)
+        if record is None:
+            return False
+        machine = record.machine_for(str(cluster.path))
+        return bool(machine.call("alive", {"pids": [record.pid]})[str(record.pid)])
+
+    alive = parallel(running, devices)
+    raise_all(alive)
+    infos = parallel(
+        lambda device: None if device.is_coordinator else health.worker_info(device.address, token), devices
+    )
+    gpu_info = health.gpu_info(cluster.api_url, cluster.cluster.api_key)
+    # The coordinator's own stage is COORDINATOR_STAGE there, whatever the device is called.
+    entries = {
+        cluster.coordinator.name if entry.get("name") == COORDINATOR_STAGE else entry.get("name"): entry
+        for entry in (gpu_info or {}).get("devices", [])
+    }
+    rows = [
+        _row(device, records.get(device.name), is_alive, info, entries.get(device.name))
+        for device, is_alive, info in zip(devices, alive, infos, strict=True)
+    ]
+    return rows, gpu_info
+
+
+def _row(
+    device: Device,
+    record: PidRecord | None,
+    alive: bool,
+    info: health.Answer | None,
+    entry: dict[str, Any] | None,
+) -> DeviceRow:
+    layers = memory = rtt = "-"
+    if record is None:
+        state = "stopped"
+    elif not alive:
+        state = "down"
+    elif entry is not None:
+        state = entry.get("status", "?")
+    elif info is not None and info.ok:
+        state = "loaded" if info.reply.num_layers else "not loaded"
+    else:
+        state = "not answering"
+    if alive and entry is not None:
+        start, end = entry.get("layers") or (0, 0)
+        layers = f"[{start}, {end})"
+        memory = f"{format_bytes(entry.get('weight_bytes'))}/{format_bytes(entry.get('memory_total'))}"
+        rtt = f"{entry['rtt_ms']:.1f} ms" if entry.get("rtt_ms") is not None else "-"
+    elif alive and info is not None and info.ok:
+        reply = info.reply
+        if reply.num_layers:
+            layers = f"[{reply.layer_start}, {reply.layer_end})"
+        memory = f"{format_bytes(reply.weight_bytes)}/{format_bytes(reply.memory_total)}"
+    pid = str(record.pid) if record else "-"
+    return DeviceRow(device.name, device.host, device.role, pid, state, layers, memory, rtt)
+
+
+def format_bytes(size: float | None) -> str:
+    """1.2 GB, 427.3 MB, 12.0 kB, or - for none."""
+    if not size:
+        return "-"
+    if size >= 1e8:
+        return f"{size / 1e9:.1f} GB"
+    if size >= 1e5:
+        return f"{size / 1e6:.1f} MB"
+    return f"{size / 1e3:.1f} kB"
+
+
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def show_status(cluster: Cluster, echo=print) -> int:
+    """Print the table and the API's state; 0 when every device is healthy, else 1."""
+    rows, gpu_info = collect(cluster)
+    for line in format_table([COLUMNS, *(row.cells() for row in rows)]):
+        echo(line)
+    if gpu_info is None:
+        echo(f"API {cluster.api_url}/v1: not answering")
+    else:
+        echo(
+            f"API {cluster.api_url}/v1: {gpu_info.get('cluster_status', '?')} · model {gpu_info.get('model', '?')}"
+        )
+    healthy = all(row.state == "healthy" for row in rows)
+    return 0 if healthy and gpu_info is not None else 1

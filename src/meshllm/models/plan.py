@@ -1,0 +1,127 @@
+"""The layer plan: which device runs which half-open range of decoder layers, weighted by memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshllm.errors import ConfigError
+from meshllm.models.checkpoint import Checkpoint
+
+_BYTES_PER_DTYPE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U8": 1,
+    "I8": 1,
+}
+_TARGET_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+HEADROOM = 1.2  # weights plus a fifth for KV caches, activations and the runtime
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    device: str
+    layer_range: tuple[int, int]
+    weight_bytes: int  # estimated, in the dtype the stage will run in
+
+
+def plan_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
+    """Split `num_layers` into contiguous `[start, end)` ranges proportional to `weights`, each non-empty."""
+    if not weights:
+        raise ConfigError("the plan needs at least one device")
+    if num_layers < len(weights):
+        raise ConfigError(f"the model has {num_layers} layers, fewer than the {len(weights)} devices")
+    if any(w <= 0 for w in weights):
+        raise ConfigError("every device needs memory greater than 0 for the plan")
+    total = sum(weights)
+    bounds, cumulative = [0], 0.0
+    for index, weight in enumerate(weights[:-1]):
+        cumulative += weight
+        boundary = round(num_layers * cumulative / total)
+        # at least one layer here, and leave at least one for every device still to come
+        low, high = bounds[-1] + 1, num_layers - (len(weights) - 1 - index)
+        bounds.append(min(max(boundary, low), high))
+    bounds.append(num_layers)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def tensor_bytes(checkpoint: Checkpoint, dtype: str | None = None) -> dict[str, int]:
+    """Bytes of every tensor as stored (or as `dtype` for floating tensors), read from the file headers only."""
+    sizes: dict[str, int] = {}
+    for file in sorted(set(checkpoint.weight_map.values())):
+        for name, info in _header(file).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            stored = _BYTES_PER_DTYPE.get(info["dtype"], 4)
+            is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
+            sizes[name] = count * (_TARGET_BYTES[dtype] if dtype and is_float else stored)
+    return sizes
+
+
+def _header(file: Path) -> dict:
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+def stage_weight_bytes(sizes: dict[str, int], checkpoint: Checkpoint, layer_range: tuple[int, int]) -> int:
+    config = checkpoint.config
+    start, end = layer_range
+    total = 0
+    for name, size in sizes.items():
+        if name.startswith("model.layers."):
+            total += size if start <= int(name.split(".")[2]) < end else 0
+        elif name.startswith("model.embed_tokens."):
+            total += size * ((start == 0) + (end == config.num_hidden_layers and config.tie_word_embeddings))
+        elif name.startswith(("model.norm.", "lm_head.")):
+            total += size if end == config.num_hidden_layers else 0
+    return total
+
+
+def make_plan(
+    checkpoint: Checkpoint,
+    devices: list[tuple[str, int]],  # (name, bytes of memory available), in chain order
+    dtype: str = "float32",
+    layer_overrides: dict[str, tuple[int, int]] | None = None,
+) -> list[StagePlan]:
+    """Ranges weighted by memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
+    config = checkpoint.config
+    if layer_overrides:
+        ranges = [layer_overrides[name] for name, _ in devices]
+    else:
+        ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])
+    sizes = tensor_bytes(checkpoint, dtype)
+    plan = [
+        StagePlan(name, layer_range, stage_weight_bytes(sizes, checkpoint, layer_range))
+        for (name, _), layer_range in zip(devices, ranges, strict=True)
+    ]
+    short = [
+        (stage, memory)
+        for stage, (_, memory) in zip(plan, devices, strict=True)
+        if stage.weight_bytes * HEADROOM > memory
+    ]
+    if short:
+        needed = sum(stage.weight_bytes for stage in plan) * HEADROOM
+        offered = sum(memory for _, memory in devices)
+        details = ", ".join(
+            f"{stage.device} needs {stage.weight_bytes * HEADROOM / 1e9:.2f} GB for layers "
+            f"[{stage.layer_range[0]}, {stage.layer_range[1]}) but has {memory / 1e9:.2f} GB"
+            for stage, memory in short
+        )
+        missing = max(needed - offered, max(s.weight_bytes * HEADROOM - m for s, m in short))
+        raise ConfigError(
+            f"the model does not fit: {details}; about {missing / 1e9:.2f} GB missing "
+            f"(add a device, use a smaller dtype or a quantized checkpoint)"
+        )
+    return plan

@@ -1,0 +1,1 @@
+"""Sequences, sampling, the scheduler (continuous batching) and the pipeline driver."""

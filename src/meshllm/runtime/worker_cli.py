@@ -1,0 +1,59 @@
+"""`meshllm worker`: serve a layer range over gRPC for a coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port to listen on (default 50051)")
+    parser.add_argument("--name", default=None, help="device name in logs and errors (default: host:port)")
+    parser.add_argument("--token", default=None, help="cluster token every call must carry")
+    parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
+    parser.add_argument(
+        "--engine", choices=("torch", "mlx"), default=None, help="default: mlx on Apple silicon, else torch"
+    )
+    parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    from meshllm.errors import ConfigError
+
+    if token_file:
+        try:
+            return open(os.path.expanduser(token_file)).read().strip() or None
+        except OSError as error:
+            raise ConfigError(f"--token-file {token_file}: {error.strerror}") from None
+    return token
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import asyncio
+
+    from meshllm.errors import ConfigError
+    from meshllm.log import setup_logging
+
+    name = args.name or f"{socket.gethostname()}:{args.port}"
+    setup_logging(f"worker {name}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from meshllm.runtime.worker import serve_worker
+
+    token = read_token(args.token, args.token_file)
+    try:
+        asyncio.run(
+            serve_worker(args.host, args.port, name, token=token, engine=args.engine, device=args.device)
+        )
+    except OSError as error:
+        raise ConfigError(f"worker {name}: {error}") from None
+    except KeyboardInterrupt:
+        pass
+    return 0

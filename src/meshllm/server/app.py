@@ -1,0 +1,267 @@
+"""The FastAPI app: thin routes over `OpenAIServing`, error handlers, SSE, API key and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from meshllm import __version__
+from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
+from meshllm.server.metrics import ServerMetrics
+from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
+from meshllm.server.serving import EventStream, OpenAIServing
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the reply (metrics only)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Union members in pydantic error locations ("str", "list[int]", "ContentPart"), which are not fields.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\]|[A-Z]\w*)$")
+
+
+def build_app(
+    coordinator: Any,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The API of one coordinator. With `api_key`, every /v1 route wants `Authorization: Bearer <key>`."""
+    metrics = ServerMetrics(live_sequences=lambda: coordinator.live_sequences)
+    coordinator.add_step_listener(metrics.observe_step)
+    serving = OpenAIServing(coordinator, served_model_name, metrics)
+
+    app = FastAPI(title="meshllm", version=__version__, docs_url=None, redoc_url=None)
+    app.state.serving = serving
+    app.state.metrics = metrics
+    _add_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(serving.models().model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        serving.check_model(model_id)
+        return JSONResponse(serving.models().data[0].model_dump(mode="json"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _reply(request, serving.chat(body))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _reply(request, serving.completion(body))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status, body = serving.health()
+        return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+    @app.get("/distributed/gpu-info")
+    async def gpu_info() -> JSONResponse:
+        return JSONResponse((await serving.gpu_info()).model_dump(mode="json"))
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    # Outermost first: requests are counted whatever the API key check decides.
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+async def _reply(request: Request, pending: Awaitable[Any]) -> Response:
+    """A JSON reply, or an SSE stream; a client that leaves before a JSON reply cancels its sequence."""
+    task = asyncio.ensure_future(pending)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client is gone: cancelling the task cancels the sequence
+        task.cancel()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    result = task.result()
+    if isinstance(result, EventStream):
+        return StreamingResponse(
+            _sse(result),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(result.close),
+        )
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is already read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _sse(stream: EventStream) -> AsyncIterator[str]:
+    try:
+        async for payload in stream:
+            yield f"data: {payload}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # Runs on normal end and when the client disconnects (the response task is cancelled).
+        stream.close()
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(error.errors())
+        return JSONResponse(error_body(message, INVALID_REQUEST, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            message = (
+                f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions"
+            )
+        elif error.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(error.detail)
+        code = "not_found" if error.status_code == 404 else None
+        return JSONResponse(
+            error_body(message, INVALID_REQUEST, None, code),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+        return JSONResponse(error_body(message, SERVER_ERROR, None, "internal_error"), status_code=500)
+
+
+def describe_validation_errors(errors: Any) -> tuple[str, str | None]:
+    """One message naming the fields at fault, and the first of them as OpenAI's `param`."""
+    problems: dict[str, list[str]] = {}
+    for error in errors:
+        kind, loc = error.get("type", ""), error.get("loc", ())
+        path = _param_path(loc)
+        if kind == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            return f"The request body is not valid JSON ({reason}).", None
+        if not path:
+            return "The request body must be a JSON object.", None
+        if kind == "extra_forbidden":
+            return f"Unrecognized request argument supplied: {path}", path
+        if kind == "missing":
+            return f"Missing required parameter: '{path}'.", path
+        problems.setdefault(path, []).append(error.get("msg", "invalid value"))
+    if not problems:
+        return "The request is not valid.", None
+    parts = [f"'{path}': {' or '.join(dict.fromkeys(messages))}" for path, messages in problems.items()]
+    return "Invalid request: " + "; ".join(parts) + ".", next(iter(problems))
+
+
+def _param_path(loc: Any) -> str:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _UNION_TAG.match(str(part)):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- middleware
+
+
+class ApiKeyMiddleware:
+    """With an API key set, /v1 routes answer 401 in OpenAI's shape unless `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "Incorrect API key provided."
+            if given
+            else "You didn't provide an API key: send 'Authorization: Bearer <key>'."
+        )
+        body = json.dumps(error_body(message, INVALID_REQUEST, None, "invalid_api_key")).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by endpoint and status code."""
+
+    ENDPOINTS = frozenset(
+        {
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/health",
+            "/distributed/gpu-info",
+            "/metrics",
+        }
+    )
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        endpoint = (
+            path if path in self.ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+        )
+        try:
+            await self.app(scope, receive, send_and_record)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
+        finally:
+            self.metrics.observe_request(endpoint, status)

@@ -1,0 +1,187 @@
+"""The moving parts of `meshllm serve` on this machine: local worker processes, the API socket, uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from meshllm.errors import ConfigError, StageError
+from meshllm.runtime.coordinator import WorkerAddress
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT = 120.0  # seconds for a local worker to answer Health (imports torch first)
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+@dataclass
+class LocalWorker:
+    address: WorkerAddress
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class LocalWorkers:
+    """Worker processes this process started, stopped by pid (never by name) when it stops."""
+
+    def __init__(self) -> None:
+        self.workers: list[LocalWorker] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
+
+    def spawn(
+        self, count: int, token: str | None, threads: int, host: str = "127.0.0.1"
+    ) -> list[WorkerAddress]:
+        """Start `count` workers on free ports of `host`; returns their addresses in chain order."""
+        ports = _free_ports(host, count)
+        for index, port in enumerate(ports, start=1):
+            name = f"worker{index}"
+            command = [sys.executable, "-m", "meshllm", "worker", "--host", host, "--port", str(port)]
+            command += ["--threads", str(threads), "--name", name]
+            if token:
+                command += ["--token", token]
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
+                preexec_fn=_die_with_parent(),
+            )
+            self.workers.append(LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process))
+            log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
+        return [worker.address for worker in self.workers]
+
+    async def wait_healthy(self, token: str | None, timeout: float = WORKER_START_TIMEOUT) -> None:
+        """Returns once every worker answers gRPC Health; a worker that exits or never answers is an error."""
+        await asyncio.gather(*(_wait_for_health(worker, token, timeout) for worker in self.workers))
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every worker still running, then SIGKILL those still there after `grace` seconds."""
+        running = [worker for worker in self.workers if worker.process.poll() is None]
+        for worker in running:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for worker in running:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "%s (pid %d) did not stop in %.0f s: killing it", worker.address.name, worker.pid, grace
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                worker.process.wait()
+
+
+async def _wait_for_health(worker: LocalWorker, token: str | None, timeout: float) -> None:
+    import grpc
+
+    from meshllm.transport.proto import meshllm_pb2 as pb
+    from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+
+    name, address = worker.address.name, worker.address.address
+    metadata = [("x-meshllm-token", token)] if token else None
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pbg.StageStub(channel)
+        while True:
+            code = worker.process.poll()
+            if code is not None:
+                raise StageError(
+                    f"device '{name}': the local worker exited during start (exit code {code}); see its output above"
+                )
+            try:
+                reply = await stub.Health(pb.HealthRequest(), metadata=metadata, timeout=1.0)
+                if reply.ok:
+                    log.info("%s is healthy on %s", name, address)
+                    return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise StageError(f"device '{name}' ({address}) refused the cluster token") from None
+            if time.monotonic() > deadline:
+                raise StageError(f"device '{name}' ({address}) did not answer Health within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports nothing listens on now (all held open together, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(_family(host), socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGTERM when this process dies, however it dies (even SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound now so that a busy port is reported before anything slow."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({error.strerror}); is it in use? pass --port"
+        ) from None
+    return sock
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the caller decides when to stop (and stops the workers)."""
+
+    def __init__(self, app: object, graceful_shutdown: float = 3.0) -> None:
+        config = uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            log_config=None,  # keep the process's logging format (hostname and role on every line)
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(graceful_shutdown),
+        )
+        super().__init__(config)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

@@ -1,0 +1,262 @@
+"""Pydantic models of every request and response of the API, in OpenAI's shapes.
+
+Requests are strict (no "10" for 10, no "yes" for true) and refuse unknown fields, as OpenAI does. Fields
+that OpenAI defines but this server does not implement are declared here so that `serving` can refuse
+them with a message naming the field (or accept them when ignoring them is harmless); see docs/api.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage on every chunk
+    include_obfuscation: bool | None = None  # ignored: no obfuscation padding is added
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only `{"type": "text", "text": ...}` is served."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A message of the conversation. Unknown keys are tolerated (clients echo back whole replies)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None  # earlier thinking, for templates that render it
+
+
+class _SamplingRequest(_Request):
+    """What chat and completions requests share: the model, sampling, stopping and streaming."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    # OpenAI fields accepted only at their neutral value (serving refuses any other).
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # Extensions (vLLM's names).
+    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: no top-k cut
+    min_tokens: int = Field(default=0, ge=0)  # end-of-sequence is banned until this many tokens
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens, up to max_tokens
+    stop_token_ids: list[int] | None = None  # stop (and leave out) when one of these is sampled
+    skip_special_tokens: bool = True
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
+    # Accepted and ignored: hints with no effect on a self-hosted model.
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    moderation: Any = None
+    # Refused unless neutral.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    # A string, a one-element list of strings, token ids, or a one-element list of token id lists.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # Refused unless neutral.
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    """A streamed piece of the reply; unset fields are left out, as OpenAI does (`{"content": "Hi"}`)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "meshllm"
+    root: str  # the checkpoint it was loaded from
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ------------------------------------------------------------------------------------- cluster endpoints
+
+
+class DeviceInfo(BaseModel):
+    """One row of /distributed/gpu-info: a device of the pipeline, first stage first."""
+
+    device_id: int
+    name: str
+    hostname: str
+    address: str
+    role: Literal["coordinator", "worker"] | str
+    status: str
+    engine: str
+    device_type: str
+    memory_total: int
+    memory_available: int
+    weight_bytes: int
+    layers: tuple[int, int]
+    live_sequences: int
+    rtt_ms: float | None
+    version: str
+    error: str = ""
+
+
+class GpuInfoResponse(BaseModel):
+    devices: list[DeviceInfo]
+    cluster_status: Literal["healthy", "degraded"]
+    world_size: int
+    model: str
+    live_sequences: int
+
+
+class DeviceHealth(BaseModel):
+    name: str
+    address: str
+    status: str
+    error: str = ""
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model: str
+    message: str = ""
+    devices: list[DeviceHealth]

@@ -1,0 +1,251 @@
+"""`meshllm serve`: a cluster on this machine (or with given workers) behind the OpenAI-compatible API.
+
+By default the coordinator computes the first layers itself and starts `--stages - 1` local worker
+processes for the rest; they are its children, stopped by pid when serve stops (Ctrl-C, SIGTERM, an
+error), and on Linux the kernel stops them too should serve itself be killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
+    import socket
+
+    from meshllm.runtime.coordinator import WorkerAddress
+    from meshllm.server.launch import LocalWorkers
+
+DEFAULT_PORT = 8100
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="demo", help="local folder, Hugging Face hub id, or 'demo' (default)"
+    )
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=2,
+        help="pipeline stages on this machine: this process plus N-1 local workers it starts (default 2)",
+    )
+    parser.add_argument(
+        "--workers",
+        default=None,
+        metavar="NAME=HOST:PORT,...",
+        help="use these running workers, in chain order, instead of starting local ones",
+    )
+    parser.add_argument(
+        "--no-local-stage", action="store_true", help="the coordinator computes no layers (workers do all)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"API port (default {DEFAULT_PORT})")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--token", default=None, help="cluster token for the workers' gRPC calls")
+    parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights and activations",
+    )
+    parser.add_argument(
+        "--engine", default=None, choices=("torch", "mlx"), help="default: the platform's best"
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model id clients send (default: derived)"
+    )
+    parser.add_argument(
+        "--memory",
+        default=None,
+        metavar="NAME=GB,...",
+        help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
+    )
+
+
+def parse_workers(spec: str | None) -> list[WorkerAddress]:
+    """'w1=host:port,w2=host:port' -> WorkerAddress list, in chain order."""
+    from meshllm.errors import ConfigError
+    from meshllm.runtime.coordinator import WorkerAddress
+
+    workers = []
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, address = item.strip().partition("=")
+        host, _, port = address.rpartition(":")
+        if not name or not host or not port.isdigit():
+            raise ConfigError(
+                f"--workers: '{item.strip()}' is not NAME=HOST:PORT (e.g. mini2=192.168.1.12:50051)"
+            )
+        workers.append(WorkerAddress(name=name, address=address))
+    return workers
+
+
+def parse_memory(spec: str | None) -> dict[str, int] | None:
+    """'coordinator=2,worker1=4.5' (GB) -> {name: bytes}."""
+    from meshllm.errors import ConfigError
+
+    if not spec:
+        return None
+    overrides = {}
+    for item in spec.split(","):
+        name, _, gigabytes = item.strip().partition("=")
+        try:
+            value = float(gigabytes)
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise ConfigError(f"--memory: '{item.strip()}' is not NAME=GB with GB > 0 (e.g. worker1=4)")
+        overrides[name] = int(value * 1e9)
+    return overrides
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshllm.errors import ConfigError
+    from meshllm.log import setup_logging
+    from meshllm.runtime.worker_cli import read_token
+    from meshllm.server.launch import LocalWorkers, bind_socket
+
+    setup_logging("coordinator")
+    workers = parse_workers(args.workers)
+    memory_overrides = parse_memory(args.memory)
+    if args.stages < 1:
+        raise ConfigError(f"--stages must be at least 1, got {args.stages}")
+    local_stage = not args.no_local_stage
+    n_local_workers = 0 if workers else args.stages - int(local_stage)
+    if not local_stage and not workers and n_local_workers < 1:
+        raise ConfigError("--no-local-stage needs at least one worker: give --workers or --stages >= 1")
+    token = read_token(args.token, args.token_file)
+    if token is None and n_local_workers:
+        import secrets
+
+        token = secrets.token_urlsafe(16)  # local workers still refuse callers that are not this process
+    threads = max(1, _cores() // max(1, n_local_workers + int(local_stage)))
+    if local_stage:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+    sock = bind_socket(args.host, args.port)  # before anything slow: a busy port fails at once
+    _print_banner(args.model)
+    local_workers = LocalWorkers()
+    try:
+        if n_local_workers:
+            workers = local_workers.spawn(n_local_workers, token=token, threads=threads)
+        import asyncio
+
+        return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        local_workers.stop()
+        sock.close()
+
+
+def _print_banner(model: str) -> None:
+    from meshllm import __version__
+
+    if model == "demo":
+        note = "random weights: its output is noise; pass --model <hub id or folder> for a real model"
+        print(f"meshllm {__version__} · model demo ({note})", flush=True)
+    else:
+        print(f"meshllm {__version__} · model {model}", flush=True)
+
+
+async def _serve(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    workers: list[WorkerAddress],
+    local_workers: LocalWorkers,
+    token: str | None,
+    memory_overrides: dict[str, int] | None,
+    threads: int,
+) -> int:
+    import asyncio
+    import signal
+
+    from meshllm.runtime.coordinator import Coordinator
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now, without waiting for open streams
+            print("stopping now", file=sys.stderr, flush=True)
+            local_workers.stop(grace=0.0)
+            os._exit(130)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+
+    async def start() -> Any:
+        await local_workers.wait_healthy(token)
+        if not args.no_local_stage:
+            import torch
+
+            torch.set_num_threads(threads)
+        return await Coordinator.start(
+            model=args.model,
+            workers=workers,
+            local_stage=not args.no_local_stage,
+            dtype=args.dtype,
+            engine=args.engine,
+            token=token,
+            memory_overrides=memory_overrides,
+        )
+
+    starting = asyncio.create_task(start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        print("stopped before the API was ready", file=sys.stderr, flush=True)
+        return 130
+    coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
+    try:
+        print(_plan_line(coordinator), flush=True)
+        return await _serve_api(args, sock, coordinator, stopping)
+    finally:
+        stopping.cancel()
+        await coordinator.close()
+
+
+async def _serve_api(args: argparse.Namespace, sock: socket.socket, coordinator: Any, stopping: Any) -> int:
+    import asyncio
+
+    from meshllm.server.app import build_app
+    from meshllm.server.launch import ApiServer
+
+    app = build_app(coordinator, served_model_name=args.served_model_name, api_key=args.api_key)
+    server = ApiServer(app)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if serving.done():
+        serving.result()
+        return 1
+    host, port = sock.getsockname()[:2]
+    print(f"API ready at http://{host}:{port}/v1  (Ctrl-C stops everything)", flush=True)
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await serving
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _plan_line(coordinator: Any) -> str:
+    parts = []
+    for device in coordinator.devices_snapshot():
+        start, end = device.layers
+        where = "on this process" if device.address == "local" else f"on {device.name} {device.address}"
+        parts.append(f"stage {device.device_id} layers [{start}, {end}) {where}")
+    return "plan: " + " · ".join(parts)

@@ -1,0 +1,228 @@
+"""`meshllm comm bench`: N local rank processes measure the communicator next to torch.distributed (gloo).
+
+The driver picks free ports on 127.0.0.1, starts one process per rank (`python -m
+meshllm.transport.comm_bench --rank ...`) and reads rank 0's figures, which it writes as JSON to a file.
+In each rank: round trips between ranks 0 and 1 (p50, p99), then all_reduce (sum, float32) at every size,
+first over meshllm, then over gloo in the same processes. torch is imported only for the gloo part.
+
+Bandwidth is reported twice, as nccl-tests does: algbw = bytes / time, and busbw = algbw * 2 (N - 1) / N,
+the rate at which each rank's link moves data in a ring all-reduce (comparable across world sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshllm.errors import MeshError
+
+KIB, MIB = 1 << 10, 1 << 20
+DEFAULT_SIZES = [KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB]
+LATENCY_SIZES = [64, 4 * KIB]
+
+
+@dataclass
+class BenchConfig:
+    world_size: int = 2
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    round_trips: int = 1000
+    gloo: bool = True
+    timeout: float = 60.0
+    threads: int = 1  # torch / OpenMP threads per rank process
+
+
+def iterations(size: int) -> int:
+    """All-reduce repetitions at `size` bytes: many for small arrays, a few for large ones."""
+    return int(min(200, max(3, (32 * MIB) // max(size, 1))))
+
+
+def size_label(size: int) -> str:
+    if size >= MIB and size % MIB == 0:
+        return f"{size // MIB} MiB"
+    if size >= KIB and size % KIB == 0:
+        return f"{size // KIB} KiB"
+    return f"{size} B"
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Start the rank processes, wait for them, and return rank 0's figures."""
+    ports = free_ports(config.world_size + 1)
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports[:-1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
+    with tempfile.TemporaryDirectory(prefix="meshllm-comm-bench-") as folder:
+        out = Path(folder) / "figures.json"
+        processes = []
+        for rank in range(config.world_size):
+            command = [
+                sys.executable, "-m", "meshllm.transport.comm_bench",
+                "--rank", str(rank), "--addresses", addresses, "--gloo-port", str(ports[-1]),
+                "--sizes", ",".join(map(str, config.sizes)), "--round-trips", str(config.round_trips),
+                "--timeout", str(config.timeout), "--threads", str(config.threads),
+                *(["--out", str(out)] if rank == 0 else []),
+                *([] if config.gloo else ["--no-gloo"]),
+            ]  # fmt: skip
+            log = open(Path(folder) / f"rank{rank}.log", "wb")  # noqa: SIM115 (closed below)
+            processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        try:
+            failed = _wait_all([process for process, _ in processes])
+        finally:
+            for process, log in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                log.close()
+        if failed is not None:
+            tail = (Path(folder) / f"rank{failed}.log").read_text(errors="replace")[-3000:]
+            raise MeshError(f"comm bench: rank {failed} failed; the end of its output:\n{tail}")
+        return json.loads(out.read_text())
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_all(processes: list[subprocess.Popen[bytes]]) -> int | None:
+    """Wait for every process; the rank of the first that fails (the others are then stopped), or None."""
+    while True:
+        running = False
+        for rank, process in enumerate(processes):
+            code = process.poll()
+            if code is None:
+                running = True
+            elif code != 0:
+                return rank
+        if not running:
+            return None
+        time.sleep(0.05)
+
+
+# ---- one rank ----
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    values = np.array(samples) * 1e3
+    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+
+
+def _bandwidth(size: int, seconds: float, world_size: int) -> dict[str, float]:
+    algbw = size / seconds / 1e9
+    return {"seconds": seconds, "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (world_size - 1) / world_size}
+
+
+def _measure_meshllm(args: argparse.Namespace, addresses: list[str]) -> dict[str, Any]:
+    from meshllm.transport.comm import Communicator
+
+    figures: dict[str, Any] = {"latency": {}, "all_reduce": {}}
+    with Communicator(args.rank, len(addresses), addresses, timeout=args.timeout) as comm:
+        for size in LATENCY_SIZES:
+            message = np.zeros(size // 4, dtype=np.float32)
+            samples = []
+            for index in range(args.round_trips + 20):  # the first 20 warm up
+                if index == 20:
+                    comm.barrier()
+                start = time.perf_counter()
+                if args.rank == 0:
+                    comm.send(message, 1)
+                    comm.recv(1)
+                elif args.rank == 1:
+                    comm.recv(0)
+                    comm.send(message, 0)
+                if index >= 20:
+                    samples.append(time.perf_counter() - start)
+            figures["latency"][str(size)] = _percentiles(samples)
+        for size in args.sizes:
+            array = np.ones(size // 4, dtype=np.float32)
+            comm.all_reduce(array)  # warm up
+            comm.barrier()
+            start = time.perf_counter()
+            for _ in range(iterations(size)):
+                comm.all_reduce(array)
+            seconds = (time.perf_counter() - start) / iterations(size)
+            figures["all_reduce"][str(size)] = _bandwidth(size, seconds, comm.world_size)
+        comm.barrier()
+    return figures
+
+
+def _measure_gloo(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(args.threads)
+    init = f"tcp://127.0.0.1:{args.gloo_port}"
+    dist.init_process_group("gloo", init_method=init, rank=args.rank, world_size=world_size)
+    figures: dict[str, Any] = {"latency": {}, "all_reduce": {}}
+    try:
+        for size in LATENCY_SIZES:
+            message = torch.zeros(size // 4, dtype=torch.float32)
+            samples = []
+            for index in range(args.round_trips + 20):
+                if index == 20:
+                    dist.barrier()
+                start = time.perf_counter()
+                if args.rank == 0:
+                    dist.send(message, 1)
+                    dist.recv(message, 1)
+                elif args.rank == 1:
+                    dist.recv(message, 0)
+                    dist.send(message, 0)
+                if index >= 20:
+                    samples.append(time.perf_counter() - start)
+            figures["latency"][str(size)] = _percentiles(samples)
+        for size in args.sizes:
+            tensor = torch.ones(size // 4, dtype=torch.float32)
+            dist.all_reduce(tensor)
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(iterations(size)):
+                dist.all_reduce(tensor)
+            seconds = (time.perf_counter() - start) / iterations(size)
+            figures["all_reduce"][str(size)] = _bandwidth(size, seconds, world_size)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return figures
+
+
+def rank_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one rank of `meshllm comm bench`")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--addresses", required=True)
+    parser.add_argument("--gloo-port", type=int, required=True)
+    parser.add_argument("--sizes", required=True)
+    parser.add_argument("--round-trips", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out")
+    parser.add_argument("--no-gloo", action="store_true")
+    args = parser.parse_args(argv)
+    args.sizes = [int(size) for size in args.sizes.split(",")]
+    addresses = args.addresses.split(",")
+    figures: dict[str, Any] = {"world_size": len(addresses), "meshllm": _measure_meshllm(args, addresses)}
+    if not args.no_gloo:
+        figures["gloo"] = _measure_gloo(args, len(addresses))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main())

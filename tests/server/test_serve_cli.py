@@ -1,0 +1,168 @@
+"""`meshllm serve` as a real subprocess: starts, answers, and stops cleanly with nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import wait_until
+
+from meshllm.server.launch import LocalWorkers
+from meshllm.server.serve_cli import _print_banner
+
+READY = re.compile(r"API ready at (http://127\.0\.0\.1:\d+)/v1  \(Ctrl-C stops everything\)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Serve:
+    """A `meshllm serve` process whose output is collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meshllm", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        assert wait_until(lambda: READY.search(self.output) or self.process.poll() is not None, timeout), (
+            self.output
+        )
+        match = READY.search(self.output)
+        assert match, self.output
+        return match.group(1)
+
+    def worker_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"started worker\d+ on \S+ \(pid (\d+)", self.output)]
+
+    def stop(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            self._reader.join(timeout=5)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in self.worker_pids():
+            if pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_answers_a_chat_request_and_stops_cleanly_on_ctrl_c(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    port = free_port()
+    serve = Serve("--model", str(checkpoint), "--stages", "2", "--port", str(port))
+    try:
+        url = serve.wait_ready()
+        assert url == f"http://127.0.0.1:{port}"
+        assert (
+            "plan: stage 0 layers [0, 2) on this process · stage 1 layers [2, 4) on worker1" in serve.output
+        )
+        [worker_pid] = serve.worker_pids()
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "model": checkpoint.name,
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 5,
+            },
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+        assert serve.stop(signal.SIGINT) == 0, serve.output
+        assert not pid_exists(worker_pid), "the local worker must stop with serve"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # the API port is free again
+    finally:
+        serve.kill()
+
+
+def test_serve_with_given_workers_stops_on_sigterm_and_leaves_them_running(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    workers = LocalWorkers()
+    [address] = workers.spawn(1, token="cli-token", threads=1)
+    serve = None
+    try:
+        serve = Serve(
+            "--model", str(checkpoint), "--workers", f"remote1={address.address}", "--token", "cli-token",
+            "--port", str(free_port()), "--api-key", "k", "--served-model-name", "tiny-served",
+        )  # fmt: skip
+        url = serve.wait_ready()
+        assert "on remote1 127.0.0.1:" in serve.output
+        assert serve.worker_pids() == []  # it started none of its own
+        headers = {"Authorization": "Bearer k"}
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()
+        assert [card["id"] for card in models["data"]] == ["tiny-served"]
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        assert serve.stop(signal.SIGTERM) == 0, serve.output
+        assert workers.workers[0].process.poll() is None, (
+            "a worker serve did not start is not serve's to stop"
+        )
+    finally:
+        if serve is not None:
+            serve.kill()
+        workers.stop()
+
+
+def test_a_busy_port_is_reported_before_anything_starts() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "meshllm", "serve", "--model", "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "started worker" not in result.stderr
+
+
+def test_demo_model_is_announced_as_noise(capsys: pytest.CaptureFixture[str]) -> None:
+    _print_banner("demo")
+    assert "random weights" in capsys.readouterr().out
