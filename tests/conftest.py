@@ -40,3 +40,68 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return made[key]
 
     return make
+
+
+class WorkerProcess:
+    """A real `meshllm worker` process on 127.0.0.1, stopped by pid."""
+
+    def __init__(self, name: str, token: str | None = None, engine: str | None = None):
+        import subprocess
+        import sys
+
+        self.name = name
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--name", name, "--threads", "1"]
+        if token:
+            command += ["--token", token]
+        if engine:
+            command += ["--engine", engine]
+        import tempfile
+
+        self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+
+    def log_tail(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited: {self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} did not listen on {self.address} within {timeout} s")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start_workers():
+    """`start_workers(n, token=None, engine=None)` -> n ready WorkerProcess; all killed after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        n: int, token: str | None = None, engine: str | None = None, prefix: str = "w"
+    ) -> list[WorkerProcess]:
+        workers = [WorkerProcess(f"{prefix}{len(started) + i + 1}", token, engine) for i in range(n)]
+        started.extend(workers)
+        for worker in workers:
+            worker.wait_ready()
+        return workers
+
+    yield start
+    for worker in started:
+        worker.kill()

@@ -358,7 +358,9 @@ def _validate(model: type[_Frozen], data: dict[str, Any], path: Path, where: str
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {where}: {_describe(error.errors()[0], model)}") from None
+        # An unknown key first: a misspelt key also shows up as a missing one, and the typo is the news.
+        problems = sorted(error.errors(), key=lambda problem: problem["type"] != "extra_forbidden")
+        raise ConfigError(f"{path}: {where}: {_describe(problems[0], model)}") from None
 
 
 def _describe(problem: Any, model: type[_Frozen]) -> str:

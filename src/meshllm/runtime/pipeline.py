@@ -51,6 +51,7 @@ class RemoteChain:
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()  # a gRPC stream takes one write at a time
 
     async def _ensure_open(self):
         async with self._open_lock:
@@ -101,7 +102,8 @@ class RemoteChain:
         future = asyncio.get_running_loop().create_future()
         self._pending[request.step_id] = future
         try:
-            await call.write(request)
+            async with self._write_lock:
+                await call.write(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
             self._pending.pop(request.step_id, None)
             details = self.explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)

@@ -1,0 +1,71 @@
+"""Fixtures of the cluster tests: cluster files on free ports (whatever they start is stopped at the end),
+and a private sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster_helpers import SshServer, free_port, meshllm, start_sshd, write_cluster_file
+
+
+class ClusterFiles:
+    """Writes cluster files into one folder and remembers them, so that teardown can stop them all."""
+
+    def __init__(self, folder: Path, checkpoint: Path) -> None:
+        self.folder = folder
+        self.checkpoint = checkpoint
+        self.paths: list[Path] = []
+
+    def write(self, devices: list[dict[str, Any]], name: str = "test", **cluster: Any) -> Path:
+        """A cluster file for `devices`; [cluster] gets the tiny checkpoint and a free API port by default."""
+        cluster = {"name": name, "model": str(self.checkpoint), "api_port": free_port(), **cluster}
+        path = write_cluster_file(self.folder / f"{name}.toml", cluster, devices)
+        self.paths.append(path)
+        return path
+
+    def local(self, workers: int = 2, name: str = "test", **cluster: Any) -> Path:
+        """A coordinator and `workers` workers on 127.0.0.1, one compute thread each."""
+        devices = [{"name": "coordinator", "host": "127.0.0.1", "threads": 1}]
+        devices += [
+            {"name": f"w{index}", "host": "127.0.0.1", "port": free_port(), "threads": 1}
+            for index in range(1, workers + 1)
+        ]
+        return self.write(devices, name=name, **cluster)
+
+    def stop_all(self) -> None:
+        for path in self.paths:
+            meshllm("cluster", "stop", "-c", path, "--grace", "3")
+
+
+@pytest.fixture
+def cluster_files(tmp_path: Path, tiny_checkpoint: Callable[..., Path]) -> Iterator[ClusterFiles]:
+    files = ClusterFiles(tmp_path, tiny_checkpoint(arch="qwen3", layers=4))
+    try:
+        yield files
+    finally:
+        files.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_cluster_files(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Callable[..., Path]
+) -> Iterator[ClusterFiles]:
+    files = ClusterFiles(tmp_path_factory.mktemp("clusters"), tiny_checkpoint(arch="qwen3", layers=4))
+    try:
+        yield files
+    finally:
+        files.stop_all()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """An sshd on 127.0.0.1 for the ssh path (skipped where no sshd exists, except under CI)."""
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=10)
