@@ -137,13 +137,15 @@ class Scheduler:
     def _form_step(self) -> tuple[StepInput, list[Sequence]] | None:
         """Decode tokens first (they keep streams moving), then prefill chunks, within the token budget."""
         ready = [s for s in self._sequences.values() if not s.in_flight and not s.finished and s.pending > 0]
-        ready.sort(
-            key=lambda s: s.prefilling
-        )  # stable: decoding sequences first, each group in arrival order
+        # Decoding sequences first, each group in arrival order (the sort is stable).
+        ready.sort(key=lambda s: s.prefilling)
+        # One micro-batch per stage: split the live sequences so that every stage has a step to work on.
+        share = -(-len(self._sequences) // self.max_in_flight)
+        max_sequences = min(self.max_step_sequences, max(share, 1))
         budget = self.max_step_tokens
         segments, token_ids, members = [], [], []
         for sequence in ready:
-            if budget <= 0 or len(segments) >= self.max_step_sequences:
+            if budget <= 0 or len(segments) >= max_sequences:
                 break
             n = min(sequence.pending, budget)
             start = sequence.n_cached
