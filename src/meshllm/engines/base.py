@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from meshllm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -59,7 +61,7 @@ class StepOutput:
     step_id: int
     segments: list[Segment]
     hidden_states: Any = None  # [T, hidden], stages that are not last
-    logits: np.ndarray | None = None  # [S, vocab] float32 for the segments with sample=True, last stage
+    logits: np.ndarray | None = None  # [S, vocab] float32, last stage: the last token of every segment
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,11 @@ class Stage(Protocol):
     def weight_bytes(self) -> int:
         """Bytes of parameters this stage holds."""
         ...
+
+
+def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
+    """`layer_range` as a checked `(start, end)`: non-empty and within the model's layers."""
+    start, end = layer_range
+    if not (0 <= start < end <= num_layers):
+        raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
+    return start, end

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from meshllm.engines.base import StepInput, StepOutput
+from meshllm.engines.base import StepInput, StepOutput, validate_layer_range
 from meshllm.engines.mlx.loader import build_stage_model
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -30,13 +30,6 @@ from meshllm.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
-    start, end = layer_range
-    if not (0 <= start < end <= num_layers):
-        raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
-    return start, end
 
 
 def to_mlx(array: Any) -> mx.array:

@@ -116,7 +116,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         # qwen2's bias is on q/k/v only; llama-style checkpoints with attention_bias have it on o_proj too
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias and config.model_type != "qwen2")
+        self.o_proj = nn.Linear(
+            self.n_heads * self.head_dim, hidden, bias=bias and config.model_type != "qwen2"
+        )
         # qwen3 normalises each head's queries and keys before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshllm.engines.base import StepInput, StepOutput
+from meshllm.engines.base import StepInput, StepOutput, validate_layer_range
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
 from meshllm.errors import ConfigError, StageError
@@ -27,13 +27,6 @@ def pick_device(device: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
-    start, end = layer_range
-    if not (0 <= start < end <= num_layers):
-        raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
-    return start, end
 
 
 class TorchStage:
