@@ -21,10 +21,31 @@ from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
 
 
+class Linear(nn.Module):
+    """nn.Linear without random initialisation: every weight comes from the checkpoint."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,13 +133,11 @@ class Attention(nn.Module):
         self.window = config.sliding_window
         bias = config.attention_bias
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         # qwen2's bias is on q/k/v only; llama-style checkpoints with attention_bias have it on o_proj too
-        self.o_proj = nn.Linear(
-            self.n_heads * self.head_dim, hidden, bias=bias and config.model_type != "qwen2"
-        )
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias and config.model_type != "qwen2")
         # qwen3 normalises each head's queries and keys before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -164,9 +183,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         bias = bool(config.raw.get("mlp_bias", False))
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -191,15 +210,23 @@ class StageModel(nn.Module):
     Parameter names are the checkpoint's without the `model.` prefix: `layers.{i}.…` keeps the global i.
     """
 
-    def __init__(self, config: ModelConfig, layer_range: tuple[int, int], is_first: bool, is_last: bool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_range: tuple[int, int],
+        is_first: bool,
+        is_last: bool,
+        inv_freq: torch.Tensor | None = None,  # computed by the caller when building on the meta device
+    ):
         super().__init__()
         start, end = layer_range
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size) if is_first else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        inv_freq = rope_inv_freq(config) if inv_freq is None else inv_freq
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]

@@ -123,8 +123,9 @@ def load_stage(
     is_first, is_last = start == 0, end == config.num_hidden_layers
     torch_dtype, target = DTYPES[dtype], pick_device(device)
 
+    inv_freq = rope_inv_freq(config)  # a buffer, not in the checkpoint: made here, not on meta
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint
-        model = StageModel(config, (start, end), is_first, is_last)
+        model = StageModel(config, (start, end), is_first, is_last, inv_freq=inv_freq)
     names = stage_tensor_names(checkpoint, (start, end), is_first, is_last)
     from meshllm.engines.torch.quantized import dequantize_stage_tensors
 
@@ -147,7 +148,6 @@ def load_stage(
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
     if tied and is_first:
         model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
-    model.inv_freq = rope_inv_freq(config)  # buffers are not in the checkpoint; made on meta above
     model.to(target)
     model.eval()
     stage = TorchStage(model, (start, end), is_first, is_last)
