@@ -140,9 +140,7 @@ class SshServer:
 def start_sshd(folder: Path) -> SshServer:
     binary = sshd_binary()
     for name in ("host_key", "client_key", "other_key"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True
-        )
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
     (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
     port = free_port()
     config = folder / "sshd_config"

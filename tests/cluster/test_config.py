@@ -84,24 +84,45 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
             ('name = "w1"', 'name = "mini2"\nport = "abc"'),
             "cluster.toml: device 'mini2': port must be an integer between 1 and 65535, got 'abc'",
         ),
-        (('name = "w1"', 'name = "w1"\nport = 70000'), "device 'w1': port must be an integer between 1 and 65535"),
+        (
+            ('name = "w1"', 'name = "w1"\nport = 70000'),
+            "device 'w1': port must be an integer between 1 and 65535",
+        ),
         (('name = "w1"', 'name = "w1"\nprot = 5'), "device 'w1': unknown key 'prot' (did you mean 'port'?)"),
-        (('name = "w1"', 'name = "w1"\nrole = "boss"'), "device 'w1': role must be one of 'coordinator', 'worker'"),
+        (
+            ('name = "w1"', 'name = "w1"\nrole = "boss"'),
+            "device 'w1': role must be one of 'coordinator', 'worker'",
+        ),
         (('name = "w1"', 'name = "w1"\nmemory = -2'), "device 'w1': memory must be a number greater than 0"),
-        (('name = "w1"', 'name = "w1"\nthreads = 0'), "device 'w1': threads must be an integer of at least 1"),
+        (
+            ('name = "w1"', 'name = "w1"\nthreads = 0'),
+            "device 'w1': threads must be an integer of at least 1",
+        ),
         (('name = "w1"', 'name = "w 1"'), "device 'w 1': name must be letters, digits"),
         (('name = "w1"', 'name = "w1"\nengine = "tf"'), "device 'w1': engine must be one of 'torch', 'mlx'"),
-        (('name = "w1"', 'name = "w1"\nenv = 3'), 'device \'w1\': env must be a table of NAME = "value"'),
+        (('name = "w1"', 'name = "w1"\nenv = 3'), "device 'w1': env must be a table of NAME = \"value\""),
         (('model = "demo"', 'model = "demo"\ndtype = "int4"'), "[cluster]: dtype must be one of 'float32'"),
-        (('model = "demo"', 'model = "demo"\napi_port = 0'), "[cluster]: api_port must be an integer between"),
+        (
+            ('model = "demo"', 'model = "demo"\napi_port = 0'),
+            "[cluster]: api_port must be an integer between",
+        ),
         (('model = "demo"', 'modle = "demo"'), "[cluster]: unknown key 'modle' (did you mean 'model'?)"),
         (('model = "demo"', 'name = "x"'), "[cluster]: model is required"),
         (('name = "w1"', 'name = "head"'), "two devices are named 'head'"),
-        (('"w2"', '"w2"\nport = 50051\n[[device]]\nname = "w3"\nport = 50051'), "devices 'w2' and 'w3' both use port"),
-        (('"w2"', '"w2"\nrole = "coordinator"\n[[device]]\nname = "w3"\nrole = "coordinator"'), "found 2 ('w2', 'w3')"),
+        (
+            ('"w2"', '"w2"\nport = 50051\n[[device]]\nname = "w3"\nport = 50051'),
+            "devices 'w2' and 'w3' both use port",
+        ),
+        (
+            ('"w2"', '"w2"\nrole = "coordinator"\n[[device]]\nname = "w3"\nrole = "coordinator"'),
+            "found 2 ('w2', 'w3')",
+        ),
         (('name = "head"', 'name = "head"\nport = 9000'), "device 'head': port is for workers"),
         (('name = "w1"', 'name = "coordinator"'), "that name is the coordinator's own stage"),
-        (('model = "demo"', 'model = "demo"\ntoken = "a"\ntoken_file = "t"'), "give token or token_file, not both"),
+        (
+            ('model = "demo"', 'model = "demo"\ntoken = "a"\ntoken_file = "t"'),
+            "give token or token_file, not both",
+        ),
     ],
 )
 def test_errors_name_the_device_and_the_field(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -111,7 +132,9 @@ def test_errors_name_the_device_and_the_field(tmp_path: Path, change: tuple[str,
 def test_a_file_without_devices_or_cluster_table_says_what_is_missing(tmp_path: Path) -> None:
     assert "no [[device]] tables" in error_of(tmp_path, '[cluster]\nmodel = "demo"\n')
     assert "a [cluster] table is required" in error_of(tmp_path, '[[device]]\nname = "a"\n')
-    assert "(note the double brackets)" in error_of(tmp_path, '[cluster]\nmodel = "demo"\n[device]\nname = "a"\n')
+    assert "(note the double brackets)" in error_of(
+        tmp_path, '[cluster]\nmodel = "demo"\n[device]\nname = "a"\n'
+    )
 
 
 def test_invalid_toml_and_a_missing_file_are_one_line_errors(tmp_path: Path) -> None:

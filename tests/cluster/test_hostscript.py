@@ -140,7 +140,11 @@ def test_ssh_commands_keep_a_leading_tilde_for_the_remote_shell() -> None:
     assert shell_word("/opt/my python/bin/python") == "'/opt/my python/bin/python'"
     machine = Machine("w1", "c.toml", "~/venv/bin/python", ssh="me@mini2", ssh_port=2222, env={"A": "b c"})
     argv = machine.python_argv()
-    assert argv[:1] == ["ssh"] and "BatchMode=yes" in argv and argv[-2:] == ["me@mini2", "env 'A=b c' ~/venv/bin/python -"]
+    assert (
+        argv[:1] == ["ssh"]
+        and "BatchMode=yes" in argv
+        and argv[-2:] == ["me@mini2", "env 'A=b c' ~/venv/bin/python -"]
+    )
     assert argv[argv.index("-p") + 1] == "2222"
 
 
@@ -157,10 +161,12 @@ def test_signals_reach_the_whole_process_group(tmp_path: Path) -> None:
     while not Path(started["log"]).read_text().strip() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(Path(started["log"]).read_text().split()[0])
-    hostscript.stop(started["pid"], timeout=5)
-    deadline = time.monotonic() + 5
-    while is_running(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not is_running(child)
-    if is_running(child):  # pragma: no cover - cleanup after a failure
-        os.kill(child, signal.SIGKILL)
+    try:
+        hostscript.stop(started["pid"], timeout=5)
+        deadline = time.monotonic() + 5
+        while is_running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_running(child)
+    finally:
+        if is_running(child):
+            os.kill(child, signal.SIGKILL)

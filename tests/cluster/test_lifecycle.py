@@ -91,8 +91,13 @@ def test_start_again_says_it_is_already_running(cluster_file: Path) -> None:
 def test_logs_show_every_device_with_time_host_and_role(cluster_file: Path) -> None:
     result = meshllm("cluster", "logs", "-c", cluster_file, "-n", "5")
     assert result.returncode == 0, result
-    assert any(line.startswith("w1          | ") and "[worker w1] INFO" in line for line in result.stdout.splitlines())
-    assert any(line.startswith("coordinator | ") and "[coordinator]" in line for line in result.stdout.splitlines())
+    assert any(
+        line.startswith("w1          | ") and "[worker w1] INFO" in line
+        for line in result.stdout.splitlines()
+    )
+    assert any(
+        line.startswith("coordinator | ") and "[coordinator]" in line for line in result.stdout.splitlines()
+    )
     only = meshllm("cluster", "logs", "w2", "-c", cluster_file, "-n", "2")
     assert len(only.stdout.splitlines()) == 2 and "[worker w2]" in only.stdout
 
@@ -109,7 +114,10 @@ def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(clust
     assert result.returncode == 0, result
     assert "checking w2" in result.stdout and "checking w1" not in result.stdout
     assert pid_record(cluster_file, "w2")["pid"] != w2
-    assert (pid_record(cluster_file, "coordinator")["pid"], pid_record(cluster_file, "w1")["pid"]) == (coordinator, w1)
+    assert (pid_record(cluster_file, "coordinator")["pid"], pid_record(cluster_file, "w1")["pid"]) == (
+        coordinator,
+        w1,
+    )
     assert all(row[4] == "healthy" for row in status_rows(cluster_file).values())
     assert meshllm("cluster", "test", "-c", cluster_file, "--max-tokens", "4").returncode == 0
 
@@ -121,7 +129,8 @@ def test_a_hung_worker_is_reported_and_start_force_replaces_it(cluster_file: Pat
         refused = meshllm("cluster", "start", "-c", cluster_file)
         assert refused.returncode == 1
         assert (
-            f"device 'w1': pid {hung} from an earlier start still runs but does not answer Health" in refused.error
+            f"device 'w1': pid {hung} from an earlier start still runs but does not answer Health"
+            in refused.error
         )
         assert f"run `meshllm cluster stop -c {cluster_file}` or add --force" in refused.error
 

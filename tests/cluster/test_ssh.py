@@ -5,6 +5,7 @@ they fail: .ci/run installs openssh-server."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -75,21 +76,35 @@ def test_ssh_that_refuses_the_connection_says_to_start_the_ssh_server(
     assert f"device 'remote': ssh to {sshd.target} was refused: no ssh server answers on 127.0.0.1" in error
 
 
-def test_ssh_that_wants_a_password_says_to_install_a_key(cluster_files, sshd: SshServer, tmp_path: Path) -> None:
+def test_ssh_that_wants_a_password_says_to_install_a_key(
+    cluster_files, sshd: SshServer, tmp_path: Path
+) -> None:
     path = cluster_files.write([coordinator(), ssh_worker(sshd, tmp_path, ssh_key=str(sshd.other_key))])
     error = start_fails(path)
     assert f"device 'remote': ssh to {sshd.target} asks for a password or refuses the key" in error
     assert f"install a key with `ssh-copy-id {sshd.target}`" in error
 
 
-def test_a_python_missing_over_ssh_asks_for_the_python_key(cluster_files, sshd: SshServer, tmp_path: Path) -> None:
+def test_a_python_missing_over_ssh_asks_for_the_python_key(
+    cluster_files, sshd: SshServer, tmp_path: Path
+) -> None:
     path = cluster_files.write([coordinator(), ssh_worker(sshd, tmp_path, python="/nowhere/bin/python")])
     error = start_fails(path)
-    assert "device 'remote': `python` not found over ssh (" + sshd.target + ") (tried '/nowhere/bin/python')" in error
-    assert f"for remote in {path}" in error
+    assert (
+        f"device 'remote': `python` not found on {sshd.target} over ssh (tried '/nowhere/bin/python')"
+        in error
+    )
+    assert re.search(rf'; set python = "[^"]+/python[0-9.]*" for remote in {re.escape(str(path))}$', error)
 
 
-def test_a_host_whose_name_does_not_resolve_is_unreachable(cluster_files, tmp_path: Path) -> None:
-    device = {"name": "far", "ssh": "nobody@no-such-host.invalid", "port": free_port(), "workdir": str(tmp_path)}
+def test_a_host_whose_name_does_not_resolve_is_unreachable(
+    cluster_files, sshd: SshServer, tmp_path: Path
+) -> None:
+    device = {
+        "name": "far",
+        "ssh": "nobody@no-such-host.invalid",
+        "port": free_port(),
+        "workdir": str(tmp_path),
+    }
     error = start_fails(cluster_files.write([coordinator(), device]))
     assert "device 'far': host 'no-such-host.invalid' is unreachable" in error

@@ -2,7 +2,7 @@
 
 The probe (hostscript.probe, run under each device's own `python`, over ssh where it has one) reports
 what the machine offers; the functions here turn that into problems: Python too old, meshllm missing or
-of another version than the coordinator's, the port in use (and by which pid, and whether it is ours),
+of another version than the coordinator's, the port in use (and by which pid and command),
 the model folder missing there, and the model not fitting in the devices' memory.
 """
 

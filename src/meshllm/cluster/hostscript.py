@@ -303,11 +303,13 @@ def tail(path, lines=20, follow=False, out=None):
             out.flush()
 
 
-ACTIONS = {"probe": probe, "launch": launch, "stop": stop, "alive": alive, "port_state": port_state}
+ACTIONS = {"probe": probe, "launch": launch, "stop": stop, "alive": alive}
 
 
 def main(action, params):
     """Entry point when this file is sent to `python -`: run one action and print its result line."""
+    if sys.path and sys.path[0] == "":  # a `meshllm` folder in the current one must not shadow the install
+        sys.path.pop(0)
     if action == "tail":
         tail(**params)
         return

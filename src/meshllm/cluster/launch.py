@@ -79,8 +79,8 @@ class Machine:
 
     @property
     def where(self) -> str:
-        """For messages: 'over ssh (root@mini2)' or 'on this machine'."""
-        return f"over ssh ({self.ssh})" if self.ssh else "on this machine"
+        """For messages: 'on me@mini2 over ssh' or 'on this machine'."""
+        return f"on {self.ssh} over ssh" if self.ssh else "on this machine"
 
     # -- running things there ------------------------------------------------------------------------
 
@@ -163,17 +163,18 @@ class Machine:
         )
 
     def _suggest_python(self) -> str:
-        """An interpreter to propose: a virtualenv found in the home folder there, else a placeholder."""
+        """An interpreter to propose: the first one there that imports meshllm, else a placeholder."""
         if not self.ssh:
             return sys.executable
-        look = "ls -d ~/*/.venv/bin/python ~/.venv/bin/python ~/*/venv/bin/python 2>/dev/null; command -v python3"
+        candidates = '~/*/.venv/bin/python ~/.venv/bin/python ~/*/venv/bin/python "$(command -v python3)"'
+        look = f'for p in {candidates}; do [ -x "$p" ] && "$p" -c "import meshllm" 2>/dev/null && echo "$p" && break; done'
         try:
             found = subprocess.run(
-                self.ssh_argv(f"sh -c {shlex.quote(look)}"), capture_output=True, text=True, timeout=15
+                self.ssh_argv(f"sh -c {shlex.quote(look)}"), capture_output=True, text=True, timeout=30
             ).stdout.split()
         except (OSError, subprocess.TimeoutExpired):
             found = []
-        return next((path for path in found if path != self.python), "/path/to/meshllm/.venv/bin/python")
+        return found[0] if found else "/path/to/meshllm/.venv/bin/python"
 
     def _explain_failure(self, returncode: int, stderr: str) -> ConfigError:
         lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -11,7 +12,9 @@ from meshllm.config import Cluster
 from meshllm.errors import MeshError
 
 
-def chat_once(cluster: Cluster, prompt: str = "Hello!", max_tokens: int = 32, echo=print) -> int:
+def chat_once(
+    cluster: Cluster, prompt: str = "Hello!", max_tokens: int = 32, echo: Callable[[str], None] = print
+) -> int:
     url = cluster.api_url
     headers = {"Authorization": f"Bearer {cluster.cluster.api_key}"} if cluster.cluster.api_key else {}
     request = {

@@ -10,6 +10,7 @@ stops it, by the pid its pid file names; without it, start says so and stops.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,11 @@ from meshllm.cluster import checks, health
 from meshllm.cluster.launch import Machine
 from meshllm.cluster.logs import read_log_tail
 from meshllm.cluster.state import ClusterState, PidRecord
-from meshllm.cluster.status import format_bytes
+from meshllm.cluster.status import device_entries, format_bytes
 from meshllm.cluster.stop import stop_record
 from meshllm.cluster.tasks import ERROR_INDENT, parallel, raise_all
 from meshllm.config import COORDINATOR_STAGE, Cluster, Device
 from meshllm.errors import ConfigError
-
-DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Survey:
 
 
 class Starter:
-    def __init__(self, cluster: Cluster, force: bool = False, timeout: float = DEFAULT_TIMEOUT_S, echo=print):
+    def __init__(self, cluster: Cluster, force: bool, timeout: float, echo: Callable[[str], None] = print):
         self.cluster = cluster
         self.state = ClusterState(cluster)
         self.force = force
@@ -231,6 +230,7 @@ class Starter:
         """Seconds until the worker answers Health; ConfigError when it exits or the time is up."""
         device = self.cluster.get(record.device)
         started = time.monotonic()
+        exited = self._exit_watch(device, record)
         while True:
             answer = health.worker_health(device.address, self.token, timeout=2.0)
             if answer.ok:
@@ -240,7 +240,7 @@ class Starter:
                     f"device {device.name!r}: the process answering at {device.address} refuses this "
                     "cluster's token (another cluster's worker on that port?)"
                 )
-            self._check_alive(device, record)
+            exited()
             if time.monotonic() - started > self.timeout:
                 raise ConfigError(
                     f"device {device.name!r}: no answer to Health at {device.address} within "
@@ -255,6 +255,7 @@ class Starter:
         """Seconds until /health is 200; ConfigError when the coordinator exits or the time is up."""
         device = self.cluster.coordinator
         started = time.monotonic()
+        exited = self._exit_watch(device, record)
         last = "no answer"
         while True:
             answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
@@ -265,7 +266,7 @@ class Starter:
                 last = body.get("message") if isinstance(body, dict) else str(body)
             else:
                 last = answer.error
-            self._check_alive(device, record)
+            exited()
             if time.monotonic() - started > self.timeout:
                 raise ConfigError(
                     f"device {device.name!r}: the coordinator is not healthy after {self.timeout:.0f} s "
@@ -273,7 +274,22 @@ class Starter:
                 )
             time.sleep(0.5)
 
-    def _check_alive(self, device: Device, record: PidRecord) -> None:
+    def _exit_watch(self, device: Device, record: PidRecord) -> Callable[[], None]:
+        """A check to call while waiting: raises (with the end of the log) once the process has exited.
+
+        Over ssh each look costs a connection, so it looks every 2 s there (every 0.5 s here)."""
+        interval = 2.0 if device.is_remote else 0.5
+        next_look = time.monotonic() + interval
+
+        def check() -> None:
+            nonlocal next_look
+            if time.monotonic() >= next_look:
+                self._raise_if_exited(device, record)
+                next_look = time.monotonic() + interval
+
+        return check
+
+    def _raise_if_exited(self, device: Device, record: PidRecord) -> None:
         machine = self.machines[device.name]
         if machine.call("alive", {"pids": [record.pid]})[str(record.pid)]:
             return
@@ -292,26 +308,12 @@ class Starter:
     # -- the plan --------------------------------------------------------------------------------
 
     def print_plan(self) -> None:
-        info = health.gpu_info(self.cluster.api_url, self.api_key)
-        if not info:
-            return
-        names = {COORDINATOR_STAGE: self.cluster.coordinator.name}
-        rows = []
-        for entry in info.get("devices", []):
-            start, end = entry.get("layers") or (0, 0)
-            name = (
-                names.get(entry["name"], entry["name"])
-                if entry.get("role") == "coordinator"
-                else entry["name"]
-            )
-            rows.append(
-                (
-                    name,
-                    entry.get("role", ""),
-                    f"layers [{start}, {end})",
-                    format_bytes(entry.get("weight_bytes")),
-                )
-            )
-        width = max(len(row[0]) for row in rows)
-        for name, role, layers, weights in rows:
-            self.echo(f"  {name:<{width}}  {role:<11}  {layers:<14}  {weights}")
+        """Each device's layers and weights, as the coordinator planned and loaded them."""
+        entries = device_entries(self.cluster, health.gpu_info(self.cluster.api_url, self.api_key))
+        width = max(len(device.name) for device in self.cluster.device)
+        for device in [self.cluster.coordinator, *self.cluster.workers]:
+            entry = entries.get(device.name)
+            if entry:
+                start, end = entry.get("layers") or (0, 0)
+                layers, weights = f"layers [{start}, {end})", format_bytes(entry.get("weight_bytes"))
+                self.echo(f"  {device.name:<{width}}  {device.role:<11}  {layers:<16}  {weights}")

@@ -105,6 +105,18 @@ class ClusterState:
 
     def token(self) -> str:
         """[cluster] token, the contents of token_file, or a token made once and kept in the state folder."""
+        token = self.existing_token()
+        if token is not None:
+            return token
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        descriptor = os.open(self.root / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(token + "\n")
+        return token
+
+    def existing_token(self) -> str | None:
+        """The token, or None when the file gives none and no start has made one yet."""
         settings = self.cluster.cluster
         if settings.token:
             return settings.token
@@ -121,11 +133,4 @@ class ClusterState:
                 )
             return token
         path = self.root / "token"
-        if path.exists():
-            return path.read_text().strip()
-        self.root.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(24)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(token + "\n")
-        return token
+        return path.read_text().strip() if path.exists() else None

@@ -4,6 +4,7 @@ each device's status as the coordinator sees it, round-trip times)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from meshllm.cluster import health
 from meshllm.cluster.state import ClusterState, PidRecord
 from meshllm.cluster.tasks import parallel, raise_all
 from meshllm.config import COORDINATOR_STAGE, Cluster, Device
+from meshllm.errors import ConfigError
 
 COLUMNS = ("device", "host", "role", "pid", "state", "layers", "memory", "rtt")
 
@@ -30,10 +32,11 @@ class DeviceRow:
         return (self.device, self.host, self.role, self.pid, self.state, self.layers, self.memory, self.rtt)
 
 
-def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None]:
-    """The rows of the table, and the coordinator's gpu-info (None when it does not answer)."""
+def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None, list[str]]:
+    """The rows of the table, the coordinator's gpu-info (None when it does not answer), and why a
+    machine could not be asked whether its process runs (ssh failing), one line each."""
     state = ClusterState(cluster)
-    token = state.token()
+    token = state.existing_token()
     records = state.records()
     devices = cluster.device
 
@@ -44,34 +47,41 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None]:
         machine = record.machine_for(str(cluster.path))
         return bool(machine.call("alive", {"pids": [record.pid]})[str(record.pid)])
 
-    alive = parallel(running, devices)
-    raise_all(alive)
+    alive = parallel(running, devices)  # True, False, or the ConfigError of a machine out of reach
+    raise_all(result for result in alive if not isinstance(result, (bool, ConfigError)))
     infos = parallel(
         lambda device: None if device.is_coordinator else health.worker_info(device.address, token), devices
     )
     gpu_info = health.gpu_info(cluster.api_url, cluster.cluster.api_key)
-    # The coordinator's own stage is COORDINATOR_STAGE there, whatever the device is called.
-    entries = {
-        cluster.coordinator.name if entry.get("name") == COORDINATOR_STAGE else entry.get("name"): entry
-        for entry in (gpu_info or {}).get("devices", [])
-    }
+    entries = device_entries(cluster, gpu_info)
     rows = [
         _row(device, records.get(device.name), is_alive, info, entries.get(device.name))
         for device, is_alive, info in zip(devices, alive, infos, strict=True)
     ]
-    return rows, gpu_info
+    return rows, gpu_info, [str(result) for result in alive if isinstance(result, ConfigError)]
+
+
+def device_entries(cluster: Cluster, gpu_info: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """gpu-info's device rows by device name (the coordinator calls its own stage COORDINATOR_STAGE)."""
+    return {
+        cluster.coordinator.name if entry.get("name") == COORDINATOR_STAGE else entry.get("name", ""): entry
+        for entry in (gpu_info or {}).get("devices", [])
+    }
 
 
 def _row(
     device: Device,
     record: PidRecord | None,
-    alive: bool,
+    running: bool | Exception,
     info: health.Answer | None,
     entry: dict[str, Any] | None,
 ) -> DeviceRow:
     layers = memory = rtt = "-"
+    alive = running is True
     if record is None:
         state = "stopped"
+    elif isinstance(running, Exception):
+        state = "unknown"
     elif not alive:
         state = "down"
     elif entry is not None:
@@ -112,11 +122,13 @@ def format_table(rows: list[tuple[str, ...]]) -> list[str]:
     ]
 
 
-def show_status(cluster: Cluster, echo=print) -> int:
+def show_status(cluster: Cluster, echo: Callable[[str], None] = print) -> int:
     """Print the table and the API's state; 0 when every device is healthy, else 1."""
-    rows, gpu_info = collect(cluster)
+    rows, gpu_info, problems = collect(cluster)
     for line in format_table([COLUMNS, *(row.cells() for row in rows)]):
         echo(line)
+    for problem in problems:
+        echo(problem)
     if gpu_info is None:
         echo(f"API {cluster.api_url}/v1: not answering")
     else:

@@ -6,6 +6,7 @@ port must be free. Pid files of processes that are gone are removed, so stopping
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshllm.cluster.state import ClusterState, PidRecord
@@ -41,7 +42,7 @@ def stop_record(state: ClusterState, record: PidRecord, config_file: str, grace:
     return Stopped(record, result["state"], holders)
 
 
-def stop_cluster(cluster: Cluster, grace: float = GRACE_S, echo=print) -> int:
+def stop_cluster(cluster: Cluster, grace: float = GRACE_S, echo: Callable[[str], None] = print) -> int:
     state = ClusterState(cluster)
     records = state.records()
     if not records:
@@ -52,21 +53,19 @@ def stop_cluster(cluster: Cluster, grace: float = GRACE_S, echo=print) -> int:
     rest = [record for record in records.values() if record.role != "coordinator"]
     failures = 0
     for batch in (first, rest):
-        for record, outcome in zip(
-            batch, parallel(lambda r: stop_record(state, r, str(cluster.path), grace), batch), strict=True
-        ):
+        outcomes = parallel(lambda record: stop_record(state, record, str(cluster.path), grace), batch)
+        for record, outcome in zip(batch, outcomes, strict=True):
             label = f"{record.role} {record.device} (pid {record.pid})"
-            if isinstance(outcome, Exception):
-                if not isinstance(outcome, ConfigError):
-                    raise outcome
+            if isinstance(outcome, ConfigError):  # its machine is out of reach: the pid file stays
                 echo(f"{label}: could not stop it: {outcome}")
                 failures += 1
                 continue
+            if isinstance(outcome, Exception):
+                raise outcome
             echo(f"{label}: {_describe(outcome.state, grace)}")
             if outcome.port_holders:
-                echo(
-                    f"  port {record.port} on {record.address.rsplit(':', 1)[0]} is still in use by {', '.join(outcome.port_holders)}"
-                )
+                host = record.address.rsplit(":", 1)[0]
+                echo(f"  port {record.port} on {host} is still in use by {', '.join(outcome.port_holders)}")
             failures += not outcome.ok
     return 1 if failures else 0
 

@@ -18,6 +18,7 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second worker on a taken port must fail, not share it
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
