@@ -29,11 +29,15 @@ def free_port() -> int:
 
 
 def pid_exists(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux), or it just went
+        return True
 
 
 class Serve:
@@ -166,3 +170,20 @@ def test_a_busy_port_is_reported_before_anything_starts() -> None:
 def test_demo_model_is_announced_as_noise(capsys: pytest.CaptureFixture[str]) -> None:
     _print_banner("demo")
     assert "random weights" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_local_workers_die_even_when_serve_is_killed(tiny_checkpoint: Callable[..., Path]) -> None:
+    serve = Serve(
+        "--model", str(tiny_checkpoint(arch="qwen3", layers=4)), "--stages", "3", "--port", str(free_port())
+    )
+    try:
+        serve.wait_ready()
+        assert "stage 2 layers" in serve.output
+        worker_pids = serve.worker_pids()
+        assert len(worker_pids) == 2 and all(pid_exists(pid) for pid in worker_pids)
+        serve.process.kill()  # SIGKILL: serve cannot clean up; the kernel signals its children
+        serve.process.wait()
+        assert wait_until(lambda: not any(pid_exists(pid) for pid in worker_pids), timeout=10)
+    finally:
+        serve.kill()

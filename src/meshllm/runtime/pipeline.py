@@ -104,10 +104,12 @@ class RemoteChain:
         try:
             async with self._write_lock:
                 await call.write(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+        except Exception as error:  # the stream broke: AioRpcError, or "RPC already finished"
             self._pending.pop(request.step_id, None)
+            if self._call is call:
+                await self.reset()  # the next step opens a new stream
             details = self.explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
-            raise PipelineError(details) from None
+            raise PipelineError(f"the stream to {self.describe(0)} broke: {details}") from None
         try:
             return await asyncio.wait_for(future, self.step_timeout)
         except asyncio.TimeoutError:

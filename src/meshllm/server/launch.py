@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -52,16 +52,15 @@ class LocalWorkers:
         ports = _free_ports(host, count)
         for index, port in enumerate(ports, start=1):
             name = f"worker{index}"
-            command = [sys.executable, "-m", "meshllm", "worker", "--host", host, "--port", str(port)]
+            command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
             command += ["--threads", str(threads), "--name", name]
             if token:
                 command += ["--token", token]
             process = subprocess.Popen(
-                command,
+                _dying_with_this_process(command),
                 env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
-                preexec_fn=_die_with_parent(),
             )
             self.workers.append(LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process))
             log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
@@ -135,19 +134,22 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux, a child that gets SIGTERM when this process dies, however it dies (even SIGKILL)."""
+# Run by the new process before it becomes the worker: ask the kernel for SIGTERM when its parent dies
+# (kept across exec), make sure the parent did not die already, then exec the worker in the same pid.
+_EXEC_DYING_WITH_PARENT = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+def _dying_with_this_process(python_args: list[str]) -> list[str]:
+    """`python ARGS`, which on Linux also gets SIGTERM when this process dies, however it dies (SIGKILL)."""
     if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-
-    def set_parent_death_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return set_parent_death_signal
+        return [sys.executable, *python_args]
+    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *python_args]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
     )
     parser.add_argument(
+        "--name", default="coordinator", help="this device's name in the plan, logs and /distributed/gpu-info"
+    )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a pipeline step may take before its sequences fail (default 30)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
@@ -116,15 +125,15 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.runtime.worker_cli import read_token
     from meshllm.server.launch import LocalWorkers, bind_socket
 
-    setup_logging("coordinator")
+    setup_logging(args.name)
     workers = parse_workers(args.workers)
     memory_overrides = parse_memory(args.memory)
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1, got {args.stages}")
+    if args.step_timeout <= 0:
+        raise ConfigError(f"--step-timeout must be positive, got {args.step_timeout}")
     local_stage = not args.no_local_stage
     n_local_workers = 0 if workers else args.stages - int(local_stage)
-    if not local_stage and not workers and n_local_workers < 1:
-        raise ConfigError("--no-local-stage needs at least one worker: give --workers or --stages >= 1")
     token = read_token(args.token, args.token_file)
     if token is None and n_local_workers:
         import secrets
@@ -201,6 +210,8 @@ async def _serve(
             engine=args.engine,
             token=token,
             memory_overrides=memory_overrides,
+            step_timeout=args.step_timeout,
+            name=args.name,
         )
 
     starting = asyncio.create_task(start())
@@ -237,6 +248,8 @@ async def _serve_api(args: argparse.Namespace, sock: socket.socket, coordinator:
     print(f"API ready at http://{host}:{port}/v1  (Ctrl-C stops everything)", flush=True)
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
+    # Ending every sequence now ends open streams with an error event and [DONE] instead of a cut.
+    await coordinator.close()
     await serving
     print("stopped", file=sys.stderr, flush=True)
     return 0

@@ -7,45 +7,40 @@ are, and both run as one `Generation` whose text deltas make either one reply or
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from meshllm.engines.base import SamplingParams
 from meshllm.models.tokenizer import chat_prompt_ids
-from meshllm.runtime.types import PipelineError
-from meshllm.server.errors import (
-    invalid,
-    model_not_found,
-    pipeline_failed,
-    unavailable,
-    unsupported,
+from meshllm.server.checks import (
+    refuse_unsupported_chat,
+    refuse_unsupported_completion,
+    stop_strings,
+    template_messages,
 )
-from meshllm.server.generation import Generation, GenerationRequest, TextDelta
+from meshllm.server.errors import invalid, model_not_found, unsupported
+from meshllm.server.generation import Generation, GenerationRequest
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamChoice,
-    ChatMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     DeviceHealth,
     DeviceInfo,
     GpuInfoResponse,
     HealthResponse,
     ModelCard,
     ModelList,
-    UsageInfo,
 )
+from meshllm.server.replies import chat_chunks, collect, completion_chunks, usage_of
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +76,12 @@ class OpenAIServing:
         self.coordinator = coordinator
         self.model_name = served_model_name or coordinator.model_name
         self.metrics = metrics
+        # Prompts are tokenized off the event loop, one at a time: a Rust tokenizer is not safe to call
+        # from several threads at once.
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def _in_tokenizer_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, function, *args)
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -98,14 +99,14 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
         arrival = time.monotonic()
         self.check_model(request.model)
-        _refuse_unsupported_chat(request)
-        messages = _template_messages(request.messages)
+        refuse_unsupported_chat(request)
+        messages = template_messages(request.messages)
         template_kwargs = dict(request.chat_template_kwargs or {})
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
         if reserved:
             raise invalid(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
         try:
-            prompt_ids = await asyncio.to_thread(
+            prompt_ids = await self._in_tokenizer_thread(
                 chat_prompt_ids, self.coordinator.tokenizer, messages, template_kwargs
             )
         except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
@@ -118,7 +119,7 @@ class OpenAIServing:
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             options = request.stream_options
-            payloads = _chat_chunks(
+            payloads = chat_chunks(
                 generation,
                 request_id,
                 created,
@@ -127,7 +128,7 @@ class OpenAIServing:
                 continuous_usage=bool(options and options.continuous_usage_stats),
             )
             return EventStream(payloads, generation)
-        text, finish_reason = await _collect(generation)
+        text, finish_reason = await collect(generation)
         return ChatCompletionResponse(
             id=request_id,
             created=created,
@@ -135,7 +136,7 @@ class OpenAIServing:
             choices=[
                 ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
             ],
-            usage=_usage(generation),
+            usage=usage_of(generation),
         )
 
     # ------------------------------------------------------------------------------------- completions
@@ -143,7 +144,7 @@ class OpenAIServing:
     async def completion(self, request: CompletionRequest) -> CompletionResponse | EventStream:
         arrival = time.monotonic()
         self.check_model(request.model)
-        _refuse_unsupported_completion(request)
+        refuse_unsupported_completion(request)
         prompt_ids = await self._completion_prompt_ids(request.prompt)
         generation = await self._start(
             request,
@@ -157,7 +158,7 @@ class OpenAIServing:
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             options = request.stream_options
-            payloads = _completion_chunks(
+            payloads = completion_chunks(
                 generation,
                 request_id,
                 created,
@@ -166,13 +167,13 @@ class OpenAIServing:
                 continuous_usage=bool(options and options.continuous_usage_stats),
             )
             return EventStream(payloads, generation)
-        text, finish_reason = await _collect(generation)
+        text, finish_reason = await collect(generation)
         return CompletionResponse(
             id=request_id,
             created=created,
             model=self.model_name,
             choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
-            usage=_usage(generation),
+            usage=usage_of(generation),
         )
 
     async def _completion_prompt_ids(
@@ -187,7 +188,7 @@ class OpenAIServing:
             prompt = prompt[0]
         if isinstance(prompt, str):
             tokenizer = self.coordinator.tokenizer
-            prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt)
+            prompt_ids = await self._in_tokenizer_thread(tokenizer.encode, prompt)
         else:
             prompt_ids = list(prompt)  # type: ignore[arg-type]
             self._check_token_ids(prompt_ids, "prompt")
@@ -240,7 +241,7 @@ class OpenAIServing:
                 max_tokens=max_tokens,
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
-                stop=_stop_strings(request.stop),
+                stop=stop_strings(request.stop),
                 stop_token_ids=frozenset(stop_token_ids),
                 skip_special_tokens=request.skip_special_tokens,
             ),
@@ -325,215 +326,3 @@ class OpenAIServing:
             model=self.model_name,
             live_sequences=self.coordinator.live_sequences,
         )
-
-
-# ------------------------------------------------------------------------------------ request checks
-
-
-def _refuse_unsupported_common(request: ChatCompletionRequest | CompletionRequest) -> None:
-    if request.n not in (None, 1):
-        raise unsupported("n", "only n=1 is supported; send several requests for several replies")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(request, name) not in (None, 0):
-            raise unsupported(name, f"{name} is not supported; leave it out or set it to 0")
-    if request.logit_bias:
-        raise unsupported("logit_bias")
-    if request.stream_options is not None and not request.stream:
-        raise invalid("stream_options is only allowed when stream is true", "stream_options")
-
-
-def _refuse_unsupported_chat(request: ChatCompletionRequest) -> None:
-    _refuse_unsupported_common(request)
-    if request.logprobs:
-        raise unsupported("logprobs", "logprobs are not supported by this server")
-    if request.top_logprobs:
-        raise unsupported("top_logprobs", "logprobs are not supported by this server")
-    if request.tools:
-        raise unsupported("tools", "tools (function calling) are not supported by this server")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tools (function calling) are not supported by this server")
-    if request.functions or request.function_call not in (None, "none", "auto"):
-        name = "functions" if request.functions else "function_call"
-        raise unsupported(name, "functions (function calling) are not supported by this server")
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise unsupported("response_format", 'only response_format {"type": "text"} is supported')
-    if request.modalities not in (None, ["text"]):
-        raise unsupported("modalities", "only text output is supported")
-    for name in ("audio", "prediction", "web_search_options"):
-        if getattr(request, name) is not None:
-            raise unsupported(name)
-
-
-def _refuse_unsupported_completion(request: CompletionRequest) -> None:
-    _refuse_unsupported_common(request)
-    if request.logprobs:
-        raise unsupported("logprobs", "logprobs are not supported by this server")
-    if request.echo:
-        raise unsupported("echo")
-    if request.best_of not in (None, 1):
-        raise unsupported("best_of", "only best_of=1 is supported")
-    if request.suffix:
-        raise unsupported("suffix")
-
-
-def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The messages as the chat template expects them: role and text content (plus name, reasoning)."""
-    if not messages:
-        raise invalid("messages must contain at least one message", "messages")
-    rendered = []
-    for index, message in enumerate(messages):
-        param = f"messages[{index}]"
-        if message.role in ("tool", "function"):
-            raise unsupported(
-                f"{param}.role", f"{param}: {message.role} messages are not supported (no tools)"
-            )
-        if message.tool_calls:
-            raise unsupported(f"{param}.tool_calls", f"{param}: tool calls are not supported (no tools)")
-        content = _text_content(message, param)
-        entry: dict[str, Any] = {
-            "role": "system" if message.role == "developer" else message.role,
-            "content": content,
-        }
-        if message.name:
-            entry["name"] = message.name
-        if message.reasoning_content:
-            entry["reasoning_content"] = message.reasoning_content
-        rendered.append(entry)
-    return rendered
-
-
-def _text_content(message: ChatMessage, param: str) -> str:
-    if message.content is None:
-        if message.role == "assistant":
-            return ""
-        raise invalid(f"{param}.content is required for a {message.role} message", f"{param}.content")
-    if isinstance(message.content, str):
-        return message.content
-    texts = []
-    for index, part in enumerate(message.content):
-        if part.type != "text" or part.text is None:
-            raise unsupported(
-                f"{param}.content[{index}]",
-                f"{param}.content[{index}]: content of type '{part.type}' is not supported (text only)",
-            )
-        texts.append(part.text)
-    return "\n".join(texts)
-
-
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not item for item in stops):
-        raise invalid("stop strings must not be empty", "stop")
-    return tuple(stops)
-
-
-# -------------------------------------------------------------------------------------------- replies
-
-
-def _usage(generation: Generation) -> UsageInfo:
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-async def _collect(generation: Generation) -> tuple[str, str]:
-    """The whole reply of a non-streamed request; a pipeline failure is a 503."""
-    parts, finish_reason = [], "stop"
-    try:
-        async for delta in generation.deltas():
-            parts.append(delta.text)
-            finish_reason = delta.finish_reason or finish_reason
-    except PipelineError as error:
-        raise unavailable(str(error)) from None
-    return "".join(parts), finish_reason
-
-
-async def _stream(
-    generation: Generation,
-    first: Callable[[], str] | None,
-    piece: Callable[[TextDelta], list[str]],
-    usage_chunk: Callable[[], str] | None,
-) -> AsyncIterator[str]:
-    """The payloads of a stream: `first`, a few per delta, then usage; an error event if the pipeline fails."""
-    try:
-        if first is not None:
-            yield first()
-        async for delta in generation.deltas():
-            for payload in piece(delta):
-                yield payload
-        if usage_chunk is not None:
-            yield usage_chunk()
-    except PipelineError as error:
-        log.warning("sequence %s failed mid-stream: %s", generation.seq_id, error)
-        yield json.dumps(pipeline_failed(str(error)))
-    finally:
-        generation.close()
-
-
-def _chat_chunks(
-    generation: Generation,
-    request_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    continuous_usage: bool,
-) -> AsyncIterator[str]:
-    # With include_usage every chunk carries "usage": null and a last chunk with no choices the totals.
-    exclude = None if include_usage or continuous_usage else {"usage"}
-
-    def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: UsageInfo | None = None) -> str:
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)  # type: ignore[arg-type]
-        if continuous_usage and usage is None:
-            usage = _usage(generation)
-        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage)
-        return body.model_dump_json(exclude=exclude)
-
-    def piece(delta: TextDelta) -> list[str]:
-        payloads = [chunk(DeltaMessage(content=delta.text))] if delta.text else []
-        if delta.finish_reason:
-            payloads.append(chunk(DeltaMessage(), delta.finish_reason))
-        return payloads
-
-    def usage_chunk() -> str:
-        body = ChatCompletionChunk(
-            id=request_id, created=created, model=model, choices=[], usage=_usage(generation)
-        )
-        return body.model_dump_json()
-
-    return _stream(
-        generation,
-        lambda: chunk(DeltaMessage(role="assistant", content="")),
-        piece,
-        usage_chunk if include_usage else None,
-    )
-
-
-def _completion_chunks(
-    generation: Generation,
-    request_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    continuous_usage: bool,
-) -> AsyncIterator[str]:
-    exclude = None if include_usage or continuous_usage else {"usage"}
-
-    def chunk(text: str, finish_reason: str | None = None, usage: UsageInfo | None = None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)  # type: ignore[arg-type]
-        if continuous_usage and usage is None:
-            usage = _usage(generation)
-        body = CompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
-        return body.model_dump_json(exclude=exclude)
-
-    def piece(delta: TextDelta) -> list[str]:
-        payloads = [chunk(delta.text)] if delta.text else []
-        if delta.finish_reason:
-            payloads.append(chunk("", delta.finish_reason))
-        return payloads
-
-    def usage_chunk() -> str:
-        body = CompletionResponse(
-            id=request_id, created=created, model=model, choices=[], usage=_usage(generation)
-        )
-        return body.model_dump_json()
-
-    return _stream(generation, None, piece, usage_chunk if include_usage else None)
