@@ -53,6 +53,8 @@ class TinySpec:
     head_dim: int = 16
     vocab_size: int = 512  # the tokenizer's target; the checkpoint uses the trained size
     max_position_embeddings: int = 2048
+    # Large by default: well-spread logits, so greedy decoding in tests never meets a near-tie.
+    embedding_std: float = 1.0
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -120,7 +122,7 @@ def _weights(arch: str, spec: TinySpec, vocab_size: int, seed: int) -> dict[str,
     hidden, inter, head_dim = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q_size, kv_size = spec.num_attention_heads * head_dim, spec.num_key_value_heads * head_dim
     # Larger-than-usual init so logits are well spread: no near-ties for greedy decoding to trip on.
-    weights = {"model.embed_tokens.weight": normal(vocab_size, hidden, std=1.0)}
+    weights = {"model.embed_tokens.weight": normal(vocab_size, hidden, std=spec.embedding_std)}
     for i in range(spec.num_hidden_layers):
         prefix = f"model.layers.{i}"
         weights[f"{prefix}.input_layernorm.weight"] = norm_weight(hidden)
@@ -247,6 +249,7 @@ DEMO_SPEC = TinySpec(
     num_key_value_heads=4,
     head_dim=32,
     vocab_size=1024,
+    embedding_std=0.1,  # flatter logits: sampled replies are varied noise, not one repeated token
 )
 
 
