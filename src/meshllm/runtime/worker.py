@@ -109,21 +109,41 @@ class StageService(pbg.StageServicer):
                 message=f"loading layers [{layer_range[0]}, {layer_range[1]}) of {request.model}",
             )
             started = time.perf_counter()
-            try:
-                checkpoint = await self._run(Checkpoint.open, request.model)
-                self.stage = None  # free the old range before reading the new one
-                await self._run(self._release_everything)
-                stage = await self._run(
-                    lambda: load_stage(
-                        engine, checkpoint, layer_range, dtype=request.dtype or "float32", device=self.device
+            loop = asyncio.get_running_loop()
+            fractions: asyncio.Queue[float] = asyncio.Queue()
+
+            def report(fraction: float) -> None:  # called on the compute thread
+                loop.call_soon_threadsafe(fractions.put_nowait, fraction)
+
+            def load() -> Stage:
+                checkpoint = Checkpoint.open(request.model)
+                self.num_layers = checkpoint.config.num_hidden_layers
+                options = {"dtype": request.dtype or "float32", "device": self.device, "progress": report}
+                return load_stage(engine, checkpoint, layer_range, **options)
+
+            self.stage = None  # free the old range before reading the new one
+            loading = asyncio.ensure_future(self._run(load))
+            reported = 0.0
+            while not loading.done():
+                waiter = asyncio.ensure_future(fractions.get())
+                await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                fraction = waiter.result()
+                if fraction >= reported + 0.1 or fraction >= 1.0:  # at most about ten messages
+                    reported = fraction
+                    yield pb.LoadProgress(
+                        fraction=fraction, message=f"{fraction:.0%} of the layers' tensors read"
                     )
-                )
+            try:
+                stage = loading.result()
             except Exception as error:  # any failure goes back to the coordinator, named
                 log.exception("load failed")
                 yield pb.LoadProgress(error=f"worker {self.name}: {error}", done=True)
                 return
             self.stage, self.engine = stage, engine
-            self.model, self.num_layers = request.model, checkpoint.config.num_hidden_layers
+            self.model = request.model
             self.sampler = Sampler()
             if self._next_channel is not None:
                 await self._next_channel.close()
@@ -138,9 +158,6 @@ class StageService(pbg.StageServicer):
                 request.next_stage or "none (last)",
             )
             yield pb.LoadProgress(fraction=1.0, message="loaded", done=True)
-
-    def _release_everything(self) -> None:
-        self.sampler = Sampler()
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         await self._authorize(context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -106,14 +107,28 @@ class TorchStage:
         return StepOutput(step.step_id, segments, logits=logits.float().cpu().numpy())
 
 
+def _group_by_layer(names: list[str]) -> list[list[str]]:
+    """Tensor names grouped by layer (and the embedding, norm, lm_head each on their own), in order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if name.startswith("model.layers.") else ".".join(parts[:2])
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 def load_stage(
     checkpoint: Checkpoint | str,
     layer_range: tuple[int, int],
     dtype: str = "float32",
     device: str | None = None,
+    progress: Callable[[float], None] | None = None,
     **_: Any,
 ) -> TorchStage:
-    """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk."""
+    """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk.
+
+    `progress(fraction)` is called after each layer's tensors are read.
+    """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     config = checkpoint.config
@@ -129,7 +144,12 @@ def load_stage(
     names = stage_tensor_names(checkpoint, (start, end), is_first, is_last)
     from meshllm.engines.torch.quantized import dequantize_stage_tensors
 
-    tensors = dequantize_stage_tensors(checkpoint, list(names), torch_dtype, read_tensors)
+    groups = _group_by_layer(list(names))
+    tensors: dict[str, torch.Tensor] = {}
+    for index, group in enumerate(groups):
+        tensors.update(dequantize_stage_tensors(checkpoint, group, torch_dtype, read_tensors))
+        if progress is not None:
+            progress((index + 1) / len(groups))
     state = {names[name]: tensor for name, tensor in tensors.items() if name in names}
     tied = is_last and config.tie_word_embeddings
     if tied:
