@@ -69,7 +69,7 @@ class RemoteChain:
                 if result.error:
                     future.set_exception(PipelineError(result.error))
                 else:
-                    future.set_result(decode_tokens(result))
+                    future.set_result(result)
             self._fail_all(PipelineError(f"the stream to {self.describe(0)} ended unexpectedly"))
         except grpc.aio.AioRpcError as error:
             self._fail_all(PipelineError(self.explain(error)))
@@ -97,7 +97,7 @@ class RemoteChain:
             if not future.done():
                 future.set_exception(error)
 
-    async def submit(self, request: pb.StepRequest) -> list[SampledToken]:
+    async def submit(self, request: pb.StepRequest) -> pb.StepResult:
         call = await self._ensure_open()
         future = asyncio.get_running_loop().create_future()
         self._pending[request.step_id] = future
@@ -190,9 +190,11 @@ class Pipeline:
         if isinstance(result, list):
             return result
         started = time.perf_counter()
-        tokens = await self.remote.submit(result)
+        reply = await self.remote.submit(result)
         self._notify("remote chain", time.perf_counter() - started)
-        return tokens
+        for timing in reply.timings:
+            self._notify(timing.stage, timing.seconds)
+        return decode_tokens(reply)
 
     async def release(self, seq_ids: list[int]) -> None:
         """Drop these sequences' caches on every stage (best effort: a dead worker has none anyway)."""

@@ -190,6 +190,7 @@ class StageService(pbg.StageServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.name}: no layers loaded yet"
             )
         results: asyncio.Queue = asyncio.Queue()
+        timings: dict[int, pb.StageTiming] = {}  # steps sent downstream -> this stage's compute time
         downstream = None
         if not stage.is_last:
             stub = pbg.StageStub(self._next_channel)
@@ -198,6 +199,7 @@ class StageService(pbg.StageServicer):
         async def consume() -> None:
             try:
                 async for request in request_iterator:
+                    started = time.perf_counter()
                     try:
                         output = await self._run(self._step, stage, request)
                     except Exception as error:
@@ -206,9 +208,12 @@ class StageService(pbg.StageServicer):
                             pb.StepResult(step_id=request.step_id, error=f"worker {self.name}: {error}")
                         )
                         continue
+                    timing = pb.StageTiming(stage=self.name, seconds=time.perf_counter() - started)
                     if downstream is None:
+                        output.timings.append(timing)
                         await results.put(output)
                     else:
+                        timings[request.step_id] = timing
                         await downstream.write(output)
                 if downstream is not None:
                     await downstream.done_writing()
@@ -220,6 +225,9 @@ class StageService(pbg.StageServicer):
         async def relay() -> None:
             try:
                 async for result in downstream:
+                    timing = timings.pop(result.step_id, None)
+                    if timing is not None:
+                        result.timings.insert(0, timing)  # upstream stages first
                     await results.put(result)
                 await results.put(_END)
             except grpc.aio.AioRpcError as error:
