@@ -27,7 +27,9 @@ async def greedy(path, engine: str, workers, n: int) -> tuple[list[int], list[st
 def test_torch_then_mlx_gives_the_single_engine_tokens(arch, tiny_checkpoint, start_workers):
     path = tiny_checkpoint(arch)
     (mlx_worker,) = start_workers(1, engine="mlx", prefix="mlx")
-    tokens, engines = asyncio.run(greedy(path, "torch", [WorkerAddress(mlx_worker.name, mlx_worker.address)], 10))
+    tokens, engines = asyncio.run(
+        greedy(path, "torch", [WorkerAddress(mlx_worker.name, mlx_worker.address)], 10)
+    )
     assert engines == ["torch", "mlx"]
     assert tokens == reference_greedy(path, PROMPT, 10)
 

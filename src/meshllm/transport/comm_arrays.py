@@ -7,19 +7,34 @@ input's dtype (round to nearest even) and handed back in the caller's framework.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from meshllm.transport.comm_mailbox import Payload
-from meshllm.transport.tensors import framework_of, from_bytes, to_bytes, to_numpy
+from meshllm.transport.tensors import dtype_name, framework_of, to_bytes
 
 REDUCE_OPS = ("sum", "max", "min", "mean")
 FRAMEWORKS = ("numpy", "torch", "mlx")
 
-_WIRE_NUMPY = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+# The numpy layout of each wire dtype (tensors.py): bfloat16 travels as its uint16 bit patterns.
+_WIRE_NUMPY = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
 _BINARY = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
+
+
+def wire_numpy_dtype(dtype: str) -> np.dtype:
+    try:
+        return _WIRE_NUMPY[dtype]
+    except KeyError:
+        raise ValueError(f"unknown wire dtype {dtype!r} (known: {', '.join(_WIRE_NUMPY)})") from None
 
 
 @dataclass(frozen=True)
@@ -47,31 +62,92 @@ class ArrayKind:
         return cls.of(like)
 
     def build(self, payload: Payload) -> Any:
-        """The payload as an array of this kind (numpy gives float32 for bfloat16, see tensors.py)."""
-        array = from_bytes(payload.data, list(payload.shape), payload.dtype, self.framework)
-        return array if self.device is None else array.to(self.device)
+        """The payload as an array of this kind, as tensors.from_bytes builds it (numpy gives float32 for
+        bfloat16), but without a copy when the payload's data is writable: the result then owns it."""
+        host = np.frombuffer(payload.data, dtype=wire_numpy_dtype(payload.dtype)).reshape(payload.shape)
+        if not host.flags.writeable:
+            host = host.copy()
+        bfloat16 = payload.dtype == "bfloat16"
+        if self.framework == "torch":
+            import torch
+
+            tensor = torch.from_numpy(host.view(np.int16) if bfloat16 else host)
+            if bfloat16:
+                tensor = tensor.view(torch.bfloat16)
+            return tensor if self.device is None else tensor.to(self.device)
+        if self.framework == "mlx":
+            import mlx.core as mx
+
+            array = mx.array(host)
+            return array.view(mx.bfloat16) if bfloat16 else array
+        if bfloat16:
+            return (host.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32
+        return host
 
 
 def payload_of(array: Any) -> Payload:
+    """A copy of `array`'s data as it goes on the wire (tensors.to_bytes)."""
     data, shape, dtype = to_bytes(array)
     return Payload(data, tuple(shape), dtype)
 
 
-def widen(payload: Payload) -> np.ndarray:
-    """The payload's values as a flat array in the working dtype (read-only when no conversion was needed)."""
-    host = to_numpy(payload.data, list(payload.shape), payload.dtype).reshape(-1)
+def view_payload(array: Any) -> Payload:
+    """`array`'s data in its wire layout without a copy where possible (numpy, and torch on the CPU).
+
+    The same bytes as `payload_of`, but a view of the caller's memory: whoever holds it must not keep it
+    past the call that was given `array`, nor write to it.
+    """
+    dtype = dtype_name(array)
+    framework = framework_of(array)
+    if framework == "torch":
+        import torch
+
+        tensor = array.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        host = (tensor.view(torch.int16) if dtype == "bfloat16" else tensor).numpy()
+    elif framework == "mlx":
+        import mlx.core as mx
+
+        host = np.array(array.view(mx.uint16) if dtype == "bfloat16" else array, copy=False)
+    else:
+        host = np.asarray(array)
+    host = np.ascontiguousarray(host).reshape(-1)
+    if sys.byteorder != "little":
+        host = host.byteswap()
+    return Payload(memoryview(host).cast("B"), tuple(array.shape), dtype)
+
+
+def snapshot(payload: Payload) -> Payload:
+    """A payload that owns an immutable copy of its data."""
+    return (
+        payload
+        if isinstance(payload.data, bytes)
+        else Payload(bytes(payload.data), payload.shape, payload.dtype)
+    )
+
+
+def array_payload(values: np.ndarray, shape: tuple[int, ...], dtype: str) -> Payload:
+    """A payload over `values` (already in `dtype`'s wire layout), without a copy."""
+    return Payload(memoryview(np.ascontiguousarray(values)).cast("B"), shape, dtype)
+
+
+def widen(payload: Payload, copy: bool = False) -> np.ndarray:
+    """The payload's values as a flat array in the working dtype; with `copy`, always a new array."""
+    host = np.frombuffer(payload.data, dtype=wire_numpy_dtype(payload.dtype))
     if payload.dtype == "bfloat16":
         return (host.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32
     if payload.dtype == "float16":
         return host.astype(np.float32)
-    return host
+    return host.copy() if copy else host
 
 
 def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     """Working-dtype values in `dtype`'s wire layout (bfloat16 as uint16 bit patterns)."""
     if dtype == "bfloat16":
         return float32_to_bfloat16_bits(values)
-    return values.astype(_WIRE_NUMPY[dtype], copy=False)
+    return values.astype(wire_numpy_dtype(dtype), copy=False)
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -97,8 +173,3 @@ def finish(total: np.ndarray, op: str, world_size: int) -> None:
         np.floor_divide(total, world_size, out=total)
     else:
         np.divide(total, world_size, out=total)
-
-
-def wire_payload(values: np.ndarray, shape: tuple[int, ...], dtype: str) -> Payload:
-    """A payload from values already in `dtype`'s wire layout."""
-    return Payload(np.ascontiguousarray(values).tobytes(), shape, dtype)

@@ -72,16 +72,19 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 *(["--out", str(out)] if rank == 0 else []),
                 *([] if config.gloo else ["--no-gloo"]),
             ]  # fmt: skip
-            log = open(Path(folder) / f"rank{rank}.log", "wb")  # noqa: SIM115 (closed below)
-            processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            log_file = open(Path(folder) / f"rank{rank}.log", "wb")  # noqa: SIM115 (closed below)
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            processes.append((process, log_file))
         try:
-            failed = _wait_all([process for process, _ in processes])
+            # Generous: a healthy run takes seconds to minutes; this only ends a run that hangs.
+            deadline = time.monotonic() + max(600.0, 10 * config.timeout)
+            failed = _wait_all([process for process, _ in processes], deadline)
         finally:
-            for process, log in processes:
+            for process, log_file in processes:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-                log.close()
+                log_file.close()
         if failed is not None:
             tail = (Path(folder) / f"rank{failed}.log").read_text(errors="replace")[-3000:]
             raise MeshError(f"comm bench: rank {failed} failed; the end of its output:\n{tail}")
@@ -100,9 +103,11 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _wait_all(processes: list[subprocess.Popen[bytes]]) -> int | None:
+def _wait_all(processes: list[subprocess.Popen[bytes]], deadline: float) -> int | None:
     """Wait for every process; the rank of the first that fails (the others are then stopped), or None."""
     while True:
+        if time.monotonic() > deadline:
+            raise MeshError("comm bench: the ranks did not finish in time; stopped them")
         running = False
         for rank, process in enumerate(processes):
             code = process.poll()

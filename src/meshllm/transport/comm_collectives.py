@@ -21,10 +21,21 @@ from typing import Protocol
 
 import numpy as np
 
-from meshllm.transport.comm_arrays import accumulate, finish, narrow, wire_payload, widen
+from meshllm.transport.comm_arrays import (
+    accumulate,
+    array_payload,
+    finish,
+    narrow,
+    snapshot,
+    widen,
+    wire_numpy_dtype,
+)
 from meshllm.transport.comm_errors import CommError
 from meshllm.transport.comm_mailbox import Payload
-from meshllm.transport.tensors import to_numpy
+
+# Payloads up to this size are copied before they are queued; larger ones are sent from where they are,
+# and the collective waits until gRPC has taken them before it returns (the caller may then reuse them).
+COPY_BYTES = 64 << 10
 
 
 class CollectiveCall(Protocol):
@@ -36,31 +47,29 @@ class CollectiveCall(Protocol):
     seq: int
 
     def post(self, dest: int, payload: Payload | None) -> concurrent.futures.Future[None]:
-        """Send this call's next message to `dest` without waiting."""
+        """Queue this call's next message for `dest` (raises at once if `dest` is known to be gone)."""
         ...
 
     def take(self, source: int) -> Payload | None:
         """This call's next message from `source`, waiting for it."""
         ...
 
-    def wait_sent(self, sends: list[concurrent.futures.Future[None]]) -> None:
-        """Wait until every posted message was taken by gRPC; raise the first failure."""
+    def wait(self, sends: list[concurrent.futures.Future[None]]) -> None:
+        """Wait until gRPC has taken every message of `sends`."""
         ...
 
 
 def barrier(call: CollectiveCall) -> None:
     rank, world_size = call.rank, call.world_size
-    sends = []
     distance = 1
     while distance < world_size:
-        sends.append(call.post((rank + distance) % world_size, None))
+        call.post((rank + distance) % world_size, None)
         call.take((rank - distance) % world_size)
         distance *= 2
-    call.wait_sent(sends)
 
 
 def broadcast(call: CollectiveCall, root: int, payload: Payload | None) -> Payload:
-    """The root's payload, on every rank. `payload` is the root's array, None elsewhere."""
+    """The root's payload, on every rank. `payload` is the root's array (a view of it), None elsewhere."""
     rank, world_size = call.rank, call.world_size
     relative = (rank - root) % world_size  # the root is 0 in the tree
     mask = 1
@@ -70,44 +79,54 @@ def broadcast(call: CollectiveCall, root: int, payload: Payload | None) -> Paylo
             break
         mask <<= 1
     assert payload is not None
+    large = len(payload.data) > COPY_BYTES
+    outgoing = payload if large else snapshot(payload)
     sends = []
     mask >>= 1
     while mask > 0:  # then pass it on to the children, farthest subtree first
         if relative + mask < world_size:
-            sends.append(call.post((rank + mask) % world_size, payload))
+            sends.append(call.post((rank + mask) % world_size, outgoing))
         mask >>= 1
-    call.wait_sent(sends)
+    if large:
+        call.wait(sends)
     return payload
 
 
 def all_reduce(call: CollectiveCall, payload: Payload, op: str, ring_threshold: int) -> Payload:
-    """The elementwise reduction of every rank's payload (same shape and dtype on every rank)."""
+    """The elementwise reduction of every rank's payload (same shape and dtype on every rank).
+
+    Direct while each rank would send at most `ring_threshold` bytes that way (its array to N - 1 peers),
+    else the ring.
+
+    `payload` may be a view of the caller's array: it is read, never written, and not kept.
+    """
     world_size = call.world_size
     if world_size == 1:
-        return payload
+        return snapshot(payload)
     elements = int(np.prod(payload.shape, dtype=np.int64))
-    if len(payload.data) <= ring_threshold or elements < world_size:
+    if len(payload.data) * (world_size - 1) <= ring_threshold or elements < world_size:
         return _all_reduce_direct(call, payload, op)
     return _all_reduce_ring(call, payload, op, elements)
 
 
 def _all_reduce_direct(call: CollectiveCall, payload: Payload, op: str) -> Payload:
     rank, world_size = call.rank, call.world_size
-    sends = [call.post(peer, payload) for peer in range(world_size) if peer != rank]
+    outgoing = snapshot(payload)  # small: a copy is cheaper than waiting for the sends
+    for peer in range(world_size):
+        if peer != rank:
+            call.post(peer, outgoing)
     total: np.ndarray | None = None
     for source in range(world_size):  # rank order: the same sum, bit for bit, on every rank
         contribution = payload if source == rank else _expect(call, source)
         if contribution.shape != payload.shape or contribution.dtype != payload.dtype:
             raise _mismatch(call, source, f"{contribution.dtype} {list(contribution.shape)}", payload)
-        values = widen(contribution)
         if total is None:
-            total = values.copy()
+            total = widen(contribution, copy=True)
         else:
-            accumulate(total, values, op)
+            accumulate(total, widen(contribution), op)
     assert total is not None
     finish(total, op, world_size)
-    call.wait_sent(sends)
-    return wire_payload(narrow(total, payload.dtype), payload.shape, payload.dtype)
+    return array_payload(narrow(total, payload.dtype), payload.shape, payload.dtype)
 
 
 def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: int) -> Payload:
@@ -115,46 +134,54 @@ def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: 
     right, left = (rank + 1) % world_size, (rank - 1) % world_size
     bounds = [elements * index // world_size for index in range(world_size + 1)]
     segments = [slice(bounds[index], bounds[index + 1]) for index in range(world_size)]
-    values = widen(payload)  # [elements] in the working dtype
-    if not values.flags.writeable:
-        values = values.copy()
+    values = widen(payload, copy=True)  # [elements] in the working dtype, this rank's own copy
     working_dtype = values.dtype.name
-    sends = []
 
-    for step in range(world_size - 1):  # reduce-scatter
+    # Reduce-scatter. Segments go out as views of `values`: a segment sent at one step is never written
+    # again, so it can leave whenever gRPC gets to it.
+    for step in range(world_size - 1):
         outgoing, incoming = segments[(rank - step) % world_size], segments[(rank - step - 1) % world_size]
-        sends.append(call.post(right, wire_payload(values[outgoing], (outgoing.stop - outgoing.start,), working_dtype)))
+        call.post(right, _segment_payload(values, outgoing, working_dtype))
         partial = _expect_segment(call, left, incoming, working_dtype, payload)
         accumulate(values[incoming], partial, op)
 
     owned = segments[(rank + 1) % world_size]  # this rank now holds the full reduction of this segment
     finish(values[owned], op, world_size)
-    result = np.empty(elements, dtype=to_numpy(b"", [0], payload.dtype).dtype)  # wire layout of the dtype
+    result = np.empty(elements, dtype=wire_numpy_dtype(payload.dtype))
     result[owned] = narrow(values[owned], payload.dtype)
     del values
 
-    for step in range(world_size - 1):  # all-gather
+    # All-gather, into `result`, which becomes the caller's: wait for its sends before handing it over.
+    sends = []
+    for step in range(world_size - 1):
         outgoing, incoming = segments[(rank + 1 - step) % world_size], segments[(rank - step) % world_size]
-        sends.append(call.post(right, wire_payload(result[outgoing], (outgoing.stop - outgoing.start,), payload.dtype)))
+        sends.append(call.post(right, _segment_payload(result, outgoing, payload.dtype)))
         result[incoming] = _expect_segment(call, left, incoming, payload.dtype, payload)
+    call.wait(sends)
+    return array_payload(result, payload.shape, payload.dtype)
 
-    call.wait_sent(sends)
-    return Payload(result.tobytes(), payload.shape, payload.dtype)
+
+def _segment_payload(values: np.ndarray, segment: slice, dtype: str) -> Payload:
+    return array_payload(values[segment], (segment.stop - segment.start,), dtype)
 
 
 def _expect(call: CollectiveCall, source: int) -> Payload:
     payload = call.take(source)
     if payload is None:
-        raise CommError(f"rank {call.rank}: {call.name} #{call.seq}: rank {source} sent a message without data")
+        raise CommError(
+            f"rank {call.rank}: {call.name} #{call.seq}: rank {source} sent a message without data"
+        )
     return payload
 
 
-def _expect_segment(call: CollectiveCall, source: int, segment: slice, dtype: str, mine: Payload) -> np.ndarray:
+def _expect_segment(
+    call: CollectiveCall, source: int, segment: slice, dtype: str, mine: Payload
+) -> np.ndarray:
     """A ring segment from `source`: it must have this rank's length and dtype for that segment."""
     payload = _expect(call, source)
     if payload.dtype != dtype or payload.shape != (segment.stop - segment.start,):
         raise _mismatch(call, source, f"a {payload.dtype} segment of {list(payload.shape)}", mine)
-    return to_numpy(payload.data, list(payload.shape), payload.dtype)
+    return np.frombuffer(payload.data, dtype=wire_numpy_dtype(dtype))
 
 
 def _mismatch(call: CollectiveCall, source: int, theirs: str, mine: Payload) -> CommError:

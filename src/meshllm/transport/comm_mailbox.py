@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from meshllm.transport.comm_errors import CommError, CommTimeoutError, PeerLostError
 
@@ -21,9 +22,13 @@ COLLECTIVE = 1
 
 @dataclass(frozen=True)
 class Payload:
-    """A tensor as it travels: raw little-endian bytes, shape and wire dtype name (see tensors.py)."""
+    """A tensor as it travels: raw little-endian bytes, shape and wire dtype name (see tensors.py).
 
-    data: bytes
+    `data` is any bytes-like object: received data is a read-only view of what gRPC delivered, or a
+    writable buffer the parts of a large message were joined in (which the receiver then owns).
+    """
+
+    data: Any  # bytes | memoryview | numpy uint8 array
     shape: tuple[int, ...]
     dtype: str
 

@@ -31,7 +31,7 @@ class CommHelloReply(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class CommMessage(_message.Message):
-    __slots__ = ("source", "channel", "tag", "seq", "collective", "tensor", "parts", "data")
+    __slots__ = ("source", "channel", "tag", "seq", "collective", "tensor", "parts", "data", "goodbye")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class CommMessage(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     source: int
     channel: CommChannel
     tag: int
@@ -48,7 +49,8 @@ class CommMessage(_message.Message):
     tensor: _meshllm_pb2.Tensor
     parts: int
     data: bytes
-    def __init__(self, source: _Optional[int] = ..., channel: _Optional[_Union[CommChannel, str]] = ..., tag: _Optional[int] = ..., seq: _Optional[int] = ..., collective: _Optional[str] = ..., tensor: _Optional[_Union[_meshllm_pb2.Tensor, _Mapping]] = ..., parts: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    goodbye: bool
+    def __init__(self, source: _Optional[int] = ..., channel: _Optional[_Union[CommChannel, str]] = ..., tag: _Optional[int] = ..., seq: _Optional[int] = ..., collective: _Optional[str] = ..., tensor: _Optional[_Union[_meshllm_pb2.Tensor, _Mapping]] = ..., parts: _Optional[int] = ..., data: _Optional[bytes] = ..., goodbye: _Optional[bool] = ...) -> None: ...
 
 class CommStreamSummary(_message.Message):
     __slots__ = ("messages",)

@@ -1,0 +1,46 @@
+"""`meshllm comm bench`: its arguments, and one short run end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from meshllm.cli import build_parser, main
+from meshllm.transport.comm_cli import parse_size, parse_sizes
+
+
+def test_sizes_take_binary_units() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("4KiB") == parse_size("4k") == 4096
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_sizes("1KiB, 1MiB") == [1024, 1 << 20]
+    for bad in ["", "3", "10 parsecs", "1.5MiB", "-4"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
+
+
+def test_bench_arguments() -> None:
+    args = build_parser().parse_args(["comm", "bench", "--world-size", "4", "--json", "--sizes", "1KiB,2MiB"])
+    assert (args.comm_command, args.world_size, args.json, args.sizes) == ("bench", 4, True, [1024, 2 << 20])
+    assert not args.no_gloo and args.round_trips == 1000
+
+
+def test_a_world_of_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["comm", "bench", "--world-size", "1"]) == 1
+    assert "--world-size 2 or more" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(90)
+def test_a_short_bench_prints_a_table_and_json_last(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["comm", "bench", "--world-size", "2", "--json", "--sizes", "1KiB,256KiB", "--round-trips", "30"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["world_size"] == 2
+    for backend in ["meshllm", "gloo"]:
+        assert set(figures[backend]["all_reduce"]) == {"1024", "262144"}
+        assert figures[backend]["all_reduce"]["262144"]["busbw_gbps"] > 0
+        assert figures[backend]["latency"]["4096"]["p50_ms"] > 0
+    assert any("all_reduce" in line for line in lines[:-1])
