@@ -112,7 +112,8 @@ def _group_by_layer(names: list[str]) -> list[list[str]]:
     groups: dict[str, list[str]] = {}
     for name in names:
         parts = name.split(".")
-        key = ".".join(parts[:3]) if name.startswith("model.layers.") else ".".join(parts[:2])
+        # a layer's tensors together; elsewhere a module's (its weight with a quantized weight's scales)
+        key = ".".join(parts[:3]) if name.startswith("model.layers.") else ".".join(parts[:-1])
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 
