@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from meshllm.engines import load_stage
-from meshllm.engines.base import Segment, StepInput
 from meshllm.engines.torch.quantized import dequantize, dequantize_stage_tensors
 from meshllm.engines.torch.weights import read_tensors
 from meshllm.errors import ConfigError
@@ -29,8 +28,8 @@ nn = pytest.importorskip("mlx.nn")
 pytest.importorskip("mlx_lm")
 
 from mlx_lm.convert import convert  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-from mlx_lm.utils import load_model  # noqa: E402
+
+from tests.engines.stage_helpers import greedy_decode, make_prompt, mlx_lm_greedy  # noqa: E402
 
 N_TOKENS = 16
 # (arch, bits, group size): qwen3 ties its embeddings, so its lm_head is the quantized embedding matrix.
@@ -41,44 +40,6 @@ MIXED = "llama-mixed"  # 4 bits in groups of 32, down_proj 8 bits in groups of 6
 
 def mixed_precision(path: str, module: Any) -> bool | dict[str, Any]:
     return {"group_size": 64, "bits": 8, "mode": "affine"} if path.endswith("down_proj") else True
-
-
-def make_prompt(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, vocab_size, size=length).astype(np.int64)
-
-
-def pipeline_logits(stages: list[Any], segments: list[Segment], token_ids: np.ndarray) -> np.ndarray:
-    hidden_states = None
-    for stage in stages:
-        step = StepInput(
-            0, segments, token_ids=token_ids if stage.is_first else None, hidden_states=hidden_states
-        )
-        output = stage.forward(step)
-        hidden_states = output.hidden_states
-    return output.logits
-
-
-def greedy_decode(stages: list[Any], prompt: np.ndarray, n_tokens: int) -> tuple[list[int], np.ndarray]:
-    rows = [pipeline_logits(stages, [Segment(0, 0, len(prompt), sample=True)], prompt)[0]]
-    tokens = [int(rows[-1].argmax())]
-    while len(tokens) < n_tokens:
-        segment = Segment(0, len(prompt) + len(tokens) - 1, 1, sample=True)
-        rows.append(pipeline_logits(stages, [segment], np.array(tokens[-1:]))[0])
-        tokens.append(int(rows[-1].argmax()))
-    for stage in stages:
-        stage.release([0])
-    return tokens, np.stack(rows)
-
-
-def mlx_lm_greedy(path: Path, prompt: np.ndarray, n_tokens: int) -> tuple[list[int], np.ndarray]:
-    model, _ = load_model(Path(path))
-    cache = make_prompt_cache(model)
-    rows = [np.array(model(mx.array(prompt)[None], cache=cache)[0, -1])]
-    tokens = [int(rows[-1].argmax())]
-    while len(tokens) < n_tokens:
-        rows.append(np.array(model(mx.array([tokens[-1:]]), cache=cache)[0, -1]))
-        tokens.append(int(rows[-1].argmax()))
-    return tokens, np.stack(rows)
 
 
 @pytest.fixture(scope="module")

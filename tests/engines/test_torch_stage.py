@@ -12,51 +12,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from meshllm.engines.base import Segment, StepInput
+from meshllm.engines.base import Segment
 from meshllm.engines.torch import weights
 from meshllm.engines.torch.stage import TorchStage, load_stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.tiny import ARCHS
+from tests.engines.stage_helpers import greedy_decode, make_prompt, pipeline_logits
 
 SPLITS = {
     "2 stages": [(0, 2), (2, 4)],
     "3 stages": [(0, 1), (1, 3), (3, 4)],
 }
-
-
-def make_prompt(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
-    # Ids from 3 up: no special tokens (0-2) in the prompt.
-    return np.random.default_rng(seed).integers(3, vocab_size, size=length).astype(np.int64)
-
-
-def pipeline_logits(stages: list[TorchStage], segments: list[Segment], token_ids: np.ndarray) -> np.ndarray:
-    """Run one step through `stages` in order, each stage's hidden states the next one's input."""
-    hidden_states = None
-    for stage in stages:
-        step = StepInput(
-            step_id=0,
-            segments=segments,
-            token_ids=np.asarray(token_ids, dtype=np.int64) if stage.is_first else None,
-            hidden_states=hidden_states,
-        )
-        output = stage.forward(step)
-        hidden_states = output.hidden_states
-    assert output.logits is not None
-    return output.logits
-
-
-def greedy_decode(
-    stages: list[TorchStage], prompt: np.ndarray, n_tokens: int
-) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens and the logits each was taken from, `[n_tokens, vocab]`, one decode token per step."""
-    rows = [pipeline_logits(stages, [Segment(0, 0, len(prompt), sample=True)], prompt)[0]]
-    tokens = [int(rows[-1].argmax())]
-    while len(tokens) < n_tokens:
-        segment = Segment(0, len(prompt) + len(tokens) - 1, 1, sample=True)
-        rows.append(pipeline_logits(stages, [segment], np.array(tokens[-1:]))[0])
-        tokens.append(int(rows[-1].argmax()))
-    return tokens, np.stack(rows)
 
 
 def checkpoint_tensor_bytes(path: Path, names: set[str]) -> int:
