@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -16,6 +17,7 @@ from meshllm.engines import default_engine, load_stage
 from meshllm.engines.base import SamplingParams, Stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
+from meshllm.models.config import ModelConfig
 from meshllm.models.plan import StagePlan, make_plan
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.device_info import describe_device
@@ -46,8 +48,45 @@ def _rpc_error(worker: WorkerAddress, error: grpc.aio.AioRpcError) -> str:
 
 
 class Coordinator:
-    def __init__(self) -> None:
-        raise TypeError("use `await Coordinator.start(...)`")
+    """Build with `await Coordinator.start(...)`; close with `await coordinator.close()`."""
+
+    # Set while starting (see `_start`), once the checkpoint, the plan and the stages are known.
+    checkpoint: Checkpoint
+    config: ModelConfig
+    tokenizer: Any
+    model_name: str
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+    plan: list[StagePlan]
+    pipeline: Pipeline
+    scheduler: Scheduler
+    _monitor: asyncio.Task
+
+    def __init__(
+        self,
+        model: str,
+        workers: list[WorkerAddress],
+        dtype: str,
+        engine: str,
+        token: str | None,
+        name: str,
+        step_timeout: float,
+    ):
+        self.model_reference = model
+        self.workers = workers
+        self.dtype = dtype
+        self.engine = engine
+        self.token = token
+        self.name = name
+        self.step_timeout = step_timeout
+        self.local_stages: list[Stage] = []
+        self._worker_plan: dict[str, StagePlan] = {}
+        self._status: dict[str, DeviceStatus] = {}
+        self._reloading: set[str] = set()
+        self._closed = False
+        self._channels = {
+            w.name: grpc.aio.insecure_channel(w.address, options=CHANNEL_OPTIONS) for w in self.workers
+        }
 
     @classmethod
     async def start(
@@ -65,40 +104,44 @@ class Coordinator:
         monitor_interval: float = 1.0,
         max_step_tokens: int = 512,
     ) -> Coordinator:
-        self = object.__new__(cls)
-        self.model_reference = model
-        self.workers = list(workers)
-        self.dtype = dtype
-        self.engine = engine or default_engine()
-        self.token = token
-        self.name = name
-        self.step_timeout = step_timeout
-        self._closed = False
-        if not local_stage and not self.workers:
+        """Plan the layers over this process (when `local_stage`) and `workers`, load them all, and serve."""
+        if not local_stage and not workers:
             raise ConfigError("the coordinator computes nothing (--no-local-stage) and has no workers")
-        names = [name] * local_stage + [w.name for w in self.workers]
+        names = [name] * local_stage + [w.name for w in workers]
         if len(set(names)) != len(names):
             raise ConfigError(f"device names must be unique, got {', '.join(names)}")
+        self = cls(model, list(workers), dtype, engine or default_engine(), token, name, step_timeout)
+        try:
+            await self._start(local_stage, memory_overrides, layer_overrides, max_step_tokens)
+        except BaseException:
+            await self._close_channels()
+            raise
+        self._monitor = asyncio.create_task(self._watch(monitor_interval))
+        return self
 
-        self.checkpoint = await asyncio.to_thread(Checkpoint.open, model)
+    async def _start(
+        self,
+        local_stage: bool,
+        memory_overrides: dict[str, int] | None,
+        layer_overrides: dict[str, tuple[int, int]] | None,
+        max_step_tokens: int,
+    ) -> None:
+        self.checkpoint = await asyncio.to_thread(Checkpoint.open, self.model_reference)
         self.config = self.checkpoint.config
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.checkpoint.path)
-        self.model_name = _served_name(model, self.checkpoint)
+        self.model_name = _served_name(self.model_reference, self.checkpoint)
         self.max_context = self.config.max_position_embeddings
         self.eos_token_ids = tuple(sorted(set(self.config.eos_token_ids) | _tokenizer_eos(self.tokenizer)))
 
-        self._channels = {
-            w.name: grpc.aio.insecure_channel(w.address, options=CHANNEL_OPTIONS) for w in self.workers
-        }
         infos = await asyncio.gather(*(self._info(w, timeout=10.0) for w in self.workers))
         memory = dict(memory_overrides or {})
         devices: list[tuple[str, int]] = []
         if local_stage:
             local = describe_device(self.engine, "cpu")
-            devices.append((name, memory.get(name, local.memory_available)))
+            devices.append((self.name, memory.get(self.name, local.memory_available)))
         for worker, info in zip(self.workers, infos, strict=True):
             devices.append((worker.name, memory.get(worker.name, info.memory_available)))
-        self.plan: list[StagePlan] = make_plan(self.checkpoint, devices, dtype, layer_overrides)
+        self.plan = make_plan(self.checkpoint, devices, self.dtype, layer_overrides)
         for stage in self.plan:
             log.info(
                 "plan: %s runs layers [%d, %d) (%.1f MB)",
@@ -107,12 +150,11 @@ class Coordinator:
                 stage.weight_bytes / 1e6,
             )
 
-        self.local_stages: list[Stage] = []
         if local_stage:
-            first = self.plan[0]
+            layer_range = self.plan[0].layer_range
             self.local_stages.append(
                 await asyncio.to_thread(
-                    load_stage, self.engine, self.checkpoint, first.layer_range, dtype=dtype
+                    load_stage, self.engine, self.checkpoint, layer_range, dtype=self.dtype
                 )
             )
         self._worker_plan = {stage.device: stage for stage in self.plan[int(local_stage) :]}
@@ -121,14 +163,10 @@ class Coordinator:
         remote = None
         if self.workers:
             remote_stages = [RemoteStage(w.name, w.address, self._channels[w.name]) for w in self.workers]
-            remote = RemoteChain(remote_stages, token, step_timeout)
-        self.pipeline = Pipeline(self.local_stages, remote, token=token, local_name=name)
+            remote = RemoteChain(remote_stages, self.token, self.step_timeout)
+        self.pipeline = Pipeline(self.local_stages, remote, token=self.token, local_name=self.name)
         self.scheduler = Scheduler(self.pipeline, max_step_tokens=max_step_tokens)
-        self._status: dict[str, DeviceStatus] = {}
-        self._reloading: set[str] = set()
         await self.devices()
-        self._monitor = asyncio.create_task(self._watch(monitor_interval))
-        return self
 
     # ---- workers -------------------------------------------------------------------------------
 
@@ -322,6 +360,9 @@ class Coordinator:
         self._monitor.cancel()
         await self.scheduler.close()
         await self.pipeline.close()
+        await self._close_channels()
+
+    async def _close_channels(self) -> None:
         for channel in self._channels.values():
             await channel.close()
 
