@@ -227,3 +227,18 @@ def test_killing_a_worker_mid_generation_ends_the_request_with_an_error_quickly(
     assert elapsed < 5.0
     assert statuses[2] == "unreachable"
     assert message  # says which link broke
+
+
+def test_a_prompt_longer_than_one_step_is_prefilled_in_chunks_with_the_same_tokens(tiny_checkpoint, workers):
+    path = tiny_checkpoint("llama")
+    prompt = [(13 * i) % 400 + 3 for i in range(1300)]  # three steps of at most 512 tokens
+
+    async def run() -> list[int]:
+        remote, local = layout(workers, 2)
+        coordinator = await Coordinator.start(str(path), remote, local_stage=local, max_step_tokens=512)
+        try:
+            return await generate(coordinator, prompt, 6)
+        finally:
+            await coordinator.close()
+
+    assert asyncio.run(run()) == reference_greedy(path, prompt, 6)
