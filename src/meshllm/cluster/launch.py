@@ -13,9 +13,10 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from meshllm.cluster import hostscript
 from meshllm.config import Device
@@ -139,7 +140,9 @@ class Machine:
         """Like run_script, but local devices run the action in this process (quicker, same result)."""
         if self.ssh:
             return self.run_script(action, params, timeout)
-        result = hostscript.ACTIONS[action](**params)
+        # hostscript stays unannotated (old Pythons read it): its functions join to the type `function`
+        run_action = cast(Callable[..., Any], hostscript.ACTIONS[action])
+        result = run_action(**params)
         return json.loads(json.dumps(result))  # the same shape (string keys) as over ssh
 
     def tail(self, path: str, lines: int, follow: bool) -> subprocess.Popen[str]:

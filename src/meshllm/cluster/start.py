@@ -20,7 +20,7 @@ from meshllm.cluster.logs import read_log_tail
 from meshllm.cluster.state import ClusterState, PidRecord
 from meshllm.cluster.status import device_entries, format_bytes
 from meshllm.cluster.stop import stop_record
-from meshllm.cluster.tasks import ERROR_INDENT, parallel, raise_all
+from meshllm.cluster.tasks import ERROR_INDENT, parallel, parallel_or_raise, raise_all
 from meshllm.config import COORDINATOR_STAGE, Cluster, Device
 from meshllm.errors import ConfigError
 
@@ -58,8 +58,7 @@ class Starter:
         facts = self.check(to_start, coordinator_running=cluster.coordinator.name in survey.up)
 
         workers = [device for device in to_start if not device.is_coordinator]
-        started = parallel(lambda device: self.launch(device, facts[device.name]), workers)
-        raise_all(started)
+        started = parallel_or_raise(lambda device: self.launch(device, facts[device.name]), workers)
         waited = parallel(lambda record: (record, self.wait_worker(record)), started)
         up = []
         for result in waited:
@@ -96,8 +95,7 @@ class Starter:
 
     def survey(self, records: dict[str, PidRecord]) -> Survey:
         """Sort the pid files: gone (the file is removed), up, or stale."""
-        results = parallel(self._classify, records.values())
-        raise_all(results)
+        results = parallel_or_raise(self._classify, records.values())
         up = {name for name, verdict in results if verdict == "up"}
         stale = [(records[name], verdict) for name, verdict in results if verdict not in ("up", "gone")]
         return Survey(up, stale)
@@ -136,6 +134,7 @@ class Starter:
         results = parallel(lambda device: checks.probe(cluster, device, self.machines[device.name]), devices)
         facts = {device.name: result for device, result in zip(devices, results, strict=True)}
         coordinator = cluster.coordinator
+        coordinator_version: str | None
         if coordinator_running:
             coordinator_version = self.state.records()[coordinator.name].version
         else:
@@ -156,11 +155,13 @@ class Starter:
                 for problem in checks.problems(cluster, device, machine, found, coordinator_version)
             ]
         raise_all(errors)
+        # every device answered: an Exception among the facts is in `errors`
+        probed = {name: found for name, found in facts.items() if not isinstance(found, Exception)}
         if not coordinator_running:
             checks.check_memory_fit(
-                cluster, {name: found.get("memory_available") for name, found in facts.items()}
+                cluster, {name: found.get("memory_available") for name, found in probed.items()}
             )
-        return facts
+        return probed
 
     # -- starting --------------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class Starter:
         device = self.cluster.coordinator
         started = time.monotonic()
         exited = self._exit_watch(device, record)
-        last = "no answer"
+        last: str | None = "no answer"
         while True:
             answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
             if answer.ok:

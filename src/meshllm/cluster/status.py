@@ -10,7 +10,7 @@ from typing import Any
 
 from meshllm.cluster import health
 from meshllm.cluster.state import ClusterState, PidRecord
-from meshllm.cluster.tasks import parallel, raise_all
+from meshllm.cluster.tasks import parallel, parallel_or_raise, raise_all
 from meshllm.config import COORDINATOR_STAGE, Cluster, Device
 from meshllm.errors import ConfigError
 
@@ -49,7 +49,7 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None, l
 
     alive = parallel(running, devices)  # True, False, or the ConfigError of a machine out of reach
     raise_all(result for result in alive if not isinstance(result, (bool, ConfigError)))
-    infos = parallel(
+    infos = parallel_or_raise(  # worker_info answers its failures: anything raised is a bug
         lambda device: None if device.is_coordinator else health.worker_info(device.address, token), devices
     )
     gpu_info = health.gpu_info(cluster.api_url, cluster.cluster.api_key)

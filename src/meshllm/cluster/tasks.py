@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from meshllm.errors import ConfigError
 
@@ -38,3 +38,10 @@ def raise_all(errors: Iterable[object]) -> None:
             raise error
     if found:
         raise ConfigError(ERROR_INDENT.join(str(error) for error in found))
+
+
+def parallel_or_raise(function: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+    """`parallel`, raising its errors together (see `raise_all`) instead of returning them."""
+    results = parallel(function, items)
+    raise_all(results)
+    return cast(list[Result], results)  # no Exception among them: raise_all raised if there was one

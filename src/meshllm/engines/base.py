@@ -74,9 +74,15 @@ class SampledToken:
 class Stage(Protocol):
     """Layers `[start, end)` of one checkpoint, with a KV cache per live sequence."""
 
+    engine: str  # "torch" | "mlx"
     layer_range: tuple[int, int]
     is_first: bool
     is_last: bool
+
+    @property
+    def device_type(self) -> str:
+        """Where the weights live: cpu | cuda | mps | metal."""
+        ...
 
     def forward(self, step: StepInput) -> StepOutput: ...
 

@@ -56,7 +56,7 @@ class ModelConfig:
                 raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
 
         # transformers 5 writes rope settings under rope_parameters; hub checkpoints mostly at the top level.
-        rope = dict(config.get("rope_parameters") or {})
+        rope: dict[str, Any] = dict(config.get("rope_parameters") or {})
         rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_scaling = config.get("rope_scaling")
         if rope_scaling is None and rope.get("rope_type", "default") != "default":

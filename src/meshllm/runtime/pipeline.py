@@ -173,6 +173,7 @@ class Pipeline:
                 time.perf_counter() - started,
             )
             if stage.is_last:
+                assert self.sampler is not None and output.logits is not None  # no remote: sampled here
                 return self.sampler.sample(output.segments, output.logits)
             step = StepInput(step.step_id, step.segments, hidden_states=output.hidden_states)
         return encode_step(step)  # encoded here, off the event loop
@@ -189,6 +190,7 @@ class Pipeline:
             result = await loop.run_in_executor(self.compute, encode_step, step)
         if isinstance(result, list):
             return result
+        assert self.remote is not None  # no local last stage: the chain ends remotely
         started = time.perf_counter()
         reply = await self.remote.submit(result)
         self._notify("remote chain", time.perf_counter() - started)

@@ -17,7 +17,7 @@ import numpy as np
 
 from meshllm.engines.base import SamplingParams, Segment, StepInput
 from meshllm.runtime.pipeline import Pipeline
-from meshllm.runtime.types import GeneratedToken, PipelineError
+from meshllm.runtime.types import FinishReason, GeneratedToken, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ class Scheduler:
         share = -(-len(self._sequences) // self.max_in_flight)
         max_sequences = min(self.max_step_sequences, max(share, 1))
         budget = self.max_step_tokens
-        segments, token_ids, members = [], [], []
+        segments: list[Segment] = []
+        token_ids: list[int] = []
+        members: list[Sequence] = []
         for sequence in ready:
             if budget <= 0 or len(segments) >= max_sequences:
                 break
@@ -207,7 +209,7 @@ class Scheduler:
             if token is None:
                 continue  # a prefill chunk that is not the prompt's last
             sequence.generated.append(token.token_id)
-            finish_reason = None
+            finish_reason: FinishReason | None = None
             if sequence.stop_on_eos and token.token_id in sequence.sampling.eos_token_ids:
                 finish_reason = "stop"
             elif len(sequence.generated) >= sequence.max_tokens:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from meshllm.errors import MeshError
+
+FinishReason = Literal["stop", "length"]  # an eos or stop token or string; max_tokens reached
 
 
 class PipelineError(MeshError):
@@ -19,7 +22,7 @@ class PipelineUnavailable(PipelineError):
 class GeneratedToken:
     token_id: int
     logprob: float
-    finish_reason: str | None = None  # "stop" (an eos token), "length" (max_tokens) or None
+    finish_reason: FinishReason | None = None  # "stop" (an eos token), "length" (max_tokens) or None
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,11 @@ class StageService(pbg.StageServicer):
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
         await self._authorize(context)
-        loaded = self.stage is not None
+        stage = self.stage
+        loaded = stage is not None
         message = (
-            f"layers [{self.stage.layer_range[0]}, {self.stage.layer_range[1]})"
-            if loaded
+            f"layers [{stage.layer_range[0]}, {stage.layer_range[1]})"
+            if stage is not None
             else "waiting for Load"
         )
         return pb.HealthReply(ok=True, loaded=loaded, model=self.model, message=message)
@@ -177,6 +178,7 @@ class StageService(pbg.StageServicer):
         """Run one step on the compute thread: the request for the next stage, or the sampled tokens."""
         output = stage.forward(decode_step(request, stage.engine))
         if stage.is_last:
+            assert output.logits is not None  # a last stage returns logits
             return encode_tokens(request.step_id, self.sampler.sample(output.segments, output.logits))
         forwarded = pb.StepRequest(step_id=request.step_id, segments=request.segments)
         forwarded.hidden_states.CopyFrom(tensors.encode(output.hidden_states))
@@ -189,6 +191,7 @@ class StageService(pbg.StageServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.name}: no layers loaded yet"
             )
+        assert stage is not None  # abort raised otherwise
         results: asyncio.Queue = asyncio.Queue()
         timings: dict[int, pb.StageTiming] = {}  # steps sent downstream -> this stage's compute time
         downstream = None
@@ -223,6 +226,7 @@ class StageService(pbg.StageServicer):
                 await results.put(error)
 
         async def relay() -> None:
+            assert downstream is not None  # relayed only when there is a next stage
             try:
                 async for result in downstream:
                     timing = timings.pop(result.step_id, None)

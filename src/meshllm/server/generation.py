@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshllm.engines.base import SamplingParams
-from meshllm.runtime.types import GeneratedToken, PipelineError, PipelineUnavailable
+from meshllm.runtime.types import FinishReason, GeneratedToken, PipelineError, PipelineUnavailable
 from meshllm.server.errors import invalid, unavailable
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.text import IncrementalDetokenizer, StopStrings
@@ -38,7 +38,7 @@ class GenerationRequest:
 class TextDelta:
     text: str
     completion_tokens: int  # generated so far, this one included
-    finish_reason: str | None = None  # "stop" or "length" on the last delta
+    finish_reason: FinishReason | None = None  # on the last delta
 
 
 class Generation:

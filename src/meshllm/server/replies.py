@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from meshllm.runtime.types import PipelineError
+from meshllm.runtime.types import FinishReason, PipelineError
 from meshllm.server.errors import SERVER_ERROR, error_body, pipeline_failed, unavailable
 from meshllm.server.generation import Generation, TextDelta
 from meshllm.server.protocol import (
@@ -26,9 +26,10 @@ def usage_of(generation: Generation) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def collect(generation: Generation) -> tuple[str, str]:
+async def collect(generation: Generation) -> tuple[str, FinishReason]:
     """The whole reply of a non-streamed request; a pipeline failure is a 503."""
-    parts, finish_reason = [], "stop"
+    parts: list[str] = []
+    finish_reason: FinishReason = "stop"
     try:
         async for delta in generation.deltas():
             parts.append(delta.text)
@@ -75,8 +76,10 @@ def chat_chunks(
     # With include_usage every chunk carries "usage": null and a last chunk with no choices the totals.
     exclude = None if include_usage or continuous_usage else {"usage"}
 
-    def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: UsageInfo | None = None) -> str:
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)  # type: ignore[arg-type]
+    def chunk(
+        delta: DeltaMessage, finish_reason: FinishReason | None = None, usage: UsageInfo | None = None
+    ) -> str:
+        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)
         if continuous_usage and usage is None:
             usage = usage_of(generation)
         body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage)
@@ -112,8 +115,8 @@ def completion_chunks(
 ) -> AsyncIterator[str]:
     exclude = None if include_usage or continuous_usage else {"usage"}
 
-    def chunk(text: str, finish_reason: str | None = None, usage: UsageInfo | None = None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)  # type: ignore[arg-type]
+    def chunk(text: str, finish_reason: FinishReason | None = None, usage: UsageInfo | None = None) -> str:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
         if continuous_usage and usage is None:
             usage = usage_of(generation)
         body = CompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)

@@ -111,6 +111,7 @@ class OpenAIServing:
             )
         except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
             raise invalid(f"the chat template could not render these messages: {error}", "messages") from None
+        max_tokens: int | None
         if request.max_completion_tokens is not None:
             max_tokens, field = request.max_completion_tokens, "max_completion_tokens"
         else:

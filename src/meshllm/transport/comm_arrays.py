@@ -20,7 +20,7 @@ REDUCE_OPS = ("sum", "max", "min", "mean")
 FRAMEWORKS = ("numpy", "torch", "mlx")
 
 # The numpy layout of each wire dtype (tensors.py): bfloat16 travels as its uint16 bit patterns.
-_WIRE_NUMPY = {
+_WIRE_NUMPY: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
@@ -116,7 +116,7 @@ def view_payload(array: Any) -> Payload:
     host = np.ascontiguousarray(host).reshape(-1)
     if sys.byteorder != "little":
         host = host.byteswap()
-    return Payload(memoryview(host).cast("B"), tuple(array.shape), dtype)
+    return Payload(host.data.cast("B"), tuple(array.shape), dtype)
 
 
 def snapshot(payload: Payload) -> Payload:
@@ -130,7 +130,7 @@ def snapshot(payload: Payload) -> Payload:
 
 def array_payload(values: np.ndarray, shape: tuple[int, ...], dtype: str) -> Payload:
     """A payload over `values` (already in `dtype`'s wire layout), without a copy."""
-    return Payload(memoryview(np.ascontiguousarray(values)).cast("B"), shape, dtype)
+    return Payload(np.ascontiguousarray(values).data.cast("B"), shape, dtype)
 
 
 def widen(payload: Payload, copy: bool = False) -> np.ndarray:

@@ -39,7 +39,7 @@ class _Assembly:
         size = 0 if data is None else len(data)
         if self.filled + size > len(self.buffer):
             return False
-        if size:
+        if data is not None and size:
             self.buffer[self.filled : self.filled + size] = np.frombuffer(data, dtype=np.uint8)
         self.filled += size
         self.parts += 1

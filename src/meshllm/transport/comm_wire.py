@@ -13,6 +13,7 @@ the first with shape and dtype (inside the protobuf-encoded header), the second 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from meshllm.transport.comm_mailbox import Payload
 from meshllm.transport.proto import comm_pb2
@@ -53,8 +54,14 @@ def encode_first_part(
     head: int,
 ) -> bytes:
     """The first part of a message, with the first `head` bytes of the payload's data."""
+    # the generated stub types an enum field as its enum class; any int of the enum is accepted
     header = comm_pb2.CommMessage(
-        source=source, channel=channel, tag=tag, seq=seq, collective=collective, parts=parts
+        source=source,
+        channel=cast(comm_pb2.CommChannel, channel),
+        tag=tag,
+        seq=seq,
+        collective=collective,
+        parts=parts,
     )
     if payload is None:
         return header.SerializeToString()

@@ -9,7 +9,8 @@ layer indices (`model.layers.{i}.…`); the dropped layers are empty placeholder
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +40,13 @@ def normalised_config(config: ModelConfig) -> dict[str, Any]:
     return normalised
 
 
-def model_classes(model_type: str) -> tuple[type[nn.Module], type]:
+def flat_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """`model`'s parameters as `(dotted name, array)` pairs."""
+    # without a `destination`, tree_flatten returns a list (its annotation also allows a dict)
+    return cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+
+
+def model_classes(model_type: str) -> tuple[Callable[[Any], nn.Module], type[Any]]:
     """mlx-lm's `Model` and `ModelArgs` for `model_type`, found the way mlx-lm finds them."""
     from mlx_lm.utils import MODEL_REMAPPING
 
@@ -79,17 +86,18 @@ def check_block_structure(model: nn.Module, layer_range: tuple[int, int]) -> Non
 
 def read_weights(checkpoint: Checkpoint, model: nn.Module) -> dict[str, mx.array]:
     """The checkpoint's tensors of the modules `model` still has, as lazy arrays; nothing else is read."""
-    kept_modules = {name.rpartition(".")[0] for name, _ in tree_flatten(model.parameters())}
+    kept_modules = {name.rpartition(".")[0] for name, _ in flat_parameters(model)}
     by_file: dict[str, list[str]] = {}
     for name, file in checkpoint.weight_map.items():
         if name.rpartition(".")[0] in kept_modules:  # includes `.scales` / `.biases` of packed weights
             by_file.setdefault(str(file), []).append(name)
     weights: dict[str, mx.array] = {}
-    for file, names in by_file.items():
+    for file_name, names in by_file.items():
         try:
-            arrays = mx.load(file)  # lazy: a tensor is read from disk only when evaluated
+            # lazy: a tensor is read from disk only when evaluated; a safetensors file loads as a dict
+            arrays = cast(dict[str, mx.array], mx.load(file_name))
         except (OSError, RuntimeError, ValueError) as error:
-            raise ConfigError(f"{file}: cannot read ({error})") from None
+            raise ConfigError(f"{file_name}: cannot read ({error})") from None
         weights.update({name: arrays[name] for name in names})
     return model.sanitize(weights) if hasattr(model, "sanitize") else weights
 

@@ -17,12 +17,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from meshllm.engines.base import StepInput, StepOutput, validate_layer_range
-from meshllm.engines.mlx.loader import build_stage_model
+from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
@@ -84,7 +83,7 @@ class MlxStage:
         return len(self._caches)
 
     def weight_bytes(self) -> int:
-        return sum(array.nbytes for _, array in tree_flatten(self.model.parameters()))
+        return sum(array.nbytes for _, array in flat_parameters(self.model))
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
@@ -180,7 +179,8 @@ def load_stage(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     config = checkpoint.config
-    start, end = validate_layer_range(tuple(layer_range), config.num_hidden_layers)
+    start, end = layer_range  # may be a list (read from JSON)
+    start, end = validate_layer_range((start, end), config.num_hidden_layers)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     is_first, is_last = start == 0, end == config.num_hidden_layers

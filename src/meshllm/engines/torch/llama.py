@@ -154,7 +154,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
         q = q * cos + rotate_half(q) * sin
@@ -210,6 +210,8 @@ class StageModel(nn.Module):
     Parameter names are the checkpoint's without the `model.` prefix: `layers.{i}.…` keeps the global i.
     """
 
+    inv_freq: torch.Tensor  # a non-persistent buffer, registered in __init__
+
     def __init__(
         self,
         config: ModelConfig,
@@ -249,4 +251,5 @@ class StageModel(nn.Module):
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab], last stage only."""
+        assert self.lm_head is not None and self.norm is not None, "logits() on a stage that is not last"
         return self.lm_head(self.norm(hidden_states))

@@ -133,7 +133,8 @@ def load_stage(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     config = checkpoint.config
-    start, end = validate_layer_range(tuple(layer_range), config.num_hidden_layers)
+    start, end = layer_range  # may be a list (read from JSON)
+    start, end = validate_layer_range((start, end), config.num_hidden_layers)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     is_first, is_last = start == 0, end == config.num_hidden_layers
@@ -168,6 +169,7 @@ def load_stage(
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
     if tied and is_first:
+        assert model.lm_head is not None and model.embed_tokens is not None  # first and last: both built
         model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
     model.to(target)
     model.eval()
