@@ -242,3 +242,32 @@ def test_a_prompt_longer_than_one_step_is_prefilled_in_chunks_with_the_same_toke
             await coordinator.close()
 
     assert asyncio.run(run()) == reference_greedy(path, prompt, 6)
+
+
+def test_sequences_beyond_the_running_limit_wait_without_caches_and_then_complete(tiny_checkpoint):
+    from meshllm.runtime.pipeline import Pipeline
+    from meshllm.runtime.scheduler import Scheduler
+
+    path = tiny_checkpoint("llama")
+    stage = load_stage(str(path), (0, 4))
+    prompts = [[(11 * i + j) % 400 + 3 for j in range(4 + i)] for i in range(5)]
+
+    async def run() -> tuple[list[list[int]], int]:
+        scheduler = Scheduler(Pipeline([stage], remote=None), max_running=2)
+        most_caches = 0
+
+        async def one(prompt: list[int]) -> list[int]:
+            nonlocal most_caches
+            tokens = []
+            async for token in scheduler.submit(prompt, SamplingParams(), 6, ignore_eos=True):
+                most_caches = max(most_caches, stage.live_sequences())
+                tokens.append(token.token_id)
+            return tokens
+
+        results = await asyncio.gather(*(one(prompt) for prompt in prompts))
+        await scheduler.close()
+        return list(results), most_caches
+
+    results, most_caches = asyncio.run(run())
+    assert most_caches <= 2
+    assert results == [reference_greedy(path, prompt, 6) for prompt in prompts]

@@ -103,6 +103,7 @@ class Coordinator:
         name: str = "coordinator",
         monitor_interval: float = 1.0,
         max_step_tokens: int = 512,
+        max_running: int = 128,
     ) -> Coordinator:
         """Plan the layers over this process (when `local_stage`) and `workers`, load them all, and serve."""
         if not local_stage and not workers:
@@ -112,7 +113,7 @@ class Coordinator:
             raise ConfigError(f"device names must be unique, got {', '.join(names)}")
         self = cls(model, list(workers), dtype, engine or default_engine(), token, name, step_timeout)
         try:
-            await self._start(local_stage, memory_overrides, layer_overrides, max_step_tokens)
+            await self._start(local_stage, memory_overrides, layer_overrides, max_step_tokens, max_running)
         except BaseException:
             await self._close_channels()
             raise
@@ -125,6 +126,7 @@ class Coordinator:
         memory_overrides: dict[str, int] | None,
         layer_overrides: dict[str, tuple[int, int]] | None,
         max_step_tokens: int,
+        max_running: int,
     ) -> None:
         self.checkpoint = await asyncio.to_thread(Checkpoint.open, self.model_reference)
         self.config = self.checkpoint.config
@@ -165,7 +167,7 @@ class Coordinator:
             remote_stages = [RemoteStage(w.name, w.address, self._channels[w.name]) for w in self.workers]
             remote = RemoteChain(remote_stages, self.token, self.step_timeout)
         self.pipeline = Pipeline(self.local_stages, remote, token=self.token, local_name=self.name)
-        self.scheduler = Scheduler(self.pipeline, max_step_tokens=max_step_tokens)
+        self.scheduler = Scheduler(self.pipeline, max_step_tokens=max_step_tokens, max_running=max_running)
         await self.devices()
 
     # ---- workers -------------------------------------------------------------------------------

@@ -84,11 +84,14 @@ class Scheduler:
         max_step_tokens: int = 512,
         max_step_sequences: int = 64,
         max_in_flight: int | None = None,
+        max_running: int = 128,
     ):
         self.pipeline = pipeline
         self.max_step_tokens = max_step_tokens
         self.max_step_sequences = max_step_sequences
         self.max_in_flight = max_in_flight or pipeline.depth
+        # Sequences that hold KV caches on the stages; later arrivals wait, unstarted, for a free place.
+        self.max_running = max_running
         self._sequences: dict[int, Sequence] = {}
         self._seq_ids = itertools.count(random.randrange(1, 1 << 40))
         self._in_flight: set[asyncio.Task] = set()
@@ -140,8 +143,9 @@ class Scheduler:
         # Decoding sequences first, each group in arrival order (the sort is stable).
         ready.sort(key=lambda s: s.prefilling)
         # One micro-batch per stage: split the live sequences so that every stage has a step to work on.
-        share = -(-len(self._sequences) // self.max_in_flight)
+        share = -(-min(len(self._sequences), self.max_running) // self.max_in_flight)
         max_sequences = min(self.max_step_sequences, max(share, 1))
+        running = sum(1 for s in self._sequences.values() if s.scheduled)
         budget = self.max_step_tokens
         segments: list[Segment] = []
         token_ids: list[int] = []
@@ -149,6 +153,10 @@ class Scheduler:
         for sequence in ready:
             if budget <= 0 or len(segments) >= max_sequences:
                 break
+            if not sequence.scheduled:
+                if running >= self.max_running:
+                    continue  # waits until a running sequence finishes
+                running += 1
             n = min(sequence.pending, budget)
             start = sequence.n_cached
             segments.append(
