@@ -11,12 +11,14 @@ input so that every linear layer runs once for the whole step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from meshllm.errors import ConfigError
+from meshllm.models.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,28 @@ def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple
     if not (0 <= start < end <= num_layers):
         raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
     return start, end
+
+
+@dataclass(frozen=True)
+class StageBounds:
+    """A checked request for a stage: the open checkpoint and where the range sits in the model."""
+
+    checkpoint: Checkpoint
+    layer_range: tuple[int, int]
+    is_first: bool
+    is_last: bool
+
+
+def stage_bounds(
+    checkpoint: Checkpoint | str, layer_range: tuple[int, int], dtype: str, dtypes: Iterable[str]
+) -> StageBounds:
+    """Open `checkpoint` (a Checkpoint or a reference), check the range and the dtype an engine offers."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.open(checkpoint)
+    num_layers = checkpoint.config.num_hidden_layers
+    start, end = layer_range  # may be a list (read from JSON)
+    start, end = validate_layer_range((start, end), num_layers)
+    dtypes = list(dtypes)
+    if dtype not in dtypes:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(dtypes)}")
+    return StageBounds(checkpoint, (start, end), start == 0, end == num_layers)

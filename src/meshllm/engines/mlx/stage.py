@@ -20,9 +20,9 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from meshllm.engines.base import StepInput, StepOutput, validate_layer_range
+from meshllm.engines.base import StepInput, StepOutput, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
-from meshllm.errors import ConfigError, StageError
+from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
 
@@ -176,14 +176,9 @@ def load_stage(
     **_: Any,
 ) -> MlxStage:
     """Build layers `[start, end)` of `checkpoint` on mlx-lm's classes, reading only their tensors."""
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = Checkpoint.open(checkpoint)
-    config = checkpoint.config
-    start, end = layer_range  # may be a list (read from JSON)
-    start, end = validate_layer_range((start, end), config.num_hidden_layers)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    is_first, is_last = start == 0, end == config.num_hidden_layers
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
+    config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
     model = build_stage_model(checkpoint, (start, end), is_first, is_last, DTYPES[dtype])
     stage = MlxStage(model, config, (start, end), is_first, is_last, DTYPES[dtype])
     log.info(

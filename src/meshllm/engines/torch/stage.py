@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshllm.engines.base import StepInput, StepOutput, validate_layer_range
+from meshllm.engines.base import StepInput, StepOutput, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
 from meshllm.errors import ConfigError, StageError
@@ -130,14 +130,9 @@ def load_stage(
 
     `progress(fraction)` is called after each layer's tensors are read.
     """
-    if not isinstance(checkpoint, Checkpoint):
-        checkpoint = Checkpoint.open(checkpoint)
-    config = checkpoint.config
-    start, end = layer_range  # may be a list (read from JSON)
-    start, end = validate_layer_range((start, end), config.num_hidden_layers)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    is_first, is_last = start == 0, end == config.num_hidden_layers
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
+    config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
     torch_dtype, target = DTYPES[dtype], pick_device(device)
 
     inv_freq = rope_inv_freq(config)  # a buffer, not in the checkpoint: made here, not on meta
