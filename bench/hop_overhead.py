@@ -22,26 +22,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from bench_common import SPEC, free_port
+
 from meshllm.engines.base import SamplingParams  # noqa: E402
-from meshllm.models.tiny import TinySpec, make_checkpoint  # noqa: E402
+from meshllm.models.tiny import make_checkpoint  # noqa: E402
 from meshllm.runtime.coordinator import Coordinator, WorkerAddress  # noqa: E402
-
-# Big enough that one decode step costs a few milliseconds on a laptop core.
-SPEC = TinySpec(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    vocab_size=1024,
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_worker(name: str) -> tuple[subprocess.Popen, str]:

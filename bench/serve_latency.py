@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,24 +21,9 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_common import SPEC, free_port
 
-from meshllm.models.tiny import TinySpec, make_checkpoint
-
-SPEC = TinySpec(
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    vocab_size=1024,
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from meshllm.models.tiny import make_checkpoint
 
 
 async def one_request(client: httpx.AsyncClient, tokens: int) -> tuple[float, float]:

@@ -1,0 +1,24 @@
+"""What the bench scripts share: the checkpoint shape they measure and a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+
+from meshllm.models.tiny import TinySpec
+
+# qwen3-shaped, about 105 MB in float32: big enough that one decode step costs a few milliseconds on a core.
+SPEC = TinySpec(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=1024,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
