@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-from meshllm.server.launch import ApiServer, LocalWorkers, bind_socket
+from meshllm.runtime.local_workers import LocalWorkers
+from meshllm.server.launch import ApiServer, bind_socket
 
 TOKEN = "test-cluster-token"
 API_KEY = "test-api-key"

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from server_helpers import wait_until
 
-from meshllm.server.launch import LocalWorkers
-from meshllm.server.serve_cli import _print_banner
+from meshllm.cli.serve import _print_banner
+from meshllm.runtime.local_workers import LocalWorkers
 
 READY = re.compile(r"API ready at (http://127\.0\.0\.1:\d+)/v1  \(Ctrl-C stops everything\)")
 

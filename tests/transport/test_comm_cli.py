@@ -8,7 +8,7 @@ import json
 import pytest
 
 from meshllm.cli import build_parser, main
-from meshllm.transport.comm_cli import parse_size, parse_sizes
+from meshllm.cli.comm import parse_size, parse_sizes
 
 
 def test_sizes_take_binary_units() -> None:

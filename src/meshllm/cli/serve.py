@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import socket
 
     from meshllm.runtime.coordinator import WorkerAddress
-    from meshllm.server.launch import LocalWorkers
+    from meshllm.runtime.local_workers import LocalWorkers
 
 DEFAULT_PORT = 8100
 
@@ -120,10 +120,11 @@ def _cores() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshllm.cli.worker import read_token
     from meshllm.errors import ConfigError
     from meshllm.log import setup_logging
-    from meshllm.runtime.worker_cli import read_token
-    from meshllm.server.launch import LocalWorkers, bind_socket
+    from meshllm.runtime.local_workers import LocalWorkers
+    from meshllm.server.launch import bind_socket
 
     setup_logging(args.name)
     workers = parse_workers(args.workers)

@@ -12,11 +12,11 @@ from meshllm.errors import MeshError
 
 # name -> (module, one-line help). The module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
-    "generate": ("meshllm.runtime.generate_cli", "generate text in one process (K in-process stages)"),
-    "serve": ("meshllm.server.serve_cli", "serve the OpenAI-compatible API from a local cluster"),
-    "worker": ("meshllm.runtime.worker_cli", "run a stage worker that waits for the coordinator"),
-    "cluster": ("meshllm.cluster.cli", "start, inspect and stop a cluster described in a TOML file"),
-    "comm": ("meshllm.transport.comm_cli", "the gRPC communicator: benchmarks"),
+    "generate": ("meshllm.cli.generate", "generate text in one process (K in-process stages)"),
+    "serve": ("meshllm.cli.serve", "serve the OpenAI-compatible API from a local cluster"),
+    "worker": ("meshllm.cli.worker", "run a stage worker that waits for the coordinator"),
+    "cluster": ("meshllm.cli.cluster", "start, inspect and stop a cluster described in a TOML file"),
+    "comm": ("meshllm.cli.comm", "the gRPC communicator: benchmarks"),
 }
 
 

@@ -1,0 +1,15 @@
+"""Names and numbers defined once: engines, dtypes, default ports, the coordinator's own stage name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+ENGINES = ("torch", "mlx")
+DTYPES = ("float32", "bfloat16", "float16")
+EngineName = Literal["torch", "mlx"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_API_PORT = 8100  # the coordinator's HTTP API
+DEFAULT_STAGE_PORT = 50051  # the first worker's gRPC port; further workers on one host count up
+# How `meshllm serve` names its own stage (in --memory and /distributed/gpu-info).
+COORDINATOR_STAGE = "coordinator"

@@ -1,0 +1,113 @@
+"""What a device is and how it is doing: one model for the runtime, the API and `cluster status`.
+
+`HostDevice` is what this machine has (asked locally); `StageInfo` is what a stage reports about itself
+(over the wire, from a worker's Info); `DeviceStatus` is one device of a running cluster as the
+coordinator sees it: the rows of `/distributed/gpu-info`, which `cluster status` parses back.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from meshllm.step import LayerRange
+
+Status = Literal["healthy", "unreachable", "not loaded", "error"]
+Role = Literal["coordinator", "worker"]
+
+
+class DeviceStatus(BaseModel):
+    """One device of the cluster as the coordinator sees it, first stage first."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: int  # the stage index: 0 is the first stage
+    name: str
+    hostname: str
+    address: str  # "host:port" for a worker, "local" for the coordinator's own stage
+    role: Role
+    status: Status
+    engine: str
+    device_type: str  # cpu | cuda | mps | metal
+    memory_total: int  # bytes
+    memory_available: int
+    weight_bytes: int
+    layers: LayerRange
+    live_sequences: int
+    rtt_ms: float | None
+    version: str
+    error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
+
+    def problem(self) -> str:
+        """One line saying what is wrong with the device (empty when healthy)."""
+        if self.healthy:
+            return ""
+        return self.error or f"device '{self.name}' ({self.address}) is {self.status}"
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    """The accelerator (or CPU) of this machine that an engine computes on, and its memory."""
+
+    hostname: str
+    device_type: str  # cpu | cuda | mps | metal
+    device_name: str
+    memory_total: int  # bytes
+    memory_available: int
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a stage says about itself: its machine, what it has loaded, and its version."""
+
+    hostname: str
+    engine: str
+    device_type: str
+    device_name: str
+    memory_total: int
+    memory_available: int
+    model: str  # empty until loaded
+    layers: LayerRange | None  # None until loaded
+    num_layers: int  # of the whole model, 0 until loaded
+    live_sequences: int
+    weight_bytes: int
+    version: str
+    protocol_version: int
+
+
+def system_memory() -> tuple[int, int]:
+    """(total, available) bytes of system memory."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
+    except OSError:
+        pass
+    try:  # macOS
+        total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True).stdout)
+        return total, int(total * 0.75)
+    except (OSError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, pages // 2
+
+
+def describe_host(device_type: str) -> HostDevice:
+    """Memory of the accelerator of `device_type` (system memory for cpu, mps and metal)."""
+    total, available = system_memory()
+    name = platform.processor() or platform.machine() or "cpu"
+    if device_type == "cuda":
+        import torch
+
+        available, total = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+    return HostDevice(socket.gethostname(), device_type, name, total, available)

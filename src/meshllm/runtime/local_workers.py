@@ -1,0 +1,150 @@
+"""Worker processes on this machine, started by `meshllm serve`, the tests and the benchmarks: spawned on
+free ports, waited for, and stopped by pid (never by name)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from meshllm.errors import StageError
+from meshllm.runtime.coordinator import WorkerAddress
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT = 120.0  # seconds for a local worker to answer Health (imports torch first)
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+@dataclass
+class LocalWorker:
+    address: WorkerAddress
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class LocalWorkers:
+    """Worker processes this process started, stopped by pid (never by name) when it stops."""
+
+    def __init__(self) -> None:
+        self.workers: list[LocalWorker] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
+
+    def spawn(
+        self, count: int, token: str | None, threads: int, host: str = "127.0.0.1"
+    ) -> list[WorkerAddress]:
+        """Start `count` workers on free ports of `host`; returns their addresses in chain order."""
+        ports = free_ports(count, host)
+        for index, port in enumerate(ports, start=1):
+            name = f"worker{index}"
+            command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
+            command += ["--threads", str(threads), "--name", name]
+            if token:
+                command += ["--token", token]
+            process = subprocess.Popen(
+                _dying_with_this_process(command),
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
+            )
+            self.workers.append(LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process))
+            log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
+        return [worker.address for worker in self.workers]
+
+    async def wait_healthy(self, token: str | None, timeout: float = WORKER_START_TIMEOUT) -> None:
+        """Returns once every worker answers gRPC Health; a worker that exits or never answers is an error."""
+        await asyncio.gather(*(_wait_for_health(worker, token, timeout) for worker in self.workers))
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every worker still running, then SIGKILL those still there after `grace` seconds."""
+        running = [worker for worker in self.workers if worker.process.poll() is None]
+        for worker in running:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for worker in running:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "%s (pid %d) did not stop in %.0f s: killing it", worker.address.name, worker.pid, grace
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                worker.process.wait()
+
+
+async def _wait_for_health(worker: LocalWorker, token: str | None, timeout: float) -> None:
+    import grpc
+
+    from meshllm.transport.proto import meshllm_pb2 as pb
+    from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+
+    name, address = worker.address.name, worker.address.address
+    metadata = [("x-meshllm-token", token)] if token else None
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pbg.StageStub(channel)
+        while True:
+            code = worker.process.poll()
+            if code is not None:
+                raise StageError(
+                    f"device '{name}': the local worker exited during start (exit code {code}); see its output above"
+                )
+            try:
+                reply = await stub.Health(pb.HealthRequest(), metadata=metadata, timeout=1.0)
+                if reply.ok:
+                    log.info("%s is healthy on %s", name, address)
+                    return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise StageError(f"device '{name}' ({address}) refused the cluster token") from None
+            if time.monotonic() > deadline:
+                raise StageError(f"device '{name}' ({address}) did not answer Health within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports nothing listens on now (all held open together, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(_family(host), socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+# Run by the new process before it becomes the worker: ask the kernel for SIGTERM when its parent dies
+# (kept across exec), make sure the parent did not die already, then exec the worker in the same pid.
+_EXEC_DYING_WITH_PARENT = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+def _dying_with_this_process(python_args: list[str]) -> list[str]:
+    """`python ARGS`, which on Linux also gets SIGTERM when this process dies, however it dies (SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return [sys.executable, *python_args]
+    return [sys.executable, "-c", _EXEC_DYING_WITH_PARENT, str(os.getpid()), *python_args]
