@@ -24,9 +24,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench_common import SPEC, free_port
 
-from meshllm.engines.base import SamplingParams  # noqa: E402
 from meshllm.models.tiny import make_checkpoint  # noqa: E402
 from meshllm.runtime.coordinator import Coordinator, WorkerAddress  # noqa: E402
+from meshllm.step import SamplingParams  # noqa: E402
 
 
 def start_worker(name: str) -> tuple[subprocess.Popen, str]:

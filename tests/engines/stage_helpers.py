@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from meshllm.engines.base import Segment, StepInput
+from meshllm.step import Segment, StepInput
 
 
 def make_prompt(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:

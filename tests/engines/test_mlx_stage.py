@@ -20,11 +20,11 @@ from mlx.utils import tree_flatten  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from meshllm.engines import load_stage  # noqa: E402
-from meshllm.engines.base import Segment, StepInput  # noqa: E402
 from meshllm.engines.mlx import MlxStage  # noqa: E402
 from meshllm.errors import ConfigError, StageError  # noqa: E402
 from meshllm.models.checkpoint import Checkpoint  # noqa: E402
 from meshllm.models.tiny import ARCHS  # noqa: E402
+from meshllm.step import Segment, StepInput  # noqa: E402
 from tests.engines.stage_helpers import greedy_decode, make_prompt, mlx_lm_greedy, pipeline_logits  # noqa: E402
 
 N_TOKENS = 16  # greedy tokens compared per checkpoint

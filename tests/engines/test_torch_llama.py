@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from meshllm.engines.base import Segment, StepInput
 from meshllm.engines.torch.stage import TorchStage, load_stage
 from meshllm.models.tiny import ARCHS
+from meshllm.step import Segment, StepInput
 
 PROMPT_LENGTH = 20
 NEW_TOKENS = 32

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from meshllm.engines.base import Segment
 from meshllm.engines.torch import weights
 from meshllm.engines.torch.stage import TorchStage, load_stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.tiny import ARCHS
+from meshllm.step import Segment
 from tests.engines.stage_helpers import greedy_decode, make_prompt, pipeline_logits
 
 SPLITS = {

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from meshllm.engines.base import SamplingParams
 from meshllm.runtime.coordinator import Coordinator, WorkerAddress
+from meshllm.step import SamplingParams
 from tests.runtime.test_pipeline import PROMPT, reference_greedy
 
 pytest.importorskip("mlx.core")

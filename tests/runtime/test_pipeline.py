@@ -11,11 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from meshllm.engines.base import SamplingParams, Segment, StepInput
 from meshllm.engines.torch import load_stage
 from meshllm.errors import StageError
 from meshllm.runtime.coordinator import Coordinator, WorkerAddress
-from meshllm.runtime.types import PipelineError
+from meshllm.step import PipelineError, SamplingParams, Segment, StepInput
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from tests.conftest import WorkerProcess

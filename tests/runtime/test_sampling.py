@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshllm.engines.base import SamplingParams, Segment
 from meshllm.runtime.sampling import Sampler
+from meshllm.step import SamplingParams, Segment
 
 VOCAB = 64
 

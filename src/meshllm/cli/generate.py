@@ -42,12 +42,12 @@ async def _generate(args: argparse.Namespace) -> int:
     import time
 
     from meshllm.engines import default_engine, load_stage
-    from meshllm.engines.base import SamplingParams
     from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
     from meshllm.models.plan import plan_layers
     from meshllm.models.tokenizer import chat_prompt_ids, load_tokenizer
     from meshllm.runtime.pipeline import Pipeline
     from meshllm.runtime.scheduler import Scheduler
+    from meshllm.step import SamplingParams
 
     if args.model == DEMO_MODEL:
         print(

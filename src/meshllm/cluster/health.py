@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import httpx
 
-from meshllm.runtime.grpc_options import CHANNEL_OPTIONS, token_metadata
+from meshllm.transport.rpc import CHANNEL_OPTIONS, token_metadata
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 

@@ -48,7 +48,7 @@ def probe(workdir, model=None, engine=None, port=None, bind=None):
         wanted = REQUIRED_MODULES + (("mlx",) if engine == "mlx" else ("torch",) if engine == "torch" else ())
         result["missing_modules"] = [name for name in wanted if _find_spec(importlib.util, name) is None]
         try:
-            from meshllm.runtime.device_info import system_memory
+            from meshllm.devices import system_memory
 
             result["memory_total"], result["memory_available"] = system_memory()
         except Exception:  # an older meshllm: the version check reports it

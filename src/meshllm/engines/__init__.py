@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
-from typing import Any
 
-from meshllm.engines.base import Stage
+from meshllm.defaults import ENGINES
+from meshllm.engines.base import LoadStage, Progress, Stage
 from meshllm.errors import ConfigError
-
-ENGINES = ("torch", "mlx")
+from meshllm.models.checkpoint import Checkpoint
 
 
 def default_engine() -> str:
@@ -24,8 +23,8 @@ def default_engine() -> str:
     return "torch"
 
 
-def load_stage(engine: str, checkpoint: Any, layer_range: tuple[int, int], **options: Any) -> Stage:
-    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch' or 'mlx')."""
+def engine_loader(engine: str) -> LoadStage:
+    """The `load_stage` of `engine` ('torch' or 'mlx'); a ConfigError naming the fix when it is missing."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     try:
@@ -34,4 +33,29 @@ def load_stage(engine: str, checkpoint: Any, layer_range: tuple[int, int], **opt
         raise ConfigError(
             f"engine {engine!r} is not installed here ({error}); pip install 'meshllm[{engine}]'"
         ) from None
-    return module.load_stage(checkpoint, layer_range, **options)
+    return module.load_stage  # type: ignore[no-any-return]
+
+
+def load_stage(
+    engine: str,
+    checkpoint: Checkpoint | str,
+    layer_range: tuple[int, int],
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> Stage:
+    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch' or 'mlx')."""
+    loader = engine_loader(engine)
+    return loader(checkpoint, layer_range, dtype=dtype, device=device, progress=progress)
+
+
+def guess_device_type(engine: str, device: str | None) -> str:
+    """The device type a stage of `engine` would compute on, asked before any stage is loaded."""
+    if engine == "mlx":
+        return "metal" if default_engine() == "mlx" else "cpu"
+    if device and device != "auto":
+        return device.split(":")[0]
+    from meshllm.engines.torch.stage import pick_device
+
+    return pick_device(device).type

@@ -1,83 +1,28 @@
 """The engine protocol: what every engine (torch, mlx) offers the runtime.
 
-A stage owns the half-open range of decoder layers `[start, end)` of one checkpoint. The first stage also
-embeds token ids; the last also applies the final norm and the lm_head. Layer indices and weight names
-stay global, so a stage's weights are found by their Hugging Face names.
-
-A step is a batch of segments. Each segment is `n_tokens` new tokens of one sequence starting at absolute
-position `start_pos`; the step concatenates the tokens of all its segments, in order, into one `[T, ...]`
-input so that every linear layer runs once for the whole step.
+A stage owns the half-open range of decoder layers `[start, end)` of one checkpoint (see `meshllm.step`
+for the step and segment types it computes on). Loading takes typed options only: an option an engine
+does not know is a TypeError, never silently dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
+from meshllm.step import LayerRange, StepInput, StepOutput
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the last stage picks the next token of a sequence. temperature 0 means greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None  # None: a fresh random seed per sequence
-    min_tokens: int = 0  # eos_token_ids are banned until this many tokens were sampled
-    eos_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Segment:
-    seq_id: int
-    start_pos: int  # absolute position of the segment's first token in its sequence
-    n_tokens: int
-    sample: bool = False  # the last stage samples a token after this segment (end of prompt, or decode)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class StepInput:
-    """What a stage consumes: token ids on the first stage, hidden states from the previous one after."""
-
-    step_id: int
-    segments: list[Segment]
-    token_ids: np.ndarray | None = None  # [T] int64, first stage only
-    hidden_states: Any = None  # [T, hidden] engine tensor (torch.Tensor or mx.array)
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(segment.n_tokens for segment in self.segments)
-
-
-@dataclass
-class StepOutput:
-    """What a stage produces: hidden states for the next stage, or logits when it is the last."""
-
-    step_id: int
-    segments: list[Segment]
-    hidden_states: Any = None  # [T, hidden], stages that are not last
-    logits: np.ndarray | None = None  # [S, vocab] float32, last stage: the last token of every segment
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    seq_id: int
-    token_id: int
-    logprob: float
+Progress = Callable[[float], None]  # fraction of the stage's tensors read so far, 0..1
 
 
 class Stage(Protocol):
     """Layers `[start, end)` of one checkpoint, with a KV cache per live sequence."""
 
     engine: str  # "torch" | "mlx"
-    layer_range: tuple[int, int]
+    layer_range: LayerRange
     is_first: bool
     is_last: bool
 
@@ -98,12 +43,18 @@ class Stage(Protocol):
         ...
 
 
-def validate_layer_range(layer_range: tuple[int, int], num_layers: int) -> tuple[int, int]:
-    """`layer_range` as a checked `(start, end)`: non-empty and within the model's layers."""
-    start, end = layer_range
-    if not (0 <= start < end <= num_layers):
-        raise ConfigError(f"layer range [{start}, {end}) is out of bounds: the model has {num_layers} layers")
-    return start, end
+class LoadStage(Protocol):
+    """Each engine's `load_stage`: build layers `[start, end)` of `checkpoint`, reading only their tensors."""
+
+    def __call__(
+        self,
+        checkpoint: Checkpoint | str,
+        layer_range: tuple[int, int],
+        *,
+        dtype: str = ...,
+        device: str | None = ...,
+        progress: Progress | None = ...,
+    ) -> Stage: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +62,7 @@ class StageBounds:
     """A checked request for a stage: the open checkpoint and where the range sits in the model."""
 
     checkpoint: Checkpoint
-    layer_range: tuple[int, int]
+    layer_range: LayerRange
     is_first: bool
     is_last: bool
 
@@ -123,9 +74,8 @@ def stage_bounds(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     num_layers = checkpoint.config.num_hidden_layers
-    start, end = layer_range  # may be a list (read from JSON)
-    start, end = validate_layer_range((start, end), num_layers)
+    checked = LayerRange.checked(layer_range, num_layers)
     dtypes = list(dtypes)
     if dtype not in dtypes:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(dtypes)}")
-    return StageBounds(checkpoint, (start, end), start == 0, end == num_layers)
+    return StageBounds(checkpoint, checked, checked.is_first, checked.is_last(num_layers))

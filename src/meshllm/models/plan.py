@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
+from meshllm.step import LayerRange
 
 _BYTES_PER_DTYPE = {
     "F64": 8,
@@ -29,11 +30,11 @@ HEADROOM = 1.2  # weights plus a fifth for KV caches, activations and the runtim
 @dataclass(frozen=True)
 class StagePlan:
     device: str
-    layer_range: tuple[int, int]
+    layer_range: LayerRange
     weight_bytes: int  # estimated, in the dtype the stage will run in
 
 
-def plan_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
+def plan_layers(num_layers: int, weights: list[float]) -> list[LayerRange]:
     """Split `num_layers` into contiguous `[start, end)` ranges proportional to `weights`, each non-empty."""
     if not weights:
         raise ConfigError("the plan needs at least one device")
@@ -50,7 +51,7 @@ def plan_layers(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
         low, high = bounds[-1] + 1, num_layers - (len(weights) - 1 - index)
         bounds.append(min(max(boundary, low), high))
     bounds.append(num_layers)
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return [LayerRange(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def tensor_bytes(checkpoint: Checkpoint, dtype: str | None = None) -> dict[str, int]:
@@ -98,7 +99,7 @@ def make_plan(
     """Ranges weighted by memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
     config = checkpoint.config
     if layer_overrides:
-        ranges = [layer_overrides[name] for name, _ in devices]
+        ranges = [LayerRange.checked(layer_overrides[name], config.num_hidden_layers) for name, _ in devices]
     else:
         ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])
     sizes = tensor_bytes(checkpoint, dtype)

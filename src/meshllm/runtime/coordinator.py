@@ -13,19 +13,20 @@ from typing import Any
 import grpc
 
 from meshllm import __version__
+from meshllm.devices import DeviceStatus, describe_host
 from meshllm.engines import default_engine, load_stage
-from meshllm.engines.base import SamplingParams, Stage
+from meshllm.engines.base import Stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.config import ModelConfig
 from meshllm.models.plan import StagePlan, make_plan
-from meshllm.models.tokenizer import load_tokenizer
-from meshllm.runtime.device_info import describe_device
-from meshllm.runtime.grpc_options import CHANNEL_OPTIONS, token_metadata
+from meshllm.models.tokenizer import chat_prompt_ids, load_tokenizer
+from meshllm.runtime.engine_client import GenerateRequest, ServedModel
 from meshllm.runtime.pipeline import Pipeline, RemoteChain, RemoteStage, StepListener
 from meshllm.runtime.scheduler import Scheduler, SequenceHandle
-from meshllm.runtime.types import DeviceStatus, PipelineUnavailable
+from meshllm.step import PipelineUnavailable, SamplingParams
 from meshllm.transport.proto import meshllm_pb2 as pb
+from meshllm.transport.rpc import CHANNEL_OPTIONS, token_metadata
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Coordinator:
         memory = dict(memory_overrides or {})
         devices: list[tuple[str, int]] = []
         if local_stage:
-            local = describe_device(self.engine, "cpu")
+            local = describe_host("cpu")
             devices.append((self.name, memory.get(self.name, local.memory_available)))
         for worker, info in zip(self.workers, infos, strict=True):
             devices.append((worker.name, memory.get(worker.name, info.memory_available)))
@@ -248,7 +249,7 @@ class Coordinator:
     def _local_status(self) -> list[DeviceStatus]:
         statuses = []
         for index, stage in enumerate(self.local_stages):
-            info = describe_device(self.engine, getattr(stage, "device_type", "cpu"))
+            info = describe_host(getattr(stage, "device_type", "cpu"))
             statuses.append(
                 DeviceStatus(
                     device_id=index,
@@ -333,8 +334,38 @@ class Coordinator:
 
     # ---- generation ----------------------------------------------------------------------------
 
+    @property
+    def model(self) -> ServedModel:
+        return ServedModel(
+            name=self.model_name,
+            root=str(self.checkpoint.path),
+            max_context=self.max_context,
+            vocab_size=self.config.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, template_kwargs)
+
+    def generate(self, request: GenerateRequest) -> SequenceHandle:
+        return self.submit(
+            request.prompt_ids,
+            request.sampling,
+            request.max_tokens,
+            ignore_eos=request.ignore_eos,
+            stop_token_ids=request.stop_token_ids,
+        )
+
+    def abort(self, seq_id: int) -> None:
+        self.scheduler.cancel(seq_id)
+
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, ignore_eos: bool = False
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        ignore_eos: bool = False,
+        stop_token_ids: frozenset[int] = frozenset(),
     ) -> SequenceHandle:
         if self._closed:
             raise PipelineUnavailable("the coordinator is shutting down")
@@ -350,7 +381,9 @@ class Coordinator:
             )
         if not sampling.eos_token_ids:
             sampling = replace(sampling, eos_token_ids=self.eos_token_ids)
-        return self.scheduler.submit(prompt_ids, sampling, max_tokens, ignore_eos=ignore_eos)
+        return self.scheduler.submit(
+            prompt_ids, sampling, max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids
+        )
 
     def cancel(self, seq_id: int) -> None:
         self.scheduler.cancel(seq_id)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from meshllm.engines.base import SampledToken, Stage, StepInput
-from meshllm.runtime.codec import decode_tokens, encode_step
-from meshllm.runtime.grpc_options import token_metadata
+from meshllm.engines.base import Stage
 from meshllm.runtime.sampling import Sampler
-from meshllm.runtime.types import PipelineError
+from meshllm.step import PipelineError, SampledToken, StepInput
+from meshllm.transport.codec import decode_result, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.rpc import token_metadata
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Pipeline:
         self._notify("remote chain", time.perf_counter() - started)
         for timing in reply.timings:
             self._notify(timing.stage, timing.seconds)
-        return decode_tokens(reply)
+        return decode_result(reply).tokens
 
     async def release(self, seq_ids: list[int]) -> None:
         """Drop these sequences' caches on every stage (best effort: a dead worker has none anyway)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshllm.engines.base import SampledToken, Segment
+from meshllm.step import SampledToken, Segment
 
 
 @dataclass

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from meshllm.engines.base import SamplingParams, Segment, StepInput
 from meshllm.runtime.pipeline import Pipeline
-from meshllm.runtime.types import FinishReason, GeneratedToken, PipelineError
+from meshllm.step import FinishReason, GeneratedToken, PipelineError, SamplingParams, Segment, StepInput
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ class Sequence:
     sampling: SamplingParams
     max_tokens: int
     stop_on_eos: bool
+    stop_token_ids: frozenset[int] = frozenset()
     generated: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens already in every stage's KV cache: the next step starts here
     in_flight: bool = False
@@ -102,7 +102,12 @@ class Scheduler:
         return len(self._sequences)
 
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, max_tokens: int, ignore_eos: bool = False
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        ignore_eos: bool = False,
+        stop_token_ids: frozenset[int] = frozenset(),
     ) -> SequenceHandle:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
@@ -110,7 +115,9 @@ class Scheduler:
             raise ValueError("max_tokens must be at least 1")
         if sampling.seed is None:  # the last stage's generator is always seeded: same seed, same tokens
             sampling = replace(sampling, seed=random.randrange(1 << 63))
-        sequence = Sequence(next(self._seq_ids), list(prompt_ids), sampling, max_tokens, not ignore_eos)
+        sequence = Sequence(
+            next(self._seq_ids), list(prompt_ids), sampling, max_tokens, not ignore_eos, stop_token_ids
+        )
         self._sequences[sequence.seq_id] = sequence
         self._schedule()
         return SequenceHandle(sequence, self)
@@ -219,6 +226,11 @@ class Scheduler:
             sequence.generated.append(token.token_id)
             finish_reason: FinishReason | None = None
             if sequence.stop_on_eos and token.token_id in sequence.sampling.eos_token_ids:
+                finish_reason = "stop"
+            elif (
+                token.token_id in sequence.stop_token_ids
+                and len(sequence.generated) > sequence.sampling.min_tokens
+            ):
                 finish_reason = "stop"
             elif len(sequence.generated) >= sequence.max_tokens:
                 finish_reason = "length"

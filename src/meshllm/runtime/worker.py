@@ -14,23 +14,23 @@ from typing import Any
 
 import grpc
 
-from meshllm.engines import default_engine, load_stage
+from meshllm.devices import describe_host
+from meshllm.engines import default_engine, guess_device_type, load_stage
 from meshllm.engines.base import Stage
 from meshllm.models.checkpoint import Checkpoint
-from meshllm.runtime.codec import decode_step, encode_tokens
-from meshllm.runtime.device_info import describe_device
-from meshllm.runtime.grpc_options import (
+from meshllm.runtime.sampling import Sampler
+from meshllm.step import StepResult
+from meshllm.transport.codec import decode_step, encode_result, forward_step
+from meshllm.transport.proto import meshllm_pb2 as pb
+from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.rpc import (
     CHANNEL_OPTIONS,
     PROTOCOL_VERSION,
     SERVER_OPTIONS,
-    TOKEN_METADATA_KEY,
     VERSION,
     token_metadata,
+    token_problem,
 )
-from meshllm.runtime.sampling import Sampler
-from meshllm.transport import tensors
-from meshllm.transport.proto import meshllm_pb2 as pb
-from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ class StageService(pbg.StageServicer):
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if not self.token:
             return
-        metadata = dict(context.invocation_metadata() or ())
-        if metadata.get(TOKEN_METADATA_KEY) != self.token:
+        problem = token_problem(self.token, dict(context.invocation_metadata() or ()))
+        if problem:
             await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name}: missing or wrong cluster token"
+                grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name}: the call carried {problem}"
             )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -70,8 +70,8 @@ class StageService(pbg.StageServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         await self._authorize(context)
         stage = self.stage
-        device_type = getattr(stage, "device_type", None) or _guess_device_type(self.engine, self.device)
-        info = describe_device(self.engine, device_type)
+        device_type = getattr(stage, "device_type", None) or guess_device_type(self.engine, self.device)
+        info = describe_host(device_type)
         return pb.InfoReply(
             hostname=info.hostname,
             engine=self.engine,
@@ -119,8 +119,10 @@ class StageService(pbg.StageServicer):
             def load() -> Stage:
                 checkpoint = Checkpoint.open(request.model)
                 self.num_layers = checkpoint.config.num_hidden_layers
-                options = {"dtype": request.dtype or "float32", "device": self.device, "progress": report}
-                return load_stage(engine, checkpoint, layer_range, **options)
+                dtype = request.dtype or "float32"
+                return load_stage(
+                    engine, checkpoint, layer_range, dtype=dtype, device=self.device, progress=report
+                )
 
             self.stage = None  # free the old range before reading the new one
             loading = asyncio.ensure_future(self._run(load))
@@ -179,10 +181,10 @@ class StageService(pbg.StageServicer):
         output = stage.forward(decode_step(request, stage.engine))
         if stage.is_last:
             assert output.logits is not None  # a last stage returns logits
-            return encode_tokens(request.step_id, self.sampler.sample(output.segments, output.logits))
-        forwarded = pb.StepRequest(step_id=request.step_id, segments=request.segments)
-        forwarded.hidden_states.CopyFrom(tensors.encode(output.hidden_states))
-        return forwarded
+            return encode_result(
+                StepResult(request.step_id, self.sampler.sample(output.segments, output.logits))
+            )
+        return forward_step(request, output.hidden_states)
 
     async def Forward(self, request_iterator, context: grpc.aio.ServicerContext):
         await self._authorize(context)
@@ -253,16 +255,6 @@ class StageService(pbg.StageServicer):
                 task.cancel()
             if downstream is not None:
                 downstream.cancel()
-
-
-def _guess_device_type(engine: str, device: str | None) -> str:
-    if engine == "mlx":
-        return "metal" if default_engine() == "mlx" else "cpu"
-    if device and device != "auto":
-        return device.split(":")[0]
-    from meshllm.engines.torch.stage import pick_device
-
-    return pick_device(device).type
 
 
 async def serve_worker(

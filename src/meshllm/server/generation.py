@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshllm.engines.base import SamplingParams
-from meshllm.runtime.types import FinishReason, GeneratedToken, PipelineError, PipelineUnavailable
 from meshllm.server.errors import invalid, unavailable
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.text import IncrementalDetokenizer, StopStrings
+from meshllm.step import FinishReason, GeneratedToken, PipelineError, PipelineUnavailable, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from meshllm.runtime.types import FinishReason, PipelineError
 from meshllm.server.errors import SERVER_ERROR, error_body, pipeline_failed, unavailable
 from meshllm.server.generation import Generation, TextDelta
 from meshllm.server.protocol import (
@@ -17,6 +16,7 @@ from meshllm.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from meshllm.step import FinishReason, PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from meshllm.engines.base import SamplingParams
 from meshllm.models.tokenizer import chat_prompt_ids
 from meshllm.server.checks import (
     refuse_unsupported_chat,
@@ -41,6 +40,7 @@ from meshllm.server.protocol import (
     ModelList,
 )
 from meshllm.server.replies import chat_chunks, collect, completion_chunks, usage_of
+from meshllm.step import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -140,7 +140,12 @@ def evaluate_all(model: nn.Module) -> None:
 
 
 def build_stage_model(
-    checkpoint: Checkpoint, layer_range: tuple[int, int], is_first: bool, is_last: bool, dtype: mx.Dtype
+    checkpoint: Checkpoint,
+    layer_range: tuple[int, int],
+    is_first: bool,
+    is_last: bool,
+    dtype: mx.Dtype,
+    progress: Callable[[float], None] | None = None,
 ) -> nn.Module:
     """mlx-lm's model of `checkpoint` holding only what layers `[start, end)` need, weights evaluated."""
     config = checkpoint.config
@@ -154,6 +159,8 @@ def build_stage_model(
     keep_stage_parts(model, layer_range, is_first, is_last, config.tie_word_embeddings)
     check_block_structure(model, layer_range)
     weights = read_weights(checkpoint, model)
+    if progress is not None:
+        progress(0.5)  # read (lazily mapped): evaluating them is the other half
     if config.quantization:
         quantize_like_checkpoint(model, config.quantization, weights)
     model.eval()
@@ -165,4 +172,6 @@ def build_stage_model(
         ) from None
     model.set_dtype(dtype)  # floating parameters only; packed integer weights stay as they are
     evaluate_all(model)
+    if progress is not None:
+        progress(1.0)
     return model

@@ -20,11 +20,12 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from meshllm.engines.base import StepInput, StepOutput, stage_bounds
+from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
-from meshllm.errors import StageError
+from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
+from meshllm.step import LayerRange, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class MlxStage:
         self,
         model: nn.Module,
         config: ModelConfig,
-        layer_range: tuple[int, int],
+        layer_range: LayerRange,
         is_first: bool,
         is_last: bool,
         dtype: mx.Dtype,
@@ -169,18 +170,38 @@ class MlxStage:
         return self.model.lm_head(hidden_states)
 
 
+DEVICES = {"auto": None, "cpu": mx.cpu, "gpu": mx.gpu, "metal": mx.gpu}
+
+
+def _use_device(device: str | None) -> None:
+    """Make `device` MLX's default device (for this process): None or 'auto' keep MLX's own choice."""
+    if device is None or device == "auto":
+        return
+    if device not in DEVICES:
+        raise ConfigError(f"device {device!r}: the mlx engine runs on {', '.join(DEVICES)}")
+    if DEVICES[device] == mx.gpu and not mx.metal.is_available():
+        raise ConfigError(f"device {device!r}: this MLX build has no Metal GPU; use device 'cpu'")
+    mx.set_default_device(mx.gpu if DEVICES[device] == mx.gpu else mx.cpu)
+
+
 def load_stage(
     checkpoint: Checkpoint | str,
     layer_range: tuple[int, int],
+    *,
     dtype: str = "float32",
-    **_: Any,
+    device: str | None = None,
+    progress: Progress | None = None,
 ) -> MlxStage:
-    """Build layers `[start, end)` of `checkpoint` on mlx-lm's classes, reading only their tensors."""
+    """Build layers `[start, end)` of `checkpoint` on mlx-lm's classes, reading only their tensors.
+
+    `progress(fraction)` is called once the stage's tensors are read and again once they are evaluated.
+    """
     bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    _use_device(device)
     checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
     config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
-    model = build_stage_model(checkpoint, (start, end), is_first, is_last, DTYPES[dtype])
-    stage = MlxStage(model, config, (start, end), is_first, is_last, DTYPES[dtype])
+    model = build_stage_model(checkpoint, (start, end), is_first, is_last, DTYPES[dtype], progress)
+    stage = MlxStage(model, config, bounds.layer_range, is_first, is_last, DTYPES[dtype])
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
         start,

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshllm.engines.base import Segment
 from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
+from meshllm.step import Segment
 
 
 class Linear(nn.Module):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 
-from meshllm.engines.base import StepInput, StepOutput, stage_bounds
+from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
+from meshllm.step import LayerRange, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class TorchStage:
 
     engine = "torch"
 
-    def __init__(self, model: StageModel, layer_range: tuple[int, int], is_first: bool, is_last: bool):
+    def __init__(self, model: StageModel, layer_range: LayerRange, is_first: bool, is_last: bool):
         self.model = model
         self.config = model.config
         self.layer_range = layer_range
@@ -121,10 +120,10 @@ def _group_by_layer(names: list[str]) -> list[list[str]]:
 def load_stage(
     checkpoint: Checkpoint | str,
     layer_range: tuple[int, int],
+    *,
     dtype: str = "float32",
     device: str | None = None,
-    progress: Callable[[float], None] | None = None,
-    **_: Any,
+    progress: Progress | None = None,
 ) -> TorchStage:
     """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk.
 
@@ -168,7 +167,7 @@ def load_stage(
         model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
     model.to(target)
     model.eval()
-    stage = TorchStage(model, (start, end), is_first, is_last)
+    stage = TorchStage(model, bounds.layer_range, is_first, is_last)
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
         start,
