@@ -81,9 +81,8 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest) -> BaseModel | EventStream:
         arrival = time.monotonic()
-        return await self._serve(
-            validate_chat(request, self.model_name, self.client.model), ChatReply, arrival
-        )
+        valid = validate_chat(request, self.model_name, self.client.model)
+        return await self._serve(valid, ChatReply, arrival)
 
     async def completion(self, request: CompletionRequest) -> BaseModel | EventStream:
         arrival = time.monotonic()

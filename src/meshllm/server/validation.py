@@ -9,7 +9,7 @@ and builds the `GenerateRequest`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from pydantic import JsonValue
@@ -78,15 +78,7 @@ class ValidRequest:
                 "min_tokens",
             )
         # Stop tokens are banned along with eos until min_tokens tokens were sampled.
-        eos_token_ids = tuple(model.eos_token_ids) + self.stop_token_ids
-        sampling = SamplingParams(
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            top_k=self.sampling.top_k,
-            seed=self.sampling.seed,
-            min_tokens=min_tokens,
-            eos_token_ids=eos_token_ids,
-        )
+        sampling = replace(self.sampling, eos_token_ids=tuple(model.eos_token_ids) + self.stop_token_ids)
         generate = GenerateRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
