@@ -62,7 +62,7 @@ def parameter_count(spec: TinySpec) -> int:
 def shape_checkpoint(shape: str) -> Path:
     """The random-weight bfloat16 checkpoint of `shape` ('0.6b' or '1.7b'), made once under BENCH_CACHE."""
     spec = SHAPES[shape]
-    path = BENCH_CACHE / f"qwen3-{shape}-random-bf16"
+    path = BENCH_CACHE / f"qwen3-{shape}-random"
     if (path / "config.json").exists():
         return path
     size = 2 * parameter_count(spec)
@@ -108,7 +108,9 @@ def gguf_file(checkpoint: Path, llamacpp: Path, kind: str) -> Path:
     source = gguf_file(checkpoint, llamacpp, "bf16")
     partial = path.with_name(path.name + ".partial")
     command = [str(llamacpp_binary(llamacpp, "llama-quantize")), str(source), str(partial), kind.upper(), "2"]
-    subprocess.run(command, check=True, timeout=1800, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-quantize to {kind} failed:\n{done.stderr[-2000:]}")
     partial.rename(path)
     return path
 
@@ -121,3 +123,8 @@ def spread(values: list[float]) -> dict[str, float]:
 def show(figures: dict[str, float], digits: int = 1) -> str:
     """'12.3 (11.9–12.8)': the median and the range of a `spread`."""
     return f"{figures['median']:.{digits}f} ({figures['min']:.{digits}f}–{figures['max']:.{digits}f})"
+
+
+def machine_load() -> str:
+    """The cores and the 1-minute load average: on a shared machine, figures depend on both."""
+    return f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"

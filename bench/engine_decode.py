@@ -36,6 +36,7 @@ from bench_common import (
     gguf_file,
     llamacpp_binary,
     llamacpp_commit,
+    machine_load,
     shape_checkpoint,
     show,
     spread,
@@ -243,6 +244,7 @@ def main() -> int:
 
     spec = SHAPES[args.shape]
     checkpoint = shape_checkpoint(args.shape)
+    load_before = machine_load()
     bandwidth = {threads: read_bandwidth(threads, args.repeats) for threads in args.threads}
     rows: list[Row] = []
     for mode in modes:
@@ -265,6 +267,7 @@ def main() -> int:
         f"hidden {spec.hidden_size}, vocab {spec.vocab_size}, bfloat16; torch {torch.__version__}; "
         f"{args.repeats} repeats, median (min–max)"
     )
+    print(f"machine: {load_before} at the start, {machine_load()} at the end")
     print(
         "read bandwidth: "
         + ", ".join(f"{threads} thread(s) {show(bandwidth[threads])} GB/s" for threads in args.threads)
@@ -294,6 +297,7 @@ def main() -> int:
         figures = {
             "shape": args.shape,
             "torch": torch.__version__,
+            "machine": [load_before, machine_load()],
             "read_bandwidth_gbs": {str(threads): bandwidth[threads] for threads in args.threads},
             "rows": [
                 {

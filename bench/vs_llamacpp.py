@@ -41,6 +41,7 @@ from bench_common import (
     gguf_file,
     llamacpp_binary,
     llamacpp_commit,
+    machine_load,
     shape_checkpoint,
     show,
     spread,
@@ -188,6 +189,9 @@ async def one_request(client: httpx.AsyncClient, words: int, tokens: int) -> Rep
         "max_tokens": tokens,
         "ignore_eos": True,
         "temperature": 0.0,
+        # The template adds an empty <think></think> block only when enable_thinking is false, which is
+        # llama-server's default and not meshllm's: ask for the same rendering from both.
+        "chat_template_kwargs": {"enable_thinking": True},
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -343,6 +347,7 @@ def main() -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as log_dir:
         for spec in specs:
             print(f"running {spec.label}", file=sys.stderr)
@@ -360,6 +365,7 @@ def main() -> int:
         f"tokens a request, prompt tokens {sorted(set(prompt_tokens.values()))}; {args.repeats} repeats, "
         "median (min–max)"
     )
+    print(f"machine: {load_before} at the start, {machine_load()} at the end")
     if commit is not None:
         print(f"llama.cpp: {commit}")
     titles = [f"{level} stream{'s' if level > 1 else ''} tok/s" for level in args.levels]
@@ -391,6 +397,7 @@ def main() -> int:
         report: dict[str, Any] = {
             "shape": args.shape,
             "tokens": args.tokens,
+            "machine": [load_before, machine_load()],
             "llamacpp_commit": commit,
             "servers": results,
             "ratios": ratios,
