@@ -9,7 +9,8 @@ each thread count, for each weight mode (bfloat16; int8 and int4 where the engin
 Decode reads every weight once per step, so its ceiling is bandwidth / bytes read per step. Each row
 gives the weights read per token (the stage's parameters, less the embedding table when the embedding is
 only a lookup; a tied lm_head reads that matrix once a step), the rate that makes (GB/s) and its fraction
-of the read bandwidth measured in the same run (a large float32 tensor summed, at the same thread count).
+of the read bandwidth measured in the same run (a large float32 tensor summed, at the same thread count,
+at the start and at the end; the fraction is of the highest, since other work on the machine only lowers it).
 Decode of 16 sequences also reads their KV caches (not counted here).
 
 With --llamacpp DIR it runs DIR/build/bin/llama-bench on GGUFs of the same checkpoint (bf16, q8_0, q4_0;
@@ -66,8 +67,8 @@ class Row:
         return self.weight_bytes_per_token * self.tokens_per_s["median"] / 1e9
 
 
-def read_bandwidth(threads: int, repeats: int, size_mb: int = 512) -> dict[str, float]:
-    """GB/s of summing a `size_mb` float32 tensor (far larger than the caches), `repeats` times."""
+def read_bandwidth(threads: int, repeats: int, size_mb: int = 512) -> list[float]:
+    """GB/s of summing a `size_mb` float32 tensor (far larger than the caches), `repeats` samples."""
     import torch
 
     torch.set_num_threads(threads)
@@ -79,7 +80,7 @@ def read_bandwidth(threads: int, repeats: int, size_mb: int = 512) -> dict[str, 
         for _ in range(4):
             tensor.sum()
         rates.append(4 * tensor.numel() * 4 / (time.perf_counter() - started) / 1e9)
-    return spread(rates)
+    return rates
 
 
 def load(path: Path, num_layers: int, quantize: str | None) -> Any:
@@ -178,12 +179,14 @@ def measure_mode(
 
 
 def run_llama_bench(llamacpp: Path, checkpoint: Path, kind: str, args: argparse.Namespace) -> list[dict]:
+    """llama-bench's results for one GGUF type: the fields the tables use."""
     model = gguf_file(checkpoint, llamacpp, kind)
     command = [str(llamacpp_binary(llamacpp, "llama-bench")), "-m", str(model), "-o", "json"]
     command += ["-p", str(args.prompt), "-n", "64", "-t", ",".join(map(str, args.threads))]
     command += ["-r", str(args.repeats)]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800).stdout
-    return list(json.loads(output))
+    keys = ("model_type", "model_size", "n_threads", "n_prompt", "n_gen", "samples_ts")
+    return [{key: result[key] for key in keys} for result in json.loads(output)]
 
 
 def llamacpp_figures(results: list[dict], threads: int, test: str) -> dict[str, Any] | None:
@@ -213,7 +216,7 @@ def print_llamacpp(results: dict[str, list[dict]], bandwidth: dict[int, dict[str
             per_token = result["model_size"] / (1 if result["n_gen"] else tokens)
             rate = per_token * figures["median"] / 1e9
             threads = result["n_threads"]
-            fraction = f"{rate / bandwidth[threads]['median']:>5.0%}" if threads in bandwidth else f"{'-':>5}"
+            fraction = f"{rate / bandwidth[threads]['max']:>5.0%}" if threads in bandwidth else f"{'-':>5}"
             print(
                 f"{kind:<9} {threads:>3}  {test:<12} {show(figures):>22}  {per_token / 1e6:>8.1f}  "
                 f"{rate:>5.1f}  {fraction}"
@@ -245,12 +248,15 @@ def main() -> int:
     spec = SHAPES[args.shape]
     checkpoint = shape_checkpoint(args.shape)
     load_before = machine_load()
-    bandwidth = {threads: read_bandwidth(threads, args.repeats) for threads in args.threads}
+    samples = {threads: read_bandwidth(threads, args.repeats) for threads in args.threads}
     rows: list[Row] = []
     for mode in modes:
         rows += measure_mode(checkpoint, mode, spec.num_hidden_layers, spec.vocab_size, args)
+    for threads in args.threads:  # measured again at the end: other work on the machine only lowers it
+        samples[threads] += read_bandwidth(threads, args.repeats)
+    bandwidth = {threads: spread(rates) for threads, rates in samples.items()}
     for row in rows:
-        row.bandwidth_fraction = row.weight_gb_per_s / bandwidth[row.threads]["median"]
+        row.bandwidth_fraction = row.weight_gb_per_s / bandwidth[row.threads]["max"]
 
     commit, llama_results = None, {}
     if args.llamacpp is not None:
@@ -269,7 +275,7 @@ def main() -> int:
     )
     print(f"machine: {load_before} at the start, {machine_load()} at the end")
     print(
-        "read bandwidth: "
+        "read bandwidth (at the start and the end; 'of bw' is of the max): "
         + ", ".join(f"{threads} thread(s) {show(bandwidth[threads])} GB/s" for threads in args.threads)
     )
     if commit is not None:
