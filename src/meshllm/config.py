@@ -16,10 +16,20 @@ import ipaddress
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from meshllm.defaults import (
+    COORDINATOR_STAGE,
+    DEFAULT_API_PORT,
+    DEFAULT_STAGE_PORT,
+    DTYPES,
+    ENGINES,
+    DtypeName,
+    EngineName,
+)
+from meshllm.devices import Role as RoleName
 from meshllm.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -27,14 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - 3.10
     import tomli as tomllib
 
-DEFAULT_API_PORT = 8100
-DEFAULT_WORKER_PORT = 50051
-ENGINES = ("torch", "mlx")
-DTYPES = ("float32", "bfloat16", "float16")
-ROLES = ("coordinator", "worker")
-COORDINATOR_STAGE = (
-    "coordinator"  # how `meshllm serve` names its own stage (in --memory and /distributed/gpu-info)
-)
+ROLES: tuple[str, ...] = get_args(RoleName)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -107,9 +110,9 @@ Text = Annotated[str, BeforeValidator(_text)]
 Host = Annotated[str, BeforeValidator(_host)]
 PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
-Engine = Annotated[Literal["torch", "mlx"], _choice(*ENGINES)]
-Dtype = Annotated[Literal["float32", "bfloat16", "float16"], _choice(*DTYPES)]
-Role = Annotated[Literal["coordinator", "worker"], _choice(*ROLES)]
+Engine = Annotated[EngineName, _choice(*ENGINES)]
+Dtype = Annotated[DtypeName, _choice(*DTYPES)]
+Role = Annotated[RoleName, _choice(*ROLES)]
 Env = Annotated[dict[str, str], BeforeValidator(_env)]
 Strings = Annotated[list[str], BeforeValidator(_strings)]
 
@@ -346,7 +349,7 @@ def _fill_device_defaults(devices: list[dict[str, Any]], folder: Path) -> list[d
     taken = {(str(d.get("host")), d["port"]) for d in devices if isinstance(d.get("port"), int)}
     for device in devices:
         if device["role"] == "worker" and "port" not in device:
-            port = DEFAULT_WORKER_PORT
+            port = DEFAULT_STAGE_PORT
             while (str(device["host"]), port) in taken:
                 port += 1
             device["port"] = port
