@@ -3,25 +3,23 @@
 
 from __future__ import annotations
 
-import socket
+import re
 import time
+from pathlib import Path
 
+import meshllm.cluster
 from meshllm import __version__
 from meshllm.transport import rpc
-from meshllm.transport.probe import StageHealth, stage_health, stage_info
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from meshllm.transport.probe import stage_health, stage_info
+from meshllm.transport.stage import Health
+from tests.conftest import free_port
 
 
 def test_a_healthy_worker_answers_health_with_its_model_and_what_it_does(start_workers) -> None:
     [worker] = start_workers(1, token="secret")
     probe = stage_health(worker.address, "secret")
     assert probe.ok and not probe.refused and probe.error == ""
-    assert probe.reply == StageHealth(model="", message="waiting for Load")
+    assert probe.reply == Health(model="", message="waiting for Load")
 
 
 def test_info_is_a_stage_info_saying_what_the_stage_has_loaded(start_workers) -> None:
@@ -55,3 +53,10 @@ def test_a_port_nobody_listens_on_is_unreachable_and_not_a_refusal() -> None:
     assert probe.error.endswith(f"is `meshllm worker --port {address.rsplit(':', 1)[1]}` running there?")
     assert "\n" not in probe.error
     assert not stage_info(address, None, timeout=2.0).ok
+
+
+def test_the_cluster_tools_reach_grpc_only_through_this_module() -> None:
+    folder = Path(meshllm.cluster.__file__).parent
+    grpc_use = re.compile(r"^\s*(import grpc|from grpc\b|.*_pb2)", re.MULTILINE)
+    offenders = [path.name for path in sorted(folder.glob("*.py")) if grpc_use.search(path.read_text())]
+    assert offenders == []

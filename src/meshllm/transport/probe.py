@@ -18,17 +18,10 @@ from meshllm.transport import rpc
 from meshllm.transport.codec import decode_info
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.stage import Health
 
 Reply = TypeVar("Reply")
 DEFAULT_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class StageHealth:
-    """A stage's answer to Health: it runs and accepts the token."""
-
-    model: str  # the model it has loaded, "" before its first Load
-    message: str  # what it is doing, e.g. "layers [0, 14)" or "waiting for Load"
 
 
 @dataclass(frozen=True)
@@ -47,12 +40,13 @@ class Probe(Generic[Reply]):
 
 def stage_health(
     address: str, token: str | None, timeout: float = DEFAULT_TIMEOUT_S, device: str = "worker"
-) -> Probe[StageHealth]:
-    """Ask the stage at `address` for its Health; `device` names it in the error."""
+) -> Probe[Health]:
+    """Ask the stage at `address` for its Health (an answer means it runs and takes the token: the
+    model it has loaded, "" before its first Load, and what it does); `device` names it in the error."""
 
-    def call(stub: pbg.StageStub) -> StageHealth:
+    def call(stub: pbg.StageStub) -> Health:
         reply = stub.Health(pb.HealthRequest(), metadata=rpc.token_metadata(token), timeout=timeout)
-        return StageHealth(model=reply.model, message=reply.message)
+        return Health(model=reply.model, message=reply.message)
 
     return _probe(address, device, call)
 
