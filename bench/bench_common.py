@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 from meshllm.models.tiny import TinySpec
+from meshllm.runtime.local_workers import free_ports
 
 # qwen3-shaped, about 105 MB in float32: big enough that one decode step costs a few milliseconds on a core.
 SPEC = TinySpec(
@@ -19,6 +18,4 @@ SPEC = TinySpec(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]

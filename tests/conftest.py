@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshllm.models.tiny import TinySpec, make_checkpoint
+from meshllm.runtime.local_workers import LocalWorkers, free_ports
 
 # Several stage processes share this machine's cores in the tests: keep each one from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -17,9 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -43,25 +42,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 
 
 class WorkerProcess:
-    """A real `meshllm worker` process on 127.0.0.1, stopped by pid."""
+    """A real `meshllm worker` process on 127.0.0.1 (started as `meshllm serve` starts its own), its log in a
+    temporary file, stopped by pid."""
 
-    def __init__(self, name: str, token: str | None = None, engine: str | None = None):
-        import subprocess
-        import sys
-
-        self.name = name
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--name", name, "--threads", "1"]
-        if token:
-            command += ["--token", token]
-        if engine:
-            command += ["--engine", engine]
+    def __init__(
+        self,
+        name: str,
+        token: str | None = None,
+        engine: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
         import tempfile
 
+        self.name = name
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        worker = LocalWorkers().start(
+            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env
+        )
+        self.process = worker.process
 
     def log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-3000:]

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from meshllm.defaults import DEFAULT_API_PORT, DTYPES, ENGINES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
+    import asyncio
     import socket
 
     from meshllm.runtime.coordinator import Coordinator
     from meshllm.runtime.coordinator_config import WorkerAddress
+    from meshllm.runtime.engine_client import EngineClient
     from meshllm.runtime.local_workers import LocalWorkers
 
 
@@ -235,7 +237,12 @@ async def _serve(
         await coordinator.close()
 
 
-async def _serve_api(args: argparse.Namespace, sock: socket.socket, coordinator: Any, stopping: Any) -> int:
+async def _serve_api(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    coordinator: Coordinator,
+    stopping: asyncio.Task[Literal[True]],
+) -> int:
     import asyncio
 
     from meshllm.server.app import build_app
@@ -260,9 +267,9 @@ async def _serve_api(args: argparse.Namespace, sock: socket.socket, coordinator:
     return 0
 
 
-def _plan_line(coordinator: Any) -> str:
+def _plan_line(client: EngineClient) -> str:
     parts = []
-    for device in coordinator.devices_snapshot():
+    for device in client.devices_snapshot():
         start, end = device.layers
         where = "on this process" if device.address == "local" else f"on {device.name} {device.address}"
         parts.append(f"stage {device.device_id} layers [{start}, {end}) {where}")

@@ -43,6 +43,38 @@ class LocalWorkers:
     def pids(self) -> list[int]:
         return [worker.pid for worker in self.workers]
 
+    def start(
+        self,
+        name: str,
+        port: int,
+        token: str | None,
+        threads: int,
+        host: str = "127.0.0.1",
+        engine: str | None = None,
+        output: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> LocalWorker:
+        """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
+        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
+        command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
+        command += ["--threads", str(threads), "--name", name]
+        if token:
+            command += ["--token", token]
+        if engine:
+            command += ["--engine", engine]
+        process = subprocess.Popen(
+            _dying_with_this_process(command),
+            env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
+        )
+        worker = LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process)
+        self.workers.append(worker)
+        log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
+        return worker
+
     def spawn(
         self,
         count: int,
@@ -51,27 +83,14 @@ class LocalWorkers:
         host: str = "127.0.0.1",
         output: int | None = None,
     ) -> list[WorkerAddress]:
-        """Start `count` workers on free ports of `host`; returns their addresses in chain order.
-
-        Their logs go to this process's stderr, or to `output` (e.g. `subprocess.DEVNULL`)."""
+        """Start `count` workers (worker1, worker2, …) on free ports of `host`; their addresses in chain order."""
+        first = len(self.workers) + 1
         ports = free_ports(count, host)
-        for index, port in enumerate(ports, start=1):
-            name = f"worker{index}"
-            command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
-            command += ["--threads", str(threads), "--name", name]
-            if token:
-                command += ["--token", token]
-            process = subprocess.Popen(
-                _dying_with_this_process(command),
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
-            )
-            self.workers.append(LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process))
-            log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
-        return [worker.address for worker in self.workers]
+        started = [
+            self.start(f"worker{first + index}", port, token, threads, host, output=output)
+            for index, port in enumerate(ports)
+        ]
+        return [worker.address for worker in started]
 
     async def wait_healthy(self, token: str | None, timeout: float = WORKER_START_TIMEOUT) -> None:
         """Returns once every worker answers gRPC Health; a worker that exits or never answers is an error."""

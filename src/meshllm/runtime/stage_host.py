@@ -33,6 +33,7 @@ class LocalStageHost:
         self.sampler = Sampler()
         self.model = ""
         self.num_layers = 0
+        self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
 
     @classmethod
     def of(cls, name: str, stage: Stage, model: str = "", num_layers: int = 0) -> LocalStageHost:
@@ -56,7 +57,12 @@ class LocalStageHost:
 
     def info(self) -> StageInfo:
         stage = self.stage
-        device_type = stage.device_type if stage is not None else guess_device_type(self.engine, self.device)
+        if stage is not None:
+            device_type = stage.device_type
+        else:
+            if self._guessed_device_type is None:
+                self._guessed_device_type = guess_device_type(self.engine, self.device)
+            device_type = self._guessed_device_type
         device = describe_host(device_type)
         return StageInfo(
             hostname=device.hostname,

@@ -7,21 +7,23 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm import __version__
+from meshllm.runtime.engine_client import EngineClient
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
-from meshllm.server.serving import EventStream, OpenAIServing
+from meshllm.server.replies import EventStream
+from meshllm.server.serving import OpenAIServing
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,14 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\]|[A-Z]\w*)$"
 
 
 def build_app(
-    coordinator: Any,
+    client: EngineClient,
     served_model_name: str | None = None,
     api_key: str | None = None,
 ) -> FastAPI:
-    """The API of one coordinator. With `api_key`, every /v1 route wants `Authorization: Bearer <key>`."""
-    metrics = ServerMetrics(live_sequences=lambda: coordinator.live_sequences)
-    coordinator.add_step_listener(metrics.observe_step)
-    serving = OpenAIServing(coordinator, served_model_name, metrics)
+    """The API of one engine client. With `api_key`, every /v1 route wants `Authorization: Bearer <key>`."""
+    metrics = ServerMetrics(live_sequences=lambda: client.live_sequences)
+    client.add_step_listener(metrics.observe_step)
+    serving = OpenAIServing(client, served_model_name, metrics)
 
     app = FastAPI(title="meshllm", version=__version__, docs_url=None, redoc_url=None)
     app.state.serving = serving
@@ -83,7 +85,7 @@ def build_app(
     return app
 
 
-async def _reply(request: Request, pending: Awaitable[Any]) -> Response:
+async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) -> Response:
     """A JSON reply, or an SSE stream; a client that leaves before a JSON reply cancels its sequence."""
     task = asyncio.ensure_future(pending)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -160,14 +162,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, SERVER_ERROR, None, "internal_error"), status_code=500)
 
 
-def describe_validation_errors(errors: Any) -> tuple[str, str | None]:
+def describe_validation_errors(errors: Sequence[Mapping[str, object]]) -> tuple[str, str | None]:
     """One message naming the fields at fault, and the first of them as OpenAI's `param`."""
     problems: dict[str, list[str]] = {}
     for error in errors:
         kind, loc = error.get("type", ""), error.get("loc", ())
-        path = _param_path(loc)
+        path = _param_path(loc if isinstance(loc, (tuple, list)) else ())
         if kind == "json_invalid":
-            reason = (error.get("ctx") or {}).get("error", "")
+            ctx = error.get("ctx")
+            reason = ctx.get("error", "") if isinstance(ctx, dict) else ""
             return f"The request body is not valid JSON ({reason}).", None
         if not path:
             return "The request body must be a JSON object.", None
@@ -175,14 +178,14 @@ def describe_validation_errors(errors: Any) -> tuple[str, str | None]:
             return f"Unrecognized request argument supplied: {path}", path
         if kind == "missing":
             return f"Missing required parameter: '{path}'.", path
-        problems.setdefault(path, []).append(error.get("msg", "invalid value"))
+        problems.setdefault(path, []).append(str(error.get("msg", "invalid value")))
     if not problems:
         return "The request is not valid.", None
     parts = [f"'{path}': {' or '.join(dict.fromkeys(messages))}" for path, messages in problems.items()]
     return "Invalid request: " + "; ".join(parts) + ".", next(iter(problems))
 
 
-def _param_path(loc: Any) -> str:
+def _param_path(loc: Sequence[object]) -> str:
     """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
     path = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:

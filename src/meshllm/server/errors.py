@@ -1,17 +1,15 @@
 """Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
-`serving` raises `APIError` for anything the client can fix or should retry; `app` turns it (and every
-other exception) into a JSON body of this shape, so a client never sees a stack trace.
+The request path raises `APIError` for anything the client can fix or should retry; `app` turns it (and
+every other exception) into a JSON body of this shape, so a client never sees a stack trace.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
-NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
+
+ErrorBody = dict[str, dict[str, str | None]]  # {"error": {"message", "type", "param", "code"}}
 
 
 class APIError(Exception):
@@ -32,13 +30,13 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> ErrorBody:
         return error_body(self.message, self.type, self.param, self.code)
 
 
 def error_body(
     message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+) -> ErrorBody:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -68,6 +66,6 @@ def unavailable(message: str) -> APIError:
     return APIError(message, 503, SERVER_ERROR, None, "pipeline_unavailable")
 
 
-def pipeline_failed(message: str) -> dict[str, Any]:
+def pipeline_failed(message: str) -> ErrorBody:
     """The body of the error event that ends a stream whose pipeline failed after the first token."""
     return error_body(message, SERVER_ERROR, None, "pipeline_error")

@@ -1,6 +1,8 @@
-"""One sequence on the pipeline, seen as text: submit, wait for the first token, then text deltas.
+"""One sequence on the engine, seen as text: submit, wait for the first token, then text deltas.
 
-Shared by chat and completions, streamed or not: each reply is the concatenation of the same deltas.
+Shared by chat and completions, streamed or not: each reply is the concatenation of the same deltas. The
+engine ends the sequence on every token condition (eos, `stop_token_ids`, `max_tokens`); what is left
+here is about text: detokenising, and cutting at stop strings.
 """
 
 from __future__ import annotations
@@ -8,30 +10,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from meshllm.runtime.engine_client import GenerateRequest as EngineRequest
+from meshllm.runtime.engine_client import EngineClient, GenerateRequest, TokenStream
 from meshllm.server.errors import invalid, unavailable
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.text import IncrementalDetokenizer, StopStrings
-from meshllm.step import FinishReason, GeneratedToken, PipelineError, PipelineUnavailable, SamplingParams
+from meshllm.step import FinishReason, GeneratedToken, PipelineError, PipelineUnavailable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """A validated request, ready for the pipeline."""
+class SequenceRequest:
+    """A validated request: the sequence the engine generates, and what becomes of its text here."""
 
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    ignore_eos: bool = False
-    min_tokens: int = 0  # neither eos, stop_token_ids nor stop strings end the reply before this many tokens
-    stop: tuple[str, ...] = ()
-    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    generate: GenerateRequest
+    stop: tuple[str, ...] = ()  # stop strings, looked for once `min_tokens` tokens were made
     skip_special_tokens: bool = True
+
+    @property
+    def min_tokens(self) -> int:
+        return self.generate.sampling.min_tokens
 
 
 @dataclass(frozen=True)
@@ -46,56 +46,46 @@ class Generation:
 
     def __init__(
         self,
-        coordinator: Any,
-        request: GenerationRequest,
+        client: EngineClient,
+        request: SequenceRequest,
         metrics: ServerMetrics | None = None,
         arrival: float | None = None,
     ) -> None:
-        self._coordinator = coordinator
+        self._client = client
         self._request = request
         self._metrics = metrics
         self._arrival = time.monotonic() if arrival is None else arrival
-        self._eos_token_ids = frozenset(coordinator.model.eos_token_ids)
         self._detokenizer = IncrementalDetokenizer(
-            coordinator.tokenizer, request.prompt_ids, request.skip_special_tokens
+            client.tokenizer, request.generate.prompt_ids, request.skip_special_tokens
         )
         self._stop_strings = StopStrings(request.stop)
-        self._handle: Any = None
+        self._stream: TokenStream | None = None
         self._tokens: AsyncIterator[GeneratedToken] | None = None
         self._first: GeneratedToken | None = None
         self._last_token_at = 0.0
         self._first_received_at = 0.0
-        self._ended = False  # the pipeline is done with the sequence: nothing to cancel
+        self._ended = False  # the engine is done with the sequence: nothing to abort
         self.completion_tokens = 0
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self._request.prompt_ids)
+        return len(self._request.generate.prompt_ids)
 
     @property
     def seq_id(self) -> int | None:
-        return None if self._handle is None else self._handle.seq_id
+        return None if self._stream is None else self._stream.seq_id
 
     async def start(self) -> None:
-        """Submits the sequence and waits for its first token. A pipeline that cannot serve it is a 503."""
-        request = self._request
+        """Submits the sequence and waits for its first token. An engine that cannot serve it is a 503."""
         try:
-            self._handle = self._coordinator.generate(
-                EngineRequest(
-                    request.prompt_ids,
-                    request.sampling,
-                    request.max_tokens,
-                    ignore_eos=request.ignore_eos,
-                    stop_token_ids=request.stop_token_ids,
-                )
-            )
+            self._stream = self._client.generate(self._request.generate)
         except PipelineUnavailable as error:
             raise unavailable(str(error)) from None
         except ValueError as error:
             raise invalid(str(error)) from None
         if self._metrics:
             self._metrics.observe_prompt(self.prompt_tokens)
-        self._tokens = aiter(self._handle)
+        self._tokens = aiter(self._stream)
         try:
             self._first = await anext(self._tokens)
             self._first_received_at = time.monotonic()
@@ -129,7 +119,8 @@ class Generation:
                     token = None
             self._ended = True
             raise PipelineError("the sequence was cancelled before it finished")
-        except PipelineError:
+        except PipelineError as error:
+            log.warning("sequence %s failed: %s", self.seq_id, error)
             self._ended = True
             self._finished("error")
             raise
@@ -137,31 +128,25 @@ class Generation:
             self.close()
 
     def close(self) -> None:
-        """Cancels the sequence unless the pipeline already finished it, so every stage frees its cache."""
-        if self._handle is not None and not self._ended:
+        """Aborts the sequence unless the engine already finished it, so every stage frees its cache."""
+        if self._stream is not None and not self._ended:
             self._ended = True
             try:
-                self._coordinator.abort(self._handle.seq_id)
+                self._client.abort(self._stream.seq_id)
             except Exception:  # closing must never fail a request that is already over
-                log.exception("cancelling sequence %s failed", self._handle.seq_id)
+                log.exception("aborting sequence %s failed", self._stream.seq_id)
 
     def _on_token(self, token: GeneratedToken) -> TextDelta:
-        request = self._request
         self.completion_tokens += 1
         self._observe_token()
-        may_stop = self.completion_tokens > request.min_tokens
         finish_reason = token.finish_reason
         if finish_reason is not None:
-            self._ended = True  # the pipeline ends it itself
-        hidden = False  # the token ends the reply and is not part of its text
-        if finish_reason == "stop" and token.token_id in self._eos_token_ids:
-            hidden = True
-        elif may_stop and token.token_id in request.stop_token_ids:
-            hidden = True
-            finish_reason = "stop"
-        text = "" if hidden else self._detokenizer.add(token.token_id)
+            self._ended = True  # the engine ends it itself
+        # A token that ends the reply with "stop" is an eos or stop token: not part of the text.
+        text = "" if finish_reason == "stop" else self._detokenizer.add(token.token_id)
         if finish_reason:
             text += self._detokenizer.flush()
+        may_stop = self.completion_tokens > self._request.min_tokens
         text, stop_found = self._stop_strings.feed(text, check=may_stop)
         if stop_found:
             finish_reason = "stop"

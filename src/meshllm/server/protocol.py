@@ -1,16 +1,25 @@
 """Pydantic models of every request and response of the API, in OpenAI's shapes.
 
 Requests are strict (no "10" for 10, no "yes" for true) and refuse unknown fields, as OpenAI does. Fields
-that OpenAI defines but this server does not implement are declared here so that `serving` can refuse
+that OpenAI defines but this server does not implement are declared here so that `validation` can refuse
 them with a message naming the field (or accept them when ignoring them is harmless); see docs/api.md.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+from meshllm.devices import DeviceStatus, Status
 
 # ---------------------------------------------------------------------------------------------- requests
 
@@ -40,7 +49,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, JsonValue]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None  # earlier thinking, for templates that render it
 
@@ -58,7 +67,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1)
     user: str | None = None
-    # OpenAI fields accepted only at their neutral value (serving refuses any other).
+    # OpenAI fields accepted only at their neutral value (validation refuses any other).
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -73,9 +82,9 @@ class _SamplingRequest(_Request):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
+    chat_template_kwargs: dict[str, JsonValue] | None = None  # e.g. {"enable_thinking": false}
     # Accepted and ignored: hints with no effect on a self-hosted model.
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, JsonValue] | None = None
     store: bool | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
@@ -83,21 +92,21 @@ class ChatCompletionRequest(_SamplingRequest):
     verbosity: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
-    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_options: dict[str, JsonValue] | None = None
     safety_identifier: str | None = None
-    moderation: Any = None
+    moderation: JsonValue = None
     # Refused unless neutral.
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, JsonValue]] | None = None
+    tool_choice: str | dict[str, JsonValue] | None = None
+    functions: list[dict[str, JsonValue]] | None = None
+    function_call: str | dict[str, JsonValue] | None = None
+    response_format: dict[str, JsonValue] | None = None
     modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
+    audio: dict[str, JsonValue] | None = None
+    prediction: dict[str, JsonValue] | None = None
+    web_search_options: dict[str, JsonValue] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -153,7 +162,7 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, str]:
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
@@ -205,43 +214,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 # ------------------------------------------------------------------------------------- cluster endpoints
 
 
-class DeviceInfo(BaseModel):
-    """One row of /distributed/gpu-info: a device of the pipeline, first stage first."""
-
-    device_id: int
-    name: str
-    hostname: str
-    address: str
-    role: Literal["coordinator", "worker"] | str
-    status: str
-    engine: str
-    device_type: str
-    memory_total: int
-    memory_available: int
-    weight_bytes: int
-    layers: tuple[int, int]
-    live_sequences: int
-    rtt_ms: float | None
-    version: str
-    error: str = ""
-
-
 class GpuInfoResponse(BaseModel):
-    devices: list[DeviceInfo]
+    devices: list[DeviceStatus]  # first stage first
     cluster_status: Literal["healthy", "degraded"]
     world_size: int
     model: str
@@ -251,7 +228,7 @@ class GpuInfoResponse(BaseModel):
 class DeviceHealth(BaseModel):
     name: str
     address: str
-    status: str
+    status: Status
     error: str = ""
 
 

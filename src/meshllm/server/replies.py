@@ -1,137 +1,181 @@
-"""Replies built from a generation's text deltas: the whole text at once, or the payloads of a stream."""
+"""Replies made from a sequence's text deltas: one whole reply, or the payloads of a stream.
+
+The shape both endpoints share is written once here (`whole_reply`, `stream_payloads`): the opening
+chunk, a chunk per piece of text, the chunk that carries the finish reason, usage, and the error event
+that ends a stream whose pipeline failed. What differs is a small `ReplyFormat` per endpoint:
+`ChatReply` (`chat.completion`, deltas with a role chunk first) and `CompletionReply` (`text_completion`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
+from typing import ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel
 
 from meshllm.server.errors import SERVER_ERROR, error_body, pipeline_failed, unavailable
-from meshllm.server.generation import Generation, TextDelta
+from meshllm.server.generation import TextDelta
 from meshllm.server.protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
     ChatCompletionChunk,
+    ChatCompletionResponse,
     ChatCompletionStreamChoice,
     CompletionChoice,
     CompletionResponse,
     DeltaMessage,
     UsageInfo,
 )
+from meshllm.server.validation import StreamShape
 from meshllm.step import FinishReason, PipelineError
 
 log = logging.getLogger(__name__)
 
-
-def usage_of(generation: Generation) -> UsageInfo:
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+ChoiceT = TypeVar("ChoiceT", ChatCompletionStreamChoice, CompletionChoice)
 
 
-async def collect(generation: Generation) -> tuple[str, FinishReason]:
-    """The whole reply of a non-streamed request; a pipeline failure is a 503."""
-    parts: list[str] = []
-    finish_reason: FinishReason = "stop"
-    try:
-        async for delta in generation.deltas():
-            parts.append(delta.text)
-            finish_reason = delta.finish_reason or finish_reason
-    except PipelineError as error:
-        raise unavailable(str(error)) from None
-    return "".join(parts), finish_reason
-
-
-async def _stream(
-    generation: Generation,
-    first: Callable[[], str] | None,
-    piece: Callable[[TextDelta], list[str]],
-    usage_chunk: Callable[[], str] | None,
-) -> AsyncIterator[str]:
-    """The payloads of a stream: `first`, a few per delta, then usage; an error event if the pipeline fails."""
-    try:
-        if first is not None:
-            yield first()
-        async for delta in generation.deltas():
-            for payload in piece(delta):
-                yield payload
-        if usage_chunk is not None:
-            yield usage_chunk()
-    except PipelineError as error:
-        log.warning("sequence %s failed mid-stream: %s", generation.seq_id, error)
-        yield json.dumps(pipeline_failed(str(error)))
-    except Exception as error:  # a bug must still end the stream with an error, not a cut connection
-        log.exception("sequence %s: unexpected error mid-stream", generation.seq_id)
-        message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
-        yield json.dumps(error_body(message, SERVER_ERROR, None, "internal_error"))
-    finally:
-        generation.close()
-
-
-def chat_chunks(
-    generation: Generation,
-    request_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    continuous_usage: bool,
-) -> AsyncIterator[str]:
-    # With include_usage every chunk carries "usage": null and a last chunk with no choices the totals.
-    exclude = None if include_usage or continuous_usage else {"usage"}
-
-    def chunk(
-        delta: DeltaMessage, finish_reason: FinishReason | None = None, usage: UsageInfo | None = None
-    ) -> str:
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)
-        if continuous_usage and usage is None:
-            usage = usage_of(generation)
-        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage)
-        return body.model_dump_json(exclude=exclude)
-
-    def piece(delta: TextDelta) -> list[str]:
-        payloads = [chunk(DeltaMessage(content=delta.text))] if delta.text else []
-        if delta.finish_reason:
-            payloads.append(chunk(DeltaMessage(), delta.finish_reason))
-        return payloads
-
-    def usage_chunk() -> str:
-        body = ChatCompletionChunk(
-            id=request_id, created=created, model=model, choices=[], usage=usage_of(generation)
-        )
-        return body.model_dump_json()
-
-    return _stream(
-        generation,
-        lambda: chunk(DeltaMessage(role="assistant", content="")),
-        piece,
-        usage_chunk if include_usage else None,
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
     )
 
 
-def completion_chunks(
-    generation: Generation,
-    request_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    continuous_usage: bool,
-) -> AsyncIterator[str]:
-    exclude = None if include_usage or continuous_usage else {"usage"}
+class ReplyFormat(ABC, Generic[ChoiceT]):
+    """How one endpoint spells its replies. Made when the sequence has its first token."""
 
-    def chunk(text: str, finish_reason: FinishReason | None = None, usage: UsageInfo | None = None) -> str:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        if continuous_usage and usage is None:
-            usage = usage_of(generation)
-        body = CompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=usage)
-        return body.model_dump_json(exclude=exclude)
+    id_prefix: ClassVar[str]
 
-    def piece(delta: TextDelta) -> list[str]:
-        payloads = [chunk(delta.text)] if delta.text else []
-        if delta.finish_reason:
-            payloads.append(chunk("", delta.finish_reason))
-        return payloads
+    def __init__(self, model: str) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
 
-    def usage_chunk() -> str:
-        body = CompletionResponse(
-            id=request_id, created=created, model=model, choices=[], usage=usage_of(generation)
+    def opening(self) -> ChoiceT | None:
+        """The choice of the stream's first chunk, before any text; None: the stream starts with text."""
+        return None
+
+    @abstractmethod
+    def piece(self, text: str, finish_reason: FinishReason | None = None) -> ChoiceT:
+        """The choice of a chunk: some text, or (text "") the one that carries the finish reason."""
+
+    @abstractmethod
+    def chunk(self, choices: list[ChoiceT], usage: UsageInfo | None) -> BaseModel:
+        """A stream chunk; without choices, the usage chunk at the end."""
+
+    @abstractmethod
+    def whole(self, text: str, finish_reason: FinishReason, usage: UsageInfo) -> BaseModel:
+        """The reply of a request that is not streamed."""
+
+
+class ChatReply(ReplyFormat[ChatCompletionStreamChoice]):
+    id_prefix = "chatcmpl"
+
+    def opening(self) -> ChatCompletionStreamChoice:
+        return ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))
+
+    def piece(self, text: str, finish_reason: FinishReason | None = None) -> ChatCompletionStreamChoice:
+        return ChatCompletionStreamChoice(
+            delta=DeltaMessage(content=text or None), finish_reason=finish_reason
         )
-        return body.model_dump_json()
 
-    return _stream(generation, None, piece, usage_chunk if include_usage else None)
+    def chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None) -> BaseModel:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def whole(self, text: str, finish_reason: FinishReason, usage: UsageInfo) -> BaseModel:
+        choice = ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage
+        )
+
+
+class CompletionReply(ReplyFormat[CompletionChoice]):
+    id_prefix = "cmpl"
+
+    def piece(self, text: str, finish_reason: FinishReason | None = None) -> CompletionChoice:
+        return CompletionChoice(text=text, finish_reason=finish_reason)
+
+    def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> BaseModel:
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def whole(self, text: str, finish_reason: FinishReason, usage: UsageInfo) -> BaseModel:
+        return self.chunk([self.piece(text, finish_reason)], usage)
+
+
+# ----------------------------------------------------------------------------------------- the shape
+
+
+async def whole_reply(
+    reply: ReplyFormat[ChoiceT], deltas: AsyncIterator[TextDelta], prompt_tokens: int
+) -> BaseModel:
+    """The reply of a request that is not streamed: every delta's text; a pipeline failure is a 503."""
+    parts: list[str] = []
+    finish_reason: FinishReason = "stop"
+    completion_tokens = 0
+    try:
+        async for delta in deltas:
+            parts.append(delta.text)
+            finish_reason = delta.finish_reason or finish_reason
+            completion_tokens = delta.completion_tokens
+    except PipelineError as error:
+        raise unavailable(str(error)) from None
+    return reply.whole("".join(parts), finish_reason, usage(prompt_tokens, completion_tokens))
+
+
+async def stream_payloads(
+    reply: ReplyFormat[ChoiceT], deltas: AsyncIterator[TextDelta], prompt_tokens: int, shape: StreamShape
+) -> AsyncIterator[str]:
+    """The JSON payloads of a stream's `data:` events (without the final `[DONE]`), in order: the
+    opening chunk, a chunk per piece of text, the chunk with the finish reason, and with `include_usage`
+    a last chunk with the totals. A failure ends the stream with an error event instead."""
+    # With usage asked for, every chunk carries "usage" (null, or so far); otherwise none has the key.
+    exclude = None if shape.include_usage or shape.continuous_usage else {"usage"}
+    completion_tokens = 0
+
+    def chunk(choice: ChoiceT) -> str:
+        so_far = usage(prompt_tokens, completion_tokens) if shape.continuous_usage else None
+        return reply.chunk([choice], so_far).model_dump_json(exclude=exclude)
+
+    try:
+        opening = reply.opening()
+        if opening is not None:
+            yield chunk(opening)
+        async for delta in deltas:
+            completion_tokens = delta.completion_tokens
+            if delta.text:
+                yield chunk(reply.piece(delta.text))
+            if delta.finish_reason:
+                yield chunk(reply.piece("", delta.finish_reason))
+        if shape.include_usage:
+            yield reply.chunk([], usage(prompt_tokens, completion_tokens)).model_dump_json()
+    except PipelineError as error:
+        yield json.dumps(pipeline_failed(str(error)))
+    except Exception as error:  # a bug must still end the stream with an error, not a cut connection
+        log.exception("unexpected error mid-stream")
+        message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+        yield json.dumps(error_body(message, SERVER_ERROR, None, "internal_error"))
+
+
+class EventStream:
+    """A streamed reply: JSON payloads for `data:` events (without the final `[DONE]`), and `close()`."""
+
+    def __init__(self, payloads: AsyncIterator[str], close: Callable[[], None]) -> None:
+        self._payloads = payloads
+        self._close = close
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._payloads
+
+    def close(self) -> None:
+        """Ends the sequence if it is still running (the client went away); safe to call twice."""
+        self._close()

@@ -7,7 +7,8 @@ equal by construction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+
+from meshllm.runtime.engine_client import Tokenizer
 
 REPLACEMENT_CHARACTER = "\ufffd"  # what a decoder writes for the bytes of an incomplete character
 PROMPT_CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first new ones (leading-space rules)
@@ -25,7 +26,9 @@ class IncrementalDetokenizer:
     leading space at the start of a text (SentencePiece) from dropping it from the reply.
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
