@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,37 +21,23 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench_common import SPEC, free_port
+from bench_common import SPEC
 
 from meshllm.models.tiny import make_checkpoint  # noqa: E402
-from meshllm.runtime.coordinator import Coordinator, WorkerAddress  # noqa: E402
+from meshllm.runtime.coordinator import Coordinator  # noqa: E402
+from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress  # noqa: E402
+from meshllm.runtime.engine_client import GenerateRequest  # noqa: E402
+from meshllm.runtime.local_workers import LocalWorkers  # noqa: E402
 from meshllm.step import SamplingParams  # noqa: E402
 
 
-def start_worker(name: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command + ["--name", name, "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"worker {name} did not start")
-
-
 async def measure(path: Path, workers: list[WorkerAddress], tokens: int) -> dict[str, float]:
-    coordinator = await Coordinator.start(str(path), workers, local_stage=True)
+    coordinator = await Coordinator.start(CoordinatorConfig(model=str(path), workers=tuple(workers)))
     prompt = list(range(3, 35))
     try:
 
         async def decode(n: int) -> None:
-            handle = coordinator.submit(prompt, SamplingParams(), n, ignore_eos=True)
+            handle = coordinator.generate(GenerateRequest(prompt, SamplingParams(), n, ignore_eos=True))
             async for _ in handle:
                 pass
 
@@ -83,22 +68,17 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    processes: list[subprocess.Popen] = []
     results: dict[str, dict[str, float]] = {}
+    workers = LocalWorkers()
     with tempfile.TemporaryDirectory() as folder:
         path = make_checkpoint(Path(folder) / "bench", arch="qwen3", spec=SPEC)
         try:
-            addresses = []
-            for index in range(3):
-                process, address = start_worker(f"w{index + 1}")
-                processes.append(process)
-                addresses.append(WorkerAddress(f"w{index + 1}", address))
+            addresses = workers.spawn(3, token=None, threads=1, output=subprocess.DEVNULL)
+            asyncio.run(workers.wait_healthy(token=None))
             for n_stages in (1, 2, 4):
                 results[str(n_stages)] = asyncio.run(measure(path, addresses[: n_stages - 1], args.tokens))
         finally:
-            for process in processes:
-                process.kill()
-                process.wait()
+            workers.stop()
 
     base = results["1"]["ms_per_token"]
     overhead = {n: (results[n]["ms_per_token"] - base) / (int(n) - 1) for n in ("2", "4")}

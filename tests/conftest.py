@@ -45,12 +45,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 class WorkerProcess:
     """A real `meshllm worker` process on 127.0.0.1, stopped by pid."""
 
-    def __init__(self, name: str, token: str | None = None, engine: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        token: str | None = None,
+        engine: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
         import subprocess
         import sys
 
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--name", name, "--threads", "1"]
@@ -61,7 +68,9 @@ class WorkerProcess:
         import tempfile
 
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=self.log, env={**os.environ, **(env or {})}
+        )
 
     def log_tail(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-3000:]

@@ -330,3 +330,22 @@ def test_stage_describes_itself(whole_stages):
     assert (stage.engine, stage.device_type, stage.dtype) == ("mlx", device_type, mx.float32)
     assert (stage.layer_range, stage.is_first, stage.is_last) == ((0, 4), True, True)
     assert stage.config.model_type == "qwen3"
+
+
+def test_load_reports_progress_up_to_the_whole_range(checkpoints):
+    fractions: list[float] = []
+    load_stage("mlx", checkpoints["qwen3"], (1, 3), progress=fractions.append)
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_device_the_mlx_engine_cannot_use_is_refused(checkpoints):
+    with pytest.raises(ConfigError, match=r"device 'cuda': the mlx engine runs on"):
+        load_stage("mlx", checkpoints["qwen3"], (0, 2), device="cuda")
+    assert load_stage("mlx", checkpoints["qwen3"], (0, 2), device="cpu").device_type == "cpu"
+
+
+def test_a_misspelt_load_option_is_an_error_not_ignored(checkpoints):
+    from meshllm.engines.mlx import load_stage as mlx_load_stage
+
+    with pytest.raises(TypeError, match="progres"):
+        mlx_load_stage(checkpoints["qwen3"], (0, 2), progres=print)

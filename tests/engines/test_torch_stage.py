@@ -229,3 +229,8 @@ def test_new_sequence_that_does_not_start_at_zero_is_refused(tiny_checkpoint: Ca
     with pytest.raises(StageError, match="sequence 1"):
         pipeline_logits([stage], [Segment(1, 3, 1)], np.array([5]))
     assert stage.live_sequences() == 0
+
+
+def test_a_misspelt_load_option_is_an_error_not_ignored(tiny_checkpoint: Callable[..., Path]) -> None:
+    with pytest.raises(TypeError, match="dtpye"):
+        load_stage(tiny_checkpoint(), (0, 2), dtpye="bfloat16")  # type: ignore[call-arg]

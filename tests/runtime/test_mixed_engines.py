@@ -6,17 +6,16 @@ import asyncio
 
 import pytest
 
-from meshllm.runtime.coordinator import Coordinator, WorkerAddress
-from meshllm.step import SamplingParams
-from tests.runtime.test_pipeline import PROMPT, reference_greedy
+from meshllm.runtime.coordinator_config import WorkerAddress
+from tests.runtime.test_coordinator import PROMPT, reference_greedy, request, start
 
 pytest.importorskip("mlx.core")
 
 
 async def greedy(path, engine: str, workers, n: int) -> tuple[list[int], list[str]]:
-    coordinator = await Coordinator.start(str(path), workers, engine=engine)
+    coordinator = await start(path, workers, engine=engine)
     try:
-        handle = coordinator.submit(PROMPT, SamplingParams(), n, ignore_eos=True)
+        handle = coordinator.generate(request(PROMPT, n))
         tokens = [token.token_id async for token in handle]
         return tokens, [device.engine for device in await coordinator.devices()]
     finally:

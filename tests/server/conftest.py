@@ -35,4 +35,4 @@ def client(cluster: ClusterServer) -> Any:
 
 @pytest.fixture(scope="session")
 def model(cluster: ClusterServer) -> str:
-    return cluster.coordinator.model_name
+    return cluster.coordinator.model.name

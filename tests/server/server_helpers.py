@@ -51,12 +51,15 @@ class ClusterServer:
 
     async def _main(self) -> None:
         from meshllm.runtime.coordinator import Coordinator
+        from meshllm.runtime.coordinator_config import CoordinatorConfig
         from meshllm.server.app import build_app
 
         try:
             await self.workers.wait_healthy(TOKEN)
             self.coordinator = await Coordinator.start(
-                model=str(self.checkpoint), workers=self.worker_addresses, token=TOKEN
+                CoordinatorConfig(
+                    model=str(self.checkpoint), workers=tuple(self.worker_addresses), token=TOKEN
+                )
             )
             self.loop = asyncio.get_running_loop()
             self._servers = [

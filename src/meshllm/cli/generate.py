@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from meshllm.defaults import DTYPES, ENGINES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="checkpoint folder, hub id, or 'demo' (default)")
@@ -16,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--engine", default=None, choices=("torch", "mlx"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--engine", default=None, choices=ENGINES)
     parser.add_argument(
         "--raw", action="store_true", help="use the prompt as it is, without the chat template"
     )
@@ -45,8 +47,8 @@ async def _generate(args: argparse.Namespace) -> int:
     from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
     from meshllm.models.plan import plan_layers
     from meshllm.models.tokenizer import chat_prompt_ids, load_tokenizer
-    from meshllm.runtime.pipeline import Pipeline
-    from meshllm.runtime.scheduler import Scheduler
+    from meshllm.runtime.engine_client import GenerateRequest
+    from meshllm.runtime.engine_loop import EngineLoop
     from meshllm.step import SamplingParams
 
     if args.model == DEMO_MODEL:
@@ -67,13 +69,12 @@ async def _generate(args: argparse.Namespace) -> int:
         prompt_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     eos = tuple(checkpoint.config.eos_token_ids)
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed, eos_token_ids=eos)
-    pipeline = Pipeline(stages, remote=None)
-    scheduler = Scheduler(pipeline)
+    engine_loop = EngineLoop.in_process(stages)
     started = time.perf_counter()
     first_token_at = None
     generated: list[int] = []
     printed = ""
-    async for token in scheduler.submit(prompt_ids, sampling, args.max_tokens):
+    async for token in engine_loop.submit(GenerateRequest(prompt_ids, sampling, args.max_tokens)):
         first_token_at = first_token_at or time.perf_counter()
         if token.finish_reason == "stop":
             break
@@ -91,6 +92,5 @@ async def _generate(args: argparse.Namespace) -> int:
         f"time to first token {((first_token_at or started) - started) * 1000:.0f} ms, {rate:.1f} tokens/s",
         file=sys.stderr,
     )
-    await scheduler.close()
-    await pipeline.close()
+    await engine_loop.close()
     return 0

@@ -12,13 +12,14 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from meshllm.defaults import DEFAULT_API_PORT, DTYPES, ENGINES
+
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import socket
 
-    from meshllm.runtime.coordinator import WorkerAddress
+    from meshllm.runtime.coordinator import Coordinator
+    from meshllm.runtime.coordinator_config import WorkerAddress
     from meshllm.runtime.local_workers import LocalWorkers
-
-DEFAULT_PORT = 8100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,19 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-local-stage", action="store_true", help="the coordinator computes no layers (workers do all)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"API port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_API_PORT, help=f"API port (default {DEFAULT_API_PORT})"
+    )
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--token", default=None, help="cluster token for the workers' gRPC calls")
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="weights and activations",
     )
-    parser.add_argument(
-        "--engine", default=None, choices=("torch", "mlx"), help="default: the platform's best"
-    )
+    parser.add_argument("--engine", default=None, choices=ENGINES, help="default: the platform's best")
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
     )
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_workers(spec: str | None) -> list[WorkerAddress]:
     """'w1=host:port,w2=host:port' -> WorkerAddress list, in chain order."""
     from meshllm.errors import ConfigError
-    from meshllm.runtime.coordinator import WorkerAddress
+    from meshllm.runtime.coordinator_config import WorkerAddress
 
     workers = []
     for item in (spec or "").split(","):
@@ -183,6 +184,7 @@ async def _serve(
     import signal
 
     from meshllm.runtime.coordinator import Coordinator
+    from meshllm.runtime.coordinator_config import CoordinatorConfig
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -197,23 +199,25 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
 
-    async def start() -> Any:
+    config = CoordinatorConfig(
+        model=args.model,
+        workers=tuple(workers),
+        local_stage=not args.no_local_stage,
+        dtype=args.dtype,
+        engine=args.engine,
+        token=token,
+        memory_overrides=memory_overrides or {},
+        step_timeout=args.step_timeout,
+        name=args.name,
+    )
+
+    async def start() -> Coordinator:
         await local_workers.wait_healthy(token)
         if not args.no_local_stage:
             import torch
 
             torch.set_num_threads(threads)
-        return await Coordinator.start(
-            model=args.model,
-            workers=workers,
-            local_stage=not args.no_local_stage,
-            dtype=args.dtype,
-            engine=args.engine,
-            token=token,
-            memory_overrides=memory_overrides,
-            step_timeout=args.step_timeout,
-            name=args.name,
-        )
+        return await Coordinator.start(config)
 
     starting = asyncio.create_task(start())
     stopping = asyncio.create_task(stop.wait())

@@ -6,15 +6,22 @@ import argparse
 import os
 import socket
 
+from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="port to listen on (default 50051)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_STAGE_PORT,
+        help=f"port to listen on (default {DEFAULT_STAGE_PORT})",
+    )
     parser.add_argument("--name", default=None, help="device name in logs and errors (default: host:port)")
     parser.add_argument("--token", default=None, help="cluster token every call must carry")
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
     parser.add_argument(
-        "--engine", choices=("torch", "mlx"), default=None, help="default: mlx on Apple silicon, else torch"
+        "--engine", choices=ENGINES, default=None, help="default: mlx on Apple silicon, else torch"
     )
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
@@ -45,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from meshllm.runtime.worker import serve_worker
+    from meshllm.runtime.stage_host import LocalStageHost
+    from meshllm.transport.stage_service import serve_stage
 
     token = read_token(args.token, args.token_file)
+    host = LocalStageHost(name, engine=args.engine, device=args.device)
     try:
-        asyncio.run(
-            serve_worker(args.host, args.port, name, token=token, engine=args.engine, device=args.device)
-        )
+        asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token))
     except OSError as error:
         raise ConfigError(f"worker {name}: {error}") from None
     except KeyboardInterrupt:

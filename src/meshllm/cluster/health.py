@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 import httpx
 
-from meshllm.transport.rpc import CHANNEL_OPTIONS, token_metadata
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.rpc import CHANNEL_OPTIONS, token_metadata
 
 
 @dataclass(frozen=True)

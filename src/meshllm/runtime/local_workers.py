@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from meshllm.errors import StageError
-from meshllm.runtime.coordinator import WorkerAddress
+from meshllm.runtime.coordinator_config import WorkerAddress
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ class LocalWorkers:
         return [worker.pid for worker in self.workers]
 
     def spawn(
-        self, count: int, token: str | None, threads: int, host: str = "127.0.0.1"
+        self,
+        count: int,
+        token: str | None,
+        threads: int,
+        host: str = "127.0.0.1",
+        output: int | None = None,
     ) -> list[WorkerAddress]:
-        """Start `count` workers on free ports of `host`; returns their addresses in chain order."""
+        """Start `count` workers on free ports of `host`; returns their addresses in chain order.
+
+        Their logs go to this process's stderr, or to `output` (e.g. `subprocess.DEVNULL`)."""
         ports = free_ports(count, host)
         for index, port in enumerate(ports, start=1):
             name = f"worker{index}"
@@ -58,6 +65,8 @@ class LocalWorkers:
                 _dying_with_this_process(command),
                 env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                 stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
                 start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
             )
             self.workers.append(LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process))
@@ -88,16 +97,12 @@ class LocalWorkers:
 
 
 async def _wait_for_health(worker: LocalWorker, token: str | None, timeout: float) -> None:
-    import grpc
-
-    from meshllm.transport.proto import meshllm_pb2 as pb
-    from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+    from meshllm.transport.stage_client import StageClient, TokenRefused
 
     name, address = worker.address.name, worker.address.address
-    metadata = [("x-meshllm-token", token)] if token else None
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pbg.StageStub(channel)
+    client = StageClient(name, address, token)
+    try:
         while True:
             code = worker.process.poll()
             if code is not None:
@@ -105,16 +110,18 @@ async def _wait_for_health(worker: LocalWorker, token: str | None, timeout: floa
                     f"device '{name}': the local worker exited during start (exit code {code}); see its output above"
                 )
             try:
-                reply = await stub.Health(pb.HealthRequest(), metadata=metadata, timeout=1.0)
-                if reply.ok:
-                    log.info("%s is healthy on %s", name, address)
-                    return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise StageError(f"device '{name}' ({address}) refused the cluster token") from None
+                await client.health(timeout=1.0)
+                log.info("%s is healthy on %s", name, address)
+                return
+            except TokenRefused:
+                raise
+            except StageError:
+                pass  # not listening yet
             if time.monotonic() > deadline:
                 raise StageError(f"device '{name}' ({address}) did not answer Health within {timeout:.0f} s")
             await asyncio.sleep(0.2)
+    finally:
+        await client.close()
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

@@ -1,158 +1,184 @@
-"""Continuous batching: admit many sequences, form steps of prefill chunks and decode tokens, and keep
-up to one step per stage in flight so that every machine works at once.
+"""Continuous batching as plain, synchronous policy: which segments form the next step, and what a
+step's sampled tokens mean for each sequence. No asyncio, no sockets: the engine loop
+(`engine_loop.py`) runs the steps this decides and delivers the events it returns.
 
-A sequence is in at most one in-flight step, so its positions advance strictly in order on every stage.
+- `add(request)` admits a sequence; `abort(seq_id)` ends one early.
+- `schedule()` forms the next step, or None: at most `max_in_flight` steps (one per stage) are out at
+  once, and a sequence is in at most one of them, so its positions advance strictly in order on every
+  stage. Decode tokens come first (they keep streams moving), then prompt chunks, within a token budget;
+  the live sequences are split into one micro-batch per stage so that every stage has work.
+- `update(step_id, tokens)` / `fail(step_id, error)` take a step's outcome and return what happened to
+  each sequence (`SequenceEvent`s) and which sequences the stages may now forget (`release`).
+- Every stop condition about tokens is decided here: eos (unless ignore_eos), stop token ids (once
+  min_tokens were made), max_tokens.
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import itertools
-import logging
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from meshllm.runtime.pipeline import Pipeline
-from meshllm.step import FinishReason, GeneratedToken, PipelineError, SamplingParams, Segment, StepInput
+from meshllm.runtime.engine_client import GenerateRequest
+from meshllm.step import FinishReason, GeneratedToken, PipelineError, SampledToken, Segment, StepInput
 
-log = logging.getLogger(__name__)
 
-_FINISHED = object()
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # admitted; no stage holds anything of it yet
+    RUNNING = "running"  # the stages hold its caches; not in a step right now
+    IN_FLIGHT = "in flight"  # part of a step that has not come back
+    ABORTING = "aborting"  # aborted while in flight: ends when its step comes back
 
 
 @dataclass
 class Sequence:
     seq_id: int
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    stop_on_eos: bool
-    stop_token_ids: frozenset[int] = frozenset()
+    request: GenerateRequest
     generated: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens already in every stage's KV cache: the next step starts here
-    in_flight: bool = False
-    scheduled: bool = False  # has been part of a step: stages may hold its caches
-    finished: bool = False
-    cancelled: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    status: SequenceStatus = SequenceStatus.WAITING
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.generated
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
 
     @property
     def pending(self) -> int:
         """Tokens not yet in the cache: the rest of the prompt, or the last sampled token."""
-        return len(self.prompt_ids) + len(self.generated) - self.n_cached
+        return self.length - self.n_cached
 
     @property
     def prefilling(self) -> bool:
-        return self.n_cached < len(self.prompt_ids)
+        return self.n_cached < len(self.request.prompt_ids)
+
+    def token_ids(self, start: int, count: int) -> list[int]:
+        """Tokens `[start, start + count)` of prompt + generated, without joining the two lists."""
+        prompt = self.request.prompt_ids
+        end = start + count
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.generated[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + self.generated[: end - len(prompt)]
+
+    def finish_reason(self, token_id: int) -> FinishReason | None:
+        """Whether the token just sampled ends the sequence, and why."""
+        request = self.request
+        if not request.ignore_eos and token_id in request.sampling.eos_token_ids:
+            return "stop"
+        if token_id in request.stop_token_ids and len(self.generated) > request.sampling.min_tokens:
+            return "stop"
+        if len(self.generated) >= request.max_tokens:
+            return "length"
+        return None
 
 
-class SequenceHandle:
-    """The async iterator of one sequence's tokens; ends after the token that carries a finish_reason."""
+@dataclass(frozen=True)
+class SequenceEvent:
+    """What happened to one sequence: a token, an error, or its end (`done`) after an abort."""
 
-    def __init__(self, sequence: Sequence, scheduler: Scheduler):
-        self._sequence = sequence
-        self._scheduler = scheduler
-        self.seq_id = sequence.seq_id
-        self.prompt_tokens = len(sequence.prompt_ids)
+    seq_id: int
+    token: GeneratedToken | None = None
+    error: PipelineError | None = None
 
-    def __aiter__(self) -> AsyncIterator[GeneratedToken]:
-        return self
+    @property
+    def done(self) -> bool:
+        return self.token is None or self.token.finish_reason is not None
 
-    async def __anext__(self) -> GeneratedToken:
-        event = await self._sequence.events.get()
-        if event is _FINISHED:
-            raise StopAsyncIteration
-        if isinstance(event, BaseException):
-            raise event
-        return event
 
-    def cancel(self) -> None:
-        self._scheduler.cancel(self.seq_id)
+@dataclass(frozen=True)
+class ScheduledStep:
+    step_id: int
+    input: StepInput  # token ids and segments, for the first stage
+    seq_ids: list[int]
+
+
+@dataclass
+class Update:
+    events: list[SequenceEvent] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)  # sequences every stage may drop now
 
 
 class Scheduler:
     def __init__(
         self,
-        pipeline: Pipeline,
+        max_in_flight: int,
         max_step_tokens: int = 512,
         max_step_sequences: int = 64,
-        max_in_flight: int | None = None,
         max_running: int = 128,
     ):
-        self.pipeline = pipeline
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight  # one step per stage keeps every stage busy
         self.max_step_tokens = max_step_tokens
         self.max_step_sequences = max_step_sequences
-        self.max_in_flight = max_in_flight or pipeline.depth
         # Sequences that hold KV caches on the stages; later arrivals wait, unstarted, for a free place.
         self.max_running = max_running
-        self._sequences: dict[int, Sequence] = {}
-        self._seq_ids = itertools.count(random.randrange(1, 1 << 40))
-        self._in_flight: set[asyncio.Task] = set()
-        self._background: set[asyncio.Task] = set()
+        self._sequences: dict[int, Sequence] = {}  # live ones, in arrival order
+        self._in_flight: dict[int, ScheduledStep] = {}
+        self._seq_ids = itertools.count(random.randrange(1, 1 << 40))  # unlike an earlier run's ids
+        self._step_ids = itertools.count(1)
 
     @property
     def live_sequences(self) -> int:
         return len(self._sequences)
 
-    def submit(
-        self,
-        prompt_ids: list[int],
-        sampling: SamplingParams,
-        max_tokens: int,
-        ignore_eos: bool = False,
-        stop_token_ids: frozenset[int] = frozenset(),
-    ) -> SequenceHandle:
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if sampling.seed is None:  # the last stage's generator is always seeded: same seed, same tokens
-            sampling = replace(sampling, seed=random.randrange(1 << 63))
-        sequence = Sequence(
-            next(self._seq_ids), list(prompt_ids), sampling, max_tokens, not ignore_eos, stop_token_ids
-        )
-        self._sequences[sequence.seq_id] = sequence
-        self._schedule()
-        return SequenceHandle(sequence, self)
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
-    def cancel(self, seq_id: int) -> None:
+    def status(self, seq_id: int) -> SequenceStatus | None:
+        """None for a sequence that ended (or never was)."""
         sequence = self._sequences.get(seq_id)
-        if sequence is None or sequence.finished:
-            return
-        sequence.cancelled = True
-        if not sequence.in_flight:
-            self._finish(sequence, _FINISHED)
+        return sequence.status if sequence else None
 
-    def _finish(self, sequence: Sequence, event: object) -> None:
-        sequence.finished = True
-        self._sequences.pop(sequence.seq_id, None)
-        sequence.events.put_nowait(event)
-        if event is not _FINISHED:
-            sequence.events.put_nowait(_FINISHED)
-        if sequence.scheduled:
-            self._spawn(self.pipeline.release([sequence.seq_id]))
+    def add(self, request: GenerateRequest) -> int:
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if request.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if (
+            request.sampling.seed is None
+        ):  # the last stage's generator is always seeded: same seed, same tokens
+            request = replace(request, sampling=replace(request.sampling, seed=random.randrange(1 << 63)))
+        sequence = Sequence(next(self._seq_ids), replace(request, prompt_ids=list(request.prompt_ids)))
+        self._sequences[sequence.seq_id] = sequence
+        return sequence.seq_id
 
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def abort(self, seq_id: int) -> Update:
+        update = Update()
+        sequence = self._sequences.get(seq_id)
+        if sequence is None or sequence.status == SequenceStatus.ABORTING:
+            return update
+        if sequence.status == SequenceStatus.IN_FLIGHT:
+            sequence.status = SequenceStatus.ABORTING  # the stages are still working on it
+        else:
+            self._finish(sequence, SequenceEvent(seq_id), update)
+        return update
 
-    def _form_step(self) -> tuple[StepInput, list[Sequence]] | None:
-        """Decode tokens first (they keep streams moving), then prefill chunks, within the token budget."""
-        ready = [s for s in self._sequences.values() if not s.in_flight and not s.finished and s.pending > 0]
-        # Decoding sequences first, each group in arrival order (the sort is stable).
-        ready.sort(key=lambda s: s.prefilling)
+    def _finish(self, sequence: Sequence, event: SequenceEvent, update: Update) -> None:
+        del self._sequences[sequence.seq_id]
+        update.events.append(event)
+        if sequence.status != SequenceStatus.WAITING:
+            update.release.append(sequence.seq_id)
+
+    def schedule(self) -> ScheduledStep | None:
+        """The next step to send, or None (enough steps are out, or no sequence has work)."""
+        if len(self._in_flight) >= self.max_in_flight:
+            return None
+        ready = [
+            s
+            for s in self._sequences.values()
+            if s.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING) and s.pending > 0
+        ]
+        ready.sort(key=lambda s: s.prefilling)  # decoding first, each group in arrival order (stable)
         # One micro-batch per stage: split the live sequences so that every stage has a step to work on.
         share = -(-min(len(self._sequences), self.max_running) // self.max_in_flight)
         max_sequences = min(self.max_step_sequences, max(share, 1))
-        running = sum(1 for s in self._sequences.values() if s.scheduled)
+        running = sum(1 for s in self._sequences.values() if s.status != SequenceStatus.WAITING)
         budget = self.max_step_tokens
         segments: list[Segment] = []
         token_ids: list[int] = []
@@ -160,91 +186,79 @@ class Scheduler:
         for sequence in ready:
             if budget <= 0 or len(segments) >= max_sequences:
                 break
-            if not sequence.scheduled:
+            if sequence.status == SequenceStatus.WAITING:
                 if running >= self.max_running:
                     continue  # waits until a running sequence finishes
                 running += 1
-            n = min(sequence.pending, budget)
+            count = min(sequence.pending, budget)
             start = sequence.n_cached
             segments.append(
                 Segment(
                     seq_id=sequence.seq_id,
                     start_pos=start,
-                    n_tokens=n,
-                    sample=start + n == len(sequence.tokens),
-                    sampling=sequence.sampling,
+                    n_tokens=count,
+                    sample=start + count == sequence.length,
+                    sampling=sequence.request.sampling,
                 )
             )
-            token_ids.extend(sequence.tokens[start : start + n])
+            token_ids.extend(sequence.token_ids(start, count))
             members.append(sequence)
-            budget -= n
+            budget -= count
         if not segments:
             return None
-        step = StepInput(
-            self.pipeline.next_step_id(), segments, token_ids=np.asarray(token_ids, dtype=np.int64)
+        step_id = next(self._step_ids)
+        for sequence in members:
+            sequence.status = SequenceStatus.IN_FLIGHT
+        step = ScheduledStep(
+            step_id,
+            StepInput(step_id, segments, token_ids=np.asarray(token_ids, dtype=np.int64)),
+            [s.seq_id for s in members],
         )
-        return step, members
+        self._in_flight[step_id] = step
+        return step
 
-    def _schedule(self) -> None:
-        while len(self._in_flight) < self.max_in_flight:
-            formed = self._form_step()
-            if formed is None:
-                return
-            step, members = formed
-            for sequence in members:
-                sequence.in_flight = sequence.scheduled = True
-            self._in_flight.add(asyncio.get_running_loop().create_task(self._run(step, members)))
-
-    async def _run(self, step: StepInput, members: list[Sequence]) -> None:
-        try:
-            await self._complete(step, members)
-        finally:
-            self._in_flight.discard(asyncio.current_task())
-            self._schedule()
-
-    async def _complete(self, step: StepInput, members: list[Sequence]) -> None:
-        try:
-            tokens = await self.pipeline.run_step(step)
-        except Exception as error:
-            failure = error if isinstance(error, PipelineError) else PipelineError(str(error))
-            log.warning("step %d failed: %s", step.step_id, failure)
-            for sequence in members:
-                sequence.in_flight = False
-                if not sequence.finished:
-                    self._finish(sequence, failure)
-            return
+    def update(self, step_id: int, tokens: list[SampledToken]) -> Update:
+        """A step came back with the tokens the last stage sampled."""
+        step = self._in_flight.pop(step_id)
         sampled = {token.seq_id: token for token in tokens}
-        for segment, sequence in zip(step.segments, members, strict=True):
-            sequence.in_flight = False
+        update = Update()
+        for segment in step.input.segments:
+            sequence = self._sequences.get(segment.seq_id)
+            if sequence is None:
+                continue  # ended while in flight (close)
             sequence.n_cached += segment.n_tokens
-            if sequence.cancelled:
-                self._finish(sequence, _FINISHED)
+            if sequence.status == SequenceStatus.ABORTING:
+                self._finish(sequence, SequenceEvent(sequence.seq_id), update)
                 continue
+            sequence.status = SequenceStatus.RUNNING
             token = sampled.get(sequence.seq_id)
             if token is None:
                 continue  # a prefill chunk that is not the prompt's last
             sequence.generated.append(token.token_id)
-            finish_reason: FinishReason | None = None
-            if sequence.stop_on_eos and token.token_id in sequence.sampling.eos_token_ids:
-                finish_reason = "stop"
-            elif (
-                token.token_id in sequence.stop_token_ids
-                and len(sequence.generated) > sequence.sampling.min_tokens
-            ):
-                finish_reason = "stop"
-            elif len(sequence.generated) >= sequence.max_tokens:
-                finish_reason = "length"
-            event = GeneratedToken(token.token_id, token.logprob, finish_reason)
+            finish_reason = sequence.finish_reason(token.token_id)
+            event = SequenceEvent(
+                sequence.seq_id, GeneratedToken(token.token_id, token.logprob, finish_reason)
+            )
             if finish_reason:
-                self._finish(sequence, event)
+                self._finish(sequence, event, update)
             else:
-                sequence.events.put_nowait(event)
+                update.events.append(event)
+        return update
 
-    async def close(self) -> None:
-        """End every live sequence with an error, then wait (briefly) for the stages to free their caches."""
+    def fail(self, step_id: int, error: PipelineError) -> Update:
+        """A step failed: every sequence in it ends with `error`."""
+        step = self._in_flight.pop(step_id)
+        update = Update()
+        for seq_id in step.seq_ids:
+            sequence = self._sequences.get(seq_id)
+            if sequence is not None:
+                self._finish(sequence, SequenceEvent(seq_id, error=error), update)
+        return update
+
+    def close(self, error: PipelineError) -> Update:
+        """End every live sequence with `error`; steps still out are forgotten."""
+        update = Update()
         for sequence in list(self._sequences.values()):
-            self._finish(sequence, PipelineError("the coordinator is shutting down"))
-        for task in list(self._in_flight):
-            task.cancel()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=5.0)
+            self._finish(sequence, SequenceEvent(sequence.seq_id, error=error), update)
+        self._in_flight.clear()
+        return update

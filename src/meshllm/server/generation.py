@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshllm.runtime.engine_client import GenerateRequest as EngineRequest
 from meshllm.server.errors import invalid, unavailable
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.text import IncrementalDetokenizer, StopStrings
@@ -54,7 +55,7 @@ class Generation:
         self._request = request
         self._metrics = metrics
         self._arrival = time.monotonic() if arrival is None else arrival
-        self._eos_token_ids = frozenset(coordinator.eos_token_ids)
+        self._eos_token_ids = frozenset(coordinator.model.eos_token_ids)
         self._detokenizer = IncrementalDetokenizer(
             coordinator.tokenizer, request.prompt_ids, request.skip_special_tokens
         )
@@ -79,8 +80,14 @@ class Generation:
         """Submits the sequence and waits for its first token. A pipeline that cannot serve it is a 503."""
         request = self._request
         try:
-            self._handle = self._coordinator.submit(
-                request.prompt_ids, request.sampling, request.max_tokens, ignore_eos=request.ignore_eos
+            self._handle = self._coordinator.generate(
+                EngineRequest(
+                    request.prompt_ids,
+                    request.sampling,
+                    request.max_tokens,
+                    ignore_eos=request.ignore_eos,
+                    stop_token_ids=request.stop_token_ids,
+                )
             )
         except PipelineUnavailable as error:
             raise unavailable(str(error)) from None
@@ -134,7 +141,7 @@ class Generation:
         if self._handle is not None and not self._ended:
             self._ended = True
             try:
-                self._coordinator.cancel(self._handle.seq_id)
+                self._coordinator.abort(self._handle.seq_id)
             except Exception:  # closing must never fail a request that is already over
                 log.exception("cancelling sequence %s failed", self._handle.seq_id)
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from meshllm.models.tokenizer import chat_prompt_ids
 from meshllm.server.checks import (
     refuse_unsupported_chat,
     refuse_unsupported_completion,
@@ -74,7 +73,7 @@ class OpenAIServing:
         self, coordinator: Any, served_model_name: str | None = None, metrics: ServerMetrics | None = None
     ) -> None:
         self.coordinator = coordinator
-        self.model_name = served_model_name or coordinator.model_name
+        self.model_name = served_model_name or coordinator.model.name
         self.metrics = metrics
         # Prompts are tokenized off the event loop, one at a time: a Rust tokenizer is not safe to call
         # from several threads at once.
@@ -86,8 +85,8 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------------ models
 
     def models(self) -> ModelList:
-        root = str(getattr(self.coordinator.checkpoint, "path", self.coordinator.model_name))
-        card = ModelCard(id=self.model_name, root=root, max_model_len=self.coordinator.max_context)
+        root = self.coordinator.model.root
+        card = ModelCard(id=self.model_name, root=root, max_model_len=self.coordinator.model.max_context)
         return ModelList(data=[card])
 
     def check_model(self, model: str | None) -> None:
@@ -107,7 +106,7 @@ class OpenAIServing:
             raise invalid(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
         try:
             prompt_ids = await self._in_tokenizer_thread(
-                chat_prompt_ids, self.coordinator.tokenizer, messages, template_kwargs
+                self.coordinator.chat_prompt_ids, messages, template_kwargs
             )
         except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
             raise invalid(f"the chat template could not render these messages: {error}", "messages") from None
@@ -198,7 +197,7 @@ class OpenAIServing:
         return prompt_ids
 
     def _check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab_size = self.coordinator.config.vocab_size
+        vocab_size = self.coordinator.model.vocab_size
         bad = [token_id for token_id in token_ids if not 0 <= token_id < vocab_size]
         if bad:
             raise invalid(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
@@ -232,7 +231,7 @@ class OpenAIServing:
             top_k=max(request.top_k or 0, 0),
             seed=None if request.seed is None else request.seed % 2**64,
             min_tokens=request.min_tokens,
-            eos_token_ids=tuple(self.coordinator.eos_token_ids) + tuple(stop_token_ids),
+            eos_token_ids=tuple(self.coordinator.model.eos_token_ids) + tuple(stop_token_ids),
         )
         generation = Generation(
             self.coordinator,
@@ -256,7 +255,7 @@ class OpenAIServing:
         self, prompt_ids: list[int], prompt_field: str, requested: int | None, field: str, default: int | None
     ) -> int:
         """The number of tokens to generate; a 400 naming the field when the context cannot hold them."""
-        max_context = self.coordinator.max_context
+        max_context = self.coordinator.model.max_context
         n_prompt = len(prompt_ids)
         if n_prompt >= max_context:
             raise invalid(

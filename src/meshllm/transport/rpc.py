@@ -14,7 +14,7 @@ import grpc
 from meshllm import __version__
 
 VERSION = __version__
-PROTOCOL_VERSION = 1  # bumped when the stage protocol changes in a way older peers cannot follow
+PROTOCOL_VERSION = 2  # bumped when the stage protocol changes in a way older peers cannot follow
 TOKEN_METADATA_KEY = "x-meshllm-token"  # gRPC metadata: the cluster token, on every call when there is one
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024  # a long prefill chunk of a large model fits comfortably
 
@@ -60,12 +60,17 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status of a failed call (blocking or asyncio); None for an error that carries none."""
+    code = getattr(error, "code", None)
+    return code() if callable(code) else None
+
+
 def explain(error: grpc.RpcError, device: str, address: str) -> str:
     """One sentence naming the device, what went wrong, and what to do about it."""
-    code = error.code() if isinstance(error, grpc.Call) else None
-    details = (error.details() if isinstance(error, grpc.Call) else str(error)) or (
-        code.name if code else "error"
-    )
+    code = status_code(error)
+    details_of = getattr(error, "details", None)
+    details = (details_of() if callable(details_of) else str(error)) or (code.name if code else "error")
     where = f"device '{device}' ({address})"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"{where} refused the cluster token ({details}); give it the same token as the coordinator"
@@ -80,4 +85,4 @@ def explain(error: grpc.RpcError, device: str, address: str) -> str:
 
 def is_refusal(error: grpc.RpcError) -> bool:
     """The peer answered but refused the cluster token."""
-    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAUTHENTICATED
+    return status_code(error) == grpc.StatusCode.UNAUTHENTICATED

@@ -169,13 +169,9 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ok", "loaded", "model", "message")
-    OK_FIELD_NUMBER: _ClassVar[int]
-    LOADED_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("model", "message")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    ok: bool
-    loaded: bool
     model: str
     message: str
-    def __init__(self, ok: _Optional[bool] = ..., loaded: _Optional[bool] = ..., model: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -1,4 +1,4 @@
-"""The pipeline over gRPC: real worker processes on 127.0.0.1 give exactly the single-process tokens."""
+"""The coordinator over gRPC: real worker processes on 127.0.0.1 give exactly the single-process tokens."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import os
 import signal
 import time
 
-import grpc
 import numpy as np
 import pytest
 
 from meshllm.engines.torch import load_stage
 from meshllm.errors import StageError
-from meshllm.runtime.coordinator import Coordinator, WorkerAddress
+from meshllm.runtime.coordinator import Coordinator
+from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
+from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.step import PipelineError, SamplingParams, Segment, StepInput
-from meshllm.transport.proto import meshllm_pb2 as pb
-from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.stage_client import StageClient
 from tests.conftest import WorkerProcess
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 61, 128, 11, 300, 12]
@@ -48,10 +48,18 @@ def reference_greedy(path, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
+async def start(path, workers: list[WorkerAddress], **options) -> Coordinator:
+    return await Coordinator.start(CoordinatorConfig(model=str(path), workers=tuple(workers), **options))
+
+
+def request(prompt: list[int], n: int, sampling: SamplingParams | None = None) -> GenerateRequest:
+    return GenerateRequest(prompt, sampling or SamplingParams(), n, ignore_eos=True)
+
+
 async def generate(
     coordinator: Coordinator, prompt: list[int], n: int, sampling: SamplingParams | None = None
 ):
-    handle = coordinator.submit(prompt, sampling or SamplingParams(), n, ignore_eos=True)
+    handle = coordinator.generate(request(prompt, n, sampling))
     return [token.token_id async for token in handle]
 
 
@@ -63,9 +71,11 @@ def layout(
 
 
 async def live_sequences(worker: WorkerProcess) -> int:
-    async with grpc.aio.insecure_channel(worker.address) as channel:
-        info = await pbg.StageStub(channel).Info(pb.InfoRequest(), timeout=5)
-        return info.live_sequences
+    client = StageClient(worker.name, worker.address, token=None)
+    try:
+        return (await client.info(timeout=5)).live_sequences
+    finally:
+        await client.close()
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -75,7 +85,7 @@ def test_every_layout_gives_the_single_process_greedy_tokens(arch, tiny_checkpoi
 
     async def run(n_stages: int) -> list[int]:
         remote, local = layout(workers, n_stages)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=local)
+        coordinator = await start(path, remote, local_stage=local)
         try:
             assert [d.layers for d in await coordinator.devices()][-1][1] == 4
             return await generate(coordinator, PROMPT, 12)
@@ -91,7 +101,7 @@ def test_workers_only_layout_without_a_local_stage(tiny_checkpoint, workers):
 
     async def run() -> list[int]:
         remote, _ = layout(workers, 3, local=False)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=False)
+        coordinator = await start(path, remote, local_stage=False)
         try:
             return await generate(coordinator, PROMPT, 8)
         finally:
@@ -106,7 +116,7 @@ def test_a_seeded_sampled_run_gives_the_same_tokens_on_every_layout(tiny_checkpo
 
     async def run(n_stages: int) -> list[int]:
         remote, local = layout(workers, n_stages)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=local)
+        coordinator = await start(path, remote, local_stage=local)
         try:
             return await generate(coordinator, PROMPT, 16, sampling)
         finally:
@@ -123,7 +133,7 @@ def test_eight_concurrent_sequences_through_three_stages_match_each_alone(tiny_c
 
     async def run() -> tuple[list[list[int]], list[list[int]], list[int]]:
         remote, local = layout(workers, 3)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=local)
+        coordinator = await start(path, remote, local_stage=local)
         try:
             alone = [await generate(coordinator, prompt, 10) for prompt in prompts]
             together = await asyncio.gather(*(generate(coordinator, prompt, 10) for prompt in prompts))
@@ -143,12 +153,12 @@ def test_cancelled_sequences_leave_no_cache_on_any_worker(tiny_checkpoint, worke
 
     async def run() -> list[int]:
         remote, local = layout(workers, 4)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=local)
+        coordinator = await start(path, remote, local_stage=local)
         try:
-            handles = [coordinator.submit(PROMPT, SamplingParams(), 500, ignore_eos=True) for _ in range(4)]
+            handles = [coordinator.generate(request(PROMPT, 500)) for _ in range(4)]
             for handle in handles:
                 await handle.__anext__()
-                coordinator.cancel(handle.seq_id)
+                coordinator.abort(handle.seq_id)
             for handle in handles:
                 async for _ in handle:
                     pass
@@ -168,15 +178,13 @@ def test_a_worker_refuses_calls_without_the_cluster_token_and_the_error_names_it
     (worker,) = start_workers(1, token="s3cret", prefix="guarded")
 
     async def without_token() -> None:
-        await Coordinator.start(str(path), [WorkerAddress(worker.name, worker.address)], token=None)
+        await start(path, [WorkerAddress(worker.name, worker.address)], token=None)
 
     with pytest.raises(StageError, match=rf"device '{worker.name}' .*refused the cluster token"):
         asyncio.run(without_token())
 
     async def with_token() -> list[int]:
-        coordinator = await Coordinator.start(
-            str(path), [WorkerAddress(worker.name, worker.address)], token="s3cret"
-        )
+        coordinator = await start(path, [WorkerAddress(worker.name, worker.address)], token="s3cret")
         try:
             return await generate(coordinator, PROMPT, 4)
         finally:
@@ -190,11 +198,11 @@ def test_an_unreachable_worker_is_named_with_what_to_do(tiny_checkpoint):
 
     address = f"127.0.0.1:{free_port()}"
 
-    async def start() -> None:
-        await Coordinator.start(str(tiny_checkpoint("qwen3")), [WorkerAddress("mini2", address)])
+    async def start_unreachable() -> None:
+        await start(tiny_checkpoint("qwen3"), [WorkerAddress("mini2", address)])
 
     with pytest.raises(StageError, match=r"device 'mini2' .* unreachable.*meshllm worker"):
-        asyncio.run(start())
+        asyncio.run(start_unreachable())
 
 
 def test_killing_a_worker_mid_generation_ends_the_request_with_an_error_quickly(
@@ -205,9 +213,9 @@ def test_killing_a_worker_mid_generation_ends_the_request_with_an_error_quickly(
 
     async def run() -> tuple[float, str, list[str]]:
         remote = [WorkerAddress(first.name, first.address), WorkerAddress(second.name, second.address)]
-        coordinator = await Coordinator.start(str(path), remote, step_timeout=30)
+        coordinator = await start(path, remote, step_timeout=30)
         try:
-            handle = coordinator.submit(PROMPT, SamplingParams(), 1500, ignore_eos=True)
+            handle = coordinator.generate(request(PROMPT, 1500))
             await handle.__anext__()
             os.kill(second.process.pid, signal.SIGKILL)
             killed_at = time.monotonic()
@@ -234,7 +242,7 @@ def test_a_prompt_longer_than_one_step_is_prefilled_in_chunks_with_the_same_toke
 
     async def run() -> list[int]:
         remote, local = layout(workers, 2)
-        coordinator = await Coordinator.start(str(path), remote, local_stage=local, max_step_tokens=512)
+        coordinator = await start(path, remote, local_stage=local, max_step_tokens=512)
         try:
             return await generate(coordinator, prompt, 6)
         finally:
@@ -244,27 +252,26 @@ def test_a_prompt_longer_than_one_step_is_prefilled_in_chunks_with_the_same_toke
 
 
 def test_sequences_beyond_the_running_limit_wait_without_caches_and_then_complete(tiny_checkpoint):
-    from meshllm.runtime.pipeline import Pipeline
-    from meshllm.runtime.scheduler import Scheduler
+    from meshllm.runtime.engine_loop import EngineLoop
 
     path = tiny_checkpoint("llama")
     stage = load_stage(str(path), (0, 4))
     prompts = [[(11 * i + j) % 400 + 3 for j in range(4 + i)] for i in range(5)]
 
     async def run() -> tuple[list[list[int]], int]:
-        scheduler = Scheduler(Pipeline([stage], remote=None), max_running=2)
+        engine = EngineLoop.in_process([stage], max_running=2)
         most_caches = 0
 
         async def one(prompt: list[int]) -> list[int]:
             nonlocal most_caches
             tokens = []
-            async for token in scheduler.submit(prompt, SamplingParams(), 6, ignore_eos=True):
+            async for token in engine.submit(request(prompt, 6)):
                 most_caches = max(most_caches, stage.live_sequences())
                 tokens.append(token.token_id)
             return tokens
 
         results = await asyncio.gather(*(one(prompt) for prompt in prompts))
-        await scheduler.close()
+        await engine.close()
         return list(results), most_caches
 
     results, most_caches = asyncio.run(run())

@@ -1,0 +1,48 @@
+"""Everything a coordinator is started with, in one frozen object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshllm.defaults import COORDINATOR_STAGE
+from meshllm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    name: str
+    address: str  # "host:port" the coordinator (and the previous stage) dials
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: str  # a local folder, a hub id, or "demo"
+    workers: tuple[WorkerAddress, ...] = ()  # in chain order, after the coordinator's own stage
+    local_stage: bool = True  # the coordinator computes the first layers itself
+    dtype: str = "float32"
+    engine: str | None = None  # None: the platform's best (mlx on Apple silicon, else torch)
+    device: str | None = None  # the local stage's torch device (None: cuda, then mps, then cpu)
+    token: str | None = None  # the cluster token every gRPC call carries
+    name: str = COORDINATOR_STAGE  # this device's name in the plan, logs and /distributed/gpu-info
+    memory_overrides: Mapping[str, int] = field(default_factory=dict)  # bytes the plan may use, by device
+    layer_overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # fixed ranges, by device
+    step_timeout: float = 30.0  # seconds a pipeline step may take before its sequences fail
+    monitor_interval: float = 1.0  # seconds between two looks at every device
+    max_step_tokens: int = 512
+    max_running: int = 128  # sequences holding KV caches at once; later ones wait
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", tuple(self.workers))
+        if not self.local_stage and not self.workers:
+            raise ConfigError("the coordinator computes nothing (--no-local-stage) and has no workers")
+        names = [self.name] * self.local_stage + [worker.name for worker in self.workers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"device names must be unique, got {', '.join(names)}")
+        if self.step_timeout <= 0:
+            raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
+
+    @property
+    def device_names(self) -> list[str]:
+        """Every device of the plan, in chain order."""
+        return [self.name] * self.local_stage + [worker.name for worker in self.workers]

@@ -1,0 +1,156 @@
+"""The coordinator's watch over its devices: each one's status (the rows of /distributed/gpu-info and
+the answer of /health), refreshed about once a second, and the reload of a worker that came back
+without its layers (it was restarted)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from meshllm.devices import DeviceStatus, describe_host
+from meshllm.errors import StageError
+from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange
+from meshllm.transport.rpc import VERSION
+from meshllm.transport.stage_client import StageClient
+
+log = logging.getLogger(__name__)
+
+
+class DeviceMonitor:
+    def __init__(
+        self,
+        model: str,
+        local_name: str,
+        local: list[LocalStageHost],
+        workers: list[tuple[StageClient, LayerRange]],  # in chain order, with the range each should hold
+        reload: Callable[[StageClient], Awaitable[None]],
+    ) -> None:
+        self.model = model
+        self.local_name = local_name
+        self.local = local
+        self.workers = workers
+        self._reload_worker = reload
+        self._status: dict[str, DeviceStatus] = {}
+        self._reloads: dict[str, asyncio.Task[None]] = {}  # kept, so a reload is never collected mid-way
+        self._watch: asyncio.Task[None] | None = None
+
+    # ---- status --------------------------------------------------------------------------------
+
+    def _local_status(self) -> list[DeviceStatus]:
+        statuses = []
+        for index, host in enumerate(self.local):
+            stage = host.stage
+            assert stage is not None  # the coordinator's own stages are loaded before it serves
+            device = describe_host(stage.device_type)
+            statuses.append(
+                DeviceStatus(
+                    device_id=index,
+                    name=self.local_name,
+                    hostname=device.hostname,
+                    address="local",
+                    role="coordinator",
+                    status="healthy",
+                    engine=stage.engine,
+                    device_type=device.device_type,
+                    memory_total=device.memory_total,
+                    memory_available=device.memory_available,
+                    weight_bytes=stage.weight_bytes(),
+                    layers=stage.layer_range,
+                    live_sequences=stage.live_sequences(),
+                    rtt_ms=None,
+                    version=VERSION,
+                )
+            )
+        return statuses
+
+    async def _worker_status(self, device_id: int, client: StageClient, planned: LayerRange) -> DeviceStatus:
+        started = time.perf_counter()
+        try:
+            info = await client.info(timeout=2.0)
+        except StageError as error:
+            previous = self._status.get(client.name)
+            return DeviceStatus(
+                device_id=device_id, name=client.name, hostname=previous.hostname if previous else "",
+                address=client.address, role="worker", status="unreachable",
+                engine=previous.engine if previous else "", device_type=previous.device_type if previous else "",
+                memory_total=0, memory_available=0, weight_bytes=0, layers=planned, live_sequences=0,
+                rtt_ms=None, version="", error=str(error),
+            )  # fmt: skip
+        rtt_ms = (time.perf_counter() - started) * 1000
+        loaded = info.model == self.model and info.layers == planned
+        return DeviceStatus(
+            device_id=device_id,
+            name=client.name,
+            hostname=info.hostname,
+            address=client.address,
+            role="worker",
+            status="healthy" if loaded else "not loaded",
+            engine=info.engine,
+            device_type=info.device_type,
+            memory_total=info.memory_total,
+            memory_available=info.memory_available,
+            weight_bytes=info.weight_bytes,
+            layers=planned,
+            live_sequences=info.live_sequences,
+            rtt_ms=round(rtt_ms, 3),
+            version=info.version,
+            error="" if loaded else f"device '{client.name}' has not loaded its layers",
+        )
+
+    async def refresh(self) -> list[DeviceStatus]:
+        """Ask every device now; also refreshes the snapshot the health check reads."""
+        offset = len(self.local)
+        remote = await asyncio.gather(
+            *(
+                self._worker_status(offset + i, client, planned)
+                for i, (client, planned) in enumerate(self.workers)
+            )
+        )
+        statuses = self._local_status() + list(remote)
+        self._status = {status.name: status for status in statuses}
+        return statuses
+
+    def snapshot(self) -> list[DeviceStatus]:
+        return list(self._status.values())
+
+    def unhealthy(self) -> list[DeviceStatus]:
+        return [status for status in self._status.values() if not status.healthy]
+
+    # ---- watching ------------------------------------------------------------------------------
+
+    def start(self, interval: float) -> None:
+        self._watch = asyncio.create_task(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        """Refresh every device's status; reload a worker that restarted and lost its layers."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+                for client, _ in self.workers:
+                    status = self._status.get(client.name)
+                    if status and status.status == "not loaded" and client.name not in self._reloads:
+                        self._reloads[client.name] = asyncio.create_task(self._reload(client))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("device monitor failed")
+
+    async def _reload(self, client: StageClient) -> None:
+        try:
+            log.warning("%s came back without its layers: loading them again", client.name)
+            await self._reload_worker(client)
+            await self.refresh()
+        except Exception as error:
+            log.error("reloading %s failed: %s", client.name, error)
+        finally:
+            self._reloads.pop(client.name, None)
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._watch, *self._reloads.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

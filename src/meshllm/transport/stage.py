@@ -1,0 +1,72 @@
+"""The stage protocol without gRPC: what a stage host does, and what Load asks of it.
+
+The stage service (`stage_service.py`) serves a `StageHost` over gRPC; the runtime provides the host
+(an engine's stage plus the sampler). The stage client (`stage_client.py`) makes the same calls from
+the coordinator's side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshllm.devices import StageInfo
+from meshllm.step import LayerRange, SampledToken, StepInput
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What a stage is asked to load."""
+
+    model: str  # a local folder or hub id, as the stage's machine can resolve it
+    layer_range: LayerRange
+    dtype: str
+    engine: str | None = None  # None: the host's own engine
+
+
+@dataclass(frozen=True)
+class Health:
+    model: str  # empty until loaded
+    message: str  # one line: what the stage holds, or what it waits for
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step gives: hidden states for the next stage, or the sampled tokens on the last stage."""
+
+    hidden_states: Any = None  # [T, hidden] in the host's framework; None on the last stage
+    tokens: list[SampledToken] | None = None  # the last stage's sampled tokens
+
+
+class StageHost(Protocol):
+    """One stage's plain, blocking operations. The service calls them on one compute thread, in
+    arrival order, so a host needs no locks."""
+
+    name: str
+
+    @property
+    def framework(self) -> str:
+        """The tensor framework of its hidden states: 'torch' or 'mlx'."""
+        ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def info(self) -> StageInfo: ...
+
+    def health(self) -> Health: ...
+
+    def load(self, spec: LoadSpec, progress: Callable[[float], None]) -> None:
+        """Replace whatever is loaded by `spec`'s layers; `progress(fraction)` as tensors are read."""
+        ...
+
+    def step(self, step: StepInput) -> StepOutcome:
+        """Run one step (a StageError when nothing is loaded or the step is malformed)."""
+        ...
+
+    def release(self, seq_ids: list[int]) -> int:
+        """Drop these sequences' caches and sampler state; returns the sequences still live."""
+        ...
+
+    def close(self) -> None: ...

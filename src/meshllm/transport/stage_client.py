@@ -1,0 +1,193 @@
+"""The coordinator's side of the stage protocol: calls to one stage, and the Forward chain.
+
+`StageClient` makes the unary calls (Info, Health, Release) and Load; `ForwardChain` keeps one
+long-lived Forward stream to the first remote stage and matches the results that come back to their
+steps. Every failure is a `StageError` or `PipelineError` whose message names the device and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from meshllm.devices import StageInfo
+from meshllm.errors import StageError
+from meshllm.step import PipelineError, StepInput, StepResult
+from meshllm.transport.codec import decode_info, decode_result, encode_step
+from meshllm.transport.proto import meshllm_pb2 as pb
+from meshllm.transport.proto import meshllm_pb2_grpc as pbg
+from meshllm.transport.rpc import explain, insecure_channel, is_refusal, token_metadata
+from meshllm.transport.stage import Health, LoadSpec
+
+log = logging.getLogger(__name__)
+
+
+class TokenRefused(StageError):
+    """The stage answered, but refused the cluster token."""
+
+
+# A step encoded for the wire (done on the caller's compute thread, off the event loop).
+PreparedStep = pb.StepRequest
+
+
+def prepare_step(step: StepInput) -> PreparedStep:
+    return encode_step(step)
+
+
+class StageClient:
+    """One remote stage, by name and address, on one channel; every call carries the cluster token."""
+
+    def __init__(self, name: str, address: str, token: str | None):
+        self.name = name
+        self.address = address
+        self._metadata = token_metadata(token)
+        self.channel = insecure_channel(address)
+        self._stub = pbg.StageStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def describe(self) -> str:
+        return f"device '{self.name}' ({self.address})"
+
+    def _error(self, error: grpc.RpcError) -> StageError:
+        kind = TokenRefused if is_refusal(error) else StageError
+        return kind(explain(error, self.name, self.address))
+
+    async def info(self, timeout: float = 3.0) -> StageInfo:
+        try:
+            reply = await self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        return decode_info(reply)
+
+    async def health(self, timeout: float = 1.0) -> Health:
+        try:
+            reply = await self._stub.Health(pb.HealthRequest(), metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        return Health(model=reply.model, message=reply.message)
+
+    async def load(self, spec: LoadSpec, next_stage: str, on_progress: Callable[[str], None]) -> None:
+        """Load `spec` there; `next_stage` is the address its output goes to ("" when it is last)."""
+        request = pb.LoadRequest(
+            model=spec.model,
+            layer_start=spec.layer_range.start,
+            layer_end=spec.layer_range.end,
+            dtype=spec.dtype,
+            next_stage=next_stage,
+            engine=spec.engine or "",
+        )
+        try:
+            async for progress in self._stub.Load(request, metadata=self._metadata):
+                if progress.error:
+                    raise StageError(f"{self.describe()} failed to load: {progress.error}")
+                on_progress(progress.message)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+
+    async def release(self, seq_ids: list[int], timeout: float = 5.0) -> int:
+        """Drop these sequences' caches there; returns the sequences still live on it."""
+        try:
+            reply = await self._stub.Release(
+                pb.ReleaseRequest(seq_ids=seq_ids), metadata=self._metadata, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        return int(reply.live_sequences)
+
+    def open_forward(self) -> grpc.aio.StreamStreamCall:
+        return self._stub.Forward(metadata=self._metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ForwardChain:
+    """One long-lived Forward stream to the first remote stage; results are matched to steps by id."""
+
+    def __init__(self, stages: list[StageClient], step_timeout: float):
+        self.stages = stages
+        self.step_timeout = step_timeout
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[StepResult]] = {}
+        self._open_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()  # a gRPC stream takes one write at a time
+
+    @property
+    def first(self) -> StageClient:
+        return self.stages[0]
+
+    async def _ensure_open(self) -> grpc.aio.StreamStreamCall:
+        async with self._open_lock:
+            if self._call is None:
+                self._call = self.first.open_forward()
+                self._reader = asyncio.create_task(self._read(self._call))
+            return self._call
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async for result in call:
+                future = self._pending.pop(result.step_id, None)
+                if future is None or future.done():
+                    continue
+                if result.error:
+                    future.set_exception(PipelineError(result.error))
+                else:
+                    future.set_result(decode_result(result))
+            self._fail_all(PipelineError(f"the stream to {self.first.describe()} ended unexpectedly"))
+        except grpc.aio.AioRpcError as error:
+            self._fail_all(PipelineError(self._explain(error)))
+        except asyncio.CancelledError:
+            self._fail_all(PipelineError("the pipeline was reset"))
+        finally:
+            if self._call is call:
+                self._call = None
+
+    def _explain(self, error: grpc.aio.AioRpcError) -> str:
+        details = error.details() or error.code().name
+        if (
+            error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE)
+            and "worker " not in details
+        ):
+            return explain(error, self.first.name, self.first.address)
+        return f"stage failure ({error.code().name}): {details}"  # a stage further down, named in details
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def submit(self, request: PreparedStep) -> StepResult:
+        call = await self._ensure_open()
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._pending[request.step_id] = future
+        try:
+            async with self._write_lock:
+                await call.write(request)
+        except Exception as error:  # the stream broke: AioRpcError, or "RPC already finished"
+            self._pending.pop(request.step_id, None)
+            if self._call is call:
+                await self.reset()  # the next step opens a new stream
+            details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            raise PipelineError(f"the stream to {self.first.describe()} broke: {details}") from None
+        try:
+            return await asyncio.wait_for(future, self.step_timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(request.step_id, None)
+            await self.reset()
+            raise PipelineError(
+                f"step timed out after {self.step_timeout:.0f} s in the chain from {self.first.describe()}"
+            ) from None
+
+    async def reset(self) -> None:
+        """Close the stream; in-flight steps fail, the next step opens a new one."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._fail_all(PipelineError("the pipeline was reset"))

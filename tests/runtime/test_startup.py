@@ -1,0 +1,44 @@
+"""Starting a coordinator: what it refuses before it loads anything."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from meshllm import __version__
+from meshllm.errors import StageError
+from meshllm.runtime.coordinator_config import WorkerAddress
+from tests.conftest import WorkerProcess
+from tests.runtime.test_coordinator import PROMPT, generate, reference_greedy, start
+
+
+def test_a_worker_of_another_meshllm_version_is_refused_naming_both_versions(tiny_checkpoint, tmp_path: Path):
+    # A worker whose meshllm reports 0.0.9: a sitecustomize on its path rewrites the version at start.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sitecustomize.py").write_text("import meshllm\nmeshllm.__version__ = '0.0.9'\n")
+    worker = WorkerProcess("old1", env={"PYTHONPATH": str(tmp_path / "old")})
+    try:
+        worker.wait_ready()
+        with pytest.raises(StageError) as refused:
+            asyncio.run(start(tiny_checkpoint("qwen3"), [WorkerAddress(worker.name, worker.address)]))
+    finally:
+        worker.kill()
+    message = str(refused.value)
+    assert f"device 'old1' ({worker.address}) runs meshllm 0.0.9" in message
+    assert f"the coordinator {__version__}" in message and "install the same version on both" in message
+
+
+def test_a_worker_of_the_same_version_is_accepted(tiny_checkpoint, start_workers):
+    path = tiny_checkpoint("qwen3")
+    (worker,) = start_workers(1, prefix="same")
+
+    async def run() -> list[int]:
+        coordinator = await start(path, [WorkerAddress(worker.name, worker.address)])
+        try:
+            return await generate(coordinator, PROMPT, 4)
+        finally:
+            await coordinator.close()
+
+    assert asyncio.run(run()) == reference_greedy(path, PROMPT, 4)
