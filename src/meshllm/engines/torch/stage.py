@@ -167,6 +167,7 @@ def load_stage(
         model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
     model.to(target)
     model.eval()
+    model.fuse()
     stage = TorchStage(model, bounds.layer_range, is_first, is_last)
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
