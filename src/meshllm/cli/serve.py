@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from meshllm.defaults import DEFAULT_API_PORT, DTYPES, ENGINES
+from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import asyncio
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPES,
         help="weights and activations",
     )
+    add_quantize_arguments(parser)
     parser.add_argument("--engine", default=None, choices=ENGINES, help="default: the platform's best")
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
@@ -74,6 +75,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
+    )
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="hold the linear layers as int8 (per channel) or int4 (per group); default: as stored",
+    )
+    parser.add_argument(
+        "--quantize-group",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="N",
+        help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE})",
     )
 
 
@@ -206,6 +223,8 @@ async def _serve(
         workers=tuple(workers),
         local_stage=not args.no_local_stage,
         dtype=args.dtype,
+        quantize=args.quantize,
+        group_size=args.quantize_group,
         engine=args.engine,
         token=token,
         memory_overrides=memory_overrides or {},

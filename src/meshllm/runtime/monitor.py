@@ -62,6 +62,7 @@ class DeviceMonitor:
                     live_sequences=stage.live_sequences(),
                     rtt_ms=None,
                     version=VERSION,
+                    quantize=host.quantize or "",
                 )
             )
         return statuses
@@ -98,6 +99,7 @@ class DeviceMonitor:
             rtt_ms=round(rtt_ms, 3),
             version=info.version,
             error="" if loaded else f"device '{client.name}' has not loaded its layers",
+            quantize=info.quantize,
         )
 
     async def refresh(self) -> list[DeviceStatus]:

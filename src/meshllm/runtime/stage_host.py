@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 class LocalStageHost:
     """Layers of one checkpoint on this process's engine; samples when it holds the last layers."""
 
-    def __init__(self, name: str, engine: str | None = None, device: str | None = None):
+    def __init__(
+        self, name: str, engine: str | None = None, device: str | None = None, quantize: str | None = None
+    ):
         self.name = name
         self.engine = engine or default_engine()
         self.device = device
+        self.own_quantize = quantize  # this device's own choice; wins over what Load asks
+        self.quantize: str | None = None  # of the loaded stage
         self.stage: Stage | None = None
         self.sampler = Sampler()
         self.model = ""
@@ -36,10 +40,12 @@ class LocalStageHost:
         self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
 
     @classmethod
-    def of(cls, name: str, stage: Stage, model: str = "", num_layers: int = 0) -> LocalStageHost:
+    def of(
+        cls, name: str, stage: Stage, model: str = "", num_layers: int = 0, quantize: str | None = None
+    ) -> LocalStageHost:
         """A host around a stage loaded already."""
         host = cls(name, engine=stage.engine)
-        host.stage, host.model, host.num_layers = stage, model, num_layers
+        host.stage, host.model, host.num_layers, host.quantize = stage, model, num_layers, quantize
         return host
 
     @property
@@ -78,6 +84,7 @@ class LocalStageHost:
             weight_bytes=stage.weight_bytes() if stage is not None else 0,
             version=VERSION,
             protocol_version=PROTOCOL_VERSION,
+            quantize=(self.quantize or "") if stage is not None else "",
         )
 
     def health(self) -> Health:
@@ -87,13 +94,21 @@ class LocalStageHost:
 
     def load(self, spec: LoadSpec, progress: Callable[[float], None] | None = None) -> None:
         engine = spec.engine or self.engine
+        quantize = self.own_quantize or spec.quantize
         self.stage = None  # free the old range before reading the new one
         self.model = ""
         checkpoint = Checkpoint.open(spec.model)
         stage = load_stage(
-            engine, checkpoint, spec.layer_range, dtype=spec.dtype, device=self.device, progress=progress
+            engine,
+            checkpoint,
+            spec.layer_range,
+            dtype=spec.dtype,
+            device=self.device,
+            progress=progress,
+            quantize=quantize,
+            group_size=spec.group_size,
         )
-        self.stage, self.engine, self.model = stage, engine, spec.model
+        self.stage, self.engine, self.model, self.quantize = stage, engine, spec.model, quantize
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
 

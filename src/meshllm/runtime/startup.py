@@ -64,7 +64,14 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         devices.append((config.name, memory.get(config.name, local.memory_available)))
     for client, info in zip(clients, infos, strict=True):
         devices.append((client.name, memory.get(client.name, info.memory_available)))
-    plan = make_plan(checkpoint, devices, config.dtype, dict(config.layer_overrides) or None)
+    plan = make_plan(
+        checkpoint,
+        devices,
+        config.dtype,
+        dict(config.layer_overrides) or None,
+        quantize={name: config.quantize_of(name) for name, _ in devices},
+        group_size=config.group_size,
+    )
     for planned in plan:
         log.info(
             "plan: %s runs layers %s (%.1f MB)",
@@ -76,11 +83,19 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     local_hosts = []
     if config.local_stage:
         layer_range = plan[0].layer_range
+        quantize = config.quantize_of(config.name)
         stage = await asyncio.to_thread(
-            load_stage, engine, checkpoint, layer_range, dtype=config.dtype, device=config.device
+            load_stage,
+            engine,
+            checkpoint,
+            layer_range,
+            dtype=config.dtype,
+            device=config.device,
+            quantize=quantize,
+            group_size=config.group_size,
         )
         local_hosts.append(
-            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers)
+            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
         )
     worker_plan = plan[int(config.local_stage) :]
     next_stages = [client.address for client in clients[1:]] + [""]
@@ -130,7 +145,13 @@ async def _ask(client: StageClient) -> StageInfo:
 
 async def _load(config: CoordinatorConfig, client: StageClient, stage: StagePlan, next_stage: str) -> None:
     started = time.perf_counter()
-    spec = LoadSpec(config.model, stage.layer_range, config.dtype)
+    spec = LoadSpec(
+        config.model,
+        stage.layer_range,
+        config.dtype,
+        quantize=config.quantize_of(client.name),
+        group_size=config.group_size,
+    )
     await client.load(spec, next_stage, lambda message: log.info("%s: %s", client.name, message))
     log.info("%s loaded layers %s in %.1f s", client.name, stage.layer_range, time.perf_counter() - started)
 

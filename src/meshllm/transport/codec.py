@@ -124,6 +124,7 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         weight_bytes=info.weight_bytes,
         version=info.version,
         protocol_version=info.protocol_version,
+        quantize=info.quantize,
     )
 
 
@@ -143,4 +144,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         weight_bytes=reply.weight_bytes,
         version=reply.version,
         protocol_version=reply.protocol_version,
+        quantize=reply.quantize,
     )

@@ -77,6 +77,8 @@ class StageClient:
             dtype=spec.dtype,
             next_stage=next_stage,
             engine=spec.engine or "",
+            quantize=spec.quantize or "",
+            group_size=spec.group_size,
         )
         try:
             async for progress in self._stub.Load(request, metadata=self._metadata):

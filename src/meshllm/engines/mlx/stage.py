@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
@@ -191,16 +192,22 @@ def load_stage(
     dtype: str = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> MlxStage:
     """Build layers `[start, end)` of `checkpoint` on mlx-lm's classes, reading only their tensors.
 
     `progress(fraction)` is called once the stage's tensors are read and again once they are evaluated.
+    `quantize` ('int8' or 'int4') holds the dense linear layers quantized by MLX itself, in groups of
+    `group_size` inputs.
     """
-    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize)
     _use_device(device)
     checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
     config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
-    model = build_stage_model(checkpoint, (start, end), is_first, is_last, DTYPES[dtype], progress)
+    model = build_stage_model(
+        checkpoint, (start, end), is_first, is_last, DTYPES[dtype], progress, quantize, group_size
+    )
     stage = MlxStage(model, config, bounds.layer_range, is_first, is_last, DTYPES[dtype])
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
@@ -124,12 +125,16 @@ def load_stage(
     dtype: str = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> TorchStage:
     """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk.
 
     `progress(fraction)` is called after each layer's tensors are read.
     """
-    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize)
+    if quantize is not None:
+        raise ConfigError("the torch engine cannot hold weights quantized yet")
     checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
     config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
     torch_dtype, target = DTYPES[dtype], pick_device(device)

@@ -93,7 +93,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class InfoReply(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -122,23 +123,28 @@ class InfoReply(_message.Message):
     protocol_version: int
     weight_bytes: int
     device_name: str
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ...) -> None: ...
+    quantize: str
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine")
+    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
     dtype: str
     next_stage: str
     engine: str
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    quantize: str
+    group_size: int
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("fraction", "message", "done", "error")
