@@ -285,7 +285,10 @@ class StageModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size) if is_first else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        # A Linear, or a quantized layer when the stage holds its weights quantized.
+        self.lm_head: nn.Module | None = (
+            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        )
         inv_freq = rope_inv_freq(config) if inv_freq is None else inv_freq
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -319,6 +322,8 @@ class StageModel(nn.Module):
         """[S, hidden] -> [S, vocab], last stage only."""
         assert self.lm_head is not None and self.norm is not None, "logits() on a stage that is not last"
         hidden_states = self.norm(hidden_states)
+        if not isinstance(self.lm_head, Linear | nn.Linear):  # held quantized: its own kernel
+            return self.lm_head(hidden_states)
         weight = self.lm_head.weight
         if weight.device.type != "cpu" or weight.shape[0] < LM_HEAD_CHUNK_ROWS:
             return self.lm_head(hidden_states)
