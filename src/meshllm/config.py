@@ -26,8 +26,10 @@ from meshllm.defaults import (
     DEFAULT_STAGE_PORT,
     DTYPES,
     ENGINES,
+    QUANTIZE_MODES,
     DtypeName,
     EngineName,
+    QuantizeMode,
 )
 from meshllm.devices import Role as RoleName
 from meshllm.errors import ConfigError
@@ -112,6 +114,7 @@ PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 Engine = Annotated[EngineName, _choice(*ENGINES)]
 Dtype = Annotated[DtypeName, _choice(*DTYPES)]
+Quantize = Annotated[QuantizeMode, _choice(*QUANTIZE_MODES)]
 Role = Annotated[RoleName, _choice(*ROLES)]
 Env = Annotated[dict[str, str], BeforeValidator(_env)]
 Strings = Annotated[list[str], BeforeValidator(_strings)]
@@ -127,6 +130,8 @@ class ClusterSettings(_Frozen):
     name: Name
     model: Text  # a local folder (relative to each device's workdir), a hub id, or "demo"
     dtype: Dtype | None = None  # None: the coordinator's default
+    quantize: Quantize | None = None  # int8 | int4: linear layers held quantized; None: as stored
+    quantize_group: PositiveInt | None = None  # int4's inputs per scale; None: the default (64)
     engine: Engine | None = None  # None: each machine's default (mlx on Apple silicon, else torch)
     api_host: Host | None = None  # where the API listens; None: see Cluster.api_bind
     api_port: Port = DEFAULT_API_PORT
@@ -146,6 +151,7 @@ class Device(_Frozen):
     bind: Host | None = None  # the address the process listens on; None: see Device.listen_host
     role: Role
     engine: Engine | None = None
+    quantize: Quantize | None = None  # this device's own choice; None: the cluster's
     ssh: Text | None = None  # "user@host" or a Host alias of ~/.ssh/config; None: this machine
     ssh_port: Port | None = None
     ssh_key: Text | None = None

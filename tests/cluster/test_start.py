@@ -14,6 +14,7 @@ import pytest
 from cluster_helpers import (
     CliResult,
     coordinator_device,
+    free_port,
     is_running,
     meshllm,
     pid_record,
@@ -138,3 +139,18 @@ def test_a_worker_nobody_reaches_at_its_host_times_out_naming_host_and_port(clus
     error = start_fails(path, "--timeout", "3")
     assert f"device 'w1': no answer to Health at 127.0.0.2:{unreachable['port']} within 3 s" in error
     assert "is host = '127.0.0.2' the address this machine reaches it at" in error
+
+
+def test_the_cluster_file_s_quantization_reaches_every_device(cluster_files) -> None:
+    devices = [
+        {"name": "coordinator", "host": "127.0.0.1", "threads": 1},
+        {"name": "w1", "host": "127.0.0.1", "port": free_port(), "threads": 1, "quantize": "int4"},
+    ]
+    path = cluster_files.write(devices, name="quantized", quantize="int8", dtype="bfloat16")
+    result = meshllm("cluster", "start", "-c", path)
+    assert result.returncode == 0, result
+    port = next(line for line in path.read_text().splitlines() if line.startswith("api_port")).split("=")[1]
+    info = httpx.get(f"http://127.0.0.1:{port.strip()}/distributed/gpu-info", timeout=30).json()
+    assert [(d["name"], d["quantize"]) for d in info["devices"]] == [("coordinator", "int8"), ("w1", "int4")]
+    smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
+    assert smoke.returncode == 0, smoke

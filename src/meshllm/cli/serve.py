@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and activations",
     )
     add_quantize_arguments(parser)
+    parser.add_argument(
+        "--device-quantize",
+        default=None,
+        metavar="NAME=MODE,...",
+        help="a device's own quantization, over --quantize (e.g. coordinator=int8,w1=int4)",
+    )
     parser.add_argument("--engine", default=None, choices=ENGINES, help="default: the platform's best")
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
@@ -111,6 +117,23 @@ def parse_workers(spec: str | None) -> list[WorkerAddress]:
             )
         workers.append(WorkerAddress(name=name, address=address))
     return workers
+
+
+def parse_device_quantize(spec: str | None) -> dict[str, str]:
+    """'coordinator=int8,w1=int4' -> {name: mode}."""
+    from meshllm.errors import ConfigError
+
+    modes = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, mode = item.strip().partition("=")
+        if not name or mode not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"--device-quantize: '{item.strip()}' is not NAME=MODE with MODE one of {', '.join(QUANTIZE_MODES)}"
+            )
+        modes[name] = mode
+    return modes
 
 
 def parse_memory(spec: str | None) -> dict[str, int] | None:
@@ -225,6 +248,7 @@ async def _serve(
         dtype=args.dtype,
         quantize=args.quantize,
         group_size=args.quantize_group,
+        device_quantize=parse_device_quantize(args.device_quantize),
         engine=args.engine,
         token=token,
         memory_overrides=memory_overrides or {},

@@ -201,7 +201,8 @@ class Starter:
             str(threads),
         ]
         engine = device.engine or self.cluster.cluster.engine
-        return argv + (["--engine", engine] if engine else [])
+        argv += ["--engine", engine] if engine else []
+        return argv + (["--quantize", device.quantize] if device.quantize else [])
 
     def coordinator_argv(self, device: Device) -> list[str]:
         settings = self.cluster.cluster
@@ -218,6 +219,9 @@ class Starter:
         optional = {
             "--memory": memory,
             "--dtype": settings.dtype,
+            "--quantize": settings.quantize,
+            "--quantize-group": str(settings.quantize_group) if settings.quantize_group else None,
+            "--device-quantize": f"{COORDINATOR_STAGE}={device.quantize}" if device.quantize else None,
             "--engine": device.engine or settings.engine,
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
