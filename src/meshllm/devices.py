@@ -85,6 +85,7 @@ class StageInfo:
     version: str
     protocol_version: int
     quantize: str = ""  # int8 | int4 | "" (the weights as stored)
+    read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
 
 
 def system_memory() -> tuple[int, int]:

@@ -61,6 +61,24 @@ def load_stage(
     )
 
 
+def read_bandwidth(
+    engine: str,
+    dtype: str,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    device: str | None = None,
+) -> float:
+    """Bytes of weights per second this device reads as decode does, on `engine` (a short measurement)."""
+    if engine == "torch":
+        from meshllm.engines.torch.calibrate import read_bandwidth as torch_bandwidth
+
+        return torch_bandwidth(dtype, quantize, group_size, device)
+    engine_loader(engine)  # a clear error when the engine is missing
+    from meshllm.engines.mlx.stage import read_bandwidth as mlx_bandwidth
+
+    return mlx_bandwidth(dtype, quantize, group_size, device)
+
+
 def guess_device_type(engine: str, device: str | None) -> str:
     """The device type a stage of `engine` would compute on, asked before any stage is loaded."""
     if engine == "mlx":

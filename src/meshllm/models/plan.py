@@ -1,4 +1,9 @@
-"""The layer plan: which device runs which half-open range of decoder layers, weighted by memory."""
+"""The layer plan: which device runs which half-open range of decoder layers.
+
+By cost (`balance.py`): the split that makes the slowest stage's time per token least, each stage's bytes
+read per token over its device's measured read speed, within each device's memory. A split that cannot fit
+is reported naming every device that falls short (from the memory-weighted split, the fairest one).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.errors import ConfigError
+from meshllm.models.balance import ModelCosts, balance
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.step import LayerRange
 
@@ -122,6 +128,25 @@ def stage_weight_bytes(
     return total
 
 
+def model_costs(sizes: dict[str, int], checkpoint: Checkpoint, quantized: dict[str, int]) -> ModelCosts:
+    """The bytes of each part of the model as a device holding `quantized` weights would hold them."""
+    config = checkpoint.config
+    layers = [0] * config.num_hidden_layers
+    embedding = head = 0
+    for name, size in sizes.items():
+        held = quantized.get(name, size)
+        if name.startswith("model.layers."):
+            layers[int(name.split(".")[2])] += held
+        elif name.startswith("model.embed_tokens."):
+            embedding += size
+            if config.tie_word_embeddings:
+                head += quantized.get("lm_head.weight", size) if name.endswith(".weight") else size
+        elif name.startswith(("model.norm.", "lm_head.")):
+            head += held
+    shared = config.tie_word_embeddings and "lm_head.weight" not in quantized
+    return ModelCosts(layers, embedding, head, head_is_embedding=shared)
+
+
 def quantized_sizes(
     checkpoint: Checkpoint, dtype: str, quantize: str | None, group_size: int
 ) -> dict[str, int]:
@@ -145,16 +170,31 @@ def make_plan(
     layer_overrides: dict[str, tuple[int, int]] | None = None,
     quantize: dict[str, str | None] | None = None,  # by device name: int8 | int4 | None (as stored)
     group_size: int = 64,
+    speeds: dict[str, float] | None = None,  # by device name: measured read speed; None or 0: all alike
 ) -> list[StagePlan]:
-    """Ranges weighted by memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
+    """Ranges by cost within memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
     config = checkpoint.config
-    if layer_overrides:
-        ranges = [LayerRange.checked(layer_overrides[name], config.num_hidden_layers) for name, _ in devices]
-    else:
-        ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])
     sizes = tensor_bytes(checkpoint, dtype)
     modes = {mode for mode in (quantize or {}).values() if mode}
     held = {mode: quantized_sizes(checkpoint, dtype, mode, group_size) for mode in modes}
+    ranges: list[LayerRange] | None = None
+    if layer_overrides:
+        ranges = [LayerRange.checked(layer_overrides[name], config.num_hidden_layers) for name, _ in devices]
+    elif len(devices) <= config.num_hidden_layers:
+        known = [speed for speed in (speeds or {}).values() if speed > 0]
+        ranges = balance(
+            [
+                model_costs(sizes, checkpoint, held.get((quantize or {}).get(name) or "", {}))
+                for name, _ in devices
+            ],
+            [(speeds or {}).get(name, 0) or 1.0 for name, _ in devices]
+            if len(known) == len(devices)
+            else [1.0] * len(devices),
+            [float(memory) for _, memory in devices],
+            HEADROOM,
+        )
+    if ranges is None:  # nothing fits (reported below, on the memory-weighted split), or too few layers
+        ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])
     plan = [
         StagePlan(
             name,

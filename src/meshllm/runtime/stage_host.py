@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage
+from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
 from meshllm.engines.base import Stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -38,6 +38,7 @@ class LocalStageHost:
         self.model = ""
         self.num_layers = 0
         self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
+        self._bandwidths: dict[tuple[str, str | None, int], float] = {}  # measured read speeds
 
     @classmethod
     def of(
@@ -86,6 +87,12 @@ class LocalStageHost:
             protocol_version=PROTOCOL_VERSION,
             quantize=(self.quantize or "") if stage is not None else "",
         )
+
+    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+        key = (dtype, quantize, group_size)
+        if key not in self._bandwidths:
+            self._bandwidths[key] = read_bandwidth(self.engine, dtype, quantize, group_size, self.device)
+        return self._bandwidths[key]
 
     def health(self) -> Health:
         stage = self.stage

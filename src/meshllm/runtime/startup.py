@@ -4,13 +4,14 @@ every stage, and hand the running parts to `Coordinator`. A failed start closes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage
+from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -23,6 +24,7 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient
@@ -56,6 +58,7 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     )
 
     infos = await asyncio.gather(*(_ask(client) for client in clients))
+    speeds = await _measure_speeds(config, engine, clients) if _plan_needs_speeds(config) else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
     if config.local_stage:
@@ -71,6 +74,7 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         dict(config.layer_overrides) or None,
         quantize={name: config.quantize_of(name) for name, _ in devices},
         group_size=config.group_size,
+        speeds=speeds,
     )
     for planned in plan:
         log.info(
@@ -130,6 +134,48 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     )
     monitor.start(config.monitor_interval)
     return coordinator
+
+
+def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
+    return len(config.device_names) > 1 and not config.layer_overrides
+
+
+async def _measure_speeds(
+    config: CoordinatorConfig, engine: str, clients: list[StageClient]
+) -> dict[str, float]:
+    """Every device's read speed in its own dtype and quantization, one device at a time (devices that
+    share a machine would slow each other's measurement). Speeds within a fifth of the fastest count as
+    the fastest: that much is the measurement's own noise, and it must not move layers around."""
+    speeds: dict[str, float] = {}
+    if config.local_stage:
+        quantize = config.quantize_of(config.name)
+        speeds[config.name] = await asyncio.to_thread(
+            _local_bandwidth, engine, config.dtype, quantize, config.group_size, config.device
+        )
+    for client in clients:
+        spec = LoadSpec(
+            config.model,
+            LayerRange(0, 1),
+            config.dtype,
+            None,
+            config.quantize_of(client.name),
+            config.group_size,
+        )
+        speeds[client.name] = (await client.info(timeout=120.0, calibrate=spec)).read_bandwidth
+    fastest = max(speeds.values())
+    if fastest <= 0:
+        return {}
+    relative = {name: speed / fastest for name, speed in speeds.items()}
+    log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
+    return {name: 1.0 if share >= 0.8 else share for name, share in relative.items()}
+
+
+@functools.cache
+def _local_bandwidth(
+    engine: str, dtype: str, quantize: str | None, group_size: int, device: str | None
+) -> float:
+    """This process's read speed, measured once per dtype and quantization."""
+    return read_bandwidth(engine, dtype, quantize, group_size, device)
 
 
 async def _ask(client: StageClient) -> StageInfo:

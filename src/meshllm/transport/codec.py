@@ -125,6 +125,7 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         version=info.version,
         protocol_version=info.protocol_version,
         quantize=info.quantize,
+        read_bandwidth=info.read_bandwidth,
     )
 
 
@@ -145,4 +146,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         version=reply.version,
         protocol_version=reply.protocol_version,
         quantize=reply.quantize,
+        read_bandwidth=reply.read_bandwidth,
     )

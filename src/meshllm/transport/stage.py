@@ -58,6 +58,10 @@ class StageHost(Protocol):
 
     def info(self) -> StageInfo: ...
 
+    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+        """Bytes/s this device reads weights at, in that dtype and quantization (measured once, kept)."""
+        ...
+
     def health(self) -> Health: ...
 
     def load(self, spec: LoadSpec, progress: Callable[[float], None]) -> None:

@@ -54,9 +54,15 @@ class StageClient:
         kind = TokenRefused if is_refusal(error) else StageError
         return kind(explain(error, self.name, self.address))
 
-    async def info(self, timeout: float = 3.0) -> StageInfo:
+    async def info(self, timeout: float = 3.0, calibrate: LoadSpec | None = None) -> StageInfo:
+        """What the stage has; with `calibrate`, also its read speed in that spec's dtype and quantization."""
+        request = pb.InfoRequest()
+        if calibrate is not None:
+            request = pb.InfoRequest(
+                dtype=calibrate.dtype, quantize=calibrate.quantize or "", group_size=calibrate.group_size
+            )
         try:
-            reply = await self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
+            reply = await self._stub.Info(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from None
         return decode_info(reply)

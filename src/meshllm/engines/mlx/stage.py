@@ -219,3 +219,27 @@ def load_stage(
         stage.device_type,
     )
     return stage
+
+
+def read_bandwidth(dtype: str, quantize: str | None, group_size: int, device: str | None = None) -> float:
+    """Bytes of weights read per second by one-token matmuls, in `dtype` (quantized by MLX when asked)."""
+    import time
+
+    _use_device(device)
+    size, count = 2048, 8
+    layers = []
+    for seed in range(count):
+        layer = nn.Linear(size, size, bias=False)
+        layer.weight = mx.random.normal((size, size), key=mx.random.key(seed)).astype(DTYPES[dtype])
+        if quantize is not None:
+            layer = nn.QuantizedLinear.from_linear(layer, group_size, {"int8": 8, "int4": 4}[quantize])
+        layers.append(layer)
+    mx.eval([layer.parameters() for layer in layers])
+    held = sum(array.nbytes for layer in layers for _, array in flat_parameters(layer))
+    x = mx.random.normal((1, size)).astype(DTYPES[dtype])
+    passes = []
+    for _ in range(6):
+        started = time.perf_counter()
+        mx.eval([layer(x) for layer in layers])
+        passes.append(time.perf_counter() - started)
+    return held / sorted(passes[1:])[2]
