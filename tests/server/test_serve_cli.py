@@ -122,6 +122,31 @@ def test_serve_answers_a_chat_request_and_stops_cleanly_on_ctrl_c(
         serve.kill()
 
 
+def test_a_local_worker_that_dies_is_started_again_and_serves_again(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    serve = Serve("--model", str(checkpoint), "--stages", "2", "--port", str(free_port()))
+    try:
+        url = serve.wait_ready()
+        [worker_pid] = serve.worker_pids()
+        os.kill(worker_pid, signal.SIGKILL)
+        assert wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, 10)
+        down = httpx.get(f"{url}/health", timeout=5).json()
+        assert "worker1" in down["message"] and "exited with signal SIGKILL" in down["message"], down
+        assert wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 90), serve.output
+        assert "started worker1 again" in serve.output
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert serve.stop(signal.SIGINT) == 0, serve.output
+    finally:
+        serve.kill()
+
+
 def test_serve_with_given_workers_stops_on_sigterm_and_leaves_them_running(
     tiny_checkpoint: Callable[..., Path],
 ) -> None:

@@ -272,10 +272,13 @@ async def _serve(
         print("stopped before the API was ready", file=sys.stderr, flush=True)
         return 130
     coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
+    # A local worker that dies is started again (with backoff); the coordinator then loads it again.
+    supervising = asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
     try:
         print(_plan_line(coordinator), flush=True)
         return await _serve_api(args, sock, coordinator, stopping)
     finally:
+        supervising.cancel()
         stopping.cancel()
         await coordinator.close()
 
