@@ -140,6 +140,7 @@ class ClusterSettings(_Frozen):
     token_file: Path | None = None
     state_dir: Path  # pid files, local logs and the generated token
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
+    replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
 
 
 class Device(_Frozen):

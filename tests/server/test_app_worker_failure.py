@@ -19,7 +19,8 @@ LONG = {"messages": [{"role": "user", "content": "Go on and on."}], "max_tokens"
 
 @pytest.fixture(scope="module")
 def doomed(tiny_checkpoint: Callable[..., Path]) -> Iterator[ClusterServer]:
-    server = ClusterServer(tiny_checkpoint(arch="qwen3", layers=4)).start()
+    # Nothing starts the worker again here: with no wait for it, streams end at once (replay: test_replay).
+    server = ClusterServer(tiny_checkpoint(arch="qwen3", layers=4), replay_timeout=0.0).start()
     try:
         yield server
     finally:

@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a pipeline step may take before its sequences fail (default 30)",
     )
     parser.add_argument(
+        "--replay-timeout",
+        type=float,
+        default=60.0,
+        help="seconds sequences whose stage died wait for it to come back and go on (default 60)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
@@ -253,6 +259,7 @@ async def _serve(
         token=token,
         memory_overrides=memory_overrides or {},
         step_timeout=args.step_timeout,
+        replay_timeout=args.replay_timeout,
         name=args.name,
     )
 

@@ -225,6 +225,7 @@ class Starter:
             "--engine": device.engine or settings.engine,
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
+            "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
         }
         for flag, value in optional.items():
             if value:

@@ -31,6 +31,9 @@ class CoordinatorConfig:
     memory_overrides: Mapping[str, int] = field(default_factory=dict)  # bytes the plan may use, by device
     layer_overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # fixed ranges, by device
     step_timeout: float = 30.0  # seconds a pipeline step may take before its sequences fail
+    # Seconds sequences whose stage was lost wait for the pipeline to be whole again (a worker started
+    # again and reloaded), to be prefilled again and go on; then they end with an error.
+    replay_timeout: float = 60.0
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
@@ -47,6 +50,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"{name}: {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
         if self.group_size < 1:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
+        if self.replay_timeout < 0:
+            raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
 

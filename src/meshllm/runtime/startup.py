@@ -129,9 +129,9 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         reload,
     )
     await monitor.refresh()
-    coordinator = Coordinator(
-        config, served, tokenizer, plan, EngineLoop(scheduler, pipeline), monitor, clients
-    )
+    whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
+    engine_loop = EngineLoop(scheduler, pipeline, whole=whole, replay_timeout=config.replay_timeout)
+    coordinator = Coordinator(config, served, tokenizer, plan, engine_loop, monitor, clients)
     monitor.start(config.monitor_interval)
     return coordinator
 
