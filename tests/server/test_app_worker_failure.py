@@ -73,6 +73,7 @@ def test_new_requests_get_a_503_naming_the_dead_worker(killed: ClusterServer) ->
         for body in (LONG, {**LONG, "stream": True}):
             response = client.post("/v1/chat/completions", json=body)
             assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
             error = response.json()["error"]
             assert "worker1" in error["message"] and error["type"] == "server_error"
         info = client.get("/distributed/gpu-info").json()
