@@ -55,6 +55,9 @@ class TinySpec:
     max_position_embeddings: int = 2048
     # Large by default: well-spread logits, so greedy decoding in tests never meets a near-tie.
     embedding_std: float = 1.0
+    # Keep vocab_size rows (a real model's embedding and lm_head) by filling the trained vocabulary with
+    # tokens no merge produces: never in an encoded prompt, each decodes to a short word.
+    fill_vocab: bool = False
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -144,7 +147,7 @@ def _weights(arch: str, spec: TinySpec, vocab_size: int, seed: int) -> dict[str,
     return weights
 
 
-def _train_tokenizer(path: Path, vocab_size: int) -> int:
+def _train_tokenizer(path: Path, vocab_size: int, fill: bool = False) -> int:
     """Train a byte-level BPE tokenizer on the shipped corpus; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -159,6 +162,9 @@ def _train_tokenizer(path: Path, vocab_size: int) -> int:
     )
     tokenizer.train_from_iterator(_CORPUS.strip().splitlines() * 4, trainer=trainer)
     tokenizer.save(str(path / "tokenizer.json"))
+    if fill:
+        _fill_vocab(path / "tokenizer.json", vocab_size)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -175,6 +181,25 @@ def _train_tokenizer(path: Path, vocab_size: int) -> int:
         json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2)
     )
     return tokenizer.get_vocab_size()
+
+
+def _fill_vocab(tokenizer_file: Path, vocab_size: int) -> None:
+    """Add unreachable BPE tokens (' aa', ' ab', …: no merge builds them) until the vocabulary has vocab_size."""
+    import itertools
+    import string
+
+    tokenizer = json.loads(tokenizer_file.read_text())
+    vocab: dict[str, int] = tokenizer["model"]["vocab"]
+    words = (
+        "\u0120" + "".join(letters)  # byte-level BPE's space
+        for length in itertools.count(2)
+        for letters in itertools.product(string.ascii_lowercase, repeat=length)
+    )
+    for word in words:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
 def make_checkpoint(
@@ -196,7 +221,7 @@ def make_checkpoint(
     spec = spec or TinySpec()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab_size = _train_tokenizer(path, spec.vocab_size)
+    vocab_size = _train_tokenizer(path, spec.vocab_size, fill=spec.fill_vocab)
     special = {token: SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS}
     config = _config(arch, spec, vocab_size, eos_id=special["<|im_end|>"], bos_id=special["<|endoftext|>"])
     config["torch_dtype"] = dtype

@@ -1,0 +1,411 @@
+"""meshllm against llama.cpp through the HTTP API: the same client, the same checkpoint, the same requests.
+
+Each server is started on 127.0.0.1 (free ports), sent streamed chat completions (a prompt of about
+--prompt-tokens tokens, exactly --tokens new tokens with `ignore_eos`, greedy) 1, 4 and 16 at a time,
+then stopped by pid. Per concurrency level it records each stream's decode tokens/s after its first
+token, the total tokens/s (all streams' tokens over the wall time, prefill included) and the time to the
+first token; each level is repeated --repeats times and the table gives medians with min–max.
+
+Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.cache/meshllm-bench/):
+  meshllm serve --stages 1 and --stages 2 (its default thread split: 2 threads, or 1 + 1), and
+  with --quantize Q the same with `--quantize Q` (skipped with a note when serve has no such option);
+  with --llamacpp DIR: llama-server single-process with 2 threads, and llama-server --rpc over two
+  rpc-servers of 1 thread each (every layer on them: -ngl 99), on GGUFs in bf16 and q8_0.
+
+    .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from bench_common import (
+    SHAPES,
+    free_port,
+    gguf_file,
+    llamacpp_binary,
+    llamacpp_commit,
+    machine_load,
+    shape_checkpoint,
+    show,
+    spread,
+)
+
+START_TIMEOUT = 300.0  # seconds for a server to load the model and answer /health
+REQUEST_TIMEOUT = 120.0  # seconds without a byte from a streaming reply: the request is an error
+GGUF_OF_QUANTIZE = {"int8": "q8_0", "int4": "q4_0"}
+_TEXT = (
+    "A pipeline splits a model's layers across machines so that each one holds only its share of the "
+    "weights. The coordinator embeds the prompt, runs the first layers and sends the hidden states to the "
+    "next stage. Tell me about the weather, the mountains, the sea and the river, and the quick brown fox "
+    "that jumps over the lazy dog while the cat sleeps in the warm afternoon sun. "
+)
+
+
+@dataclass
+class ServerSpec:
+    label: str
+    kind: str  # "meshllm" | "llama.cpp"
+    weights: str  # "bf16", "int8", "q8_0", …
+    layout: str  # "1 stage", "2 stages", "1 process", "rpc 2x1"
+    command: list[str] = field(default_factory=list)
+    rpc_servers: int = 0  # rpc-server processes to start first (their ports go into --rpc)
+
+
+class Server:
+    """Processes started for one row, stopped by pid in reverse order."""
+
+    def __init__(self, log_dir: Path):
+        self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.log_dir = log_dir
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = self.log_dir / f"{name}-{len(self.logs)}.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+        self.processes.append(process)
+        self.logs.append(log)
+        return process
+
+    def failure(self, message: str) -> SystemExit:
+        tails = [
+            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            for log in self.logs
+        ]
+        return SystemExit(message + "\n" + "\n".join(tails))
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=30)
+
+
+def wait_port(server: Server, process: subprocess.Popen, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise server.failure(f"rpc-server exited during start (exit code {process.returncode})")
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise server.failure(f"rpc-server did not listen on port {port} in {timeout:.0f} s")
+        time.sleep(0.3)
+
+
+def wait_healthy(server: Server, process: subprocess.Popen, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise server.failure(f"the server for {url} exited during start (exit code {process.returncode})")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise server.failure(f"{url} did not become healthy in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, log_dir: Path, llamacpp: Path | None) -> Iterator[str]:
+    """Start the processes of `spec` on free loopback ports; yields the API's base URL."""
+    server = Server(log_dir)
+    name = spec.label.replace(" ", "-").replace("/", "-")
+    try:
+        command = list(spec.command)
+        if spec.rpc_servers:
+            assert llamacpp is not None
+            rpc = rpc_server_binary(llamacpp)
+            addresses = []
+            for _ in range(spec.rpc_servers):
+                port = free_port()
+                process = server.start(
+                    f"{name}-rpc", [str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"]
+                )
+                wait_port(server, process, port, 60)
+                addresses.append(f"127.0.0.1:{port}")
+            command += ["--rpc", ",".join(addresses)]
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = server.start(name, command + ["--port", str(port)])
+        wait_healthy(server, process, url, START_TIMEOUT)
+        yield url
+    finally:
+        server.stop()
+
+
+def rpc_server_binary(llamacpp: Path) -> Path:
+    for name in ("rpc-server", "ggml-rpc-server"):
+        if (llamacpp / "build" / "bin" / name).exists():
+            return llamacpp / "build" / "bin" / name
+    return llamacpp_binary(llamacpp, "rpc-server")
+
+
+@dataclass
+class Reply:
+    ttft: float  # seconds to the first content chunk
+    decode_rate: float  # tokens/s after the first token
+    completion_tokens: int
+    prompt_tokens: int
+
+
+_request_ids = itertools.count()
+
+
+def prompt_text(words: int) -> str:
+    """A user message of `words` words, with a number in front so no server reuses a cached prefix."""
+    text = " ".join(itertools.islice(itertools.cycle(_TEXT.split()), words))
+    return f"Request {next(_request_ids)}: {text}"
+
+
+async def one_request(client: httpx.AsyncClient, words: int, tokens: int) -> Reply:
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": prompt_text(words)}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        # The template adds an empty <think></think> block only when enable_thinking is false, which is
+        # llama-server's default and not meshllm's: ask for the same rendering from both.
+        "chat_template_kwargs": {"enable_thinking": True},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = None
+    chunks, usage = 0, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"HTTP {response.status_code}: {(await response.aread()).decode()[:500]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                chunks += 1
+                first = first or time.perf_counter()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    ended = time.perf_counter()
+    completion = usage["completion_tokens"] if usage else chunks
+    first = first or ended
+    rate = (completion - 1) / (ended - first) if ended > first else 0.0
+    return Reply(first - started, rate, completion, usage["prompt_tokens"] if usage else 0)
+
+
+async def measure_level(url: str, words: int, tokens: int, streams: int) -> dict[str, float]:
+    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10)
+    limits = httpx.Limits(max_connections=streams + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        started = time.perf_counter()
+        replies = await asyncio.gather(*(one_request(client, words, tokens) for _ in range(streams)))
+        elapsed = time.perf_counter() - started
+    short = [reply.completion_tokens for reply in replies if reply.completion_tokens != tokens]
+    if short:
+        print(
+            f"warning: {len(short)} of {streams} replies had {short[0]} tokens, not {tokens}", file=sys.stderr
+        )
+    return {
+        "decode_tokens_per_s_a_stream": statistics.median(reply.decode_rate for reply in replies),
+        "tokens_per_s_total": sum(reply.completion_tokens for reply in replies) / elapsed,
+        "ttft_ms": statistics.median(reply.ttft for reply in replies) * 1000,
+        "prompt_tokens": statistics.median(reply.prompt_tokens for reply in replies),
+    }
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every level, --repeats times; each figure as a spread over the repeats."""
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=10)) as client:
+        await one_request(client, args.words, 4)  # warm up
+    figures: dict[str, dict[str, Any]] = {}
+    for streams in args.levels:
+        runs = [await measure_level(url, args.words, args.tokens, streams) for _ in range(args.repeats)]
+        figures[str(streams)] = {key: spread([run[key] for run in runs]) for key in runs[0]}
+    return figures
+
+
+def headline(figures: dict[str, dict[str, Any]], streams: str) -> dict[str, float]:
+    """The figure a level is judged by: decode tokens/s of the one stream, total tokens/s of many."""
+    key = "decode_tokens_per_s_a_stream" if streams == "1" else "tokens_per_s_total"
+    return figures[streams][key]  # type: ignore[no-any-return]
+
+
+def serve_has_option(option: str) -> bool:
+    command = [sys.executable, "-m", "meshllm", "serve", "--help"]
+    return option in subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[ServerSpec], list[str]]:
+    notes: list[str] = []
+    meshllm = [sys.executable, "-m", "meshllm", "serve", "--model", str(checkpoint), "--dtype", "bfloat16"]
+    meshllm += ["--served-model-name", "bench"]
+    specs = [
+        ServerSpec(
+            f"meshllm {n} stage{'s' if n > 1 else ''} bf16",
+            "meshllm",
+            "bf16",
+            f"{n} stage",
+            meshllm + ["--stages", str(n)],
+        )
+        for n in (1, 2)
+    ]
+    kinds = ["bf16", "q8_0"]
+    if args.quantize:
+        if serve_has_option("--quantize"):
+            specs += [
+                ServerSpec(
+                    f"meshllm {n} stage{'s' if n > 1 else ''} {args.quantize}",
+                    "meshllm",
+                    args.quantize,
+                    f"{n} stage",
+                    meshllm + ["--stages", str(n), "--quantize", args.quantize],
+                )
+                for n in (1, 2)
+            ]
+        else:
+            notes.append(f"meshllm serve has no --quantize option yet: the {args.quantize} rows are skipped")
+        if GGUF_OF_QUANTIZE[args.quantize] not in kinds:
+            kinds.append(GGUF_OF_QUANTIZE[args.quantize])
+    if args.llamacpp is not None:
+        server = str(llamacpp_binary(args.llamacpp, "llama-server"))
+        context = 16 * (args.words * 2 + args.tokens + 64)  # every slot holds one request
+        for kind in kinds:
+            model = gguf_file(checkpoint, args.llamacpp, kind)
+            common = [server, "-m", str(model), "--host", "127.0.0.1", "-c", str(context), "-np", "16"]
+            common += ["--alias", "bench", "--no-webui"]
+            specs.append(
+                ServerSpec(f"llama.cpp {kind}", "llama.cpp", kind, "1 process", common + ["-t", "2"])
+            )
+            specs.append(
+                ServerSpec(
+                    f"llama.cpp rpc {kind}",
+                    "llama.cpp",
+                    kind,
+                    "rpc 2x1",
+                    common + ["-t", "1", "-ngl", "99"],
+                    rpc_servers=2,
+                )
+            )
+    return specs, notes
+
+
+def counterpart(spec: ServerSpec, specs: list[ServerSpec]) -> ServerSpec | None:
+    """The llama.cpp row a meshllm row is compared with: one process ↔ 1 stage, rpc ↔ 2 stages."""
+    weights = {"bf16": "bf16", **GGUF_OF_QUANTIZE}.get(spec.weights)
+    layout = "1 process" if spec.layout == "1 stage" else "rpc 2x1"
+    for other in specs:
+        if other.kind == "llama.cpp" and other.weights == weights and other.layout == layout:
+            return other
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="0.6b", choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--words", type=int, default=100, help="words of the user message (~128 tokens)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of parallel streams")
+    parser.add_argument("--quantize", choices=sorted(GGUF_OF_QUANTIZE), default=None)
+    parser.add_argument("--llamacpp", type=Path, default=None, help="a llama.cpp checkout built in DIR/build")
+    parser.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    args.levels = [int(level) for level in args.concurrency.split(",")]
+
+    checkpoint = shape_checkpoint(args.shape)
+    specs, notes = server_specs(args, checkpoint)
+    if args.only:
+        wanted = set(args.only.split(","))
+        specs = [spec for spec in specs if spec.label in wanted]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    load_before = machine_load()
+    with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as log_dir:
+        for spec in specs:
+            print(f"running {spec.label}", file=sys.stderr)
+            with running(spec, Path(log_dir), args.llamacpp) as url:
+                results[spec.label] = asyncio.run(measure(url, args))
+
+    commit = llamacpp_commit(args.llamacpp) if args.llamacpp is not None else None
+    prompt_tokens = {
+        label: figures[key]["prompt_tokens"]["median"]
+        for label, figures in results.items()
+        for key in figures
+    }
+    print(
+        f"checkpoint: qwen3-{args.shape} shape, random weights, bfloat16; streamed chat, {args.tokens} new "
+        f"tokens a request, prompt tokens {sorted(set(prompt_tokens.values()))}; {args.repeats} repeats, "
+        "median (min–max)"
+    )
+    print(f"machine: {load_before} at the start, {machine_load()} at the end")
+    if commit is not None:
+        print(f"llama.cpp: {commit}")
+    titles = [f"{level} stream{'s' if level > 1 else ''} tok/s" for level in args.levels]
+    titles = [
+        title.replace("1 stream", "1 stream decode") if title.startswith("1 ") else title for title in titles
+    ]
+    first = args.levels[0]
+    print(f"{'server':<24} " + " ".join(f"{title:>22}" for title in titles) + f" {f'TTFT {first} ms':>22}")
+    for label, figures in results.items():
+        cells = [show(headline(figures, str(level))) for level in args.levels]
+        cells.append(show(figures[str(first)]["ttft_ms"], digits=0))
+        print(f"{label:<24} " + " ".join(f"{cell:>22}" for cell in cells))
+
+    ratios: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        other = counterpart(spec, specs) if spec.kind == "meshllm" else None
+        if other is None or spec.label not in results or other.label not in results:
+            continue
+        ratios[f"{spec.label} / {other.label}"] = {
+            str(level): headline(results[spec.label], str(level))["median"]
+            / headline(results[other.label], str(level))["median"]
+            for level in args.levels
+        }
+    if ratios:
+        print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
+        for pair, values in ratios.items():
+            print(f"{pair:<42} " + " ".join(f"{values[str(level)]:>12.2f}" for level in args.levels))
+    if args.json:
+        report: dict[str, Any] = {
+            "shape": args.shape,
+            "tokens": args.tokens,
+            "machine": [load_before, machine_load()],
+            "llamacpp_commit": commit,
+            "servers": results,
+            "ratios": ratios,
+            "notes": notes,
+        }
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
