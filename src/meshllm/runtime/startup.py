@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,10 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     )
 
     infos = await asyncio.gather(*(_ask(client) for client in clients))
-    speeds = await _measure_speeds(config, engine, clients) if _plan_needs_speeds(config) else None
+    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
+    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
+    measure = _plan_needs_speeds(config) and len(hosts) > 1
+    speeds = await _measure_speeds(config, engine, clients) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
     if config.local_stage:
@@ -144,8 +148,8 @@ async def _measure_speeds(
     config: CoordinatorConfig, engine: str, clients: list[StageClient]
 ) -> dict[str, float]:
     """Every device's read speed in its own dtype and quantization, one device at a time (devices that
-    share a machine would slow each other's measurement). Speeds within a fifth of the fastest count as
-    the fastest: that much is the measurement's own noise, and it must not move layers around."""
+    share a machine would slow each other's measurement). Speeds within half of the fastest count as
+    the fastest: a shared machine's noise reaches that much, and it must not move layers around."""
     speeds: dict[str, float] = {}
     if config.local_stage:
         quantize = config.quantize_of(config.name)
@@ -167,7 +171,7 @@ async def _measure_speeds(
         return {}
     relative = {name: speed / fastest for name, speed in speeds.items()}
     log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
-    return {name: 1.0 if share >= 0.8 else share for name, share in relative.items()}
+    return {name: 1.0 if share >= 0.5 else share for name, share in relative.items()}
 
 
 @functools.cache
