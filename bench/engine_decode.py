@@ -103,7 +103,9 @@ def weights_read_per_step(stage: Any) -> int:
     model = stage.model
     embedding = getattr(model, "embed_tokens", None)
     lm_head = getattr(model, "lm_head", None)
-    if embedding is not None and (lm_head is None or lm_head.weight is not embedding.weight):
+    if embedding is not None and (
+        lm_head is None or getattr(lm_head, "weight", None) is not embedding.weight
+    ):
         total -= sum(p.numel() * p.element_size() for p in embedding.parameters())
     return total
 

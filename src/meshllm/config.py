@@ -16,10 +16,22 @@ import ipaddress
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from meshllm.defaults import (
+    COORDINATOR_STAGE,
+    DEFAULT_API_PORT,
+    DEFAULT_STAGE_PORT,
+    DTYPES,
+    ENGINES,
+    QUANTIZE_MODES,
+    DtypeName,
+    EngineName,
+    QuantizeMode,
+)
+from meshllm.devices import Role as RoleName
 from meshllm.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -27,14 +39,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - 3.10
     import tomli as tomllib
 
-DEFAULT_API_PORT = 8100
-DEFAULT_WORKER_PORT = 50051
-ENGINES = ("torch", "mlx")
-DTYPES = ("float32", "bfloat16", "float16")
-ROLES = ("coordinator", "worker")
-COORDINATOR_STAGE = (
-    "coordinator"  # how `meshllm serve` names its own stage (in --memory and /distributed/gpu-info)
-)
+ROLES: tuple[str, ...] = get_args(RoleName)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -107,9 +112,10 @@ Text = Annotated[str, BeforeValidator(_text)]
 Host = Annotated[str, BeforeValidator(_host)]
 PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
-Engine = Annotated[Literal["torch", "mlx"], _choice(*ENGINES)]
-Dtype = Annotated[Literal["float32", "bfloat16", "float16"], _choice(*DTYPES)]
-Role = Annotated[Literal["coordinator", "worker"], _choice(*ROLES)]
+Engine = Annotated[EngineName, _choice(*ENGINES)]
+Dtype = Annotated[DtypeName, _choice(*DTYPES)]
+Quantize = Annotated[QuantizeMode, _choice(*QUANTIZE_MODES)]
+Role = Annotated[RoleName, _choice(*ROLES)]
 Env = Annotated[dict[str, str], BeforeValidator(_env)]
 Strings = Annotated[list[str], BeforeValidator(_strings)]
 
@@ -124,6 +130,8 @@ class ClusterSettings(_Frozen):
     name: Name
     model: Text  # a local folder (relative to each device's workdir), a hub id, or "demo"
     dtype: Dtype | None = None  # None: the coordinator's default
+    quantize: Quantize | None = None  # int8 | int4: linear layers held quantized; None: as stored
+    quantize_group: PositiveInt | None = None  # int4's inputs per scale; None: the default (64)
     engine: Engine | None = None  # None: each machine's default (mlx on Apple silicon, else torch)
     api_host: Host | None = None  # where the API listens; None: see Cluster.api_bind
     api_port: Port = DEFAULT_API_PORT
@@ -132,6 +140,7 @@ class ClusterSettings(_Frozen):
     token_file: Path | None = None
     state_dir: Path  # pid files, local logs and the generated token
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
+    replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
 
 
 class Device(_Frozen):
@@ -143,6 +152,7 @@ class Device(_Frozen):
     bind: Host | None = None  # the address the process listens on; None: see Device.listen_host
     role: Role
     engine: Engine | None = None
+    quantize: Quantize | None = None  # this device's own choice; None: the cluster's
     ssh: Text | None = None  # "user@host" or a Host alias of ~/.ssh/config; None: this machine
     ssh_port: Port | None = None
     ssh_key: Text | None = None
@@ -346,7 +356,7 @@ def _fill_device_defaults(devices: list[dict[str, Any]], folder: Path) -> list[d
     taken = {(str(d.get("host")), d["port"]) for d in devices if isinstance(d.get("port"), int)}
     for device in devices:
         if device["role"] == "worker" and "port" not in device:
-            port = DEFAULT_WORKER_PORT
+            port = DEFAULT_STAGE_PORT
             while (str(device["host"]), port) in taken:
                 port += 1
             device["port"] = port

@@ -8,6 +8,10 @@ ENGINES = ("torch", "mlx")
 DTYPES = ("float32", "bfloat16", "float16")
 EngineName = Literal["torch", "mlx"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
+# Weights held quantized: int8 per output channel, int4 in groups of DEFAULT_GROUP_SIZE inputs.
+QUANTIZE_MODES = ("int8", "int4")
+QuantizeMode = Literal["int8", "int4"]
+DEFAULT_GROUP_SIZE = 64
 
 DEFAULT_API_PORT = 8100  # the coordinator's HTTP API
 DEFAULT_STAGE_PORT = 50051  # the first worker's gRPC port; further workers on one host count up

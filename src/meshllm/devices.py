@@ -43,6 +43,7 @@ class DeviceStatus(BaseModel):
     rtt_ms: float | None
     version: str
     error: str = ""
+    quantize: str = ""  # how its weights are held: int8 | int4 | "" (as stored)
 
     @property
     def healthy(self) -> bool:
@@ -83,6 +84,8 @@ class StageInfo:
     weight_bytes: int
     version: str
     protocol_version: int
+    quantize: str = ""  # int8 | int4 | "" (the weights as stored)
+    read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
 
 
 def system_memory() -> tuple[int, int]:

@@ -77,6 +77,9 @@ class Segment:
     n_tokens: int
     sample: bool = False  # the last stage samples a token after this segment (end of prompt, or decode)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Tokens the sequence sampled before this segment (None: whatever the sampler holds). A sequence
+    # prefilled again after a failure resumes its seeded sampler there, so it goes on with the same tokens.
+    sampled: int | None = None
 
 
 @dataclass
@@ -138,6 +141,11 @@ class GeneratedToken:
 
 class PipelineError(MeshError):
     """A sequence could not be completed: a stage failed or is unreachable. The message names the device."""
+
+
+class StageLost(PipelineError):
+    """A link of the pipeline broke (a stage died or became unreachable): the step may succeed again once
+    the pipeline is whole, so its sequences can be prefilled again rather than ended."""
 
 
 class PipelineUnavailable(PipelineError):

@@ -1,5 +1,6 @@
 """Helpers of the cluster tests: writing cluster files, running `meshllm cluster ...` as a user would
-(a separate process), reading pid files, and a private sshd on 127.0.0.1."""
+(a separate process), reading pid files, a stand-in for the coordinator's HTTP API, and a private sshd
+on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,67 @@ def meshllm(*args: str | Path, timeout: float = 180.0, env: dict[str, str] | Non
         env={**os.environ, **(env or {})},
     )
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def start_fails(path: Path, *extra: str) -> str:
+    """The one-line error of a `cluster start` that must fail."""
+    result = meshllm("cluster", "start", "-c", path, *extra)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: "), result
+    return result.error
+
+
+def coordinator_device(**keys: Any) -> dict[str, Any]:
+    """A [[device]] table: the coordinator on 127.0.0.1 with one compute thread."""
+    return {"name": "coordinator", "host": "127.0.0.1", "threads": 1, **keys}
+
+
+def worker_device(name: str = "w1", **keys: Any) -> dict[str, Any]:
+    """A [[device]] table: a worker on 127.0.0.1 on a free port with one compute thread."""
+    return {"name": name, "host": "127.0.0.1", "port": free_port(), "threads": 1, **keys}
+
+
+class FakeApi:
+    """An HTTP server on 127.0.0.1:port standing in for the coordinator's API: GET `path` answers the
+    JSON of `routes[path]` with status 200, anything else 404."""
+
+    def __init__(self, port: int, routes: dict[str, Any]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # the name http.server calls
+                found = self.path in routes
+                body = json.dumps(routes.get(self.path, {"error": "not found"})).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def status_rows(path: Path) -> dict[str, list[str]]:
+    """`meshllm cluster status`'s table: the words of each device's row, by device name."""
+    result = meshllm("cluster", "status", "-c", path)
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["device", "host", "role", "pid", "state", "layers", "memory", "rtt"], result
+    return {line.split()[0]: line.split() for line in lines[1:] if not line.startswith("API")}
+
+
+def wait_until(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
 
 
 def toml_value(value: Any) -> str:

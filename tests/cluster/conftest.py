@@ -1,5 +1,5 @@
 """Fixtures of the cluster tests: cluster files on free ports (whatever they start is stopped at the end),
-and a private sshd on 127.0.0.1."""
+a running local cluster, and a private sshd on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def module_cluster_files(
         yield files
     finally:
         files.stop_all()
+
+
+@pytest.fixture(scope="module")
+def running_cluster(module_cluster_files: ClusterFiles) -> Path:
+    """The file of a coordinator and two workers on 127.0.0.1 that `cluster start` started (once per
+    test file; stopped after its last test)."""
+    path = module_cluster_files.local(workers=2, name="running")
+    result = meshllm("cluster", "start", "-c", path)
+    assert result.returncode == 0, result
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""What runs on each machine: port holders, detached starts, stops by process group, log tails, probes."""
+"""What runs on each machine (`hostscript`): port holders, detached starts, stops by process group, log
+tails."""
 
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from cluster_helpers import free_port, is_running
 
-from meshllm import __version__
 from meshllm.cluster import hostscript
-from meshllm.cluster.launch import Machine, shell_word
-from meshllm.errors import ConfigError
 
 # A stand-in for a meshllm process: `stop` only signals command lines that mention meshllm.
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)", "meshllm-test"]
@@ -109,43 +106,6 @@ def test_tail_prints_the_last_lines(tmp_path: Path) -> None:
     out = io.StringIO()
     hostscript.tail(str(log), lines=3, out=out)
     assert out.getvalue() == "line 7\nline 8\nline 9\n"
-
-
-def test_the_probe_runs_under_the_devices_python_and_reports_meshllm(tmp_path: Path) -> None:
-    port = free_port()
-    facts = Machine("w1", "c.toml", sys.executable).run_script(
-        "probe", {"workdir": str(tmp_path), "model": "missing-folder/x/y", "port": port, "bind": "127.0.0.1"}
-    )
-    assert facts["meshllm"] == __version__
-    assert facts["port"]["free"]
-    assert facts["model"] == {
-        "kind": "folder",
-        "path": str(tmp_path / "missing-folder/x/y"),
-        "exists": False,
-        "checkpoint": False,
-    }
-
-
-def test_a_missing_python_names_the_device_and_the_key_to_set() -> None:
-    with pytest.raises(ConfigError) as caught:
-        Machine("w1", "cluster.toml", "/nowhere/bin/python").run_script("probe", {"workdir": "/tmp"})
-    assert str(caught.value) == (
-        "device 'w1': `python` not found on this machine (tried '/nowhere/bin/python'); "
-        f'set python = "{sys.executable}" for w1 in cluster.toml'
-    )
-
-
-def test_ssh_commands_keep_a_leading_tilde_for_the_remote_shell() -> None:
-    assert shell_word("~/meshllm/.venv/bin/python") == "~/meshllm/.venv/bin/python"
-    assert shell_word("/opt/my python/bin/python") == "'/opt/my python/bin/python'"
-    machine = Machine("w1", "c.toml", "~/venv/bin/python", ssh="me@mini2", ssh_port=2222, env={"A": "b c"})
-    argv = machine.python_argv()
-    assert (
-        argv[:1] == ["ssh"]
-        and "BatchMode=yes" in argv
-        and argv[-2:] == ["me@mini2", "env 'A=b c' ~/venv/bin/python -"]
-    )
-    assert argv[argv.index("-p") + 1] == "2222"
 
 
 def test_signals_reach_the_whole_process_group(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from cluster_helpers import meshllm
+import pytest
+from cluster_helpers import coordinator_device, meshllm, worker_device
 
 from meshllm.config import load_cluster
 
@@ -59,3 +61,24 @@ def test_logs_follow_prints_lines_as_they_are_appended(cluster_files) -> None:
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+
+
+def test_logs_of_a_cluster_never_started_say_there_is_no_log(cluster_files) -> None:
+    path = cluster_files.write([coordinator_device(), worker_device()])
+    result = meshllm("cluster", "logs", "-c", path)
+    assert "(no log at " in result.stdout
+
+
+@pytest.mark.slow
+def test_logs_show_every_device_with_time_host_and_role(running_cluster: Path) -> None:
+    result = meshllm("cluster", "logs", "-c", running_cluster, "-n", "5")
+    assert result.returncode == 0, result
+    assert any(
+        line.startswith("w1          | ") and "[worker w1] INFO" in line
+        for line in result.stdout.splitlines()
+    )
+    assert any(
+        line.startswith("coordinator | ") and "[coordinator]" in line for line in result.stdout.splitlines()
+    )
+    only = meshllm("cluster", "logs", "w2", "-c", running_cluster, "-n", "2")
+    assert len(only.stdout.splitlines()) == 2 and "[worker w2]" in only.stdout

@@ -349,3 +349,22 @@ def test_a_misspelt_load_option_is_an_error_not_ignored(checkpoints):
 
     with pytest.raises(TypeError, match="progres"):
         mlx_load_stage(checkpoints["qwen3"], (0, 2), progres=print)
+
+
+@pytest.mark.parametrize(("mode", "ratio"), [("int8", 0.6), ("int4", 0.4)])
+def test_a_quantized_mlx_stage_holds_fewer_bytes_and_keeps_the_logits(checkpoints, whole_stages, mode, ratio):
+    dense = whole_stages["qwen3"]
+    quantized = load_stage("mlx", checkpoints["qwen3"], (0, 4), quantize=mode, group_size=32)
+    prompt = make_prompt(dense.config.vocab_size, 12)
+    segments = [Segment(0, 0, len(prompt), sample=True)]
+    expected = pipeline_logits([dense], segments, prompt)[0]
+    actual = pipeline_logits([quantized], segments, prompt)[0]
+    cosine = float(np.dot(expected, actual) / (np.linalg.norm(expected) * np.linalg.norm(actual)))
+    assert cosine > (0.999 if mode == "int8" else 0.95), cosine  # 4 bits: ~0.977 on these tiny weights
+    embedding = dense.config.vocab_size * dense.config.hidden_size * 4  # stays a float table
+    assert quantized.weight_bytes() - embedding < ratio * (dense.weight_bytes() - embedding)
+
+
+def test_a_quantization_mode_that_does_not_exist_is_refused(checkpoints):
+    with pytest.raises(ConfigError, match="quantize 'int3' is not one of int8, int4"):
+        load_stage("mlx", checkpoints["qwen3"], (0, 2), quantize="int3")

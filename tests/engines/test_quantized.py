@@ -1,4 +1,5 @@
-"""MLX-quantized checkpoints: packed as they are in the MLX engine, dequantized at load in the torch engine.
+"""MLX-quantized checkpoints: packed as they are in the MLX engine, and held quantized by the torch engine
+too (4 bits onto its int4 kernel as they are, 8 bits requantized to int8 per output channel).
 
 The checkpoints are made by mlx-lm's own converter from tiny float32 checkpoints (hidden 64, intermediate
 128: every input dimension divides the group sizes used).
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from meshllm.engines import load_stage
+from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.quantized import dequantize, dequantize_stage_tensors
 from meshllm.engines.torch.weights import read_tensors
 from meshllm.errors import ConfigError
@@ -106,17 +108,37 @@ def test_mlx_stage_equals_mlx_lm_on_a_quantized_checkpoint(variant, quantized):
     assert tokens == expected_tokens
 
 
-@pytest.mark.parametrize("variant", [*VARIANT_IDS, MIXED])
-def test_torch_stage_dequantized_equals_the_mlx_stage(variant, quantized):
+@pytest.mark.parametrize(
+    "variant", [v for v, (_, bits, _) in zip(VARIANT_IDS, VARIANTS, strict=True) if bits == 4]
+)
+def test_torch_stage_runs_4_bit_weights_packed_and_equals_the_mlx_stage(variant, quantized):
     mlx_stage = load_stage("mlx", quantized[variant], (0, 4))
     torch_stage = load_stage("torch", quantized[variant], (0, 4), device="cpu")
     prompt = make_prompt(mlx_stage.config.vocab_size, 9, seed=2)
     tokens, logits = greedy_decode([torch_stage], prompt, N_TOKENS)
     expected_tokens, expected_logits = greedy_decode([mlx_stage], prompt, N_TOKENS)
-    # The dequantized weights equal mx.dequantize bit for bit (float32 scales, test above), so the two
-    # engines compute the same function in float32 and differ only in summation order, exactly as on a
-    # float32 checkpoint: the same 1e-4 bound holds (observed ~1e-5 on logits of magnitude up to ~40).
+    # 4-bit groups map onto the int4 kernel without requantizing (zero = bias + 8 * scale, in float32
+    # here), so the two engines compute the same function and differ only in summation order, exactly
+    # as on a float32 checkpoint: the same 1e-4 bound holds.
     np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+    assert tokens == expected_tokens
+
+
+@pytest.mark.parametrize(
+    "variant", [*(v for v, (_, bits, _) in zip(VARIANT_IDS, VARIANTS, strict=True) if bits == 8), MIXED]
+)
+def test_torch_stage_requantizes_8_bit_weights_and_keeps_the_mlx_stage_s_tokens(variant, quantized):
+    mlx_stage = load_stage("mlx", quantized[variant], (0, 4))
+    torch_stage = load_stage("torch", quantized[variant], (0, 4), device="cpu")
+    prompt = make_prompt(mlx_stage.config.vocab_size, 9, seed=2)
+    tokens, logits = greedy_decode([torch_stage], prompt, N_TOKENS)
+    expected_tokens, expected_logits = greedy_decode([mlx_stage], prompt, N_TOKENS)
+    # MLX's 8-bit groups (scale and bias per group) cannot be the int8 kernel's symmetric per-channel
+    # weights, so they are requantized: logits keep a cosine similarity above 0.999 (observed 0.9998, max
+    # abs difference ~0.5 on logits of magnitude ~40) and greedy decoding keeps its tokens.
+    for actual, expected in zip(logits, expected_logits, strict=True):
+        cosine = np.dot(actual, expected) / (np.linalg.norm(actual) * np.linalg.norm(expected))
+        assert cosine > 0.999, cosine
     assert tokens == expected_tokens
 
 
@@ -142,16 +164,19 @@ def test_torch_split_stages_equal_the_whole_on_a_quantized_checkpoint(quantized)
     assert stages[1].model.embed_tokens is None and stages[1].model.lm_head is None
 
 
-def test_mlx_stage_keeps_weights_packed(quantized):
+def test_both_engines_keep_4_bit_weights_packed(quantized, tiny_checkpoint):
     path = quantized["llama-q4-g64"]
     middle = load_stage("mlx", path, (1, 3))
     projection = middle.model.model.layers[1].mlp.gate_proj
     assert isinstance(projection, nn.QuantizedLinear)
     assert projection.weight.dtype == mx.uint32 and (projection.bits, projection.group_size) == (4, 64)
     torch_middle = load_stage("torch", path, (1, 3), device="cpu")
-    # 4 bits plus a float32 scale and bias per 64 weights: 4 + 64 / 64 = 5 bits against 32.
-    assert middle.weight_bytes() < torch_middle.weight_bytes() / 5
-    assert torch_middle.model.layers["1"].mlp.gate_proj.weight.dtype == torch.float32
+    # Both hold 4 bits plus a float32 scale and bias (zero point) per 64 weights: 5 bits against 32.
+    dense = load_stage("torch", tiny_checkpoint("llama"), (1, 3), device="cpu")
+    assert torch_middle.weight_bytes() < dense.weight_bytes() / 5
+    assert abs(torch_middle.weight_bytes() - middle.weight_bytes()) < 0.05 * middle.weight_bytes()
+    gate_up = torch_middle.model.layers["1"].mlp.gate_up.linear
+    assert isinstance(gate_up, QuantizedLinear) and (gate_up.mode, gate_up.group_size) == ("int4", 64)
 
 
 def test_per_layer_settings_are_followed(quantized):

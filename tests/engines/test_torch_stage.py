@@ -87,7 +87,9 @@ def test_mixed_prefill_and_decode_step_equals_each_sequence_alone(
         pipeline_logits([alone], [decode_c], history_c[3:])[0],
     ]
 
-    np.testing.assert_allclose(logits, np.stack(expected), rtol=0, atol=1e-5)
+    # A decode token takes the one-query attention (two matmuls), a longer segment the fused kernel: they
+    # agree to float32 rounding (~2e-7 an attention output), which is up to ~1e-5 on logits of magnitude ~10.
+    np.testing.assert_allclose(logits, np.stack(expected), rtol=2e-6, atol=1e-5)
 
 
 def test_middle_stage_holds_only_its_own_layers(tiny_checkpoint: Callable[..., Path]) -> None:

@@ -213,7 +213,8 @@ def test_killing_a_worker_mid_generation_ends_the_request_with_an_error_quickly(
 
     async def run() -> tuple[float, str, list[str]]:
         remote = [WorkerAddress(first.name, first.address), WorkerAddress(second.name, second.address)]
-        coordinator = await start(path, remote, step_timeout=30)
+        # Nothing starts the worker again: with no wait for it (replay_timeout 0), the request ends at once.
+        coordinator = await start(path, remote, step_timeout=30, replay_timeout=0.0)
         try:
             handle = coordinator.generate(request(PROMPT, 1500))
             await handle.__anext__()

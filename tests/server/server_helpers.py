@@ -23,8 +23,9 @@ API_KEY = "test-api-key"
 class ClusterServer:
     """The coordinator, one local worker, and two apps on the same coordinator: open, and with an API key."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, replay_timeout: float = 60.0) -> None:
         self.checkpoint = checkpoint
+        self.replay_timeout = replay_timeout
         self.workers = LocalWorkers()
         self.coordinator: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -58,7 +59,10 @@ class ClusterServer:
             await self.workers.wait_healthy(TOKEN)
             self.coordinator = await Coordinator.start(
                 CoordinatorConfig(
-                    model=str(self.checkpoint), workers=tuple(self.worker_addresses), token=TOKEN
+                    model=str(self.checkpoint),
+                    workers=tuple(self.worker_addresses),
+                    token=TOKEN,
+                    replay_timeout=self.replay_timeout,
                 )
             )
             self.loop = asyncio.get_running_loop()

@@ -51,4 +51,5 @@ def test_gpu_info_rows_keep_their_fields_and_order(http) -> None:
             "rtt_ms",
             "version",
             "error",
+            "quantize",
         ]

@@ -19,7 +19,8 @@ LONG = {"messages": [{"role": "user", "content": "Go on and on."}], "max_tokens"
 
 @pytest.fixture(scope="module")
 def doomed(tiny_checkpoint: Callable[..., Path]) -> Iterator[ClusterServer]:
-    server = ClusterServer(tiny_checkpoint(arch="qwen3", layers=4)).start()
+    # Nothing starts the worker again here: with no wait for it, streams end at once (replay: test_replay).
+    server = ClusterServer(tiny_checkpoint(arch="qwen3", layers=4), replay_timeout=0.0).start()
     try:
         yield server
     finally:
@@ -72,6 +73,7 @@ def test_new_requests_get_a_503_naming_the_dead_worker(killed: ClusterServer) ->
         for body in (LONG, {**LONG, "stream": True}):
             response = client.post("/v1/chat/completions", json=body)
             assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
             error = response.json()["error"]
             assert "worker1" in error["message"] and error["type"] == "server_error"
         info = client.get("/distributed/gpu-info").json()

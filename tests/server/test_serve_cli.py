@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,6 +119,78 @@ def test_serve_answers_a_chat_request_and_stops_cleanly_on_ctrl_c(
         assert not pid_exists(worker_pid), "the local worker must stop with serve"
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))  # the API port is free again
+    finally:
+        serve.kill()
+
+
+def test_a_local_worker_that_dies_is_started_again_and_serves_again(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    serve = Serve("--model", str(checkpoint), "--stages", "2", "--port", str(free_port()))
+    try:
+        url = serve.wait_ready()
+        [worker_pid] = serve.worker_pids()
+        os.kill(worker_pid, signal.SIGKILL)
+
+        def down_message() -> str:
+            reply = httpx.get(f"{url}/health", timeout=5)
+            return reply.json()["message"] if reply.status_code == 503 else ""
+
+        # The monitor sees the worker gone, and serve's supervisor how it exited: both show in /health.
+        assert wait_until(
+            lambda: "worker1" in down_message() and "exited with signal SIGKILL" in down_message(), 10
+        )
+        assert wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 90), serve.output
+        assert "started worker1 again" in serve.output
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+        assert serve.stop(signal.SIGINT) == 0, serve.output
+    finally:
+        serve.kill()
+
+
+def test_a_stream_survives_its_worker_being_killed_with_the_same_reply(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    serve = Serve("--model", str(checkpoint), "--stages", "2", "--port", str(free_port()))
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 60,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "seed": 11,
+        "stream": True,
+    }
+    try:
+        url = serve.wait_ready()
+        [worker_pid] = serve.worker_pids()
+
+        def streamed(kill_after: int | None) -> tuple[str, str]:
+            pieces, finish = [], ""
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as reply:
+                for line in reply.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    assert "error" not in event, event
+                    choice = event["choices"][0]
+                    pieces.append(choice["delta"].get("content") or "")
+                    finish = choice["finish_reason"] or finish
+                    if kill_after is not None and len(pieces) == kill_after:
+                        os.kill(worker_pid, signal.SIGKILL)  # serve starts it again; the stream waits
+            return "".join(pieces), finish
+
+        expected, _ = streamed(None)
+        text, finish = streamed(kill_after=10)
+        assert "exited with signal SIGKILL" in serve.output and "started worker1 again" in serve.output
+        assert (text, finish) == (expected, "length")
+        assert serve.stop(signal.SIGINT) == 0, serve.output
     finally:
         serve.kill()
 

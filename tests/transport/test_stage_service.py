@@ -102,3 +102,14 @@ def test_a_client_without_the_token_is_refused_by_name() -> None:
         TokenRefused, match=r"device 's0' .* refused the cluster token .*a wrong cluster token"
     ):
         asyncio.run(run())
+
+
+def test_load_quantizes_as_asked_and_info_measures_the_read_speed(tiny_checkpoint) -> None:
+    async def run():
+        async with served(1) as (client,):
+            spec = LoadSpec(str(tiny_checkpoint()), LayerRange(0, 4), "bfloat16", quantize="int8")
+            await client.load(spec, "", lambda _: None)
+            return await client.info(timeout=120, calibrate=spec)
+
+    info = asyncio.run(run())
+    assert info.quantize == "int8" and info.read_bandwidth > 0

@@ -1,4 +1,5 @@
-"""Tensors on the wire: numpy, torch and mlx arrays survive the trip bit for bit, as little-endian bytes."""
+"""Tensors on the wire: numpy, torch and mlx arrays survive the trip bit for bit, as little-endian bytes;
+the buffer functions do it without copies where they promise to."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ import pytest
 import torch
 
 from meshllm.transport.proto import meshllm_pb2 as pb
-from meshllm.transport.tensors import WIRE_DTYPES, decode, encode, from_bytes, to_bytes
+from meshllm.transport.tensors import (
+    WIRE_DTYPES,
+    bfloat16_bits_to_float32,
+    decode,
+    encode,
+    float32_to_bfloat16_bits,
+    from_buffer,
+    from_bytes,
+    numpy_dtype,
+    to_buffer,
+    to_bytes,
+    wire_array,
+)
 
 try:
     import mlx.core as mx
@@ -192,3 +205,129 @@ def test_unsupported_dtype_raises_type_error_naming_it(array: Any) -> None:
 def test_unknown_wire_dtype_is_refused_on_decode() -> None:
     with pytest.raises(ValueError, match="float64"):
         from_bytes(b"\x00" * 8, [1], "float64")
+
+
+def test_an_unknown_framework_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown framework 'jax'"):
+        from_bytes(b"\x00" * 4, [1], "float32", "jax")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bfloat16 as bit patterns
+
+
+def test_bfloat16_rounding_matches_torch() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [
+            rng.standard_normal(10_000).astype(np.float32) * 1000,
+            np.array([0.0, -0.0, np.inf, -np.inf, 3.4028235e38, -3.4028235e38, 1e-40, -1e-45], np.float32),
+            (np.arange(0x3F800000, 0x3F800000 + 2**17, 2**15, dtype=np.uint32) | 0x8000).view(np.float32),
+        ]
+    )  # the last are exact ties: rounding to even is what is tested
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(float32_to_bfloat16_bits(values), expected)
+    nan = float32_to_bfloat16_bits(np.array([np.nan, -np.nan], np.float32))
+    assert np.isnan((nan.astype(np.uint32) << 16).view(np.float32)).all()
+
+
+def test_bfloat16_bits_round_trip_through_float32_exactly() -> None:
+    every_pattern = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    finite = every_pattern[~np.isnan(bfloat16_bits_to_float32(every_pattern))]
+
+    values = bfloat16_bits_to_float32(finite)
+
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(float32_to_bfloat16_bits(values), finite)
+    np.testing.assert_array_equal(
+        values, torch.from_numpy(finite.view(np.int16)).view(torch.bfloat16).float()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buffers: the same bytes as to_bytes / from_bytes, without the copies
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(12, dtype=">i8").reshape(4, 3)[::2],  # big-endian and not contiguous
+        np.float16(1.5),
+        torch.linspace(-3, 3, 7, dtype=torch.bfloat16),
+        torch.arange(6, dtype=torch.int32).reshape(2, 3).t(),
+    ],
+    ids=["numpy", "numpy-big-endian-strided", "numpy-scalar", "torch-bfloat16", "torch-transposed"],
+)
+def test_a_buffer_holds_the_bytes_to_bytes_gives(array: Any) -> None:
+    view, shape, dtype = to_buffer(array)
+
+    assert view.readonly and (bytes(view), shape, dtype) == to_bytes(array)
+
+
+@needs_mlx
+def test_an_mlx_bfloat16_buffer_holds_the_bytes_to_bytes_gives() -> None:
+    array = mlx_array(np.linspace(-3.0, 3.0, 7), "bfloat16")
+
+    view, shape, dtype = to_buffer(array)
+
+    assert (bytes(view), shape, dtype) == to_bytes(array)
+
+
+def test_buffers_of_contiguous_cpu_arrays_are_views_of_their_memory() -> None:
+    numpy_values = np.arange(6, dtype=np.float32)
+    tensor = torch.arange(6, dtype=torch.bfloat16)
+
+    assert np.shares_memory(wire_array(numpy_values), numpy_values)
+    assert np.shares_memory(wire_array(tensor), tensor.view(torch.int16).numpy())
+    numpy_values[0] = 42.0
+    assert np.frombuffer(to_buffer(numpy_values)[0], dtype=np.float32)[0] == 42.0
+
+
+def test_buffers_of_big_endian_or_strided_arrays_are_little_endian_copies() -> None:
+    big_endian = np.array([1, 256], dtype=">i4")
+    strided = np.arange(8, dtype=np.int32)[::2]
+
+    assert bytes(to_buffer(big_endian)[0]) == b"\x01\0\0\0\0\x01\0\0"
+    assert not np.shares_memory(wire_array(big_endian), big_endian)
+    assert not np.shares_memory(wire_array(strided), strided)
+    assert wire_array(big_endian).dtype == numpy_dtype("int32") == np.dtype("<i4")
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_from_buffer_takes_a_writable_buffer_over_without_a_copy(framework: str) -> None:
+    buffer = np.arange(6, dtype=np.float32)
+
+    result = from_buffer(buffer, (2, 3), "float32", framework)
+
+    assert tuple(result.shape) == (2, 3)
+    buffer[0] = 42.0
+    assert float(result[0, 0]) == 42.0  # the same memory
+
+
+def test_from_buffer_copies_read_only_data_into_a_writable_array() -> None:
+    data = np.arange(6, dtype=np.int64).tobytes()
+
+    result = from_buffer(data, (6,), "int64")
+
+    assert result.flags.writeable and result.tolist() == list(range(6))
+
+
+def test_from_buffer_gives_bfloat16_bits_as_bfloat16_or_exact_float32() -> None:
+    bits = np.array([0x3F80, 0xC000, 0x7F80], np.uint16)  # 1, -2, inf
+
+    as_torch = from_buffer(bits.copy(), (3,), "bfloat16", "torch")
+    as_numpy = from_buffer(bits.tobytes(), (3,), "bfloat16", "numpy")
+
+    assert as_torch.dtype == torch.bfloat16 and as_torch.tolist() == [1.0, -2.0, float("inf")]
+    assert as_numpy.dtype == np.float32 and as_numpy.tolist() == [1.0, -2.0, float("inf")]
+
+
+def test_from_bytes_never_shares_the_callers_memory() -> None:
+    buffer = bytearray(np.arange(3, dtype=np.int32).tobytes())
+
+    for framework in ["numpy", "torch"]:
+        result = from_bytes(buffer, [3], "int32", framework)  # type: ignore[arg-type]
+        buffer[0] = 7
+        assert int(result[0]) == 0
+        buffer[0] = 0

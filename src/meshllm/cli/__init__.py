@@ -16,7 +16,6 @@ COMMANDS = {
     "serve": ("meshllm.cli.serve", "serve the OpenAI-compatible API from a local cluster"),
     "worker": ("meshllm.cli.worker", "run a stage worker that waits for the coordinator"),
     "cluster": ("meshllm.cli.cluster", "start, inspect and stop a cluster described in a TOML file"),
-    "comm": ("meshllm.cli.comm", "the gRPC communicator: benchmarks"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from meshllm.cli.serve import add_quantize_arguments
 from meshllm.defaults import DTYPES, ENGINES
 
 
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--engine", default=None, choices=ENGINES)
+    add_quantize_arguments(parser)
     parser.add_argument(
         "--raw", action="store_true", help="use the prompt as it is, without the chat template"
     )
@@ -60,7 +62,17 @@ async def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(checkpoint.path)
     engine = args.engine or default_engine()
     ranges = plan_layers(checkpoint.config.num_hidden_layers, [1.0] * args.stages)
-    stages = [load_stage(engine, checkpoint, layer_range, dtype=args.dtype) for layer_range in ranges]
+    stages = [
+        load_stage(
+            engine,
+            checkpoint,
+            layer_range,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.quantize_group,
+        )
+        for layer_range in ranges
+    ]
     print("stages: " + ", ".join(f"[{start}, {end})" for start, end in ranges), file=sys.stderr)
 
     if args.raw:

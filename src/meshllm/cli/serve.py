@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from meshllm.defaults import DEFAULT_API_PORT, DTYPES, ENGINES
+from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import asyncio
@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPES,
         help="weights and activations",
     )
+    add_quantize_arguments(parser)
+    parser.add_argument(
+        "--device-quantize",
+        default=None,
+        metavar="NAME=MODE,...",
+        help="a device's own quantization, over --quantize (e.g. coordinator=int8,w1=int4)",
+    )
     parser.add_argument("--engine", default=None, choices=ENGINES, help="default: the platform's best")
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
@@ -70,10 +77,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a pipeline step may take before its sequences fail (default 30)",
     )
     parser.add_argument(
+        "--replay-timeout",
+        type=float,
+        default=60.0,
+        help="seconds sequences whose stage died wait for it to come back and go on (default 60)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
+    )
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="hold the linear layers as int8 (per channel) or int4 (per group); default: as stored",
+    )
+    parser.add_argument(
+        "--quantize-group",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        metavar="N",
+        help=f"inputs per int4 scale (default {DEFAULT_GROUP_SIZE})",
     )
 
 
@@ -94,6 +123,23 @@ def parse_workers(spec: str | None) -> list[WorkerAddress]:
             )
         workers.append(WorkerAddress(name=name, address=address))
     return workers
+
+
+def parse_device_quantize(spec: str | None) -> dict[str, str]:
+    """'coordinator=int8,w1=int4' -> {name: mode}."""
+    from meshllm.errors import ConfigError
+
+    modes = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, mode = item.strip().partition("=")
+        if not name or mode not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"--device-quantize: '{item.strip()}' is not NAME=MODE with MODE one of {', '.join(QUANTIZE_MODES)}"
+            )
+        modes[name] = mode
+    return modes
 
 
 def parse_memory(spec: str | None) -> dict[str, int] | None:
@@ -206,10 +252,14 @@ async def _serve(
         workers=tuple(workers),
         local_stage=not args.no_local_stage,
         dtype=args.dtype,
+        quantize=args.quantize,
+        group_size=args.quantize_group,
+        device_quantize=parse_device_quantize(args.device_quantize),
         engine=args.engine,
         token=token,
         memory_overrides=memory_overrides or {},
         step_timeout=args.step_timeout,
+        replay_timeout=args.replay_timeout,
         name=args.name,
     )
 
@@ -229,10 +279,13 @@ async def _serve(
         print("stopped before the API was ready", file=sys.stderr, flush=True)
         return 130
     coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
+    # A local worker that dies is started again (with backoff); the coordinator then loads it again.
+    supervising = asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
     try:
         print(_plan_line(coordinator), flush=True)
         return await _serve_api(args, sock, coordinator, stopping)
     finally:
+        supervising.cancel()
         stopping.cancel()
         await coordinator.close()
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 
-from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES
+from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES, QUANTIZE_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="hold this device's linear layers as int8 or int4, whatever the coordinator asks",
+    )
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.transport.stage_service import serve_stage
 
     token = read_token(args.token, args.token_file)
-    host = LocalStageHost(name, engine=args.engine, device=args.device)
+    host = LocalStageHost(name, engine=args.engine, device=args.device, quantize=args.quantize)
     try:
         asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token))
     except OSError as error:

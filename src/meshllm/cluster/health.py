@@ -1,57 +1,60 @@
-"""Asking running processes how they are: a worker's gRPC Health and Info, the coordinator's HTTP routes."""
+"""Asking the coordinator how it is, over its HTTP API: /health and /distributed/gpu-info.
+
+(Workers are asked over gRPC, through `meshllm.transport.probe`.)
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
-from meshllm.transport.proto import meshllm_pb2 as pb
-from meshllm.transport.proto import meshllm_pb2_grpc as pbg
-from meshllm.transport.rpc import CHANNEL_OPTIONS, token_metadata
+from meshllm.devices import DeviceStatus
+
+GPU_INFO_PATH = "/distributed/gpu-info"
+_DEVICES = TypeAdapter(list[DeviceStatus])
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int  # the HTTP status code
+    body: Any  # the JSON body, or the text of one that is not JSON
 
 
 @dataclass(frozen=True)
 class Answer:
-    """A reply, or why there was none (`error`); `refused` when the peer rejected the cluster token."""
+    """The coordinator's reply, or why there was none (`error`)."""
 
-    reply: Any = None
+    reply: HttpReply | None = None
     error: str = ""
-    refused: bool = False
 
     @property
     def ok(self) -> bool:
         return self.reply is not None
 
 
-def _call(address: str, method: str, request: Any, token: str | None, timeout: float) -> Answer:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        try:
-            reply = getattr(pbg.StageStub(channel), method)(
-                request, metadata=token_metadata(token), timeout=timeout
-            )
-        except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
-            details = error.details() if isinstance(error, grpc.Call) else str(error)
-            refused = code == grpc.StatusCode.UNAUTHENTICATED
-            return Answer(error=f"{code.name.lower() if code else 'error'}: {details}", refused=refused)
-    return Answer(reply=reply)
+@dataclass(frozen=True)
+class GpuInfo:
+    """What `cluster status` reads of /distributed/gpu-info: the devices, first stage first."""
+
+    devices: list[DeviceStatus] = field(default_factory=list)
+    cluster_status: str = "?"  # healthy | degraded
+    model: str = "?"
 
 
-def worker_health(address: str, token: str | None, timeout: float = 2.0) -> Answer:
-    """The worker's HealthReply (ok, loaded, model, message)."""
-    return _call(address, "Health", pb.HealthRequest(), token, timeout)
+@dataclass(frozen=True)
+class GpuInfoAnswer:
+    """The parsed gpu-info; None when the coordinator does not answer (`problem` is empty) or answers
+    something that does not parse (`problem` says what, in one line)."""
 
-
-def worker_info(address: str, token: str | None, timeout: float = 2.0) -> Answer:
-    """The worker's InfoReply (hostname, memory, layers, version, ...)."""
-    return _call(address, "Info", pb.InfoRequest(), token, timeout)
+    info: GpuInfo | None = None
+    problem: str = ""
 
 
 def api_get(base_url: str, path: str, api_key: str | None, timeout: float = 5.0) -> Answer:
-    """GET base_url + path; reply = (status code, JSON body or text)."""
+    """GET base_url + path."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(base_url + path, headers=headers, timeout=timeout)
@@ -61,17 +64,45 @@ def api_get(base_url: str, path: str, api_key: str | None, timeout: float = 5.0)
         body: Any = response.json()
     except ValueError:
         body = response.text
-    return Answer(reply=(response.status_code, body))
+    return Answer(reply=HttpReply(response.status_code, body))
 
 
 def coordinator_health(base_url: str, api_key: str | None, timeout: float = 5.0) -> Answer:
-    """/health: reply = (status code, body); 200 healthy, 503 naming the devices that are not."""
+    """/health: status 200 healthy, 503 with a body naming the devices that are not."""
     return api_get(base_url, "/health", api_key, timeout)
 
 
-def gpu_info(base_url: str, api_key: str | None, timeout: float = 10.0) -> dict[str, Any] | None:
-    """/distributed/gpu-info, or None when the coordinator does not answer."""
-    answer = api_get(base_url, "/distributed/gpu-info", api_key, timeout)
-    if answer.ok and answer.reply[0] == 200 and isinstance(answer.reply[1], dict):
-        return answer.reply[1]
-    return None
+def gpu_info(base_url: str, api_key: str | None, timeout: float = 10.0) -> GpuInfoAnswer:
+    """/distributed/gpu-info, parsed into the API's device model."""
+    answer = api_get(base_url, GPU_INFO_PATH, api_key, timeout)
+    if answer.reply is None or answer.reply.status != 200:
+        return GpuInfoAnswer()
+    try:
+        return GpuInfoAnswer(info=parse_gpu_info(answer.reply.body))
+    except ValueError as error:
+        return GpuInfoAnswer(
+            problem=f"the coordinator answered {GPU_INFO_PATH} with something unexpected ({error})"
+        )
+
+
+def parse_gpu_info(body: Any) -> GpuInfo:
+    """The devices (and the cluster's state and model) of a gpu-info body; ValueError, in one line,
+    when it is not one."""
+    if not isinstance(body, dict):
+        raise ValueError(f"not a JSON object: {_short(repr(body))}")
+    try:
+        devices = _DEVICES.validate_python(body.get("devices"))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in ("devices", *first["loc"]))
+        raise ValueError(f"{where}: {first['msg']}, got {_short(repr(first.get('input')))}") from None
+    return GpuInfo(
+        devices=devices,
+        cluster_status=str(body.get("cluster_status", "?")),
+        model=str(body.get("model", "?")),
+    )
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

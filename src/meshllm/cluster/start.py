@@ -18,11 +18,13 @@ from meshllm.cluster import checks, health
 from meshllm.cluster.launch import Machine
 from meshllm.cluster.logs import read_log_tail
 from meshllm.cluster.state import ClusterState, PidRecord
-from meshllm.cluster.status import device_entries, format_bytes
+from meshllm.cluster.status import device_entries, format_bytes, format_layers
 from meshllm.cluster.stop import stop_record
 from meshllm.cluster.tasks import ERROR_INDENT, parallel, parallel_or_raise, raise_all
-from meshllm.config import COORDINATOR_STAGE, Cluster, Device
+from meshllm.config import Cluster, Device
+from meshllm.defaults import COORDINATOR_STAGE
 from meshllm.errors import ConfigError
+from meshllm.transport.probe import stage_health
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,14 @@ class Starter:
         if device.role != record.role or expected != record.address:
             return record.device, f"{earlier} as {record.role} at {record.address}, not at {expected}: {how}"
         if device.is_coordinator:
-            answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
+            answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
         else:
-            answer = health.worker_health(expected, self.token, timeout=3.0)
-            what = "Health"
-        if answer.refused:
-            return record.device, f"{earlier} but refuses this cluster's token: {how}"
-        if not answer.ok:
+            probe = stage_health(expected, self.token, timeout=3.0, device=device.name)
+            if probe.refused:
+                return record.device, f"{earlier} but refuses this cluster's token: {how}"
+            answered, what = probe.ok, "Health"
+        if not answered:
             return record.device, f"{earlier} but does not answer {what} at {expected} (hung?): {how}"
         return record.device, "up"
 
@@ -199,7 +201,8 @@ class Starter:
             str(threads),
         ]
         engine = device.engine or self.cluster.cluster.engine
-        return argv + (["--engine", engine] if engine else [])
+        argv += ["--engine", engine] if engine else []
+        return argv + (["--quantize", device.quantize] if device.quantize else [])
 
     def coordinator_argv(self, device: Device) -> list[str]:
         settings = self.cluster.cluster
@@ -216,9 +219,13 @@ class Starter:
         optional = {
             "--memory": memory,
             "--dtype": settings.dtype,
+            "--quantize": settings.quantize,
+            "--quantize-group": str(settings.quantize_group) if settings.quantize_group else None,
+            "--device-quantize": f"{COORDINATOR_STAGE}={device.quantize}" if device.quantize else None,
             "--engine": device.engine or settings.engine,
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
+            "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
         }
         for flag, value in optional.items():
             if value:
@@ -233,10 +240,10 @@ class Starter:
         started = time.monotonic()
         exited = self._exit_watch(device, record)
         while True:
-            answer = health.worker_health(device.address, self.token, timeout=2.0)
-            if answer.ok:
+            probe = stage_health(device.address, self.token, timeout=2.0, device=device.name)
+            if probe.ok:
                 return time.monotonic() - started
-            if answer.refused:
+            if probe.refused:
                 raise ConfigError(
                     f"device {device.name!r}: the process answering at {device.address} refuses this "
                     "cluster's token (another cluster's worker on that port?)"
@@ -260,10 +267,10 @@ class Starter:
         last: str | None = "no answer"
         while True:
             answer = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0)
-            if answer.ok:
-                status, body = answer.reply
-                if status == 200:
+            if answer.reply is not None:
+                if answer.reply.status == 200:
                     return time.monotonic() - started
+                body = answer.reply.body
                 last = body.get("message") if isinstance(body, dict) else str(body)
             else:
                 last = answer.error
@@ -310,11 +317,14 @@ class Starter:
 
     def print_plan(self) -> None:
         """Each device's layers and weights, as the coordinator planned and loaded them."""
-        entries = device_entries(self.cluster, health.gpu_info(self.cluster.api_url, self.api_key))
+        gpu_info = health.gpu_info(self.cluster.api_url, self.api_key)
+        if gpu_info.problem:
+            self.echo(gpu_info.problem)
+        entries = device_entries(self.cluster, gpu_info)
         width = max(len(device.name) for device in self.cluster.device)
         for device in [self.cluster.coordinator, *self.cluster.workers]:
             entry = entries.get(device.name)
             if entry:
-                start, end = entry.get("layers") or (0, 0)
-                layers, weights = f"layers [{start}, {end})", format_bytes(entry.get("weight_bytes"))
+                layers = f"layers {format_layers(*entry.layers)}"
+                weights = format_bytes(entry.weight_bytes)
                 self.echo(f"  {device.name:<{width}}  {device.role:<11}  {layers:<16}  {weights}")

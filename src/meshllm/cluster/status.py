@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from meshllm.cluster import health
+from meshllm.cluster.health import GpuInfoAnswer
 from meshllm.cluster.state import ClusterState, PidRecord
 from meshllm.cluster.tasks import parallel, parallel_or_raise, raise_all
-from meshllm.config import COORDINATOR_STAGE, Cluster, Device
+from meshllm.config import Cluster, Device
+from meshllm.defaults import COORDINATOR_STAGE
+from meshllm.devices import DeviceStatus, StageInfo
 from meshllm.errors import ConfigError
+from meshllm.transport.probe import Probe, stage_info
 
 COLUMNS = ("device", "host", "role", "pid", "state", "layers", "memory", "rtt")
 
@@ -32,9 +35,9 @@ class DeviceRow:
         return (self.device, self.host, self.role, self.pid, self.state, self.layers, self.memory, self.rtt)
 
 
-def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None, list[str]]:
-    """The rows of the table, the coordinator's gpu-info (None when it does not answer), and why a
-    machine could not be asked whether its process runs (ssh failing), one line each."""
+def collect(cluster: Cluster) -> tuple[list[DeviceRow], GpuInfoAnswer, list[str]]:
+    """The rows of the table, the coordinator's gpu-info, and why a machine could not be asked whether
+    its process runs (ssh failing), one line each."""
     state = ClusterState(cluster)
     token = state.existing_token()
     records = state.records()
@@ -49,9 +52,12 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None, l
 
     alive = parallel(running, devices)  # True, False, or the ConfigError of a machine out of reach
     raise_all(result for result in alive if not isinstance(result, (bool, ConfigError)))
-    infos = parallel_or_raise(  # worker_info answers its failures: anything raised is a bug
-        lambda device: None if device.is_coordinator else health.worker_info(device.address, token), devices
-    )
+
+    def worker_info(device: Device) -> Probe[StageInfo] | None:
+        """A worker's own account of itself (the coordinator's comes from gpu-info)."""
+        return None if device.is_coordinator else stage_info(device.address, token, device=device.name)
+
+    infos = parallel_or_raise(worker_info, devices)  # stage_info answers failures: a raise is a bug
     gpu_info = health.gpu_info(cluster.api_url, cluster.cluster.api_key)
     entries = device_entries(cluster, gpu_info)
     rows = [
@@ -61,11 +67,12 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], dict[str, Any] | None, l
     return rows, gpu_info, [str(result) for result in alive if isinstance(result, ConfigError)]
 
 
-def device_entries(cluster: Cluster, gpu_info: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """gpu-info's device rows by device name (the coordinator calls its own stage COORDINATOR_STAGE)."""
+def device_entries(cluster: Cluster, gpu_info: GpuInfoAnswer) -> dict[str, DeviceStatus]:
+    """gpu-info's devices by device name (the coordinator calls its own stage COORDINATOR_STAGE)."""
+    devices = gpu_info.info.devices if gpu_info.info else []
     return {
-        cluster.coordinator.name if entry.get("name") == COORDINATOR_STAGE else entry.get("name", ""): entry
-        for entry in (gpu_info or {}).get("devices", [])
+        cluster.coordinator.name if entry.name == COORDINATOR_STAGE else entry.name: entry
+        for entry in devices
     }
 
 
@@ -73,8 +80,8 @@ def _row(
     device: Device,
     record: PidRecord | None,
     running: bool | Exception,
-    info: health.Answer | None,
-    entry: dict[str, Any] | None,
+    info: Probe[StageInfo] | None,
+    entry: DeviceStatus | None,
 ) -> DeviceRow:
     layers = memory = rtt = "-"
     alive = running is True
@@ -85,23 +92,26 @@ def _row(
     elif not alive:
         state = "down"
     elif entry is not None:
-        state = entry.get("status", "?")
-    elif info is not None and info.ok:
+        state = entry.status
+    elif info is not None and info.reply is not None:
         state = "loaded" if info.reply.num_layers else "not loaded"
     else:
         state = "not answering"
     if alive and entry is not None:
-        start, end = entry.get("layers") or (0, 0)
-        layers = f"[{start}, {end})"
-        memory = f"{format_bytes(entry.get('weight_bytes'))}/{format_bytes(entry.get('memory_total'))}"
-        rtt = f"{entry['rtt_ms']:.1f} ms" if entry.get("rtt_ms") is not None else "-"
-    elif alive and info is not None and info.ok:
-        reply = info.reply
-        if reply.num_layers:
-            layers = f"[{reply.layer_start}, {reply.layer_end})"
-        memory = f"{format_bytes(reply.weight_bytes)}/{format_bytes(reply.memory_total)}"
+        layers = format_layers(*entry.layers)
+        memory = f"{format_bytes(entry.weight_bytes)}/{format_bytes(entry.memory_total)}"
+        rtt = f"{entry.rtt_ms:.1f} ms" if entry.rtt_ms is not None else "-"
+    elif alive and info is not None and info.reply is not None:
+        stage = info.reply
+        if stage.num_layers:
+            layers = format_layers(*(stage.layers or (0, 0)))
+        memory = f"{format_bytes(stage.weight_bytes)}/{format_bytes(stage.memory_total)}"
     pid = str(record.pid) if record else "-"
     return DeviceRow(device.name, device.host, device.role, pid, state, layers, memory, rtt)
+
+
+def format_layers(start: int, end: int) -> str:
+    return f"[{start}, {end})"
 
 
 def format_bytes(size: float | None) -> str:
@@ -129,11 +139,10 @@ def show_status(cluster: Cluster, echo: Callable[[str], None] = print) -> int:
         echo(line)
     for problem in problems:
         echo(problem)
-    if gpu_info is None:
-        echo(f"API {cluster.api_url}/v1: not answering")
+    info = gpu_info.info
+    if info is not None:
+        echo(f"API {cluster.api_url}/v1: {info.cluster_status} · model {info.model}")
     else:
-        echo(
-            f"API {cluster.api_url}/v1: {gpu_info.get('cluster_status', '?')} · model {gpu_info.get('model', '?')}"
-        )
+        echo(f"API {cluster.api_url}/v1: {gpu_info.problem or 'not answering'}")
     healthy = all(row.state == "healthy" for row in rows)
-    return 0 if healthy and gpu_info is not None else 1
+    return 0 if healthy and info is not None else 1

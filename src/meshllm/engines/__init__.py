@@ -6,7 +6,7 @@ import importlib
 import platform
 import sys
 
-from meshllm.defaults import ENGINES
+from meshllm.defaults import DEFAULT_GROUP_SIZE, ENGINES
 from meshllm.engines.base import LoadStage, Progress, Stage
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
@@ -44,10 +44,39 @@ def load_stage(
     dtype: str = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Stage:
-    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch' or 'mlx')."""
+    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch' or 'mlx'), its linear layers held
+    quantized when `quantize` is 'int8' or 'int4'."""
     loader = engine_loader(engine)
-    return loader(checkpoint, layer_range, dtype=dtype, device=device, progress=progress)
+    return loader(
+        checkpoint,
+        layer_range,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        quantize=quantize,
+        group_size=group_size,
+    )
+
+
+def read_bandwidth(
+    engine: str,
+    dtype: str,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    device: str | None = None,
+) -> float:
+    """Bytes of weights per second this device reads as decode does, on `engine` (a short measurement)."""
+    if engine == "torch":
+        from meshllm.engines.torch.calibrate import read_bandwidth as torch_bandwidth
+
+        return torch_bandwidth(dtype, quantize, group_size, device)
+    engine_loader(engine)  # a clear error when the engine is missing
+    from meshllm.engines.mlx.stage import read_bandwidth as mlx_bandwidth
+
+    return mlx_bandwidth(dtype, quantize, group_size, device)
 
 
 def guess_device_type(engine: str, device: str | None) -> str:

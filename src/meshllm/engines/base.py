@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshllm.defaults import QUANTIZE_MODES
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.step import LayerRange, StepInput, StepOutput
@@ -54,6 +55,8 @@ class LoadStage(Protocol):
         dtype: str = ...,
         device: str | None = ...,
         progress: Progress | None = ...,
+        quantize: str | None = ...,
+        group_size: int = ...,
     ) -> Stage: ...
 
 
@@ -68,9 +71,16 @@ class StageBounds:
 
 
 def stage_bounds(
-    checkpoint: Checkpoint | str, layer_range: tuple[int, int], dtype: str, dtypes: Iterable[str]
+    checkpoint: Checkpoint | str,
+    layer_range: tuple[int, int],
+    dtype: str,
+    dtypes: Iterable[str],
+    quantize: str | None = None,
 ) -> StageBounds:
-    """Open `checkpoint` (a Checkpoint or a reference), check the range and the dtype an engine offers."""
+    """Open `checkpoint` (a Checkpoint or a reference), check the range, the dtype an engine offers and
+    the quantization mode."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     num_layers = checkpoint.config.num_hidden_layers

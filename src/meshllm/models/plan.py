@@ -1,4 +1,9 @@
-"""The layer plan: which device runs which half-open range of decoder layers, weighted by memory."""
+"""The layer plan: which device runs which half-open range of decoder layers.
+
+By cost (`balance.py`): the split that makes the slowest stage's time per token least, each stage's bytes
+read per token over its device's measured read speed, within each device's memory. A split that cannot fit
+is reported naming every device that falls short (from the memory-weighted split, the fairest one).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.errors import ConfigError
+from meshllm.models.balance import ModelCosts, balance
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.step import LayerRange
 
@@ -56,7 +62,12 @@ def plan_layers(num_layers: int, weights: list[float]) -> list[LayerRange]:
 
 def tensor_bytes(checkpoint: Checkpoint, dtype: str | None = None) -> dict[str, int]:
     """Bytes of every tensor as stored (or as `dtype` for floating tensors), read from the file headers only."""
-    sizes: dict[str, int] = {}
+    return {name: size for name, (size, _) in _tensor_sizes(checkpoint, dtype).items()}
+
+
+def _tensor_sizes(checkpoint: Checkpoint, dtype: str | None) -> dict[str, tuple[int, list[int]]]:
+    """(bytes as stored or as `dtype`, shape) of every tensor, from the file headers."""
+    sizes: dict[str, tuple[int, list[int]]] = {}
     for file in sorted(set(checkpoint.weight_map.values())):
         for name, info in _header(file).items():
             if name == "__metadata__":
@@ -66,8 +77,25 @@ def tensor_bytes(checkpoint: Checkpoint, dtype: str | None = None) -> dict[str, 
                 count *= dim
             stored = _BYTES_PER_DTYPE.get(info["dtype"], 4)
             is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
-            sizes[name] = count * (_TARGET_BYTES[dtype] if dtype and is_float else stored)
+            sizes[name] = (
+                count * (_TARGET_BYTES[dtype] if dtype and is_float else stored),
+                list(info["shape"]),
+            )
     return sizes
+
+
+def quantized_bytes(shape: list[int], quantize: str, group_size: int, scale_bytes: int) -> int:
+    """Bytes of an `[out, in]` weight held as `quantize`: int8 with a scale per row; int4 with a scale and a
+    zero point per group of `group_size` inputs."""
+    out_features, in_features = shape
+    if quantize == "int8":
+        return out_features * in_features + out_features * scale_bytes
+    return out_features * in_features // 2 + out_features * (in_features // group_size) * 2 * scale_bytes
+
+
+def _is_quantizable(name: str, shape: list[int]) -> bool:
+    """The linear layers' weights (the embedding stays a table; a packed checkpoint is quantized already)."""
+    return len(shape) == 2 and name.endswith("_proj.weight") or name == "lm_head.weight"
 
 
 def _header(file: Path) -> dict:
@@ -76,18 +104,63 @@ def _header(file: Path) -> dict:
         return json.loads(handle.read(length))
 
 
-def stage_weight_bytes(sizes: dict[str, int], checkpoint: Checkpoint, layer_range: tuple[int, int]) -> int:
+def stage_weight_bytes(
+    sizes: dict[str, int],
+    checkpoint: Checkpoint,
+    layer_range: tuple[int, int],
+    quantized: dict[str, int] | None = None,  # bytes of the weights that are held quantized, by name
+) -> int:
     config = checkpoint.config
     start, end = layer_range
+    is_last = end == config.num_hidden_layers
+    quantized = quantized or {}
     total = 0
     for name, size in sizes.items():
+        held = quantized.get(name, size)
         if name.startswith("model.layers."):
-            total += size if start <= int(name.split(".")[2]) < end else 0
+            total += held if start <= int(name.split(".")[2]) < end else 0
         elif name.startswith("model.embed_tokens."):
-            total += size * ((start == 0) + (end == config.num_hidden_layers and config.tie_word_embeddings))
+            # A lookup table on the first stage; the lm_head (held like one) on the last when tied.
+            lm_head = quantized.get("lm_head.weight", size) if name.endswith(".weight") else size
+            total += size * (start == 0) + lm_head * (is_last and config.tie_word_embeddings)
         elif name.startswith(("model.norm.", "lm_head.")):
-            total += size if end == config.num_hidden_layers else 0
+            total += held if is_last else 0
     return total
+
+
+def model_costs(sizes: dict[str, int], checkpoint: Checkpoint, quantized: dict[str, int]) -> ModelCosts:
+    """The bytes of each part of the model as a device holding `quantized` weights would hold them."""
+    config = checkpoint.config
+    layers = [0] * config.num_hidden_layers
+    embedding = head = 0
+    for name, size in sizes.items():
+        held = quantized.get(name, size)
+        if name.startswith("model.layers."):
+            layers[int(name.split(".")[2])] += held
+        elif name.startswith("model.embed_tokens."):
+            embedding += size
+            if config.tie_word_embeddings:
+                head += quantized.get("lm_head.weight", size) if name.endswith(".weight") else size
+        elif name.startswith(("model.norm.", "lm_head.")):
+            head += held
+    shared = config.tie_word_embeddings and "lm_head.weight" not in quantized
+    return ModelCosts(layers, embedding, head, head_is_embedding=shared)
+
+
+def quantized_sizes(
+    checkpoint: Checkpoint, dtype: str, quantize: str | None, group_size: int
+) -> dict[str, int]:
+    """Bytes of each weight that `quantize` holds quantized (the lm_head under its own name even when tied)."""
+    if quantize is None or checkpoint.config.quantization:  # a packed checkpoint is held as it is
+        return {}
+    scale_bytes = _TARGET_BYTES[dtype]
+    sizes = {}
+    for name, (_, shape) in _tensor_sizes(checkpoint, dtype).items():
+        if name == "model.embed_tokens.weight" and checkpoint.config.tie_word_embeddings:
+            sizes["lm_head.weight"] = quantized_bytes(shape, quantize, group_size, scale_bytes)
+        elif _is_quantizable(name, shape):
+            sizes[name] = quantized_bytes(shape, quantize, group_size, scale_bytes)
+    return sizes
 
 
 def make_plan(
@@ -95,16 +168,39 @@ def make_plan(
     devices: list[tuple[str, int]],  # (name, bytes of memory available), in chain order
     dtype: str = "float32",
     layer_overrides: dict[str, tuple[int, int]] | None = None,
+    quantize: dict[str, str | None] | None = None,  # by device name: int8 | int4 | None (as stored)
+    group_size: int = 64,
+    speeds: dict[str, float] | None = None,  # by device name: measured read speed; None or 0: all alike
 ) -> list[StagePlan]:
-    """Ranges weighted by memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
+    """Ranges by cost within memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
     config = checkpoint.config
+    sizes = tensor_bytes(checkpoint, dtype)
+    modes = {mode for mode in (quantize or {}).values() if mode}
+    held = {mode: quantized_sizes(checkpoint, dtype, mode, group_size) for mode in modes}
+    ranges: list[LayerRange] | None = None
     if layer_overrides:
         ranges = [LayerRange.checked(layer_overrides[name], config.num_hidden_layers) for name, _ in devices]
-    else:
+    elif len(devices) <= config.num_hidden_layers:
+        known = [speed for speed in (speeds or {}).values() if speed > 0]
+        ranges = balance(
+            [
+                model_costs(sizes, checkpoint, held.get((quantize or {}).get(name) or "", {}))
+                for name, _ in devices
+            ],
+            [(speeds or {}).get(name, 0) or 1.0 for name, _ in devices]
+            if len(known) == len(devices)
+            else [1.0] * len(devices),
+            [float(memory) for _, memory in devices],
+            HEADROOM,
+        )
+    if ranges is None:  # nothing fits (reported below, on the memory-weighted split), or too few layers
         ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])
-    sizes = tensor_bytes(checkpoint, dtype)
     plan = [
-        StagePlan(name, layer_range, stage_weight_bytes(sizes, checkpoint, layer_range))
+        StagePlan(
+            name,
+            layer_range,
+            stage_weight_bytes(sizes, checkpoint, layer_range, held.get((quantize or {}).get(name) or "")),
+        )
         for (name, _), layer_range in zip(devices, ranges, strict=True)
     ]
     short = [

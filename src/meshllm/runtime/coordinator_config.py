@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshllm.defaults import COORDINATOR_STAGE
+from meshllm.defaults import COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES
 from meshllm.errors import ConfigError
 
 
@@ -21,6 +21,9 @@ class CoordinatorConfig:
     workers: tuple[WorkerAddress, ...] = ()  # in chain order, after the coordinator's own stage
     local_stage: bool = True  # the coordinator computes the first layers itself
     dtype: str = "float32"
+    quantize: str | None = None  # int8 | int4: every device's linear layers held quantized
+    group_size: int = DEFAULT_GROUP_SIZE  # int4's group of inputs
+    device_quantize: Mapping[str, str | None] = field(default_factory=dict)  # a device's own choice
     engine: str | None = None  # None: the platform's best (mlx on Apple silicon, else torch)
     device: str | None = None  # the local stage's torch device (None: cuda, then mps, then cpu)
     token: str | None = None  # the cluster token every gRPC call carries
@@ -28,6 +31,9 @@ class CoordinatorConfig:
     memory_overrides: Mapping[str, int] = field(default_factory=dict)  # bytes the plan may use, by device
     layer_overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # fixed ranges, by device
     step_timeout: float = 30.0  # seconds a pipeline step may take before its sequences fail
+    # Seconds sequences whose stage was lost wait for the pipeline to be whole again (a worker started
+    # again and reloaded), to be prefilled again and go on; then they end with an error.
+    replay_timeout: float = 60.0
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
@@ -39,8 +45,19 @@ class CoordinatorConfig:
         names = [self.name] * self.local_stage + [worker.name for worker in self.workers]
         if len(set(names)) != len(names):
             raise ConfigError(f"device names must be unique, got {', '.join(names)}")
+        for name, mode in [("quantize", self.quantize), *self.device_quantize.items()]:
+            if mode is not None and mode not in QUANTIZE_MODES:
+                raise ConfigError(f"{name}: {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
+        if self.group_size < 1:
+            raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
+        if self.replay_timeout < 0:
+            raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
+
+    def quantize_of(self, device: str) -> str | None:
+        """How `device` holds its weights: its own setting, else the cluster's."""
+        return self.device_quantize[device] if device in self.device_quantize else self.quantize
 
     @property
     def device_names(self) -> list[str]:

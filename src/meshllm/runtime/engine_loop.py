@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.scheduler import ScheduledStep, Scheduler, SequenceEvent, Update
-from meshllm.step import GeneratedToken, PipelineError
+from meshllm.step import GeneratedToken, PipelineError, StageLost
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,22 @@ class SequenceStream:
 class EngineLoop:
     """Owns the steps in flight (at most one per stage) and every live sequence's stream."""
 
-    def __init__(self, scheduler: Scheduler, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        pipeline: Pipeline,
+        whole: Callable[[], bool] | None = None,
+        replay_timeout: float = 60.0,
+    ) -> None:
         self.scheduler = scheduler
         self.pipeline = pipeline
+        # With `whole` (is every stage up with its layers?), a lost stage stalls its sequences, and they
+        # are prefilled again once it says yes; they end with an error after `replay_timeout` seconds.
+        self.whole = whole
+        self.replay_timeout = replay_timeout
         self._streams: dict[int, SequenceStream] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # steps in flight and releases under way
+        self._recovering: asyncio.Task[None] | None = None
 
     @classmethod
     def in_process(cls, stages: list[Stage], max_running: int = 128) -> EngineLoop:
@@ -92,11 +104,30 @@ class EngineLoop:
             tokens = await self.pipeline.run_step(step.input)
         except Exception as error:
             failure = error if isinstance(error, PipelineError) else PipelineError(str(error))
-            log.warning("step %d failed: %s", step.step_id, failure)
-            update = self.scheduler.fail(step.step_id, failure)
+            replay = self.whole is not None and isinstance(failure, StageLost)
+            log.warning(
+                "step %d failed%s: %s", step.step_id, " (its sequences wait to replay)" * replay, failure
+            )
+            update = self.scheduler.fail(step.step_id, failure, replay=replay, now=time.monotonic())
         else:
             update = self.scheduler.update(step.step_id, tokens)
         self._apply(update)
+        if self.scheduler.paused and self._recovering is None:
+            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+        self._send_steps()
+
+    async def _recover(self, interval: float = 0.5) -> None:
+        """Wait for the pipeline to be whole again (ending what waits too long), then replay."""
+        assert self.whole is not None  # paused only when replaying
+        try:
+            while self.scheduler.paused:
+                await asyncio.sleep(interval)
+                self._apply(self.scheduler.expire(time.monotonic(), self.replay_timeout))
+                if self.scheduler.in_flight == 0 and self.whole():
+                    log.warning("the pipeline is whole again: %d sequences replay", self.scheduler.stalled)
+                    self.scheduler.resume()
+        finally:
+            self._recovering = None
         self._send_steps()
 
     def _apply(self, update: Update) -> None:
@@ -113,6 +144,8 @@ class EngineLoop:
     async def close(self) -> None:
         """End every live sequence with an error, then wait (briefly) for the stages to free their caches."""
         in_flight = list(self._tasks)
+        if self._recovering is not None:
+            self._recovering.cancel()
         self._apply(self.scheduler.close(PipelineError("the coordinator is shutting down")))
         for task in in_flight:
             task.cancel()

@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from meshllm.errors import StageError
+from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.coordinator_config import WorkerAddress
 
 log = logging.getLogger(__name__)
@@ -27,10 +29,26 @@ PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent 
 class LocalWorker:
     address: WorkerAddress
     process: subprocess.Popen
+    command: list[str] = field(default_factory=list)  # how it was started, to start it again
+    env: dict[str, str] = field(default_factory=dict)
+    output: int | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    restart_at: float | None = None  # when a dead worker is started again (monotonic seconds)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def launch(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.output,
+            stderr=self.output,
+            start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
+        )
+        self.backoff.succeeded()
 
 
 class LocalWorkers:
@@ -38,6 +56,7 @@ class LocalWorkers:
 
     def __init__(self) -> None:
         self.workers: list[LocalWorker] = []
+        self._stopping = False
 
     @property
     def pids(self) -> list[int]:
@@ -62,18 +81,49 @@ class LocalWorkers:
             command += ["--token", token]
         if engine:
             command += ["--engine", engine]
-        process = subprocess.Popen(
-            _dying_with_this_process(command),
+        worker = LocalWorker(
+            WorkerAddress(name=name, address=f"{host}:{port}"),
+            process=None,  # type: ignore[arg-type]  # launched just below
+            command=_dying_with_this_process(command),
             env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})},
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
+            output=output,
         )
-        worker = LocalWorker(WorkerAddress(name=name, address=f"{host}:{port}"), process)
+        worker.launch()
         self.workers.append(worker)
-        log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, process.pid, threads)
+        log.info("started %s on %s:%d (pid %d, %d threads)", name, host, port, worker.pid, threads)
         return worker
+
+    async def supervise(
+        self, on_exit: Callable[[str, str], None] | None = None, interval: float = 0.5
+    ) -> None:
+        """Start again every worker that dies, after a backoff that doubles while it keeps dying (1 s up to
+        30 s); `on_exit(name, message)` hears of each exit. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            for worker in self.workers:
+                if self._stopping:
+                    return
+                code = worker.process.poll()
+                if code is None:
+                    continue
+                if worker.restart_at is None:  # it just died
+                    self._note_exit(worker, code, on_exit)
+                elif time.monotonic() >= worker.restart_at:
+                    worker.restart_at = None
+                    worker.launch()
+                    log.warning("started %s again (pid %d)", worker.address.name, worker.pid)
+
+    def _note_exit(self, worker: LocalWorker, code: int, on_exit: Callable[[str, str], None] | None) -> None:
+        delay = worker.backoff.delay()
+        worker.restart_at = time.monotonic() + delay
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+        message = (
+            f"the local worker {worker.address.name} (pid {worker.pid}) exited with {how}; "
+            f"starting it again in {delay:.0f} s (see its output above)"
+        )
+        log.warning("%s", message)
+        if on_exit is not None:
+            on_exit(worker.address.name, message)
 
     def spawn(
         self,
@@ -98,6 +148,7 @@ class LocalWorkers:
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every worker still running, then SIGKILL those still there after `grace` seconds."""
+        self._stopping = True
         running = [worker for worker in self.workers if worker.process.poll() is None]
         for worker in running:
             with contextlib.suppress(ProcessLookupError):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from meshllm.devices import DeviceStatus, describe_host
 from meshllm.errors import StageError
+from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import VERSION
@@ -35,6 +36,9 @@ class DeviceMonitor:
         self._reload_worker = reload
         self._status: dict[str, DeviceStatus] = {}
         self._reloads: dict[str, asyncio.Task[None]] = {}  # kept, so a reload is never collected mid-way
+        self._reload_backoff: dict[str, Backoff] = {}
+        self._reload_at: dict[str, float] = {}  # a failed reload is tried again from then on
+        self._notes: dict[str, str] = {}  # what else is known of a device that is down (e.g. how it exited)
         self._watch: asyncio.Task[None] | None = None
 
     # ---- status --------------------------------------------------------------------------------
@@ -62,6 +66,7 @@ class DeviceMonitor:
                     live_sequences=stage.live_sequences(),
                     rtt_ms=None,
                     version=VERSION,
+                    quantize=host.quantize or "",
                 )
             )
         return statuses
@@ -72,6 +77,9 @@ class DeviceMonitor:
             info = await client.info(timeout=2.0)
         except StageError as error:
             previous = self._status.get(client.name)
+            note = self._notes.get(client.name)
+            if note:
+                error = StageError(f"{error}; {note}")
             return DeviceStatus(
                 device_id=device_id, name=client.name, hostname=previous.hostname if previous else "",
                 address=client.address, role="worker", status="unreachable",
@@ -80,6 +88,7 @@ class DeviceMonitor:
                 rtt_ms=None, version="", error=str(error),
             )  # fmt: skip
         rtt_ms = (time.perf_counter() - started) * 1000
+        self._notes.pop(client.name, None)  # it answers again
         loaded = info.model == self.model and info.layers == planned
         return DeviceStatus(
             device_id=device_id,
@@ -98,6 +107,7 @@ class DeviceMonitor:
             rtt_ms=round(rtt_ms, 3),
             version=info.version,
             error="" if loaded else f"device '{client.name}' has not loaded its layers",
+            quantize=info.quantize,
         )
 
     async def refresh(self) -> list[DeviceStatus]:
@@ -112,6 +122,10 @@ class DeviceMonitor:
         statuses = self._local_status() + list(remote)
         self._status = {status.name: status for status in statuses}
         return statuses
+
+    def note(self, name: str, message: str) -> None:
+        """Something known of a device from elsewhere (its process exited): shown while it is down."""
+        self._notes[name] = message
 
     def snapshot(self) -> list[DeviceStatus]:
         return list(self._status.values())
@@ -132,7 +146,13 @@ class DeviceMonitor:
                 await self.refresh()
                 for client, _ in self.workers:
                     status = self._status.get(client.name)
-                    if status and status.status == "not loaded" and client.name not in self._reloads:
+                    waiting = time.monotonic() < self._reload_at.get(client.name, 0.0)
+                    if (
+                        status
+                        and status.status == "not loaded"
+                        and client.name not in self._reloads
+                        and not waiting
+                    ):
                         self._reloads[client.name] = asyncio.create_task(self._reload(client))
             except asyncio.CancelledError:
                 raise
@@ -143,9 +163,12 @@ class DeviceMonitor:
         try:
             log.warning("%s came back without its layers: loading them again", client.name)
             await self._reload_worker(client)
+            self._reload_backoff.setdefault(client.name, Backoff()).succeeded()
             await self.refresh()
         except Exception as error:
-            log.error("reloading %s failed: %s", client.name, error)
+            delay = self._reload_backoff.setdefault(client.name, Backoff()).delay()
+            self._reload_at[client.name] = time.monotonic() + delay
+            log.error("reloading %s failed (trying again in %.0f s): %s", client.name, delay, error)
         finally:
             self._reloads.pop(client.name, None)
 

@@ -34,6 +34,15 @@ class Sampler:
         for seq_id in seq_ids:
             self._states.pop(seq_id, None)
 
+    @staticmethod
+    def _resumed(seed: int | None, sampled: int) -> _SequenceState:
+        """A sequence's generator after `sampled` tokens: each drew one number (greedy ones drew none,
+        and use none, so drawing them here changes nothing)."""
+        rng = np.random.default_rng(seed)
+        if sampled:
+            rng.random(sampled)
+        return _SequenceState(rng, sampled)
+
     def sample(self, segments: list[Segment], logits: np.ndarray) -> list[SampledToken]:
         """`logits` is `[S, vocab]`, one row per segment; returns a token for each segment with sample=True."""
         tokens = []
@@ -45,8 +54,9 @@ class Sampler:
     def _sample_one(self, segment: Segment, logits: np.ndarray) -> SampledToken:
         params = segment.sampling
         state = self._states.get(segment.seq_id)
-        if state is None:
-            state = self._states[segment.seq_id] = _SequenceState(np.random.default_rng(params.seed))
+        resumed = segment.sampled is not None and (state is None or state.n_sampled != segment.sampled)
+        if state is None or resumed:  # new, or prefilled again after a failure
+            state = self._states[segment.seq_id] = self._resumed(params.seed, segment.sampled or 0)
         logits = logits.astype(np.float32, copy=True)
         logprobs = log_softmax(logits)  # reported: the model's own distribution, before any restriction
         allowed = logprobs

@@ -11,6 +11,11 @@ step's sampled tokens mean for each sequence. No asyncio, no sockets: the engine
   each sequence (`SequenceEvent`s) and which sequences the stages may now forget (`release`).
 - Every stop condition about tokens is decided here: eos (unless ignore_eos), stop token ids (once
   min_tokens were made), max_tokens.
+- Replay: `fail(step_id, error, replay=True)` (a stage was lost) does not end the step's sequences. They
+  are `STALLED` and nothing is scheduled (`paused`) until `resume()`, when the pipeline is whole again:
+  then each is prefilled again from position 0 (its prompt and the tokens it had), its sampler resumed
+  where it was, and it goes on with the tokens it would have had. `expire(now, timeout)` ends those that
+  waited too long.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class SequenceStatus(enum.Enum):
     RUNNING = "running"  # the stages hold its caches; not in a step right now
     IN_FLIGHT = "in flight"  # part of a step that has not come back
     ABORTING = "aborting"  # aborted while in flight: ends when its step comes back
+    STALLED = "stalled"  # its step was lost with a stage: waits to be prefilled again
 
 
 @dataclass
@@ -40,6 +46,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens already in every stage's KV cache: the next step starts here
     status: SequenceStatus = SequenceStatus.WAITING
+    stalled_since: float = 0.0  # when its step was lost (monotonic seconds)
+    stall_error: PipelineError | None = None  # what it ends with if the pipeline stays broken
 
     @property
     def length(self) -> int:
@@ -121,6 +129,7 @@ class Scheduler:
         self._in_flight: dict[int, ScheduledStep] = {}
         self._seq_ids = itertools.count(random.randrange(1, 1 << 40))  # unlike an earlier run's ids
         self._step_ids = itertools.count(1)
+        self.paused = False  # a stage was lost: nothing is scheduled until `resume()`
 
     @property
     def live_sequences(self) -> int:
@@ -155,6 +164,8 @@ class Scheduler:
             return update
         if sequence.status == SequenceStatus.IN_FLIGHT:
             sequence.status = SequenceStatus.ABORTING  # the stages are still working on it
+        elif sequence.status == SequenceStatus.STALLED:
+            self._finish(sequence, SequenceEvent(seq_id), update)
         else:
             self._finish(sequence, SequenceEvent(seq_id), update)
         return update
@@ -167,7 +178,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         """The next step to send, or None (enough steps are out, or no sequence has work)."""
-        if len(self._in_flight) >= self.max_in_flight:
+        if self.paused or len(self._in_flight) >= self.max_in_flight:
             return None
         ready = [
             s
@@ -199,6 +210,7 @@ class Scheduler:
                     n_tokens=count,
                     sample=start + count == sequence.length,
                     sampling=sequence.request.sampling,
+                    sampled=len(sequence.generated),
                 )
             )
             token_ids.extend(sequence.token_ids(start, count))
@@ -235,6 +247,7 @@ class Scheduler:
             if token is None:
                 continue  # a prefill chunk that is not the prompt's last
             sequence.generated.append(token.token_id)
+            sequence.stalled_since, sequence.stall_error = 0.0, None  # it goes on: any stall is over
             finish_reason = sequence.finish_reason(token.token_id)
             event = SequenceEvent(
                 sequence.seq_id, GeneratedToken(token.token_id, token.logprob, finish_reason)
@@ -245,14 +258,45 @@ class Scheduler:
                 update.events.append(event)
         return update
 
-    def fail(self, step_id: int, error: PipelineError) -> Update:
-        """A step failed: every sequence in it ends with `error`."""
+    def fail(self, step_id: int, error: PipelineError, replay: bool = False, now: float = 0.0) -> Update:
+        """A step failed: every sequence in it ends with `error`, or, with `replay`, stalls until `resume()`
+        (an aborted one ends)."""
         step = self._in_flight.pop(step_id)
         update = Update()
         for seq_id in step.seq_ids:
             sequence = self._sequences.get(seq_id)
-            if sequence is not None:
+            if sequence is None:
+                continue
+            if replay and sequence.status != SequenceStatus.ABORTING:
+                sequence.status, sequence.n_cached = SequenceStatus.STALLED, 0
+                sequence.stalled_since = sequence.stalled_since or now  # a failed replay keeps its clock
+                sequence.stall_error = sequence.stall_error or error
+            else:
                 self._finish(sequence, SequenceEvent(seq_id, error=error), update)
+        if replay:
+            self.paused = True
+        return update
+
+    @property
+    def stalled(self) -> int:
+        return sum(1 for s in self._sequences.values() if s.status == SequenceStatus.STALLED)
+
+    def resume(self) -> None:
+        """The pipeline is whole again: stalled sequences are prefilled again from their first token."""
+        self.paused = False
+        for sequence in self._sequences.values():
+            if sequence.status == SequenceStatus.STALLED:
+                sequence.status = SequenceStatus.RUNNING  # the stages may still hold (stale) caches of it
+
+    def expire(self, now: float, timeout: float) -> Update:
+        """End the stalled sequences that have waited `timeout` seconds, with the error that stalled them."""
+        update = Update()
+        for sequence in list(self._sequences.values()):
+            if sequence.status == SequenceStatus.STALLED and now - sequence.stalled_since >= timeout:
+                error = PipelineError(
+                    f"{sequence.stall_error}; the pipeline was not whole again within {timeout:.0f} s"
+                )
+                self._finish(sequence, SequenceEvent(sequence.seq_id, error=error), update)
         return update
 
     def close(self, error: PipelineError) -> Update:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage
+from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
 from meshllm.engines.base import Stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -25,21 +25,28 @@ log = logging.getLogger(__name__)
 class LocalStageHost:
     """Layers of one checkpoint on this process's engine; samples when it holds the last layers."""
 
-    def __init__(self, name: str, engine: str | None = None, device: str | None = None):
+    def __init__(
+        self, name: str, engine: str | None = None, device: str | None = None, quantize: str | None = None
+    ):
         self.name = name
         self.engine = engine or default_engine()
         self.device = device
+        self.own_quantize = quantize  # this device's own choice; wins over what Load asks
+        self.quantize: str | None = None  # of the loaded stage
         self.stage: Stage | None = None
         self.sampler = Sampler()
         self.model = ""
         self.num_layers = 0
         self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
+        self._bandwidths: dict[tuple[str, str | None, int], float] = {}  # measured read speeds
 
     @classmethod
-    def of(cls, name: str, stage: Stage, model: str = "", num_layers: int = 0) -> LocalStageHost:
+    def of(
+        cls, name: str, stage: Stage, model: str = "", num_layers: int = 0, quantize: str | None = None
+    ) -> LocalStageHost:
         """A host around a stage loaded already."""
         host = cls(name, engine=stage.engine)
-        host.stage, host.model, host.num_layers = stage, model, num_layers
+        host.stage, host.model, host.num_layers, host.quantize = stage, model, num_layers, quantize
         return host
 
     @property
@@ -78,7 +85,14 @@ class LocalStageHost:
             weight_bytes=stage.weight_bytes() if stage is not None else 0,
             version=VERSION,
             protocol_version=PROTOCOL_VERSION,
+            quantize=(self.quantize or "") if stage is not None else "",
         )
+
+    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+        key = (dtype, quantize, group_size)
+        if key not in self._bandwidths:
+            self._bandwidths[key] = read_bandwidth(self.engine, dtype, quantize, group_size, self.device)
+        return self._bandwidths[key]
 
     def health(self) -> Health:
         stage = self.stage
@@ -87,13 +101,21 @@ class LocalStageHost:
 
     def load(self, spec: LoadSpec, progress: Callable[[float], None] | None = None) -> None:
         engine = spec.engine or self.engine
+        quantize = self.own_quantize or spec.quantize
         self.stage = None  # free the old range before reading the new one
         self.model = ""
         checkpoint = Checkpoint.open(spec.model)
         stage = load_stage(
-            engine, checkpoint, spec.layer_range, dtype=spec.dtype, device=self.device, progress=progress
+            engine,
+            checkpoint,
+            spec.layer_range,
+            dtype=spec.dtype,
+            device=self.device,
+            progress=progress,
+            quantize=quantize,
+            group_size=spec.group_size,
         )
-        self.stage, self.engine, self.model = stage, engine, spec.model
+        self.stage, self.engine, self.model, self.quantize = stage, engine, spec.model, quantize
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
 

@@ -4,13 +4,15 @@ every stage, and hand the running parts to `Coordinator`. A failed start closes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage
+from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -23,6 +25,7 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient
@@ -56,6 +59,10 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     )
 
     infos = await asyncio.gather(*(_ask(client) for client in clients))
+    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
+    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
+    measure = _plan_needs_speeds(config) and len(hosts) > 1
+    speeds = await _measure_speeds(config, engine, clients) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
     if config.local_stage:
@@ -64,7 +71,15 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         devices.append((config.name, memory.get(config.name, local.memory_available)))
     for client, info in zip(clients, infos, strict=True):
         devices.append((client.name, memory.get(client.name, info.memory_available)))
-    plan = make_plan(checkpoint, devices, config.dtype, dict(config.layer_overrides) or None)
+    plan = make_plan(
+        checkpoint,
+        devices,
+        config.dtype,
+        dict(config.layer_overrides) or None,
+        quantize={name: config.quantize_of(name) for name, _ in devices},
+        group_size=config.group_size,
+        speeds=speeds,
+    )
     for planned in plan:
         log.info(
             "plan: %s runs layers %s (%.1f MB)",
@@ -76,11 +91,19 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     local_hosts = []
     if config.local_stage:
         layer_range = plan[0].layer_range
+        quantize = config.quantize_of(config.name)
         stage = await asyncio.to_thread(
-            load_stage, engine, checkpoint, layer_range, dtype=config.dtype, device=config.device
+            load_stage,
+            engine,
+            checkpoint,
+            layer_range,
+            dtype=config.dtype,
+            device=config.device,
+            quantize=quantize,
+            group_size=config.group_size,
         )
         local_hosts.append(
-            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers)
+            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
         )
     worker_plan = plan[int(config.local_stage) :]
     next_stages = [client.address for client in clients[1:]] + [""]
@@ -110,11 +133,53 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         reload,
     )
     await monitor.refresh()
-    coordinator = Coordinator(
-        config, served, tokenizer, plan, EngineLoop(scheduler, pipeline), monitor, clients
-    )
+    whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
+    engine_loop = EngineLoop(scheduler, pipeline, whole=whole, replay_timeout=config.replay_timeout)
+    coordinator = Coordinator(config, served, tokenizer, plan, engine_loop, monitor, clients)
     monitor.start(config.monitor_interval)
     return coordinator
+
+
+def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
+    return len(config.device_names) > 1 and not config.layer_overrides
+
+
+async def _measure_speeds(
+    config: CoordinatorConfig, engine: str, clients: list[StageClient]
+) -> dict[str, float]:
+    """Every device's read speed in its own dtype and quantization, one device at a time (devices that
+    share a machine would slow each other's measurement). Speeds within half of the fastest count as
+    the fastest: a shared machine's noise reaches that much, and it must not move layers around."""
+    speeds: dict[str, float] = {}
+    if config.local_stage:
+        quantize = config.quantize_of(config.name)
+        speeds[config.name] = await asyncio.to_thread(
+            _local_bandwidth, engine, config.dtype, quantize, config.group_size, config.device
+        )
+    for client in clients:
+        spec = LoadSpec(
+            config.model,
+            LayerRange(0, 1),
+            config.dtype,
+            None,
+            config.quantize_of(client.name),
+            config.group_size,
+        )
+        speeds[client.name] = (await client.info(timeout=120.0, calibrate=spec)).read_bandwidth
+    fastest = max(speeds.values())
+    if fastest <= 0:
+        return {}
+    relative = {name: speed / fastest for name, speed in speeds.items()}
+    log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
+    return {name: 1.0 if share >= 0.5 else share for name, share in relative.items()}
+
+
+@functools.cache
+def _local_bandwidth(
+    engine: str, dtype: str, quantize: str | None, group_size: int, device: str | None
+) -> float:
+    """This process's read speed, measured once per dtype and quantization."""
+    return read_bandwidth(engine, dtype, quantize, group_size, device)
 
 
 async def _ask(client: StageClient) -> StageInfo:
@@ -130,7 +195,13 @@ async def _ask(client: StageClient) -> StageInfo:
 
 async def _load(config: CoordinatorConfig, client: StageClient, stage: StagePlan, next_stage: str) -> None:
     started = time.perf_counter()
-    spec = LoadSpec(config.model, stage.layer_range, config.dtype)
+    spec = LoadSpec(
+        config.model,
+        stage.layer_range,
+        config.dtype,
+        quantize=config.quantize_of(client.name),
+        group_size=config.group_size,
+    )
     await client.load(spec, next_stage, lambda message: log.info("%s: %s", client.name, message))
     log.info("%s loaded layers %s in %.1f s", client.name, stage.layer_range, time.perf_counter() - started)
 

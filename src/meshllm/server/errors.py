@@ -22,6 +22,7 @@ class APIError(Exception):
         type: str = INVALID_REQUEST,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -29,6 +30,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> ErrorBody:
         return error_body(self.message, self.type, self.param, self.code)
@@ -61,9 +63,14 @@ def model_not_found(model: str, served: str) -> APIError:
     )
 
 
+RETRY_AFTER = 5  # seconds a client is told to wait before retrying a 503 (a worker restarts within that)
+
+
 def unavailable(message: str) -> APIError:
     """503: the pipeline cannot take the request now (a device is down); retrying later may work."""
-    return APIError(message, 503, SERVER_ERROR, None, "pipeline_unavailable")
+    return APIError(
+        message, 503, SERVER_ERROR, None, "pipeline_unavailable", {"Retry-After": str(RETRY_AFTER)}
+    )
 
 
 def pipeline_failed(message: str) -> ErrorBody:

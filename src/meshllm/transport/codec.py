@@ -27,6 +27,7 @@ def encode_segment(segment: Segment) -> pb.Segment:
         start_pos=segment.start_pos,
         n_tokens=segment.n_tokens,
         sample=segment.sample,
+        sampled=segment.sampled,
         sampling=pb.Sampling(
             temperature=params.temperature,
             top_p=params.top_p,
@@ -45,6 +46,7 @@ def decode_segment(message: pb.Segment) -> Segment:
         start_pos=message.start_pos,
         n_tokens=message.n_tokens,
         sample=message.sample,
+        sampled=message.sampled if message.HasField("sampled") else None,
         sampling=SamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
@@ -124,6 +126,8 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         weight_bytes=info.weight_bytes,
         version=info.version,
         protocol_version=info.protocol_version,
+        quantize=info.quantize,
+        read_bandwidth=info.read_bandwidth,
     )
 
 
@@ -143,4 +147,6 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         weight_bytes=reply.weight_bytes,
         version=reply.version,
         protocol_version=reply.protocol_version,
+        quantize=reply.quantize,
+        read_bandwidth=reply.read_bandwidth,
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import StageInfo
 from meshllm.step import LayerRange, SampledToken, StepInput
 
@@ -23,6 +24,8 @@ class LoadSpec:
     layer_range: LayerRange
     dtype: str
     engine: str | None = None  # None: the host's own engine
+    quantize: str | None = None  # int8 | int4 | None: as stored
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class StageHost(Protocol):
     def loaded(self) -> bool: ...
 
     def info(self) -> StageInfo: ...
+
+    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+        """Bytes/s this device reads weights at, in that dtype and quantization (measured once, kept)."""
+        ...
 
     def health(self) -> Health: ...
 

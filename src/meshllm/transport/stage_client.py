@@ -15,7 +15,7 @@ import grpc
 
 from meshllm.devices import StageInfo
 from meshllm.errors import StageError
-from meshllm.step import PipelineError, StepInput, StepResult
+from meshllm.step import PipelineError, StageLost, StepInput, StepResult
 from meshllm.transport.codec import decode_info, decode_result, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
@@ -54,9 +54,15 @@ class StageClient:
         kind = TokenRefused if is_refusal(error) else StageError
         return kind(explain(error, self.name, self.address))
 
-    async def info(self, timeout: float = 3.0) -> StageInfo:
+    async def info(self, timeout: float = 3.0, calibrate: LoadSpec | None = None) -> StageInfo:
+        """What the stage has; with `calibrate`, also its read speed in that spec's dtype and quantization."""
+        request = pb.InfoRequest()
+        if calibrate is not None:
+            request = pb.InfoRequest(
+                dtype=calibrate.dtype, quantize=calibrate.quantize or "", group_size=calibrate.group_size
+            )
         try:
-            reply = await self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=timeout)
+            reply = await self._stub.Info(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from None
         return decode_info(reply)
@@ -77,6 +83,8 @@ class StageClient:
             dtype=spec.dtype,
             next_stage=next_stage,
             engine=spec.engine or "",
+            quantize=spec.quantize or "",
+            group_size=spec.group_size,
         )
         try:
             async for progress in self._stub.Load(request, metadata=self._metadata):
@@ -136,11 +144,11 @@ class ForwardChain:
                     future.set_exception(PipelineError(result.error))
                 else:
                     future.set_result(decode_result(result))
-            self._fail_all(PipelineError(f"the stream to {self.first.describe()} ended unexpectedly"))
+            self._fail_all(StageLost(f"the stream to {self.first.describe()} ended unexpectedly"))
         except grpc.aio.AioRpcError as error:
-            self._fail_all(PipelineError(self._explain(error)))
+            self._fail_all(StageLost(self._explain(error)))
         except asyncio.CancelledError:
-            self._fail_all(PipelineError("the pipeline was reset"))
+            self._fail_all(StageLost("the pipeline was reset"))
         finally:
             if self._call is call:
                 self._call = None
@@ -172,13 +180,13 @@ class ForwardChain:
             if self._call is call:
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
-            raise PipelineError(f"the stream to {self.first.describe()} broke: {details}") from None
+            raise StageLost(f"the stream to {self.first.describe()} broke: {details}") from None
         try:
             return await asyncio.wait_for(future, self.step_timeout)
         except asyncio.TimeoutError:
             self._pending.pop(request.step_id, None)
             await self.reset()
-            raise PipelineError(
+            raise StageLost(
                 f"step timed out after {self.step_timeout:.0f} s in the chain from {self.first.describe()}"
             ) from None
 
@@ -190,4 +198,4 @@ class ForwardChain:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        self._fail_all(PipelineError("the pipeline was reset"))
+        self._fail_all(StageLost("the pipeline was reset"))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.step import LayerRange, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
 from meshllm.transport.proto import meshllm_pb2 as pb
@@ -51,7 +52,11 @@ class StageService(pbg.StageServicer):
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         await self._authorize(context)
-        return encode_info(self.host.info())
+        reply = encode_info(self.host.info())
+        if request.dtype:  # a short measurement: on the compute thread, never on the event loop
+            quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
+            reply.read_bandwidth = await self._run(self.host.calibrate, request.dtype, quantize, group_size)
+        return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
         await self._authorize(context)
@@ -63,7 +68,14 @@ class StageService(pbg.StageServicer):
     ) -> AsyncIterator[pb.LoadProgress]:
         await self._authorize(context)
         layer_range = LayerRange(request.layer_start, request.layer_end)  # checked by the host's engine
-        spec = LoadSpec(request.model, layer_range, request.dtype or "float32", request.engine or None)
+        spec = LoadSpec(
+            request.model,
+            layer_range,
+            request.dtype or "float32",
+            request.engine or None,
+            request.quantize or None,
+            request.group_size or DEFAULT_GROUP_SIZE,
+        )
         async with self._load_lock:
             yield pb.LoadProgress(fraction=0.0, message=f"loading layers {layer_range} of {spec.model}")
             started = time.perf_counter()

@@ -146,6 +146,8 @@ def build_stage_model(
     is_last: bool,
     dtype: mx.Dtype,
     progress: Callable[[float], None] | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
 ) -> nn.Module:
     """mlx-lm's model of `checkpoint` holding only what layers `[start, end)` need, weights evaluated."""
     config = checkpoint.config
@@ -171,7 +173,25 @@ def build_stage_model(
             f"{checkpoint.path}: the checkpoint's tensors do not fit the model ({error})"
         ) from None
     model.set_dtype(dtype)  # floating parameters only; packed integer weights stay as they are
+    if quantize is not None:
+        _quantize_dense_layers(model, quantize, group_size)
     evaluate_all(model)
     if progress is not None:
         progress(1.0)
     return model
+
+
+def _quantize_dense_layers(model: nn.Module, mode: str, group_size: int) -> None:
+    """MLX's own affine quantization of every linear layer still dense (and the lm_head); embeddings stay."""
+    bits = {"int8": 8, "int4": 4}[mode]
+
+    def class_predicate(path: str, module: nn.Module) -> bool:
+        if not isinstance(module, nn.Linear):  # already quantized ones are QuantizedLinear
+            return False
+        if module.weight.shape[-1] % group_size:
+            raise ConfigError(
+                f"{path}: {module.weight.shape[-1]} inputs are not a multiple of the group size {group_size}"
+            )
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=class_predicate)

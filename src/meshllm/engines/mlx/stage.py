@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
@@ -191,16 +192,22 @@ def load_stage(
     dtype: str = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> MlxStage:
     """Build layers `[start, end)` of `checkpoint` on mlx-lm's classes, reading only their tensors.
 
     `progress(fraction)` is called once the stage's tensors are read and again once they are evaluated.
+    `quantize` ('int8' or 'int4') holds the dense linear layers quantized by MLX itself, in groups of
+    `group_size` inputs.
     """
-    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize)
     _use_device(device)
     checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
     config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
-    model = build_stage_model(checkpoint, (start, end), is_first, is_last, DTYPES[dtype], progress)
+    model = build_stage_model(
+        checkpoint, (start, end), is_first, is_last, DTYPES[dtype], progress, quantize, group_size
+    )
     stage = MlxStage(model, config, bounds.layer_range, is_first, is_last, DTYPES[dtype])
     log.info(
         "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
@@ -212,3 +219,27 @@ def load_stage(
         stage.device_type,
     )
     return stage
+
+
+def read_bandwidth(dtype: str, quantize: str | None, group_size: int, device: str | None = None) -> float:
+    """Bytes of weights read per second by one-token matmuls, in `dtype` (quantized by MLX when asked)."""
+    import time
+
+    _use_device(device)
+    size, count = 2048, 8
+    layers = []
+    for seed in range(count):
+        layer = nn.Linear(size, size, bias=False)
+        layer.weight = mx.random.normal((size, size), key=mx.random.key(seed)).astype(DTYPES[dtype])
+        if quantize is not None:
+            layer = nn.QuantizedLinear.from_linear(layer, group_size, {"int8": 8, "int4": 4}[quantize])
+        layers.append(layer)
+    mx.eval([layer.parameters() for layer in layers])
+    held = sum(array.nbytes for layer in layers for _, array in flat_parameters(layer))
+    x = mx.random.normal((1, size)).astype(DTYPES[dtype])
+    passes = []
+    for _ in range(6):
+        started = time.perf_counter()
+        mx.eval([layer(x) for layer in layers])
+        passes.append(time.perf_counter() - started)
+    return held / sorted(passes[1:])[2]

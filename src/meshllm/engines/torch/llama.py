@@ -20,6 +20,8 @@ from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
 from meshllm.step import Segment
 
+LM_HEAD_CHUNK_ROWS = 32768  # vocabulary rows per lm_head matmul on a CPU
+
 
 class Linear(nn.Module):
     """nn.Linear without random initialisation: every weight comes from the checkpoint."""
@@ -31,6 +33,34 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear:
+    """Several linear layers of one input computed as one matmul, their outputs split again.
+
+    The parts keep their parameters, under their checkpoint names, as views into the fused weight: the
+    memory is held once, and a stage's parameters still read like the checkpoint's tensors.
+    """
+
+    def __init__(self, parts: list[Linear]):
+        self.sizes = [part.weight.shape[0] for part in parts]
+        with torch.no_grad():
+            self.weight = torch.cat([part.weight for part in parts])
+            has_bias = [part.bias is not None for part in parts]
+            self.bias = (
+                torch.cat([part.bias for part in parts if part.bias is not None]) if all(has_bias) else None
+            )
+            if any(has_bias) and not all(has_bias):
+                raise ConfigError("a fused projection needs a bias on every part or on none")
+            offset = 0
+            for part, size in zip(parts, self.sizes, strict=True):
+                part.weight.data = self.weight[offset : offset + size]
+                if part.bias is not None and self.bias is not None:
+                    part.bias.data = self.bias[offset : offset + size]
+                offset += size
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class Embedding(nn.Module):
@@ -130,6 +160,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.window = config.sliding_window
         bias = config.attention_bias
         hidden = config.hidden_size
@@ -141,6 +172,10 @@ class Attention(nn.Module):
         # qwen3 normalises each head's queries and keys before the rotary embedding.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.qkv: FusedLinear | None = None  # q, k and v in one matmul, once the weights are in place
+
+    def fuse(self) -> None:
+        self.qkv = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -151,9 +186,13 @@ class Attention(nn.Module):
         caches: list[KVCache],  # one per segment
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv_heads, self.head_dim)
+        v = v.view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:  # both or neither (qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
@@ -167,16 +206,28 @@ class Attention(nn.Module):
             span = slice(offset, offset + n)
             keys, values = cache.update_and_fetch(k[span].transpose(0, 1), v[span].transpose(0, 1))
             mask = attention_mask(segment.start_pos, n, self.window, x.device)
-            out = F.scaled_dot_product_attention(
-                q[span].transpose(0, 1)[None],  # [1, H, n, D]
-                keys[None],  # [1, H_kv, L, D]
-                values[None],
-                attn_mask=mask,
-                enable_gqa=self.n_heads != self.n_kv_heads,
-            )
-            outputs.append(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+            if n == 1 and mask is None:
+                outputs.append(self._one_query(q[span][0], keys, values))
+            else:
+                out = F.scaled_dot_product_attention(
+                    q[span].transpose(0, 1)[None],  # [1, H, n, D]
+                    keys[None],  # [1, H_kv, L, D]
+                    values[None],
+                    attn_mask=mask,
+                    enable_gqa=self.n_heads != self.n_kv_heads,
+                )
+                outputs.append(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
             offset += n
         return self.o_proj(torch.cat(outputs))
+
+    def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention of one decode token: two small matmuls and a softmax. On a CPU this is several times
+        faster than the fused kernel, whose fixed cost dominates for a single query."""
+        group = self.n_heads // self.n_kv_heads
+        queries = q.view(self.n_kv_heads, group, self.head_dim)  # [H_kv, G, D]
+        scores = torch.matmul(queries, keys.transpose(1, 2)).float() * self.scale  # [H_kv, G, L]
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(weights, values).reshape(1, self.n_heads * self.head_dim)  # [1, H * D]
 
 
 class FeedForward(nn.Module):
@@ -186,9 +237,17 @@ class FeedForward(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up: FusedLinear | None = None  # gate and up in one matmul, once the weights are in place
+
+    def fuse(self) -> None:
+        self.gate_up = FusedLinear([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -226,9 +285,19 @@ class StageModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size) if is_first else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(start, end)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        # A Linear, or a quantized layer when the stage holds its weights quantized.
+        self.lm_head: nn.Module | None = (
+            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        )
         inv_freq = rope_inv_freq(config) if inv_freq is None else inv_freq
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def fuse(self) -> None:
+        """Fuse each layer's q/k/v and gate/up projections (after the weights are on their device)."""
+        for layer in self.layers.values():
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
@@ -252,4 +321,13 @@ class StageModel(nn.Module):
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[S, hidden] -> [S, vocab], last stage only."""
         assert self.lm_head is not None and self.norm is not None, "logits() on a stage that is not last"
-        return self.lm_head(self.norm(hidden_states))
+        hidden_states = self.norm(hidden_states)
+        if not isinstance(self.lm_head, Linear | nn.Linear):  # held quantized: its own kernel
+            return self.lm_head(hidden_states)
+        weight = self.lm_head.weight
+        if weight.device.type != "cpu" or weight.shape[0] < LM_HEAD_CHUNK_ROWS:
+            return self.lm_head(hidden_states)
+        # A tall matrix in row blocks: measured faster on CPUs than one GEMV over the whole vocabulary.
+        return torch.cat(
+            [F.linear(hidden_states, block) for block in weight.split(LM_HEAD_CHUNK_ROWS)], dim=-1
+        )

@@ -7,8 +7,10 @@ import logging
 import numpy as np
 import torch
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
+from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -51,8 +53,10 @@ class TorchStage:
         return len(self._caches)
 
     def weight_bytes(self) -> int:
+        """Parameters (each shared one once) and the packed weights of quantized layers."""
         unique = {id(p): p for p in self.model.parameters()}
-        return sum(p.numel() * p.element_size() for p in unique.values())
+        packed = sum(m.weight_bytes() for m in self.model.modules() if isinstance(m, QuantizedLinear))
+        return sum(p.numel() * p.element_size() for p in unique.values()) + packed
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
@@ -124,12 +128,14 @@ def load_stage(
     dtype: str = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> TorchStage:
     """Build layers `[start, end)` of `checkpoint`, reading only their tensors from disk.
 
     `progress(fraction)` is called after each layer's tensors are read.
     """
-    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES)
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize)
     checkpoint, (start, end) = bounds.checkpoint, bounds.layer_range
     config, is_first, is_last = checkpoint.config, bounds.is_first, bounds.is_last
     torch_dtype, target = DTYPES[dtype], pick_device(device)
@@ -138,9 +144,26 @@ def load_stage(
     with torch.device("meta"):  # no random init: every parameter is assigned from the checkpoint
         model = StageModel(config, (start, end), is_first, is_last, inv_freq=inv_freq)
     names = stage_tensor_names(checkpoint, (start, end), is_first, is_last)
+    groups = _group_by_layer(list(names))
+    if quantize is not None or config.quantization:
+        from meshllm.engines.torch.quantized_load import load_quantized
+
+        load_quantized(
+            model,
+            checkpoint,
+            bounds.layer_range,
+            names,
+            groups,
+            torch_dtype,
+            target,
+            quantize,
+            group_size,
+            progress,
+        )
+        model.eval()
+        return _loaded(TorchStage(model, bounds.layer_range, is_first, is_last), checkpoint, dtype, quantize)
     from meshllm.engines.torch.quantized import dequantize_stage_tensors
 
-    groups = _group_by_layer(list(names))
     tensors: dict[str, torch.Tensor] = {}
     for index, group in enumerate(groups):
         tensors.update(dequantize_stage_tensors(checkpoint, group, torch_dtype, read_tensors))
@@ -167,15 +190,19 @@ def load_stage(
         model.lm_head.weight = model.embed_tokens.weight  # one shared matrix, not two copies of it
     model.to(target)
     model.eval()
-    stage = TorchStage(model, bounds.layer_range, is_first, is_last)
+    model.fuse()
+    return _loaded(TorchStage(model, bounds.layer_range, is_first, is_last), checkpoint, dtype, None)
+
+
+def _loaded(stage: TorchStage, checkpoint: Checkpoint, dtype: str, quantize: str | None) -> TorchStage:
+    held = f"{dtype}, linear layers {quantize}" if quantize else dtype
     log.info(
-        "loaded layers [%d, %d) of %s: %.1f MB (%s on %s)",
-        start,
-        end,
+        "loaded layers %s of %s: %.1f MB (%s on %s)",
+        stage.layer_range,
         checkpoint.name,
         stage.weight_bytes() / 1e6,
-        dtype,
-        target,
+        held,
+        stage.device,
     )
     return stage
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshllm/transport/proto/meshllm.proto\x12\x07meshllm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x90\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x03\x42\x07\n\x05_seedJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"s\n\x07Segment\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x03\x12\x10\n\x08n_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12#\n\x08sampling\x18\x05 \x01(\x0b\x32\x11.meshllm.Sampling\"\x8e\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\"\n\x08segments\x18\x02 \x03(\x0b\x32\x10.meshllm.Segment\x12\"\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x0f.meshllm.Tensor\x12&\n\rhidden_states\x18\x04 \x01(\x0b\x32\x0f.meshllm.Tensor\"A\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\"z\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12%\n\x06tokens\x18\x02 \x03(\x0b\x32\x15.meshllm.SampledToken\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12%\n\x07timings\x18\x04 \x03(\x0b\x32\x14.meshllm.StageTiming\"\r\n\x0bInfoRequest\"\xab\x02\n\tInfoReply\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x03\x12\x18\n\x10memory_available\x18\x05 \x01(\x03\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0blayer_start\x18\x07 \x01(\x05\x12\x11\n\tlayer_end\x18\x08 \x01(\x05\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x16\n\x0elive_sequences\x18\n \x01(\x05\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10protocol_version\x18\x0c \x01(\x05\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x13\n\x0b\x64\x65vice_name\x18\x0e \x01(\t\"w\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnext_stage\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\"N\n\x0cLoadProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x02\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"&\n\x0cReleaseReply\x12\x16\n\x0elive_sequences\x18\x01 \x01(\x05\"\x0f\n\rHealthRequest\"9\n\x0bHealthReply\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\x32\x9d\x02\n\x05Stage\x12\x30\n\x04Info\x12\x14.meshllm.InfoRequest\x1a\x12.meshllm.InfoReply\x12\x35\n\x04Load\x12\x14.meshllm.LoadRequest\x1a\x15.meshllm.LoadProgress0\x01\x12\x38\n\x07\x46orward\x12\x14.meshllm.StepRequest\x1a\x13.meshllm.StepResult(\x01\x30\x01\x12\x39\n\x07Release\x12\x17.meshllm.ReleaseRequest\x1a\x15.meshllm.ReleaseReply\x12\x36\n\x06Health\x12\x16.meshllm.HealthRequest\x1a\x14.meshllm.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%meshllm/transport/proto/meshllm.proto\x12\x07meshllm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x90\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\r\n\x05top_p\x18\x08 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x03\x42\x07\n\x05_seedJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"\x95\x01\n\x07Segment\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x03\x12\x10\n\x08n_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12#\n\x08sampling\x18\x05 \x01(\x0b\x32\x11.meshllm.Sampling\x12\x14\n\x07sampled\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_sampled\"\x8e\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\"\n\x08segments\x18\x02 \x03(\x0b\x32\x10.meshllm.Segment\x12\"\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x0f.meshllm.Tensor\x12&\n\rhidden_states\x18\x04 \x01(\x0b\x32\x0f.meshllm.Tensor\"A\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"-\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\"z\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12%\n\x06tokens\x18\x02 \x03(\x0b\x32\x15.meshllm.SampledToken\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12%\n\x07timings\x18\x04 \x03(\x0b\x32\x14.meshllm.StageTiming\"B\n\x0bInfoRequest\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x10\n\x08quantize\x18\x02 \x01(\t\x12\x12\n\ngroup_size\x18\x03 \x01(\x05\"\xd5\x02\n\tInfoReply\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x03\x12\x18\n\x10memory_available\x18\x05 \x01(\x03\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0blayer_start\x18\x07 \x01(\x05\x12\x11\n\tlayer_end\x18\x08 \x01(\x05\x12\x12\n\nnum_layers\x18\t \x01(\x05\x12\x16\n\x0elive_sequences\x18\n \x01(\x05\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10protocol_version\x18\x0c \x01(\x05\x12\x14\n\x0cweight_bytes\x18\r \x01(\x03\x12\x13\n\x0b\x64\x65vice_name\x18\x0e \x01(\t\x12\x10\n\x08quantize\x18\x0f \x01(\t\x12\x16\n\x0eread_bandwidth\x18\x10 \x01(\x01\"\x9d\x01\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nnext_stage\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x10\n\x08quantize\x18\x07 \x01(\t\x12\x12\n\ngroup_size\x18\x08 \x01(\x05\"N\n\x0cLoadProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x02\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"&\n\x0cReleaseReply\x12\x16\n\x0elive_sequences\x18\x01 \x01(\x05\"\x0f\n\rHealthRequest\"9\n\x0bHealthReply\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\x32\x9d\x02\n\x05Stage\x12\x30\n\x04Info\x12\x14.meshllm.InfoRequest\x1a\x12.meshllm.InfoReply\x12\x35\n\x04Load\x12\x14.meshllm.LoadRequest\x1a\x15.meshllm.LoadProgress0\x01\x12\x38\n\x07\x46orward\x12\x14.meshllm.StepRequest\x1a\x13.meshllm.StepResult(\x01\x30\x01\x12\x39\n\x07Release\x12\x17.meshllm.ReleaseRequest\x1a\x15.meshllm.ReleaseReply\x12\x36\n\x06Health\x12\x16.meshllm.HealthRequest\x1a\x14.meshllm.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=102
   _globals['_SAMPLING']._serialized_start=105
   _globals['_SAMPLING']._serialized_end=249
-  _globals['_SEGMENT']._serialized_start=251
-  _globals['_SEGMENT']._serialized_end=366
-  _globals['_STEPREQUEST']._serialized_start=369
-  _globals['_STEPREQUEST']._serialized_end=511
-  _globals['_SAMPLEDTOKEN']._serialized_start=513
-  _globals['_SAMPLEDTOKEN']._serialized_end=578
-  _globals['_STAGETIMING']._serialized_start=580
-  _globals['_STAGETIMING']._serialized_end=625
-  _globals['_STEPRESULT']._serialized_start=627
-  _globals['_STEPRESULT']._serialized_end=749
-  _globals['_INFOREQUEST']._serialized_start=751
-  _globals['_INFOREQUEST']._serialized_end=764
-  _globals['_INFOREPLY']._serialized_start=767
-  _globals['_INFOREPLY']._serialized_end=1066
-  _globals['_LOADREQUEST']._serialized_start=1068
-  _globals['_LOADREQUEST']._serialized_end=1187
-  _globals['_LOADPROGRESS']._serialized_start=1189
-  _globals['_LOADPROGRESS']._serialized_end=1267
-  _globals['_RELEASEREQUEST']._serialized_start=1269
-  _globals['_RELEASEREQUEST']._serialized_end=1302
-  _globals['_RELEASEREPLY']._serialized_start=1304
-  _globals['_RELEASEREPLY']._serialized_end=1342
-  _globals['_HEALTHREQUEST']._serialized_start=1344
-  _globals['_HEALTHREQUEST']._serialized_end=1359
-  _globals['_HEALTHREPLY']._serialized_start=1361
-  _globals['_HEALTHREPLY']._serialized_end=1418
-  _globals['_STAGE']._serialized_start=1421
-  _globals['_STAGE']._serialized_end=1706
+  _globals['_SEGMENT']._serialized_start=252
+  _globals['_SEGMENT']._serialized_end=401
+  _globals['_STEPREQUEST']._serialized_start=404
+  _globals['_STEPREQUEST']._serialized_end=546
+  _globals['_SAMPLEDTOKEN']._serialized_start=548
+  _globals['_SAMPLEDTOKEN']._serialized_end=613
+  _globals['_STAGETIMING']._serialized_start=615
+  _globals['_STAGETIMING']._serialized_end=660
+  _globals['_STEPRESULT']._serialized_start=662
+  _globals['_STEPRESULT']._serialized_end=784
+  _globals['_INFOREQUEST']._serialized_start=786
+  _globals['_INFOREQUEST']._serialized_end=852
+  _globals['_INFOREPLY']._serialized_start=855
+  _globals['_INFOREPLY']._serialized_end=1196
+  _globals['_LOADREQUEST']._serialized_start=1199
+  _globals['_LOADREQUEST']._serialized_end=1356
+  _globals['_LOADPROGRESS']._serialized_start=1358
+  _globals['_LOADPROGRESS']._serialized_end=1436
+  _globals['_RELEASEREQUEST']._serialized_start=1438
+  _globals['_RELEASEREQUEST']._serialized_end=1471
+  _globals['_RELEASEREPLY']._serialized_start=1473
+  _globals['_RELEASEREPLY']._serialized_end=1511
+  _globals['_HEALTHREQUEST']._serialized_start=1513
+  _globals['_HEALTHREQUEST']._serialized_end=1528
+  _globals['_HEALTHREPLY']._serialized_start=1530
+  _globals['_HEALTHREPLY']._serialized_end=1587
+  _globals['_STAGE']._serialized_start=1590
+  _globals['_STAGE']._serialized_end=1875
 # @@protoc_insertion_point(module_scope)

@@ -33,18 +33,20 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., min_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "n_tokens", "sample", "sampling")
+    __slots__ = ("seq_id", "start_pos", "n_tokens", "sample", "sampling", "sampled")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     n_tokens: int
     sample: bool
     sampling: Sampling
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    sampled: int
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., n_tokens: _Optional[int] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., sampled: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "segments", "token_ids", "hidden_states")
@@ -89,11 +91,17 @@ class StepResult(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("dtype", "quantize", "group_size")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    quantize: str
+    group_size: int
+    def __init__(self, dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +116,8 @@ class InfoReply(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    READ_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -122,23 +132,29 @@ class InfoReply(_message.Message):
     protocol_version: int
     weight_bytes: int
     device_name: str
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ...) -> None: ...
+    quantize: str
+    read_bandwidth: float
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine")
+    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STAGE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
     dtype: str
     next_stage: str
     engine: str
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    quantize: str
+    group_size: int
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("fraction", "message", "done", "error")

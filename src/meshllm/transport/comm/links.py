@@ -1,8 +1,8 @@
-"""The communicator's gRPC side: this rank's `Comm` server and its streams to every peer.
+"""The communicator's links: this rank's `Comm` server and its gRPC streams to every peer.
 
 Each peer gets its own channel and one long-lived `Exchange` stream. Messages for a peer go into its
-`Outbox` (comm_outbox.py), the stream's request iterator, from which gRPC's sending thread takes them one
-part at a time, in order. The server (comm_server.py) reads the streams peers keep open to this rank and
+`Outbox` (outbox.py), the stream's request iterator, from which gRPC's sending thread takes them one
+part at a time, in order. The server (server.py) reads the streams peers keep open to this rank and
 puts whole messages in the mailbox.
 
 The blocking (thread-based) gRPC API is used on purpose: the communicator's own API is blocking, and
@@ -25,12 +25,13 @@ from collections.abc import Callable
 
 import grpc
 
-from meshllm.transport.comm_errors import CommAuthError, CommError, CommTimeoutError, PeerLostError
-from meshllm.transport.comm_mailbox import Mailbox, Payload
-from meshllm.transport.comm_outbox import Outbox, OutgoingMessage
-from meshllm.transport.comm_server import CommServicer
-from meshllm.transport.comm_wire import RANK_KEY, SERVICE, TOKEN_KEY
+from meshllm.transport.comm.errors import CommAuthError, CommError, CommTimeoutError, PeerLostError
+from meshllm.transport.comm.mailbox import Mailbox
+from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
+from meshllm.transport.comm.server import CommServicer
+from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Payload
 from meshllm.transport.proto import comm_pb2, comm_pb2_grpc
+from meshllm.transport.rpc import token_metadata
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def describe_rpc_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class Transport:
+class Links:
     """The server and the peer streams of one rank; every method may be called from any thread."""
 
     def __init__(
@@ -82,7 +83,7 @@ class Transport:
         self.mailbox = mailbox
         self.describe_peer = describe_peer
         self.closing = False
-        self._metadata: tuple[tuple[str, str], ...] = ((TOKEN_KEY, token),) if token else ()
+        self._metadata = token_metadata(token)
         self._server: grpc.Server | None = None
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._channels: dict[int, grpc.Channel] = {}
@@ -123,7 +124,7 @@ class Transport:
         self._hello(stub, peer, deadline, timeout)
         outbox = self._outboxes[peer] = Outbox(self.rank)
         metadata = (*self._metadata, (RANK_KEY, str(self.rank)))
-        # Parts are bytes already (comm_wire), so no serializer: gRPC sends them as they are.
+        # Parts are bytes already (wire.py), so no serializer: gRPC sends them as they are.
         exchange = channel.stream_unary(
             f"/{SERVICE}/Exchange",
             request_serializer=None,

@@ -1,34 +1,34 @@
 """The `Comm` service of one rank: answers `Hello`, checks the cluster token, and reads the streams
 that peers keep open to this rank, putting every whole message in the mailbox.
 
-One server thread per incoming stream reads its parts (comm_wire), joins the parts of a large message
-into one buffer as they arrive, and tells the transport when the stream ends: after a goodbye (the peer
+One server thread per incoming stream reads its parts (wire.py), joins the parts of a large message
+into one buffer as they arrive, and tells the links (links.py) when the stream ends: after a goodbye (the peer
 closed its communicator) or without one (the peer is gone).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
-from meshllm.transport.comm_arrays import wire_numpy_dtype
-from meshllm.transport.comm_mailbox import Arrival, Payload
-from meshllm.transport.comm_wire import RANK_KEY, SERVICE, TOKEN_KEY, Part, parse_part
+from meshllm.transport.comm.mailbox import Arrival
+from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Part, Payload, parse_part
 from meshllm.transport.proto import comm_pb2
+from meshllm.transport.rpc import TOKEN_METADATA_KEY, token_problem
+from meshllm.transport.tensors import numpy_dtype
 
 if TYPE_CHECKING:
-    from meshllm.transport.comm_transport import Transport
+    from meshllm.transport.comm.links import Links
 
 
 class _Assembly:
     """A message arriving in parts, copied into one buffer as the parts come (each is freed at once)."""
 
     def __init__(self, first: Part) -> None:
-        itemsize = wire_numpy_dtype(first.dtype).itemsize
+        itemsize = numpy_dtype(first.dtype).itemsize
         self.buffer = np.empty(int(np.prod(first.shape, dtype=np.int64)) * itemsize, dtype=np.uint8)
         self.filled = 0
         self.parts = 0
@@ -53,8 +53,8 @@ class _Assembly:
 class CommServicer:
     """The `Comm` service of one rank: answers `Hello` and puts arriving messages in the mailbox."""
 
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
+    def __init__(self, links: Links) -> None:
+        self.links = links
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -73,22 +73,18 @@ class CommServicer:
         )
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        token = self.transport.token
-        if token is None:
-            return
-        presented = dict(context.invocation_metadata() or ()).get(TOKEN_KEY)
-        if presented is None or not hmac.compare_digest(str(presented).encode(), token.encode()):
-            problem = "no cluster token" if presented is None else "a wrong cluster token"
+        problem = token_problem(self.links.token, dict(context.invocation_metadata() or ()))
+        if problem is not None:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"rank {self.transport.rank}: the call carried {problem} ({TOKEN_KEY} metadata)",
+                f"rank {self.links.rank}: the call carried {problem} ({TOKEN_METADATA_KEY} metadata)",
             )
 
     def Hello(
         self, request: comm_pb2.CommHelloRequest, context: grpc.ServicerContext
     ) -> comm_pb2.CommHelloReply:
         self._authorize(context)
-        rank, world_size = self.transport.rank, self.transport.world_size
+        rank, world_size = self.links.rank, self.links.world_size
         if request.world_size != world_size:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -105,12 +101,12 @@ class CommServicer:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> comm_pb2.CommStreamSummary:
         self._authorize(context)
-        transport = self.transport
+        links = self.links
         source_text = str(dict(context.invocation_metadata() or ()).get(RANK_KEY, ""))
-        if not source_text.isdigit() or not 0 <= int(source_text) < transport.world_size:
+        if not source_text.isdigit() or not 0 <= int(source_text) < links.world_size:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no valid {RANK_KEY} metadata")
         source = int(source_text)
-        transport.incoming_opened(source)
+        links.incoming_opened(source)
         received = 0  # whole messages
         first: Part | None = None  # the first part of a message still coming in parts
         assembly: _Assembly | None = None
@@ -152,10 +148,10 @@ class CommServicer:
         finally:
             # Clean only after a goodbye: when the peer's process dies, gRPC may end the stream as if the
             # peer had closed it before it reports the cancellation.
-            transport.incoming_ended(source, clean=said_goodbye and first is None)
+            links.incoming_ended(source, clean=said_goodbye and first is None)
         return comm_pb2.CommStreamSummary(messages=received)
 
     def _deliver(self, first: Part, data: memoryview | np.ndarray | None) -> None:
         payload = Payload(data, first.shape, first.dtype) if first.has_tensor and data is not None else None
         key = (first.channel, first.source, first.tag)
-        self.transport.mailbox.put(key, Arrival(first.source, first.collective, payload))
+        self.links.mailbox.put(key, Arrival(first.source, first.collective, payload))

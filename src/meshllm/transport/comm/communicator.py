@@ -6,7 +6,7 @@
         total = comm.all_reduce(partial, op="sum")
 
 Every rank runs a `Comm` gRPC server on its own address and keeps one long-lived stream to every other
-rank (see comm_transport.py). Messages from one source with one tag arrive in order and exactly once; a
+rank (see links.py). Messages from one source with one tag arrive in order and exactly once; a
 message may arrive before its `recv` is posted and then waits in the mailbox. Every blocking call gives up
 after `timeout` seconds with a `CommTimeoutError` naming the peer, and fails early with a `PeerLostError`
 naming the peer when a rank it needs dies. The API is blocking and thread-safe for point-to-point calls;
@@ -22,27 +22,16 @@ import logging
 import operator
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
-from meshllm.transport import comm_collectives
-from meshllm.transport.comm_arrays import FRAMEWORKS, REDUCE_OPS, ArrayKind, payload_of, view_payload
-from meshllm.transport.comm_errors import CommAuthError, CommError, CommTimeoutError, PeerLostError
-from meshllm.transport.comm_mailbox import COLLECTIVE, POINT_TO_POINT, Arrival, Mailbox, Payload
-from meshllm.transport.comm_transport import Transport
-from meshllm.transport.comm_wire import TOKEN_KEY
-from meshllm.transport.tensors import dtype_name
-
-__all__ = [
-    "Communicator",
-    "CommError",
-    "CommTimeoutError",
-    "PeerLostError",
-    "CommAuthError",
-    "REDUCE_OPS",
-    "FRAMEWORKS",
-    "TOKEN_KEY",
-    "RING_THRESHOLD",
-]
+from meshllm.transport.comm import collectives
+from meshllm.transport.comm.errors import CommError, CommTimeoutError
+from meshllm.transport.comm.links import Links
+from meshllm.transport.comm.mailbox import COLLECTIVE, POINT_TO_POINT, Arrival, Mailbox
+from meshllm.transport.comm.reduce import REDUCE_OPS
+from meshllm.transport.comm.wire import Payload
+from meshllm.transport.tensors import check_framework, dtype_name, framework_of, from_buffer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +41,36 @@ log = logging.getLogger(__name__)
 RING_THRESHOLD = 1 << 20
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """How to hand an array back: in which framework, and for torch on which device (None: the CPU)."""
+
+    framework: str
+    device: Any = None
+
+    @classmethod
+    def of(cls, array: Any) -> ArrayKind:
+        framework = framework_of(array)
+        device = array.device if framework == "torch" and array.device.type != "cpu" else None
+        return cls(framework, device)
+
+    @classmethod
+    def resolve(cls, like: Any, default: str) -> ArrayKind:
+        """`like` is None (the communicator's default framework), a framework name, or an array to match."""
+        if like is None:
+            like = default
+        if isinstance(like, str):
+            check_framework(like)
+            return cls(like)
+        return cls.of(like)
+
+    def build(self, payload: Payload) -> Any:
+        """The payload as an array of this kind (numpy gives float32 for bfloat16). Without a copy when the
+        payload's data is writable (a received message joined from parts, a reduction's result): the
+        result then owns it."""
+        return from_buffer(payload.data, payload.shape, payload.dtype, self.framework, self.device)
 
 
 class Communicator:
@@ -98,14 +117,14 @@ class Communicator:
         self.framework = framework
         self.ring_threshold = ring_threshold
         self._mailbox = Mailbox(rank, self.describe_peer)
-        self._transport = Transport(rank, self.addresses, token or None, self._mailbox, self.describe_peer)
+        self._links = Links(rank, self.addresses, token or None, self._mailbox, self.describe_peer)
         self._collective_lock = threading.Lock()
         self._collectives = 0  # collectives started on this rank; numbers the next one
         self._closed = False
         try:
-            self._transport.start(self.timeout)
+            self._links.start(self.timeout)
         except BaseException:
-            self._transport.close(1.0)
+            self._links.close(1.0)
             self._mailbox.close()
             raise
         _open_communicators.add(self)
@@ -149,7 +168,7 @@ class Communicator:
         """Like `send`; the future completes once gRPC wrote the whole message, or fails as `send` would."""
         dest, tag = self._check_rank(dest, "dest"), self._check_tag(tag)
         what = f"send to rank {dest} with tag {tag}"
-        return self._post(dest, POINT_TO_POINT, tag, "", payload_of(array), what, self._timeout(timeout))
+        return self._post(dest, POINT_TO_POINT, tag, "", Payload.copy_of(array), what, self._timeout(timeout))
 
     def recv(self, source: int, tag: int = 0, *, like: Any = None, timeout: float | None = None) -> Any:
         """The next array from rank `source` with `tag`, waiting for it up to `timeout` seconds.
@@ -179,8 +198,8 @@ class Communicator:
         root = self._check_rank(root, "root")
         if self.rank == root and array is None:
             raise ValueError(f"rank {root} is the root of this broadcast: give it the array to send")
-        payload = view_payload(array) if self.rank == root else None
-        result = comm_collectives.broadcast(self._collective("broadcast", timeout), root, payload)
+        payload = Payload.view_of(array) if self.rank == root else None
+        result = collectives.broadcast(self._collective("broadcast", timeout), root, payload)
         if self.rank == root:
             return array
         if array is None:
@@ -202,13 +221,13 @@ class Communicator:
         if op not in REDUCE_OPS:
             raise ValueError(f"unknown reduce op {op!r}: use one of {', '.join(REDUCE_OPS)}")
         kind = ArrayKind.of(array)
-        payload = view_payload(array)
+        payload = Payload.view_of(array)
         call = self._collective("all_reduce", timeout)
-        return kind.build(comm_collectives.all_reduce(call, payload, op, self.ring_threshold))
+        return kind.build(collectives.all_reduce(call, payload, op, self.ring_threshold))
 
     def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
-        comm_collectives.barrier(self._collective("barrier", timeout))
+        collectives.barrier(self._collective("barrier", timeout))
 
     # ---- closing ----
 
@@ -220,7 +239,7 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
-        self._transport.close(self._timeout(timeout))
+        self._links.close(self._timeout(timeout))
         self._mailbox.close()
         _open_communicators.discard(self)
 
@@ -259,7 +278,7 @@ class Communicator:
                 self._mailbox.put((channel, dest, tag), Arrival(dest, collective, payload))
                 done.set_result(None)
             return done
-        return self._transport.submit(dest, channel, tag, collective, payload, what, timeout)
+        return self._links.submit(dest, channel, tag, collective, payload, what, timeout)
 
     def _collective(self, name: str, timeout: float | None) -> _CollectiveCall:
         with self._collective_lock:

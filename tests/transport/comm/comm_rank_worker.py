@@ -1,4 +1,4 @@
-"""The program each rank of test_comm_ranks.py runs: `python comm_rank_worker.py --rank R ...`.
+"""The program each rank of a `comm_helpers.Cluster` runs: `python comm_rank_worker.py --rank R ...`.
 
 It builds a Communicator, says it is ready (one JSON line on stdout), then runs scenarios as they are
 asked for (one JSON line on stdin each) and answers each with one JSON line: {"ok": true, "result": ...}

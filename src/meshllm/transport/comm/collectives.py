@@ -21,17 +21,10 @@ from typing import Protocol
 
 import numpy as np
 
-from meshllm.transport.comm_arrays import (
-    accumulate,
-    array_payload,
-    finish,
-    narrow,
-    snapshot,
-    widen,
-    wire_numpy_dtype,
-)
-from meshllm.transport.comm_errors import CommError
-from meshllm.transport.comm_mailbox import Payload
+from meshllm.transport.comm.errors import CommError
+from meshllm.transport.comm.reduce import accumulate, finish, narrow, widen
+from meshllm.transport.comm.wire import Payload
+from meshllm.transport.tensors import numpy_dtype
 
 # Payloads up to this size are copied before they are queued; larger ones are sent from where they are,
 # and the collective waits until gRPC has taken them before it returns (the caller may then reuse them).
@@ -80,7 +73,7 @@ def broadcast(call: CollectiveCall, root: int, payload: Payload | None) -> Paylo
         mask <<= 1
     assert payload is not None
     large = len(payload.data) > COPY_BYTES
-    outgoing = payload if large else snapshot(payload)
+    outgoing = payload if large else payload.snapshot()
     sends = []
     mask >>= 1
     while mask > 0:  # then pass it on to the children, farthest subtree first
@@ -102,7 +95,7 @@ def all_reduce(call: CollectiveCall, payload: Payload, op: str, ring_threshold: 
     """
     world_size = call.world_size
     if world_size == 1:
-        return snapshot(payload)
+        return payload.snapshot()
     elements = int(np.prod(payload.shape, dtype=np.int64))
     if len(payload.data) * (world_size - 1) <= ring_threshold or elements < world_size:
         return _all_reduce_direct(call, payload, op)
@@ -111,7 +104,7 @@ def all_reduce(call: CollectiveCall, payload: Payload, op: str, ring_threshold: 
 
 def _all_reduce_direct(call: CollectiveCall, payload: Payload, op: str) -> Payload:
     rank, world_size = call.rank, call.world_size
-    outgoing = snapshot(payload)  # small: a copy is cheaper than waiting for the sends
+    outgoing = payload.snapshot()  # small: a copy is cheaper than waiting for the sends
     for peer in range(world_size):
         if peer != rank:
             call.post(peer, outgoing)
@@ -126,7 +119,7 @@ def _all_reduce_direct(call: CollectiveCall, payload: Payload, op: str) -> Paylo
             accumulate(total, widen(contribution), op)
     assert total is not None
     finish(total, op, world_size)
-    return array_payload(narrow(total, payload.dtype), payload.shape, payload.dtype)
+    return _payload_over(narrow(total, payload.dtype), payload.shape, payload.dtype)
 
 
 def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: int) -> Payload:
@@ -147,7 +140,7 @@ def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: 
 
     owned = segments[(rank + 1) % world_size]  # this rank now holds the full reduction of this segment
     finish(values[owned], op, world_size)
-    result = np.empty(elements, dtype=wire_numpy_dtype(payload.dtype))
+    result = np.empty(elements, dtype=numpy_dtype(payload.dtype))
     result[owned] = narrow(values[owned], payload.dtype)
     del values
 
@@ -158,11 +151,16 @@ def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: 
         sends.append(call.post(right, _segment_payload(result, outgoing, payload.dtype)))
         result[incoming] = _expect_segment(call, left, incoming, payload.dtype, payload)
     call.wait(sends)
-    return array_payload(result, payload.shape, payload.dtype)
+    return _payload_over(result, payload.shape, payload.dtype)
+
+
+def _payload_over(values: np.ndarray, shape: tuple[int, ...], dtype: str) -> Payload:
+    """A payload over `values` (already in `dtype`'s wire layout), without a copy."""
+    return Payload(np.ascontiguousarray(values).data.cast("B"), shape, dtype)
 
 
 def _segment_payload(values: np.ndarray, segment: slice, dtype: str) -> Payload:
-    return array_payload(values[segment], (segment.stop - segment.start,), dtype)
+    return _payload_over(values[segment], (segment.stop - segment.start,), dtype)
 
 
 def _expect(call: CollectiveCall, source: int) -> Payload:
@@ -181,7 +179,7 @@ def _expect_segment(
     payload = _expect(call, source)
     if payload.dtype != dtype or payload.shape != (segment.stop - segment.start,):
         raise _mismatch(call, source, f"a {payload.dtype} segment of {list(payload.shape)}", mine)
-    return np.frombuffer(payload.data, dtype=wire_numpy_dtype(dtype))
+    return np.frombuffer(payload.data, dtype=numpy_dtype(dtype))
 
 
 def _mismatch(call: CollectiveCall, source: int, theirs: str, mine: Payload) -> CommError:

@@ -2,7 +2,7 @@
 
 gRPC's sending thread calls `Outbox.__next__` for one part at a time, and only once the part before was
 written; so when it asks for the part after a message's last part, that message has left, and its
-future completes. Parts are encoded here, on that thread, each as it is needed (comm_wire): a large
+future completes. Parts are encoded here, on that thread, each as it is needed (wire.py): a large
 message is never copied whole. When the stream ends, its last part is a goodbye.
 """
 
@@ -15,9 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from meshllm.transport.comm_errors import CommError
-from meshllm.transport.comm_mailbox import Payload
-from meshllm.transport.comm_wire import GOODBYE, encode_continuation, encode_first_part
+from meshllm.transport.comm.errors import CommError
+from meshllm.transport.comm.wire import GOODBYE, Payload, encode_continuation, encode_first_part
 
 PART_BYTES = 1 << 20  # larger messages travel in parts: faster through gRPC, and never near protobuf's 2 GiB
 OUTBOX_BYTES = 256 << 20  # a send waits while this much is already queued for its peer

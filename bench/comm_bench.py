@@ -1,9 +1,11 @@
-"""`meshllm comm bench`: N local rank processes measure the communicator next to torch.distributed (gloo).
+"""The communicator's round-trip latency and all_reduce bandwidth, next to torch.distributed (gloo).
 
-The driver picks free ports on 127.0.0.1, starts one process per rank (`python -m
-meshllm.transport.comm_bench --rank ...`) and reads rank 0's figures, which it writes as JSON to a file.
-In each rank: round trips between ranks 0 and 1 (p50, p99), then all_reduce (sum, float32) at every size,
-first over meshllm, then over gloo in the same processes. torch is imported only for the gloo part.
+    .venv/bin/python bench/comm_bench.py --world-size 4 [--json] [--sizes 1KiB,1MiB] [--no-gloo]
+
+The driver picks free ports on 127.0.0.1, starts one process per rank (this script again, with `--rank`)
+and reads rank 0's figures, which it writes as JSON to a file. In each rank: round trips between ranks 0
+and 1 (p50, p99), then all_reduce (sum, float32) at every size, first over meshllm, then over gloo in the
+same processes. torch is imported only for the gloo part.
 
 Bandwidth is reported twice, as nccl-tests does: algbw = bytes / time, and busbw = algbw * 2 (N - 1) / N,
 the rate at which each rank's link moves data in a ring all-reduce (comparable across world sizes).
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from meshllm.errors import MeshError
+from meshllm.errors import ConfigError, MeshError
 
 KIB, MIB = 1 << 10, 1 << 20
 DEFAULT_SIZES = [KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB]
@@ -57,7 +59,9 @@ def size_label(size: int) -> str:
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Start the rank processes, wait for them, and return rank 0's figures."""
-    ports = free_ports(config.world_size + 1)
+    from meshllm.runtime.local_workers import free_ports
+
+    ports = free_ports(config.world_size + 1, host="127.0.0.1")
     addresses = ",".join(f"127.0.0.1:{port}" for port in ports[:-1])
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
     with tempfile.TemporaryDirectory(prefix="meshllm-comm-bench-") as folder:
@@ -65,7 +69,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         processes = []
         for rank in range(config.world_size):
             command = [
-                sys.executable, "-m", "meshllm.transport.comm_bench",
+                sys.executable, str(Path(__file__).resolve()),
                 "--rank", str(rank), "--addresses", addresses, "--gloo-port", str(ports[-1]),
                 "--sizes", ",".join(map(str, config.sizes)), "--round-trips", str(config.round_trips),
                 "--timeout", str(config.timeout), "--threads", str(config.threads),
@@ -89,18 +93,6 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             tail = (Path(folder) / f"rank{failed}.log").read_text(errors="replace")[-3000:]
             raise MeshError(f"comm bench: rank {failed} failed; the end of its output:\n{tail}")
         return json.loads(out.read_text())
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _wait_all(processes: list[subprocess.Popen[bytes]], deadline: float) -> int | None:
@@ -208,7 +200,7 @@ def _measure_gloo(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
 
 
 def rank_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one rank of `meshllm comm bench`")
+    parser = argparse.ArgumentParser(description="one rank of bench/comm_bench.py")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--addresses", required=True)
     parser.add_argument("--gloo-port", type=int, required=True)
@@ -229,5 +221,117 @@ def rank_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ---- the command line ----
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+}
+_UNITS |= {"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '4KiB', '64MiB', '1g' -> bytes (binary units; a float32 array, so a multiple of 4)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 4096, 64KiB or 16MiB")
+    size = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size < 4 or size % 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes are of float32 arrays, so a multiple of 4 bytes")
+    return size
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_size(part) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Start N rank processes on 127.0.0.1 and print the round-trip latency between ranks 0 and 1 "
+            "(p50, p99) and the all_reduce bandwidth at each size, for meshllm and for torch.distributed's "
+            "gloo backend in the same run. algbw = bytes / time; busbw = algbw * 2 (N - 1) / N."
+        ),
+    )
+    parser.add_argument("--world-size", type=int, default=2, help="ranks to start (default: 2)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object, last")
+    parser.add_argument(
+        "--sizes", type=parse_sizes, default=None, help="all_reduce sizes (default: 1KiB,4KiB,...,64MiB)"
+    )
+    parser.add_argument("--round-trips", type=int, default=1000, help="round trips per latency figure")
+    parser.add_argument("--no-gloo", action="store_true", help="skip torch.distributed (gloo)")
+    parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per rank (default: 1)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="the communicator's timeout, in seconds")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.world_size < 2:
+        raise ConfigError("comm bench needs --world-size 2 or more (round trips go between ranks 0 and 1)")
+    config = BenchConfig(
+        world_size=args.world_size,
+        sizes=args.sizes or list(DEFAULT_SIZES),
+        round_trips=args.round_trips,
+        gloo=not args.no_gloo,
+        timeout=args.timeout,
+        threads=args.threads,
+    )
+    figures = run_bench(config)
+    print(format_figures(figures, config))
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+def format_figures(figures: dict[str, Any], config: BenchConfig) -> str:
+    """The figures as two small tables: round trips, then all_reduce by size (one column group each)."""
+    backends = [name for name in ("meshllm", "gloo") if name in figures]
+    lines = [
+        f"comm bench: {figures['world_size']} ranks as local processes on 127.0.0.1, "
+        f"{config.threads} thread(s) each; gloo is torch.distributed's gloo backend",
+        "",
+        f"{'round trip, rank 0 <-> 1':<28}{'p50':>10}{'p99':>10}",
+    ]
+    for name in backends:
+        for size, latency in figures[name]["latency"].items():
+            label = f"  {name} {size_label(int(size))}"
+            lines.append(f"{label:<28}{latency['p50_ms']:>7.3f} ms{latency['p99_ms']:>7.3f} ms")
+    group = 30  # "time ms, algbw, busbw" per backend
+    lines += [
+        "",
+        "all_reduce (sum, float32); algbw = bytes / time, busbw = algbw * 2 (N - 1) / N, in GB/s",
+        f"{'':>10}" + "".join(f"{name:>{group - 6}}{'':6}" for name in backends),
+        f"{'size':>10}" + f"{'time':>12}{'algbw':>9}{'busbw':>9}" * len(backends),
+    ]
+    for size in config.sizes:
+        row = f"{size_label(size):>10}"
+        for name in backends:
+            cell = figures[name]["all_reduce"][str(size)]
+            row += f"{cell['seconds'] * 1e3:>9.2f} ms{cell['algbw_gbps']:>9.3f}{cell['busbw_gbps']:>9.3f}"
+        lines.append(row)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The driver; with `--rank`, one rank (the processes the driver starts)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--rank" in argv:
+        return rank_main(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MeshError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(rank_main())
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where messages wait for their receive, and what this rank knows about its peers.
 
-The gRPC side (on the event loop) puts whole messages in; the caller's threads take them out, blocking
+The gRPC side (the server's threads, server.py) puts whole messages in; the caller's threads take them out, blocking
 until the message is there, its sender is known to be gone, or the timeout passes. Messages are kept per
 (channel, source, tag) in arrival order, so a receive always gets the oldest message of its key.
 """
@@ -12,25 +12,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from meshllm.transport.comm_errors import CommError, CommTimeoutError, PeerLostError
+from meshllm.transport.comm.errors import CommError, CommTimeoutError, PeerLostError
+from meshllm.transport.comm.wire import Payload
 
 POINT_TO_POINT = 0  # CommChannel values (comm.proto)
 COLLECTIVE = 1
-
-
-@dataclass(frozen=True)
-class Payload:
-    """A tensor as it travels: raw little-endian bytes, shape and wire dtype name (see tensors.py).
-
-    `data` is any bytes-like object: received data is a read-only view of what gRPC delivered, or a
-    writable buffer the parts of a large message were joined in (which the receiver then owns).
-    """
-
-    data: Any  # bytes | memoryview | numpy uint8 array
-    shape: tuple[int, ...]
-    dtype: str
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cluster_helpers import meshllm
 
+from meshllm import defaults
 from meshllm.config import ClusterSettings, Device, load_cluster
 from meshllm.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, text: str, name: str = "cluster.toml") -> Path:
@@ -52,6 +53,20 @@ def test_defaults_make_the_first_device_coordinator_and_number_worker_ports_per_
     assert cluster.api_url == "http://127.0.0.1:8100"
     head = cluster.coordinator
     assert (head.host, head.python, head.workdir) == ("127.0.0.1", sys.executable, str(tmp_path))
+
+
+def test_defaults_and_choices_are_the_shared_vocabulary(tmp_path: Path) -> None:
+    cluster = load_cluster(write(tmp_path, MINIMAL))
+    assert cluster.cluster.api_port == defaults.DEFAULT_API_PORT
+    assert cluster.workers[0].port == defaults.DEFAULT_STAGE_PORT
+    engines = ", ".join(map(repr, defaults.ENGINES))
+    dtypes = ", ".join(map(repr, defaults.DTYPES))
+    assert f"engine must be one of {engines}" in error_of(tmp_path, MINIMAL + 'engine = "tf"\n')
+    assert f"dtype must be one of {dtypes}" in error_of(
+        tmp_path, MINIMAL.replace('model = "demo"', 'model = "demo"\ndtype = "int4"')
+    )
+    coordinator_name = MINIMAL.replace('name = "w1"', f"name = {defaults.COORDINATOR_STAGE!r}")
+    assert "that name is the coordinator's own stage" in error_of(tmp_path, coordinator_name)
 
 
 def test_ports_count_up_separately_on_each_host_and_skip_given_ones(tmp_path: Path) -> None:
@@ -145,7 +160,11 @@ def test_invalid_toml_and_a_missing_file_are_one_line_errors(tmp_path: Path) -> 
 
 def test_the_command_prints_the_error_without_a_traceback(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace('name = "w1"', 'name = "mini2"\nport = "abc"'))
-    result = meshllm("cluster", "status", "-c", path)
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", "cluster", "status", "-c", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert re.fullmatch(
         r"error: \S*cluster.toml: device 'mini2': port must be an integer between 1 and 65535, got 'abc'\n",

@@ -1,4 +1,5 @@
-"""`CommMessage` parts as bytes, written and read without copying tensor data more than once.
+"""What travels between ranks: payloads, and `CommMessage` parts as bytes, written and read without
+copying tensor data more than once.
 
 The bytes are ordinary protobuf encodings of `CommMessage` (comm.proto): any protobuf library reads them.
 They are built and read by hand here only because the generated classes copy a `bytes` field on every
@@ -13,15 +14,46 @@ the first with shape and dtype (inside the protobuf-encoded header), the second 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from meshllm.transport.comm_mailbox import Payload
+from meshllm.transport import tensors
 from meshllm.transport.proto import comm_pb2
 from meshllm.transport.proto import meshllm_pb2 as pb
 
 SERVICE = comm_pb2.DESCRIPTOR.services_by_name["Comm"].full_name  # "meshllm.Comm"
-TOKEN_KEY = "x-meshllm-token"  # gRPC metadata: the cluster token, on every call when the cluster has one
 RANK_KEY = "x-meshllm-rank"  # gRPC metadata on `Exchange`: the sending rank, known before its first part
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A tensor as it travels: raw little-endian bytes, shape and wire dtype name (see tensors.py).
+
+    `data` is any bytes-like object: a view of the sender's array, received data (a read-only view of what
+    gRPC delivered), or a writable buffer the parts of a large message were joined in (which the receiver
+    then owns).
+    """
+
+    data: Any  # bytes | memoryview | numpy uint8 array
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def copy_of(cls, array: Any) -> Payload:
+        """A copy of `array`'s data as it goes on the wire (tensors.to_bytes)."""
+        data, shape, dtype = tensors.to_bytes(array)
+        return cls(data, tuple(shape), dtype)
+
+    @classmethod
+    def view_of(cls, array: Any) -> Payload:
+        """`array`'s data in its wire layout, without a copy where possible (tensors.to_buffer): whoever
+        holds it must not keep it past the call that was given `array`."""
+        data, shape, dtype = tensors.to_buffer(array)
+        return cls(data, tuple(shape), dtype)
+
+    def snapshot(self) -> Payload:
+        """A payload that owns an immutable copy of its data."""
+        return self if isinstance(self.data, bytes) else Payload(bytes(self.data), self.shape, self.dtype)
+
 
 _LENGTH_DELIMITED = 2
 _TENSOR_FIELD = 6  # CommMessage.tensor

@@ -1,0 +1,72 @@
+"""links.py: starting a rank's server and its streams, and noticing a peer that is gone."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from comm_helpers import Cluster
+
+from meshllm.runtime.local_workers import free_ports
+from meshllm.transport.comm import CommError, CommTimeoutError, Communicator
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_that_never_starts_is_named_when_the_wait_times_out() -> None:
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    started = time.monotonic()
+    with pytest.raises(CommTimeoutError, match=r"rank 1 \(127\.0\.0\.1:\d+\) did not answer within 0.5 s"):
+        Communicator(0, 2, addresses, timeout=0.5)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(30)
+def test_a_taken_port_is_reported() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CommError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Communicator(0, 1, [f"127.0.0.1:{port}"])
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_rank_fails_the_others_collective_naming_it(tmp_path: Path) -> None:
+    timeout = 15.0
+    doomed = 2
+    cluster = Cluster(4, tmp_path, timeout=timeout, ring_threshold=1024)
+    try:
+        cluster.start("all_reduce_until_failure", elements=1 << 18)
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        cluster.kill(doomed)
+        survivors = [0, 1, 3]
+        replies = cluster.collect(survivors, timeout + 5)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        cluster.close()
+    for rank, reply in zip(survivors, replies, strict=True):
+        assert not reply["ok"], f"rank {rank} did not notice: {reply}"
+        assert reply["error"].startswith("PeerLostError"), reply["error"]
+        assert f"rank {doomed} " in reply["error"], reply["error"]
+    assert elapsed < timeout
+
+
+@pytest.mark.timeout(60)
+def test_a_receive_from_a_killed_rank_fails_at_once_naming_it(tmp_path: Path) -> None:
+    timeout = 15.0
+    cluster = Cluster(2, tmp_path, timeout=timeout)
+    try:
+        cluster.start("recv_once", ranks=[0], source=1, tag=3)
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        cluster.kill(1)
+        (reply,) = cluster.collect([0], timeout + 5)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        cluster.close()
+    assert not reply["ok"] and reply["error"].startswith("PeerLostError"), reply
+    assert "recv with tag 3" in reply["error"] and "rank 1 " in reply["error"], reply["error"]
+    assert elapsed < timeout / 2
