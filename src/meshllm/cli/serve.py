@@ -106,21 +106,22 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _named_items(spec: str | None) -> list[tuple[str, str, str]]:
+    """'a=x,b=y' -> [('a=x', 'a', 'x'), ('b=y', 'b', 'y')], empty items left out."""
+    items = [item.strip() for item in (spec or "").split(",") if item.strip()]
+    return [(item, *item.partition("=")[::2]) for item in items]
+
+
 def parse_workers(spec: str | None) -> list[WorkerAddress]:
     """'w1=host:port,w2=host:port' -> WorkerAddress list, in chain order."""
     from meshllm.errors import ConfigError
     from meshllm.runtime.coordinator_config import WorkerAddress
 
     workers = []
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, _, address = item.strip().partition("=")
+    for item, name, address in _named_items(spec):
         host, _, port = address.rpartition(":")
         if not name or not host or not port.isdigit():
-            raise ConfigError(
-                f"--workers: '{item.strip()}' is not NAME=HOST:PORT (e.g. mini2=192.168.1.12:50051)"
-            )
+            raise ConfigError(f"--workers: '{item}' is not NAME=HOST:PORT (e.g. mini2=192.168.1.12:50051)")
         workers.append(WorkerAddress(name=name, address=address))
     return workers
 
@@ -130,13 +131,10 @@ def parse_device_quantize(spec: str | None) -> dict[str, str]:
     from meshllm.errors import ConfigError
 
     modes = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, _, mode = item.strip().partition("=")
+    for item, name, mode in _named_items(spec):
         if not name or mode not in QUANTIZE_MODES:
             raise ConfigError(
-                f"--device-quantize: '{item.strip()}' is not NAME=MODE with MODE one of {', '.join(QUANTIZE_MODES)}"
+                f"--device-quantize: '{item}' is not NAME=MODE with MODE one of {', '.join(QUANTIZE_MODES)}"
             )
         modes[name] = mode
     return modes

@@ -19,7 +19,6 @@ from meshllm.engines.torch.quantized import dequantize, layer_bits, quantized_pr
 from meshllm.engines.torch.weights import read_tensors
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
-from meshllm.step import LayerRange
 
 # The projections that run as one matmul, and the attribute the fused module takes.
 FUSED = {"self_attn": (("q_proj", "k_proj", "v_proj"), "qkv"), "mlp": (("gate_proj", "up_proj"), "gate_up")}
@@ -92,7 +91,6 @@ class _Reader:
 def load_quantized(
     model: StageModel,
     checkpoint: Checkpoint,
-    layer_range: LayerRange,
     names: dict[str, str],  # checkpoint name -> stage parameter name
     groups: list[list[str]],  # the names a layer (or module) at a time
     dtype: torch.dtype,

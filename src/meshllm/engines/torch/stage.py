@@ -151,7 +151,6 @@ def load_stage(
         load_quantized(
             model,
             checkpoint,
-            bounds.layer_range,
             names,
             groups,
             torch_dtype,
