@@ -52,3 +52,36 @@ def test_a_worker_that_dies_is_started_again_on_its_address() -> None:
     assert second != first and message == "waiting for Load"
     assert exits and exits[0][0] == "worker1" and "exited with signal SIGKILL" in exits[0][1]
     assert "starting it again in 1 s" in exits[0][1]
+
+
+def test_the_token_reaches_the_worker_by_environment_even_when_it_looks_like_an_option() -> None:
+    from meshllm.transport.stage_client import TokenRefused
+
+    token = "-starts-with-a-dash"
+    workers = LocalWorkers()
+
+    async def run() -> tuple[str, BaseException | None]:
+        (address,) = workers.spawn(1, token=token, threads=1, output=subprocess.DEVNULL)
+        await workers.wait_healthy(token=token)
+        good = StageClient(address.name, address.address, token)
+        bad = StageClient(address.name, address.address, "another")
+        try:
+            message = (await good.health(timeout=5.0)).message
+            try:
+                await bad.health(timeout=5.0)
+                refused = None
+            except TokenRefused as error:
+                refused = error
+            return message, refused
+        finally:
+            await good.close()
+            await bad.close()
+
+    try:
+        message, refused = asyncio.run(run())
+        with open(f"/proc/{workers.pids[0]}/cmdline", "rb") as cmdline:
+            argv = cmdline.read().split(b"\0")
+    finally:
+        workers.stop()
+    assert message == "waiting for Load" and refused is not None
+    assert token.encode() not in argv

@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 
-from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES, QUANTIZE_MODES
+from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES, QUANTIZE_MODES, TOKEN_ENV
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"port to listen on (default {DEFAULT_STAGE_PORT})",
     )
     parser.add_argument("--name", default=None, help="device name in logs and errors (default: host:port)")
-    parser.add_argument("--token", default=None, help="cluster token every call must carry")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"cluster token every call must carry (default: ${TOKEN_ENV}; a file keeps it out of ps)",
+    )
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
     parser.add_argument(
         "--engine", choices=ENGINES, default=None, help="default: mlx on Apple silicon, else torch"
@@ -41,7 +45,7 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
             return open(os.path.expanduser(token_file)).read().strip() or None
         except OSError as error:
             raise ConfigError(f"--token-file {token_file}: {error.strerror}") from None
-    return token
+    return token or os.environ.get(TOKEN_ENV) or None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from meshllm.defaults import TOKEN_ENV
 from meshllm.errors import StageError
 from meshllm.runtime.backoff import Backoff
 from meshllm.runtime.coordinator_config import WorkerAddress
@@ -77,15 +78,15 @@ class LocalWorkers:
         `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
         command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
         command += ["--threads", str(threads), "--name", name]
-        if token:
-            command += ["--token", token]
         if engine:
             command += ["--engine", engine]
         worker = LocalWorker(
             WorkerAddress(name=name, address=f"{host}:{port}"),
             process=None,  # type: ignore[arg-type]  # launched just below
             command=_dying_with_this_process(command),
-            env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})},
+            # The token goes by environment: on the command line `ps` would show it, and one that
+            # starts with "-" reads as an option.
+            env={**os.environ, "OMP_NUM_THREADS": str(threads), TOKEN_ENV: token or "", **(env or {})},
             output=output,
         )
         worker.launch()
