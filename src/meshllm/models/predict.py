@@ -147,5 +147,5 @@ def describe(prediction: Prediction, alone: tuple[str, Prediction] | None, stage
     name, single = alone
     text += f"; {name} alone: {single.one_stream:.1f} and {single.many_streams:.1f} tok/s"
     if single.one_stream > prediction.one_stream and single.many_streams > prediction.many_streams:
-        text += f" (one machine alone would be faster: serve on {name} only)"
+        text += f" (one device alone would be faster: serve the model on {name} only)"
     return text

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,37 +61,9 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         eos_token_ids=eos_token_ids,
     )
 
-    infos = await asyncio.gather(*(_ask(client) for client in clients))
-    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
-    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
-    measure = _plan_needs_speeds(config) and len(hosts) > 1
     predicting = os.environ.get(PREDICT_ENV, "1") != "0"
-    calibrations = await _calibrate(config, engine, clients) if measure or predicting else {}
-    speeds = _relative_speeds(calibrations) if measure else None
-    memory = dict(config.memory_overrides)
-    devices: list[tuple[str, int]] = []
-    if config.local_stage:
-        # The memory of the device the local stage will run on: the GPU's when it runs on CUDA.
-        local = describe_host(guess_device_type(engine, config.device))
-        devices.append((config.name, memory.get(config.name, local.memory_available)))
-    for client, info in zip(clients, infos, strict=True):
-        devices.append((client.name, memory.get(client.name, info.memory_available)))
-    plan = make_plan(
-        checkpoint,
-        devices,
-        config.dtype,
-        dict(config.layer_overrides) or None,
-        quantize={name: config.quantize_of(name) for name, _ in devices},
-        group_size=config.group_size,
-        speeds=speeds,
-    )
-    for planned in plan:
-        log.info(
-            "plan: %s runs layers %s (%.1f MB)",
-            planned.device,
-            planned.layer_range,
-            planned.weight_bytes / 1e6,
-        )
+    survey = await _survey(config, engine, checkpoint, clients, predicting)
+    plan = survey.plan
 
     local_hosts = []
     if config.local_stage:
@@ -118,7 +91,8 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
 
     await asyncio.gather(*(load(client) for client in clients))
     if predicting:
-        await _predict(config, checkpoint, plan, devices, calibrations, clients)
+        for line in await _predict(config, checkpoint, survey, clients):
+            log.info("%s", line)
 
     remote = ForwardChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name)
@@ -146,6 +120,71 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     return coordinator
 
 
+@dataclass(frozen=True)
+class Survey:
+    """What a start learns before it loads anything: the devices, their speeds, and the plan."""
+
+    devices: list[tuple[str, int]]  # (name, bytes of memory available), in chain order
+    calibrations: dict[str, Calibration]  # by device, when measured
+    plan: list[StagePlan]
+
+
+async def _survey(
+    config: CoordinatorConfig,
+    engine: str,
+    checkpoint: Checkpoint,
+    clients: list[StageClient],
+    calibrate: bool,
+) -> Survey:
+    """Ask every worker, measure the devices when the plan or a prediction needs it, and plan."""
+    infos = await asyncio.gather(*(_ask(client) for client in clients))
+    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
+    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
+    measure = _plan_needs_speeds(config) and len(hosts) > 1
+    calibrations = await _calibrate(config, engine, clients) if measure or calibrate else {}
+    speeds = _relative_speeds(calibrations) if measure else None
+    memory = dict(config.memory_overrides)
+    devices: list[tuple[str, int]] = []
+    if config.local_stage:
+        # The memory of the device the local stage will run on: the GPU's when it runs on CUDA.
+        local = describe_host(guess_device_type(engine, config.device))
+        devices.append((config.name, memory.get(config.name, local.memory_available)))
+    for client, info in zip(clients, infos, strict=True):
+        devices.append((client.name, memory.get(client.name, info.memory_available)))
+    plan = make_plan(
+        checkpoint,
+        devices,
+        config.dtype,
+        dict(config.layer_overrides) or None,
+        quantize={name: config.quantize_of(name) for name, _ in devices},
+        group_size=config.group_size,
+        speeds=speeds,
+    )
+    for planned in plan:
+        log.info(
+            "plan: %s runs layers %s (%.1f MB)",
+            planned.device,
+            planned.layer_range,
+            planned.weight_bytes / 1e6,
+        )
+    return Survey(devices, calibrations, plan)
+
+
+async def forecast(config: CoordinatorConfig) -> list[str]:
+    """The plan a start would make and the speed it should give, measured on the idle devices; nothing is
+    loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
+    clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    try:
+        engine = config.engine or default_engine()
+        checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+        survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
+        ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
+        return [f"plan: {ranges}", *await _predict(config, checkpoint, survey, clients)]
+    finally:
+        for client in clients:
+            await client.close()
+
+
 def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
     return len(config.device_names) > 1 and not config.layer_overrides
 
@@ -165,13 +204,6 @@ async def _calibrate(
         precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
         info = await client.info(timeout=120.0, calibrate=precision)
         calibrations[client.name] = Calibration(info.read_bandwidth, info.flop_rate)
-    log.info(
-        "device speeds: %s",
-        ", ".join(
-            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
-            for name, found in calibrations.items()
-        ),
-    )
     return calibrations
 
 
@@ -204,27 +236,26 @@ async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[
 
 
 async def _predict(
-    config: CoordinatorConfig,
-    checkpoint: Checkpoint,
-    plan: list[StagePlan],
-    devices: list[tuple[str, int]],
-    calibrations: dict[str, Calibration],
-    clients: list[StageClient],
-) -> None:
-    """Log what the plan should give, with the fastest single device beside it."""
+    config: CoordinatorConfig, checkpoint: Checkpoint, survey: Survey, clients: list[StageClient]
+) -> list[str]:
+    """What the plan should give, with the fastest single device beside it: lines for a person."""
+    plan, devices, calibrations = survey.plan, survey.devices, survey.calibrations
     quantize = {name: config.quantize_of(name) for name, _ in devices}
+    lines = [
+        "device speeds: "
+        + ", ".join(
+            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            for name, found in calibrations.items()
+        )
+    ]
     try:
         links = await _links(config, clients)
     except StageError as error:
-        log.warning("no prediction: a link could not be measured: %s", error)
-        return
+        return [*lines, f"no prediction: a link could not be measured: {error}"]
     for (first, second), link in zip(zip(plan, plan[1:], strict=False), links, strict=False):
-        log.info(
-            "link %s -> %s: %.2f ms round trip, %.0f MB/s",
-            first.device,
-            second.device,
-            link.round_trip * 1e3,
-            link.bandwidth / 1e6,
+        lines.append(
+            f"link {first.device} -> {second.device}: {link.round_trip * 1e3:.2f} ms round trip, "
+            f"{link.bandwidth / 1e6:.0f} MB/s"
         )
     costs = stage_costs(checkpoint, plan, config.dtype, quantize, config.group_size, calibrations)
     activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
@@ -232,7 +263,7 @@ async def _predict(
     alone = best_alone(
         checkpoint, devices, config.dtype, quantize, config.group_size, calibrations, PREDICTED_STREAMS
     )
-    log.info("%s", describe(prediction, alone, len(plan)))
+    return [*lines, describe(prediction, alone, len(plan))]
 
 
 async def _ask(client: StageClient) -> StageInfo:
