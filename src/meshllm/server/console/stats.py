@@ -94,7 +94,9 @@ class RecentStats:
                 tokens_per_second=[bucket.tokens for bucket in buckets],
                 time_to_first_token_ms=[bucket.first_token.mean_ms() for bucket in buckets],
                 stage_step_ms={
-                    name: [bucket.steps[name].mean_ms() if name in bucket.steps else None for bucket in buckets]
+                    name: [
+                        bucket.steps[name].mean_ms() if name in bucket.steps else None for bucket in buckets
+                    ]
                     for name in stages
                 },
             )

@@ -80,6 +80,7 @@ async function unlock(event) {
     const { refused, stats } = await fetchStats();
     if (refused) {
       forgetKey("The key was refused.");
+      $("key-input").select();
       return;
     }
     sessionStorage.setItem(KEY_STORE, state.key);
@@ -105,7 +106,7 @@ function render(stats) {
   $("chat-send").disabled = stats.locked || state.controller !== null;
   renderDevices(stats.devices);
   renderLayers(stats.devices, stats.num_layers);
-  renderCharts(stats.series);
+  renderCharts(stats.series, stats.devices);
 }
 
 function renderDevices(devices) {
@@ -114,16 +115,14 @@ function renderDevices(devices) {
     card.dataset.name = device.name;
     card.dataset.status = device.status;
     card.style.setProperty("--stage-color", stageColor(index));
-    const title = element("h3", "", device.name);
-    title.append(element("span", "role", `stage ${device.device_id} · ${device.role}`));
-    card.append(title);
+    card.append(element("h3", "", device.name), element("div", "role", `stage ${device.device_id} · ${device.role}`));
     const used = device.memory_total - device.memory_available;
     const rows = [
       ["status", device.status, "status"],
       ["host", device.address === "local" ? device.hostname : `${device.hostname} (${device.address})`],
       ["engine", `${device.engine} · ${device.device_type}${device.quantize ? ` · ${device.quantize}` : ""}`],
       ["layers", `[${device.layers[0]}, ${device.layers[1]})`],
-      ["memory", `${bytes(used)} / ${bytes(device.memory_total)} used`],
+      ["memory", `${bytes(used)} used of ${bytes(device.memory_total)}`],
       ["weights", bytes(device.weight_bytes)],
       ["sequences", String(device.live_sequences)],
       ["round trip", device.rtt_ms === null ? "—" : `${device.rtt_ms.toFixed(1)} ms`],
@@ -214,7 +213,11 @@ function drawChart(svg, lines, seconds, emptyText) {
       previous = value;
       drawn = true;
     });
-    if (path) nodes.push(svgNode("path", { class: "line", d: path, stroke: line.color }));
+    if (path) {
+      const attributes = { class: "line", d: path, stroke: line.color };
+      if (line.dashed) attributes["stroke-dasharray"] = "4 3";
+      nodes.push(svgNode("path", attributes));
+    }
   }
   if (!drawn) {
     nodes.push(svgNode("text", { class: "placeholder", x: left + plotWidth / 2, y: top + plotHeight / 2, "text-anchor": "middle" }, emptyText));
@@ -229,7 +232,13 @@ function latest(values, within) {
   return null;
 }
 
-function renderCharts(series) {
+// A stage's step times in its card's colour; the round trip through the workers ("remote chain") grey.
+function stepColor(name, devices) {
+  const index = devices.findIndex((device) => device.name === name);
+  return index >= 0 ? stageColor(index) : "#8b98a5";
+}
+
+function renderCharts(series, devices) {
   const charts = [$("chart-tokens"), $("chart-ttft"), $("chart-steps")];
   if (!series) {
     for (const svg of charts) drawChart(svg, [], 300, "the API key unlocks the charts");
@@ -237,16 +246,20 @@ function renderCharts(series) {
     return;
   }
   $("window-minutes").textContent = String(Math.round(series.seconds / 60));
-  const tokens = series.tokens_per_second.map((v) => v);
+  const tokens = series.tokens_per_second;
   const idle = "nothing generated in this window";
-  drawChart(charts[0], [{ values: tokens, color: STAGE_COLORS[0] }], series.seconds, idle);
+  drawChart(charts[0], [{ values: tokens, color: "#79c0ff" }], series.seconds, idle);
   const recentTokens = tokens.slice(-5);
-  $("now-tokens").textContent = `${(recentTokens.reduce((a, b) => a + b, 0) / recentTokens.length).toFixed(1)} now`;
-  drawChart(charts[1], [{ values: series.time_to_first_token_ms, color: STAGE_COLORS[3] }], series.seconds, "no request in this window");
+  $("now-tokens").textContent = `${(recentTokens.reduce((a, b) => a + b, 0) / recentTokens.length).toFixed(1)} (last 5 s)`;
+  drawChart(charts[1], [{ values: series.time_to_first_token_ms, color: "#ffa657" }], series.seconds, "no request in this window");
   const lastTtft = latest(series.time_to_first_token_ms, series.seconds);
   $("now-ttft").textContent = lastTtft === null ? "" : `${lastTtft.toFixed(0)} ms last`;
   const names = Object.keys(series.stage_step_ms);
-  const lines = names.map((name, index) => ({ values: series.stage_step_ms[name], color: STAGE_COLORS[(index + 1) % STAGE_COLORS.length] }));
+  const lines = names.map((name) => ({
+    values: series.stage_step_ms[name],
+    color: stepColor(name, devices),
+    dashed: !devices.some((device) => device.name === name),
+  }));
   drawChart(charts[2], lines, series.seconds, "no step in this window");
   $("steps-legend").replaceChildren(
     ...names.map((name, index) => {
