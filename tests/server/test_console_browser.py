@@ -1,6 +1,6 @@
 """The web console in a real headless Chromium, against a real 2-stage `meshllm serve` with an API key:
-the page shows both devices and the layer bar, asks for the key, streams a chat reply, and turns a killed
-worker's card to unreachable within 5 s.
+the page shows both devices and the layer bar, asks for the key, streams a chat reply, stops one, and turns
+a killed worker's card to unreachable within 5 s.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). With MESHLLM_CONSOLE_SCREENSHOT
 set to a path, the test saves a screenshot of the page there (docs/console.png is made so).
@@ -150,6 +150,33 @@ def test_console_shows_the_cluster_streams_a_chat_and_marks_a_killed_worker(
         assert text(browser, f"{reply} .content") == expected
         assert int(attribute(browser, reply, "data-chunks") or 0) > 1, "the reply came in one piece"
         assert "12 tokens" in text(browser, f"{reply} .info")
+
+        # Stop ends a long reply early, and the server lets go of its sequence. (Greedy, this prompt runs
+        # to the token limit: nothing but the button ends it.)
+        long_reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 400, "temperature": 0},
+            timeout=120,
+        ).json()
+        assert long_reply["choices"][0]["finish_reason"] == "length"
+        by_css(browser, "#chat-clear")[0].click()
+        assert not by_css(browser, "#chat-log .message")
+        field = by_css(browser, "#max-tokens")[0]
+        field.clear()
+        field.send_keys("400")
+        by_css(browser, "#chat-input")[0].send_keys("Hello!")
+        by_css(browser, "#chat-send")[0].click()
+        assert wait_until(lambda: int(attribute(browser, reply, "data-chunks") or 0) >= 1, 60)
+        by_css(browser, "#chat-stop")[0].click()
+        assert wait_until(lambda: attribute(browser, reply, "data-state") != "streaming", 10)
+        assert attribute(browser, reply, "data-state") == "stopped"
+        stopped_text = text(browser, f"{reply} .content")
+        assert long_reply["choices"][0]["message"]["content"].startswith(stopped_text)
+        assert len(stopped_text) < len(long_reply["choices"][0]["message"]["content"])
+        assert wait_until(
+            lambda: httpx.get(f"{url}/distributed/gpu-info", timeout=10).json()["live_sequences"] == 0, 10
+        )
 
         # The charts plot what was generated (the series end at the last whole second).
         assert wait_until(lambda: bool(by_css(browser, "#chart-tokens path")), 10)
