@@ -95,3 +95,23 @@ def test_a_wrong_key_is_refused_and_the_right_one_unlocks_the_stats(cluster: Clu
         right = http.get("/console/stats", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         assert right["locked"] is False
         assert right["series"]["seconds"] == 300 and right["max_context"] > 0
+
+
+def test_a_device_that_is_down_shows_degraded_with_its_error() -> None:
+    from fake_engine import FakeEngine, device
+    from fastapi.testclient import TestClient
+
+    from meshllm.server.app import build_app
+
+    engine = FakeEngine()
+    error = "the local worker worker1 (pid 4121) exited with signal SIGKILL; starting it again in 1 s"
+    engine.devices_now = [device(0, "coordinator"), device(1, "worker1", "unreachable", error)]
+    engine.healthy = False
+    with TestClient(build_app(engine)) as http:
+        stats = http.get("/console/stats").json()
+    assert stats["cluster_status"] == "degraded"
+    assert [(d["name"], d["status"], d["error"]) for d in stats["devices"]] == [
+        ("coordinator", "healthy", ""),
+        ("worker1", "unreachable", error),
+    ]
+    assert stats["num_layers"] == 4

@@ -129,7 +129,7 @@ def test_console_shows_the_cluster_streams_a_chat_and_marks_a_killed_worker(
         by_css(browser, "#key-submit")[0].click()
         assert wait_until(lambda: not by_css(browser, "#key-panel")[0].is_displayed(), 10)
         assert text(browser, "#chat-model") == checkpoint.name
-        assert by_css(browser, "#chat-send")[0].get_attribute("disabled") is None
+        assert wait_until(lambda: by_css(browser, "#chat-send")[0].get_attribute("disabled") is None, 10)
 
         # A greedy chat from the page streams the same reply as the API gives for the same request.
         for selector, value in (("#temperature", "0"), ("#max-tokens", "12")):

@@ -41,19 +41,21 @@ function stageColor(index) {
 
 // ---------------------------------------------------------------------------------------------- polling
 
+// `stale`: the key changed while the request was out, so its answer no longer describes this page.
 async function fetchStats() {
+  const key = state.key;
   const response = await fetch("/console/stats", { headers: authHeaders(), cache: "no-store" });
-  if (response.status === 401) return { refused: true };
+  if (response.status === 401) return { refused: key === state.key, stale: key !== state.key };
   if (!response.ok) throw new Error(`HTTP ${response.status}`);
-  return { stats: await response.json() };
+  return { stats: await response.json(), stale: key !== state.key };
 }
 
 async function poll() {
   try {
-    const { refused, stats } = await fetchStats();
+    const { refused, stats, stale } = await fetchStats();
     if (refused) {
       forgetKey("The key was refused.");
-    } else {
+    } else if (!stale) {
       render(stats);
       $("connection").textContent = "";
     }
