@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
+from meshllm.defaults import PREDICT_ENV
+from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
+from meshllm.models.predict import best_alone, describe, predict, stage_costs
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -25,7 +28,6 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
-from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient
@@ -62,7 +64,9 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
     # Devices of one machine read at one speed: measuring them would only measure each other's noise.
     measure = _plan_needs_speeds(config) and len(hosts) > 1
-    speeds = await _measure_speeds(config, engine, clients) if measure else None
+    predicting = os.environ.get(PREDICT_ENV, "1") != "0"
+    calibrations = await _calibrate(config, engine, clients) if measure or predicting else {}
+    speeds = _relative_speeds(calibrations) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
     if config.local_stage:
@@ -113,6 +117,8 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         await _load(config, client, worker_plan[index], next_stages[index])
 
     await asyncio.gather(*(load(client) for client in clients))
+    if predicting:
+        await _predict(config, checkpoint, plan, devices, calibrations, clients)
 
     remote = ForwardChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name)
@@ -144,42 +150,89 @@ def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
     return len(config.device_names) > 1 and not config.layer_overrides
 
 
-async def _measure_speeds(
+async def _calibrate(
     config: CoordinatorConfig, engine: str, clients: list[StageClient]
-) -> dict[str, float]:
-    """Every device's read speed in its own dtype and quantization, one device at a time (devices that
-    share a machine would slow each other's measurement). Speeds within half of the fastest count as
-    the fastest: a shared machine's noise reaches that much, and it must not move layers around."""
-    speeds: dict[str, float] = {}
+) -> dict[str, Calibration]:
+    """Every device's speeds in its own dtype and quantization, one device at a time (devices that share
+    a machine would slow each other's measurement)."""
+    calibrations: dict[str, Calibration] = {}
     if config.local_stage:
-        quantize = config.quantize_of(config.name)
-        speeds[config.name] = await asyncio.to_thread(
-            _local_bandwidth, engine, config.dtype, quantize, config.group_size, config.device
+        precision = Precision(config.dtype, config.quantize_of(config.name), config.group_size)
+        calibrations[config.name] = await asyncio.to_thread(
+            _local_calibration, engine, precision, config.device
         )
     for client in clients:
-        spec = LoadSpec(
-            config.model,
-            LayerRange(0, 1),
-            config.dtype,
-            None,
-            config.quantize_of(client.name),
-            config.group_size,
-        )
-        speeds[client.name] = (await client.info(timeout=120.0, calibrate=spec)).read_bandwidth
-    fastest = max(speeds.values())
+        precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
+        info = await client.info(timeout=120.0, calibrate=precision)
+        calibrations[client.name] = Calibration(info.read_bandwidth, info.flop_rate)
+    log.info(
+        "device speeds: %s",
+        ", ".join(
+            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            for name, found in calibrations.items()
+        ),
+    )
+    return calibrations
+
+
+def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
+    """Read speeds relative to the fastest. Within half of the fastest counts as the fastest: a shared
+    machine's noise reaches that much, and it must not move layers around."""
+    fastest = max((found.read_bandwidth for found in calibrations.values()), default=0.0)
     if fastest <= 0:
         return {}
-    relative = {name: speed / fastest for name, speed in speeds.items()}
-    log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
+    relative = {name: found.read_bandwidth / fastest for name, found in calibrations.items()}
     return {name: 1.0 if share >= 0.5 else share for name, share in relative.items()}
 
 
 @functools.cache
-def _local_bandwidth(
-    engine: str, dtype: str, quantize: str | None, group_size: int, device: str | None
-) -> float:
-    """This process's read speed, measured once per dtype and quantization."""
-    return read_bandwidth(engine, dtype, quantize, group_size, device)
+def _local_calibration(engine: str, precision: Precision, device: str | None) -> Calibration:
+    """This process's speeds, measured once per precision."""
+    return calibrate(engine, precision, device)
+
+
+PREDICTED_STREAMS = 16
+
+
+async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[Link]:
+    """The chain's links in order: this process to the first worker (when it runs a stage), then each
+    worker to the next, measured by the worker."""
+    links = [await clients[0].measure_link()] if config.local_stage and clients else []
+    for client, following in zip(clients, clients[1:], strict=False):
+        links.append(await client.probe(following.address))
+    return links
+
+
+async def _predict(
+    config: CoordinatorConfig,
+    checkpoint: Checkpoint,
+    plan: list[StagePlan],
+    devices: list[tuple[str, int]],
+    calibrations: dict[str, Calibration],
+    clients: list[StageClient],
+) -> None:
+    """Log what the plan should give, with the fastest single device beside it."""
+    quantize = {name: config.quantize_of(name) for name, _ in devices}
+    try:
+        links = await _links(config, clients)
+    except StageError as error:
+        log.warning("no prediction: a link could not be measured: %s", error)
+        return
+    for (first, second), link in zip(zip(plan, plan[1:], strict=False), links, strict=False):
+        log.info(
+            "link %s -> %s: %.2f ms round trip, %.0f MB/s",
+            first.device,
+            second.device,
+            link.round_trip * 1e3,
+            link.bandwidth / 1e6,
+        )
+    costs = stage_costs(checkpoint, plan, config.dtype, quantize, config.group_size, calibrations)
+    activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
+    prediction = predict(costs, links, activation, PREDICTED_STREAMS)
+    alone = best_alone(
+        checkpoint, devices, config.dtype, quantize, config.group_size, calibrations, PREDICTED_STREAMS
+    )
+    log.info("%s", describe(prediction, alone, len(plan)))
 
 
 async def _ask(client: StageClient) -> StageInfo:
