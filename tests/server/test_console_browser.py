@@ -3,7 +3,8 @@ the page shows both devices and the layer bar, asks for the key, streams a chat 
 a killed worker's card to unreachable within 5 s.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). With MESHLLM_CONSOLE_SCREENSHOT
-set to a path, the test saves a screenshot of the page there (docs/console.png is made so).
+set to a path, the test saves a screenshot of the page there (docs/console.png comes from
+bench/console_screenshot.py, which puts some load on the cluster first).
 """
 
 from __future__ import annotations
