@@ -316,8 +316,8 @@ def check_token_ids(token_ids: list[int] | tuple[int, ...], vocab_size: int, par
         raise invalid(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not item for item in stops):
-        raise invalid("stop strings must not be empty", "stop")
+        raise invalid(f"{param}: stop strings must not be empty", param)
     return tuple(stops)
