@@ -59,9 +59,17 @@ class MessagesRequest(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)  # 0: no top-k cut
-    # Accepted and ignored.
+    seed: int | None = None  # extension (as on chat): the same seed gives the same tokens
+    # Accepted and ignored: hints with no effect on a self-hosted model (no prompt cache, one speed).
     metadata: dict[str, JsonValue] | None = None
     service_tier: str | None = None
+    cache_control: dict[str, JsonValue] | None = None
+    diagnostics: dict[str, JsonValue] | None = None
+    inference_geo: str | None = None
+    speed: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
+    output_config: dict[str, JsonValue] | None = None  # its `effort` is ignored, a `format` refused
     # Refused (400 naming the field) unless absent or neutral.
     tools: list[dict[str, JsonValue]] | None = None
     tool_choice: dict[str, JsonValue] | None = None
@@ -124,6 +132,7 @@ def validate_messages(request: MessagesRequest, served: str, model: ServedModel)
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
+        seed=None if request.seed is None else request.seed % 2**64,
     )
     return ValidRequest(
         prompt=prompt,
@@ -177,8 +186,14 @@ def refuse_unsupported(request: MessagesRequest | CountTokensRequest) -> None:
         raise unsupported("mcp_servers", "mcp_servers: MCP servers are not supported by this server")
     if request.context_management is not None:
         raise unsupported("context_management", "context_management is not supported by this server")
-    if isinstance(request, MessagesRequest) and request.container is not None:
-        raise unsupported("container", "container: code execution is not supported by this server")
+    if isinstance(request, MessagesRequest):
+        if request.container is not None:
+            raise unsupported("container", "container: code execution is not supported by this server")
+        if request.output_config and request.output_config.get("format") is not None:
+            raise unsupported(
+                "output_config.format",
+                "output_config.format: structured output is not supported by this server",
+            )
 
 
 def _text(blocks: list[ContentBlock], param: str) -> str:
