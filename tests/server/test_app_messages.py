@@ -400,3 +400,16 @@ def test_a_pipeline_failure_mid_stream_ends_with_an_overloaded_error_event() -> 
         "type": "error",
         "error": {"type": "overloaded_error", "message": "stage worker1 was lost"},
     }
+
+
+def test_an_unexpected_error_is_a_500_api_error() -> None:
+    from fastapi.testclient import TestClient
+
+    from meshllm.server.app import build_app
+
+    engine = FakeEngine()
+    engine.refuse = RuntimeError("a bug")  # not an error the request path knows: the last handler's
+    with TestClient(build_app(engine), raise_server_exceptions=False) as app:
+        response = app.post("/v1/messages", json=request(model="fake"))
+    message = assert_anthropic_error(response, 500, "api_error")
+    assert "RuntimeError: a bug" in message
