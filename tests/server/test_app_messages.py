@@ -216,6 +216,31 @@ def test_top_k_and_top_p_reach_the_sampler(claude, model) -> None:
     assert text(temperature=1.0, seed=5, top_p=1e-6) == greedy  # so does a tiny nucleus
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_final_assistant_message_is_a_prefill_the_reply_continues(
+    claude, http, model, cluster, stream
+) -> None:
+    # The same prompt as token ids on /v1/completions: the rendered conversation, then the prefill's tokens.
+    prefill = "The mountains"
+    tokenizer = cluster.coordinator.tokenizer
+    prompt_ids = chat_prompt_ids(tokenizer, CHAT) + tokenizer.encode(prefill, add_special_tokens=False)
+    completion = http.post(
+        "/v1/completions", json={"prompt": prompt_ids, "max_tokens": 16, "temperature": 0}
+    ).json()
+    messages = [*USER, {"role": "assistant", "content": [{"type": "text", "text": prefill}]}]
+    options = {"model": model, "system": SYSTEM, "messages": messages, "max_tokens": 16, "extra_body": GREEDY}
+    if stream:
+        with claude.messages.stream(**options) as events:
+            text = "".join(events.text_stream)
+            reply = events.get_final_message()
+    else:
+        reply = claude.messages.create(**options)
+        text = reply.content[0].text
+    assert text == completion["choices"][0]["text"] == reply.content[0].text  # without the prefill itself
+    assert reply.usage.input_tokens == completion["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert reply.usage.output_tokens == completion["usage"]["completion_tokens"]
+
+
 def test_count_tokens_is_the_replys_input_tokens(claude, model, cluster) -> None:
     counted = claude.messages.count_tokens(model=model, system=SYSTEM, messages=USER)
     assert counted.input_tokens == len(chat_prompt_ids(cluster.coordinator.tokenizer, CHAT))
@@ -293,10 +318,10 @@ BAD_REQUESTS = [
     ),
     (request(system=[IMAGE]), 400, "invalid_request_error", "system[0]"),
     (
-        request(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
+        request(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y "}]),
         400,
         "invalid_request_error",
-        "messages[1]",
+        "messages[1]: final assistant content cannot end with trailing whitespace",
     ),
     (request(stop_sequences=[""]), 400, "invalid_request_error", "stop_sequences"),
     (request(max_tokens=100_000), 400, "invalid_request_error", "max_tokens"),

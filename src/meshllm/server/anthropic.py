@@ -164,14 +164,16 @@ def messages_prompt(request: MessagesRequest | CountTokensRequest, served: str) 
         content = message.content
         text = content if isinstance(content, str) else _text(content, f"{param}.content")
         rendered.append({"role": message.role, "content": text})
-    if request.messages[-1].role == "assistant":
-        last = len(request.messages) - 1
-        raise unsupported(
-            f"messages[{last}]",
-            f"messages[{last}]: a final assistant message (a prefill to continue) is not supported; "
-            "end the conversation with a user message",
-        )
-    return ChatPrompt(rendered, {})
+    continuation = ""
+    if request.messages[-1].role == "assistant":  # a prefill: the reply continues this text
+        continuation = rendered.pop()["content"]
+        if continuation != continuation.rstrip():
+            last = len(request.messages) - 1
+            raise invalid(
+                f"messages[{last}]: final assistant content cannot end with trailing whitespace",
+                f"messages[{last}].content",
+            )
+    return ChatPrompt(rendered, {}, continuation)
 
 
 def refuse_unsupported(request: MessagesRequest | CountTokensRequest) -> None:

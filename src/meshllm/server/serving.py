@@ -135,11 +135,16 @@ class OpenAIServing:
 
     async def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, ChatPrompt):
-            render = self.client.chat_prompt_ids
+            render, encode_text = self.client.chat_prompt_ids, self.client.tokenizer.encode
+
+            def chat_ids() -> list[int]:
+                ids = render(prompt.messages, prompt.template_kwargs)
+                if prompt.continuation:
+                    ids = ids + encode_text(prompt.continuation, add_special_tokens=False)
+                return ids
+
             try:
-                return await self._in_tokenizer_thread(
-                    lambda: render(prompt.messages, prompt.template_kwargs)
-                )
+                return await self._in_tokenizer_thread(chat_ids)
             except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
                 message = f"the chat template could not render these messages: {error}"
                 raise invalid(message, "messages") from None

@@ -38,6 +38,9 @@ class ChatPrompt:
 
     messages: list[dict[str, str]]  # role and text content (plus name, reasoning_content)
     template_kwargs: dict[str, JsonValue]
+    # Text the reply continues (Anthropic's prefill: a last assistant message), tokenized after the
+    # rendered prompt; the reply leaves it out.
+    continuation: str = ""
 
 
 # What becomes the prompt ids: a conversation to render, a text to tokenize, or the token ids themselves.
