@@ -1,4 +1,7 @@
-"""The FastAPI app: thin routes over `OpenAIServing`, error handlers, SSE, API key and request metrics."""
+"""The FastAPI app: thin routes over `OpenAIServing`, error handlers, SSE, API key and request metrics.
+
+Routes under /v1/messages speak Anthropic's Messages API: their errors (every one, from validation to a
+401 or an unexpected exception) come in Anthropic's shape, and their streams are named SSE events."""
 
 from __future__ import annotations
 
@@ -18,7 +21,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm import __version__
 from meshllm.runtime.engine_client import EngineClient
-from meshllm.server.auth import UNAUTHORIZED_HEADERS, ApiKey, KeyCheck, unauthorized_body
+from meshllm.server import anthropic
+from meshllm.server.anthropic import CountTokensRequest, MessagesRequest, MessageStream
+from meshllm.server.auth import (
+    UNAUTHORIZED_HEADERS,
+    ApiKey,
+    KeyCheck,
+    unauthorized_body,
+    unauthorized_message,
+)
 from meshllm.server.console import add_console
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
@@ -66,6 +77,14 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await _reply(request, serving.messages(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> JSONResponse:
+        return JSONResponse((await serving.count_tokens(body)).model_dump(mode="json"))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status, body = serving.health()
@@ -88,7 +107,7 @@ def build_app(
     return app
 
 
-async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) -> Response:
+async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream | MessageStream]) -> Response:
     """A JSON reply, or an SSE stream; a client that leaves before a JSON reply cancels its sequence."""
     task = asyncio.ensure_future(pending)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -100,9 +119,9 @@ async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) 
         task.cancel()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     result = task.result()
-    if isinstance(result, EventStream):
+    if isinstance(result, (EventStream, MessageStream)):
         return StreamingResponse(
-            _sse(result),
+            _sse(result) if isinstance(result, EventStream) else _named_sse(result),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
             background=BackgroundTask(result.close),
@@ -128,29 +147,51 @@ async def _sse(stream: EventStream) -> AsyncIterator[str]:
         stream.close()
 
 
+async def _named_sse(stream: MessageStream) -> AsyncIterator[str]:
+    """Anthropic's stream: complete `event:`/`data:` events, and no `[DONE]`."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        stream.close()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        if anthropic.is_messages_path(request.url.path):
+            body: object = anthropic.api_error_body(error)
+        else:
+            body = error.body()
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_errors(error.errors())
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(anthropic.error_body(message, "invalid_request_error"), status_code=400)
         return JSONResponse(error_body(message, INVALID_REQUEST, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             message = (
-                f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions"
+                f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions, "
+                "/v1/messages"
             )
         elif error.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(error.detail)
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(
+                anthropic.error_body(message, anthropic.error_type(error.status_code)),
+                status_code=error.status_code,
+                headers=error.headers,
+            )
         code = "not_found" if error.status_code == 404 else None
         return JSONResponse(
             error_body(message, INVALID_REQUEST, None, code),
@@ -162,6 +203,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(anthropic.error_body(message, "api_error"), status_code=500)
         return JSONResponse(error_body(message, SERVER_ERROR, None, "internal_error"), status_code=500)
 
 
@@ -205,7 +248,8 @@ def _param_path(loc: Sequence[object]) -> str:
 
 
 class ApiKeyMiddleware:
-    """With an API key set, /v1 routes answer 401 in OpenAI's shape unless `Authorization: Bearer <key>`."""
+    """With an API key set, /v1 routes answer 401 unless `Authorization: Bearer <key>` or (Anthropic's
+    header) `x-api-key: <key>`; in Anthropic's error shape under /v1/messages, OpenAI's elsewhere."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -215,11 +259,16 @@ class ApiKeyMiddleware:
         if self.api_key.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        check = self.api_key.check(dict(scope["headers"]).get(b"authorization"))
+        given = dict(scope["headers"])
+        check = self.api_key.check(given.get(b"authorization"), given.get(b"x-api-key"))
         if check is KeyCheck.GIVEN:
             await self.app(scope, receive, send)
             return
-        body = json.dumps(unauthorized_body(check)).encode()
+        if anthropic.is_messages_path(scope["path"]):
+            error: object = anthropic.error_body(unauthorized_message(check), "authentication_error")
+        else:
+            error = unauthorized_body(check)
+        body = json.dumps(error).encode()
         headers = [(b"content-type", b"application/json")] + [
             (name.lower().encode(), value.encode()) for name, value in UNAUTHORIZED_HEADERS.items()
         ]
@@ -234,6 +283,8 @@ class RequestMetricsMiddleware:
         {
             "/v1/chat/completions",
             "/v1/completions",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
             "/v1/models",
             "/health",
             "/distributed/gpu-info",

@@ -9,7 +9,7 @@ sequences); the charts' series and the context length want the key, like the cha
 from __future__ import annotations
 
 from importlib import resources
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -19,7 +19,9 @@ from pydantic import BaseModel
 from meshllm.devices import DeviceStatus
 from meshllm.server.auth import UNAUTHORIZED_HEADERS, ApiKey, KeyCheck, unauthorized_body
 from meshllm.server.console.stats import RecentSeries, RecentStats
-from meshllm.server.serving import OpenAIServing
+
+if TYPE_CHECKING:  # serving imports the metrics, which import this package's stats
+    from meshllm.server.serving import OpenAIServing
 
 PACKAGE = "meshllm.server.console"
 
