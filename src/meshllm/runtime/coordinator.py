@@ -18,6 +18,7 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig
 from meshllm.runtime.engine_client import GenerateRequest, ServedModel, StepListener, Tokenizer
 from meshllm.runtime.engine_loop import EngineLoop, SequenceStream
 from meshllm.runtime.monitor import DeviceMonitor
+from meshllm.runtime.replan import Replanner
 from meshllm.step import PipelineUnavailable
 from meshllm.transport.stage_client import StageClient
 
@@ -30,7 +31,7 @@ class Coordinator:
         config: CoordinatorConfig,
         model: ServedModel,
         tokenizer: Any,  # a Hugging Face tokenizer, with its chat template
-        plan: list[StagePlan],
+        replanner: Replanner,
         loop: EngineLoop,
         monitor: DeviceMonitor,
         clients: list[StageClient],
@@ -38,7 +39,7 @@ class Coordinator:
         self.config = config
         self._model = model
         self._tokenizer = tokenizer
-        self.plan = plan
+        self.replanner = replanner
         self.loop = loop
         self.monitor = monitor
         self._clients = clients
@@ -51,6 +52,11 @@ class Coordinator:
         return await start_coordinator(config)
 
     # ---- the model -----------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> list[StagePlan]:
+        """The layer plan in force (without the devices left out of it)."""
+        return self.replanner.plan
 
     @property
     def model(self) -> ServedModel:

@@ -282,11 +282,23 @@ class Scheduler:
         return sum(1 for s in self._sequences.values() if s.status == SequenceStatus.STALLED)
 
     def resume(self) -> None:
-        """The pipeline is whole again: stalled sequences are prefilled again from their first token."""
+        """The pipeline is whole again: every sequence that had started is prefilled again from its first
+        token (a stage that was started again, or that holds other layers now, has none of its cache)."""
         self.paused = False
         for sequence in self._sequences.values():
-            if sequence.status == SequenceStatus.STALLED:
+            if sequence.status in (SequenceStatus.STALLED, SequenceStatus.RUNNING):
                 sequence.status = SequenceStatus.RUNNING  # the stages may still hold (stale) caches of it
+                sequence.n_cached = 0
+
+    def hold(self, error: PipelineError, now: float) -> None:
+        """Schedule nothing until `resume()`: the pipeline is about to change under the sequences. Those
+        not in a step stall (their caches will be gone), keeping an earlier stall's clock and error."""
+        self.paused = True
+        for sequence in self._sequences.values():
+            if sequence.status == SequenceStatus.RUNNING:
+                sequence.status, sequence.n_cached = SequenceStatus.STALLED, 0
+                sequence.stalled_since = sequence.stalled_since or now
+                sequence.stall_error = sequence.stall_error or error
 
     def expire(self, now: float, timeout: float) -> Update:
         """End the stalled sequences that have waited `timeout` seconds, with the error that stalled them."""
