@@ -102,6 +102,7 @@ class EngineLoop:
             self._spawn(self._run(step))
 
     async def _run(self, step: ScheduledStep) -> None:
+        sent = time.monotonic()  # a sequence's wait for a lost stage counts from here: its last progress
         try:
             tokens = await self.pipeline.run_step(step.input)
         except Exception as error:
@@ -110,7 +111,7 @@ class EngineLoop:
             log.warning(
                 "step %d failed%s: %s", step.step_id, " (its sequences wait to replay)" * replay, failure
             )
-            update = self.scheduler.fail(step.step_id, failure, replay=replay, now=time.monotonic())
+            update = self.scheduler.fail(step.step_id, failure, replay=replay, now=sent)
         else:
             update = self.scheduler.update(step.step_id, tokens)
         self._apply(update)
