@@ -15,7 +15,9 @@ from tests.runtime.test_coordinator import generate, request, start
 N_TOKENS = 24
 PROMPTS = [[5 + i, 17, 42 + 3 * i, 99, 3, 250 - i, 7, 61] for i in range(8)]
 # Four greedy sequences and four seeded, sampled ones.
-SAMPLINGS = [SamplingParams()] * 4 + [SamplingParams(temperature=1.2, top_p=0.9, seed=100 + i) for i in range(4)]
+SAMPLINGS = [SamplingParams()] * 4 + [
+    SamplingParams(temperature=1.2, top_p=0.9, seed=100 + i) for i in range(4)
+]
 
 
 async def eight_at_once(coordinator: Coordinator, on_token=None) -> list[list[int]]:
@@ -69,7 +71,9 @@ def test_the_layers_of_a_worker_that_stays_down_are_planned_over_the_survivors_a
             # The device comes back (empty): at the next idle moment the full plan is restored.
             revived.append(WorkerProcess("middle", port=middle.port))
             full = ["coordinator", "middle", "last"]
-            assert await wait_for(lambda: [s.device for s in coordinator.plan] == full and coordinator.healthy)
+            assert await wait_for(
+                lambda: [s.device for s in coordinator.plan] == full and coordinator.healthy
+            )
             assert not coordinator.monitor.left_out()
             assert await generate(coordinator, PROMPTS[5], N_TOKENS, SAMPLINGS[5]) == expected[5]
         finally:

@@ -178,7 +178,9 @@ def cluster() -> Iterator[tuple[Cluster, str]]:
     made = Cluster()
     try:
         port = free_port()
-        workers = f"worker1={made.start_worker(1, 'worker1', port)},worker2={made.start_worker(2, 'worker2', port)}"
+        workers = (
+            f"worker1={made.start_worker(1, 'worker1', port)},worker2={made.start_worker(2, 'worker2', port)}"
+        )
         yield made, workers
     finally:
         made.close()
@@ -186,7 +188,9 @@ def cluster() -> Iterator[tuple[Cluster, str]]:
 
 def wait_ready(serve: Serve, host: str) -> str:
     ready = re.compile(rf"API ready at (http://{re.escape(host)}:\d+)/v1")
-    assert wait_until(lambda: ready.search(serve.output) or serve.process.poll() is not None, 120), serve.output
+    assert wait_until(lambda: ready.search(serve.output) or serve.process.poll() is not None, 120), (
+        serve.output
+    )
     match = ready.search(serve.output)
     assert match, serve.output
     return match.group(1)
@@ -233,7 +237,9 @@ def texts(replies: list[Reply]) -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoint: Callable[..., Path]) -> list[tuple[str, str, str]]:
     """The replies of an undisturbed cluster on loopback."""
-    loopback = Serve("--model", str(tiny_checkpoint(arch="qwen3", layers=4)), "--stages", "3", "--port", str(free_port()))
+    loopback = Serve(
+        "--model", str(tiny_checkpoint(arch="qwen3", layers=4)), "--stages", "3", "--port", str(free_port())
+    )
     try:
         replies = texts(stream(wait_ready(loopback, "127.0.0.1"), BODIES))
         assert all(finish == "length" and not error for _, finish, error in replies), replies
@@ -305,7 +311,7 @@ def test_a_cut_longer_than_the_replay_timeout_ends_the_streams_with_an_error_nam
         ended = time.monotonic()
         assert cut_at
         middle = made.own[1]
-        for text, finish, _, error in replies:
+        for *_, error in replies:
             assert error and "worker1" in error and middle in error, replies
             assert "not whole again within 3 s" in error
         assert ended - cut_at[0] <= 3 + 2, ended - cut_at[0]

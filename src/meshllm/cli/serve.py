@@ -294,8 +294,10 @@ async def _serve(
         return 130
     coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
     # A local worker that dies is started again (with backoff); the coordinator then loads it again.
-    supervising = None if args.no_restart else asyncio.create_task(
-        local_workers.supervise(on_exit=coordinator.monitor.note)
+    supervising = (
+        None
+        if args.no_restart
+        else asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
     )
     try:
         print(_plan_line(coordinator), flush=True)

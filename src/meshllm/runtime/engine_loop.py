@@ -147,7 +147,9 @@ class EngineLoop:
             deadline = time.monotonic() + timeout
             while self.scheduler.in_flight:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.scheduler.in_flight} steps did not come back in {timeout:.0f} s")
+                    raise TimeoutError(
+                        f"{self.scheduler.in_flight} steps did not come back in {timeout:.0f} s"
+                    )
                 await asyncio.sleep(0.05)
             self.scheduler.hold(error, time.monotonic())  # the steps that came back meanwhile
             yield

@@ -108,9 +108,7 @@ class Replanner:
             return
         running = [stage.device for stage in self.plan]
         gone = [
-            name
-            for name in running
-            if name in self.clients and (self.monitor.down_for(name) or 0.0) >= after
+            name for name in running if name in self.clients and (self.monitor.down_for(name) or 0.0) >= after
         ]
         if gone:
             survivors = [name for name in running if name not in gone]

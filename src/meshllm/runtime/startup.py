@@ -15,7 +15,7 @@ from meshllm.devices import StageInfo, describe_host
 from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
-from meshllm.models.plan import StagePlan, make_plan
+from meshllm.models.plan import make_plan
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
