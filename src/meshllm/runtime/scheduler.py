@@ -15,7 +15,10 @@ step's sampled tokens mean for each sequence. No asyncio, no sockets: the engine
   are `STALLED` and nothing is scheduled (`paused`) until `resume()`, when the pipeline is whole again:
   then each is prefilled again from position 0 (its prompt and the tokens it had), its sampler resumed
   where it was, and it goes on with the tokens it would have had. `expire(now, timeout)` ends those that
-  waited too long.
+  waited too long (counted from the step that was lost: their last progress).
+- Re-plan: `hold(reason, now)` pauses scheduling while the pipeline changes under the sequences (the
+  layers move to other devices); the started ones stall like those of a lost step, and `resume()` prefills
+  every one again.
 """
 
 from __future__ import annotations
@@ -260,7 +263,7 @@ class Scheduler:
 
     def fail(self, step_id: int, error: PipelineError, replay: bool = False, now: float = 0.0) -> Update:
         """A step failed: every sequence in it ends with `error`, or, with `replay`, stalls until `resume()`
-        (an aborted one ends)."""
+        (an aborted one ends). `now`: when the step was sent, where a stalled sequence's wait begins."""
         step = self._in_flight.pop(step_id)
         update = Update()
         for seq_id in step.seq_ids:

@@ -177,6 +177,8 @@ class ForwardChain:
                 await call.write(request)
         except Exception as error:  # the stream broke: AioRpcError, or "RPC already finished"
             self._pending.pop(request.step_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader failed it already; the error raised below tells it
             if self._call is call:
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
