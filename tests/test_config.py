@@ -199,8 +199,12 @@ def test_docs_describe_every_key() -> None:
         assert f"`{key}`" in doc, f"docs/configuration.md does not describe `{key}`"
 
 
-@pytest.mark.parametrize(("value", "flag"), [("0", ["--replan-after", "0"]), ("7.5", ["--replan-after", "7.5"])])
-def test_replan_after_reaches_the_coordinator_s_command_line(tmp_path: Path, value: str, flag: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("value", "flag"), [("0", ["--replan-after", "0"]), ("7.5", ["--replan-after", "7.5"])]
+)
+def test_replan_after_reaches_the_coordinator_s_command_line(
+    tmp_path: Path, value: str, flag: list[str]
+) -> None:
     from meshllm.cluster.start import Starter
 
     path = tmp_path / "cluster.toml"

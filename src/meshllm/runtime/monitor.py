@@ -134,15 +134,13 @@ class DeviceMonitor:
 
     async def refresh(self) -> list[DeviceStatus]:
         """Ask every device now; also refreshes the snapshot the health check reads."""
-        offset = len(self.local)
+        offset, workers = len(self.local), self.workers
         remote = await asyncio.gather(
-            *(
-                self._worker_status(offset + i, client, planned)
-                for i, (client, planned) in enumerate(self.workers)
-            )
+            *(self._worker_status(offset + i, client, planned) for i, (client, planned) in enumerate(workers))
         )
         statuses = self._local_status() + list(remote)
-        self._status = {status.name: status for status in statuses}
+        if self.workers is workers:  # else the plan changed meanwhile: this look judged the old one
+            self._status = {status.name: status for status in statuses}
         return statuses
 
     def set_plan(self, workers: list[tuple[StageClient, LayerRange | None]]) -> None:
