@@ -77,6 +77,8 @@ class Coordinator:
         down = self.monitor.unhealthy()
         if down:
             raise PipelineUnavailable("; ".join(status.problem() for status in down))
+        if not self.replanner.settled:
+            raise PipelineUnavailable(self.replanner.problem or "the layers are being planned again")
         n_prompt, max_context = len(request.prompt_ids), self._model.max_context
         if n_prompt + request.max_tokens > max_context:
             raise ValueError(
@@ -109,7 +111,7 @@ class Coordinator:
 
     @property
     def healthy(self) -> bool:
-        return not self.monitor.unhealthy()
+        return not self.monitor.unhealthy() and self.replanner.settled
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

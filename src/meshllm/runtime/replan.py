@@ -67,6 +67,10 @@ class Replanner:
         self._backoff = Backoff(base=2.0, cap=30.0)
         self._retry_at = 0.0  # a failed change is tried again from then on
         self._cannot: tuple[frozenset[str], str] | None = None  # survivors the layers do not fit on, and why
+        # False from the first load of a change until the chain runs over what was loaded: the stages may
+        # then hold layers that do not follow each other, and nothing may run through them.
+        self.settled = True
+        self.problem = ""  # why it is not settled
         self._loaded.update(self._placements(self.plan))
 
     # ---- the plan in force -------------------------------------------------------------------------
@@ -164,6 +168,16 @@ class Replanner:
             delay = self._backoff.delay()
             self._retry_at = time.monotonic() + delay
             log.error("planning the layers again failed (trying again in %.0f s): %s", delay, error)
+            self.problem = f"planning the layers again failed (trying again in {delay:.0f} s): {error}"
+            if not self.left_out or gone_from(plan, self.plan):
+                return  # the plan in force lost a device: going back to it cannot help
+            try:  # a restore that failed: back to the (degraded) plan that worked
+                await self._apply(self.plan)
+            except Exception as again:
+                log.error("going back to the plan in force failed too: %s", again)
+                self.problem = f"{self.problem}; going back to the plan in force failed too: {again}"
+            else:
+                log.warning("back to the plan in force: %s", ", ".join(s.device for s in self.plan))
             return
         self._backoff.succeeded()
         left_out = self.left_out
@@ -181,6 +195,7 @@ class Replanner:
         placements = self._placements(plan)
         reason = "the layers are being planned again"
         async with self.loop.held(reason, timeout=config.step_timeout + 5.0):
+            self.settled = False
             loads: list[Awaitable[None]] = [
                 self._load_worker(self.clients[name], placement.layers, placement.next_stage)
                 for name, placement in placements.items()
@@ -209,8 +224,14 @@ class Replanner:
             await self.loop.pipeline.rebuild(self.local, remote)
             self.loop.scheduler.max_in_flight = self.loop.pipeline.depth
             self.plan = list(plan)
+            self.settled, self.problem = True, ""
             self.monitor.set_plan(
                 [(client, placements[name].layers if name in placements else None)
                  for name, client in self.clients.items()]
             )  # fmt: skip
             await self.monitor.refresh()
+
+
+def gone_from(new: list[StagePlan], old: list[StagePlan]) -> bool:
+    """Whether `new` runs without a device that `old` has (a shrink, not a restore)."""
+    return bool({stage.device for stage in old} - {stage.device for stage in new})

@@ -107,7 +107,7 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         host.device = config.device  # where its layers load again, should the plan change
         local_hosts.append(host)
     worker_plan = plan[int(config.local_stage) :]
-    next_stages = [client.address for client in clients[1:]] + [""]
+    next_stages = [*(client.address for client in clients[1:]), ""][: len(clients)]
 
     async def load(client: StageClient, layers: LayerRange, next_stage: str) -> None:
         await _load(config, client, layers, next_stage)
@@ -139,8 +139,14 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         reload,
     )
     await monitor.refresh()
-    whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
-    engine_loop = EngineLoop(scheduler, pipeline, whole=whole, replay_timeout=config.replay_timeout)
+
+    def whole() -> bool:
+        return replanner is not None and replanner.settled and not monitor.unhealthy()
+
+    # Only remote stages come back.
+    engine_loop = EngineLoop(
+        scheduler, pipeline, whole=whole if clients else None, replay_timeout=config.replay_timeout
+    )
     replanner = Replanner(config, checkpoint, plan, clients, local_hosts, engine_loop, monitor, speeds, load)
     if clients:
         monitor.after_refresh = replanner.check
