@@ -118,6 +118,7 @@ class Replanner:
             survivors = [name for name in running if name not in gone]
             await self._change(survivors, f"{', '.join(gone)} down for {after:g} s or more")
             return
+        self._cannot, self.monitor.cannot_replan = None, ""  # nothing is gone (any more)
         left_out = self.left_out
         if (
             left_out
