@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -117,3 +119,14 @@ def test_eight_streams_survive_the_middle_worker_staying_down_and_health_says_de
         assert serve.stop(signal.SIGINT) == 0, serve.output
     finally:
         serve.kill()
+
+
+def test_a_negative_replan_delay_is_refused_naming_the_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", "serve", "--replan-after", "-1", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--replan-after must not be negative, got -1" in result.stderr + result.stdout
