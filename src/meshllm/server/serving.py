@@ -160,8 +160,18 @@ class OpenAIServing:
 
     def health(self) -> tuple[int, HealthResponse]:
         devices = self.client.devices_snapshot()
-        rows = [DeviceHealth(name=d.name, address=d.address, status=d.status, error=d.error) for d in devices]
-        failing = [d for d in devices if not d.healthy]
+        rows = [
+            DeviceHealth(name=d.name, address=d.address, status=d.status, error=d.error, in_plan=d.in_plan)
+            for d in devices
+        ]
+        failing = [d for d in devices if d.in_plan and not d.healthy]
+        left_out = [d for d in devices if not d.in_plan]
+        if not failing and self.client.healthy and left_out:  # it serves, without these devices
+            names = ", ".join(f"'{d.name}' ({d.address})" for d in left_out)
+            message = f"serving without device {names}: " + "; ".join(d.problem() for d in left_out)
+            return 200, HealthResponse(
+                status="degraded", model=self.model_name, message=message, devices=rows
+            )
         if not failing and self.client.healthy:
             return 200, HealthResponse(status="healthy", model=self.model_name, devices=rows)
         message = "; ".join(d.problem() for d in failing) if failing else "the pipeline is not ready"
