@@ -223,6 +223,15 @@ def test_fuzzed_forward_steps_are_refused_one_by_one_and_the_workers_keep_servin
         assert answers["refused"] > 80 and answers["served"] > 5  # mostly what no stage can compute
         assert first.process.poll() is None and second.process.poll() is None
 
+        # Bytes that are no protobuf at all end only the stream they came on, with an error naming the worker.
+        garbage = into_first.channel.stream_stream(
+            "/meshllm.Stage/Forward",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.StepResult.FromString,
+        )
+        with pytest.raises(grpc.RpcError, match="worker w1: Error parsing message"):
+            list(garbage(iter([b"\xff\xff\xff\x0f not a step"]), metadata=token_metadata(TOKEN)))
+
         decoded = into_first.step(token_step(2, len(PROMPT), expected[:1]))
         assert decoded.error == "" and [t.token_id for t in decoded.tokens] == expected[1:]
         assert [t.stage for t in decoded.timings] == ["w1", "w2"]
