@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
+from meshllm.cli.worker import add_kv_memory_argument
 from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
@@ -88,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
     )
+    add_kv_memory_argument(parser)  # here: the local stage's and each local worker's
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     local_workers = LocalWorkers()
     try:
         if n_local_workers:
-            workers = local_workers.spawn(n_local_workers, token=token, threads=threads)
+            workers = local_workers.spawn(
+                n_local_workers, token=token, threads=threads, kv_memory=args.kv_memory
+            )
         import asyncio
 
         return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
@@ -259,6 +263,7 @@ async def _serve(
         step_timeout=args.step_timeout,
         replay_timeout=args.replay_timeout,
         name=args.name,
+        kv_memory=args.kv_memory,
     )
 
     async def start() -> Coordinator:

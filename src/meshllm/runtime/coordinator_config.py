@@ -37,6 +37,7 @@ class CoordinatorConfig:
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
+    kv_memory: int | None = None  # bytes the local stage's KV caches may take (None: a share of free memory)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -52,6 +53,8 @@ class CoordinatorConfig:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
         if self.replay_timeout < 0:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
+        if self.kv_memory is not None and self.kv_memory <= 0:
+            raise ConfigError(f"the KV memory must be positive, got {self.kv_memory}")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
 

@@ -39,7 +39,9 @@ def build_app(
     api_key: str | None = None,
 ) -> FastAPI:
     """The API of one engine client. With `api_key`, every /v1 route wants `Authorization: Bearer <key>`."""
-    metrics = ServerMetrics(live_sequences=lambda: client.live_sequences)
+    metrics = ServerMetrics(
+        live_sequences=lambda: client.live_sequences, waiting_sequences=lambda: client.waiting_sequences
+    )
     client.add_step_listener(metrics.observe_step)
     serving = OpenAIServing(client, served_model_name, metrics)
 
