@@ -8,10 +8,11 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +22,17 @@ from meshllm import __version__
 from meshllm.runtime.engine_client import EngineClient
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
-from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
+from meshllm.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GpuInfoResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
 from meshllm.server.replies import EventStream
 from meshllm.server.serving import OpenAIServing
 
@@ -31,6 +42,32 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Union members in pydantic error locations ("str", "list[int]", "ContentPart"), which are not fields.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\]|[A-Z]\w*)$")
+
+# The answers the OpenAPI document lists, each error with OpenAI's body.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The request is invalid; `param` names the field"},
+    401: {"model": ErrorResponse, "description": "An API key is set and the request did not carry it"},
+    404: {"model": ErrorResponse, "description": "Another model than the served one was asked for"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Not sent: a body that fails validation is a 400, as with OpenAI (listed for "
+        "clients that expect FastAPI's 422)",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "The pipeline cannot take requests now (a device is down); retry after a while",
+        "headers": {
+            "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+        },
+    },
+}
+# With stream: true, each event's data is one JSON chunk of the reply; the last is "[DONE]".
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_SSE = {"text/event-stream": {"schema": _SSE_EVENT}}
+
+
+def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "content": _SSE, "description": "The reply, or its SSE stream"}, **_ERRORS}
 
 
 def build_app(
@@ -50,41 +87,86 @@ def build_app(
     app.state.metrics = metrics
     _add_error_handlers(app)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, 401: _ERRORS[401]})
     async def list_models() -> JSONResponse:
         return JSONResponse(serving.models().model_dump(mode="json"))
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get(
+        "/v1/models/{model_id:path}",
+        responses={200: {"model": ModelCard}, 401: _ERRORS[401], 404: _ERRORS[404], 422: _ERRORS[422]},
+    )
     async def retrieve_model(model_id: str) -> JSONResponse:
         serving.check_model(model_id)
         return JSONResponse(serving.models().data[0].model_dump(mode="json"))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.chat(body))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
-    @app.get("/health")
+    health_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": HealthResponse, "description": "Every device is up with its layers"},
+        503: {"model": HealthResponse, "description": "A device is down; `message` and `devices` say which"},
+    }
+
+    @app.get("/health", responses=health_responses)
     async def health() -> JSONResponse:
         status, body = serving.health()
         return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
-    @app.get("/distributed/gpu-info")
+    @app.get("/distributed/gpu-info", responses={200: {"model": GpuInfoResponse}})
     async def gpu_info() -> JSONResponse:
         return JSONResponse((await serving.gpu_info()).model_dump(mode="json"))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 
+    _document_model_limits(app, client.model.max_context, client.model.vocab_size)
     # Outermost first: requests are counted whatever the API key check decides.
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
+
+
+def _document_model_limits(app: FastAPI, max_context: int, vocab_size: int) -> None:
+    """The OpenAPI document with the served model's limits: at most the context less one prompt token to
+    generate, token ids within the vocabulary (validation refuses anything else)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        schemas = document.get("components", {}).get("schemas", {})
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            properties = schemas.get(name, {}).get("properties", {})
+            for field in ("max_tokens", "max_completion_tokens"):
+                for member in properties.get(field, {}).get("anyOf", []):
+                    if member.get("type") == "integer":
+                        member["maximum"] = max_context - 1
+            for field in ("prompt", "stop_token_ids"):
+                _bound_token_ids(properties.get(field), vocab_size)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _bound_token_ids(node: Any, vocab_size: int) -> None:
+    """Every `{"type": "integer", "minimum": 0}` inside the token id fields gets the vocabulary's bound."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
+            node["maximum"] = vocab_size - 1
+        for value in node.values():
+            _bound_token_ids(value, vocab_size)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, vocab_size)
 
 
 async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) -> Response:
