@@ -8,7 +8,6 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +43,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\]|[A-Z]\w*)$")
 
 # The answers the OpenAPI document lists, each error with OpenAI's body.
-_ERRORS: dict[int | str, dict[str, Any]] = {
+Responses = dict[int | str, dict[str, object]]  # FastAPI's `responses`: status -> OpenAPI response object
+
+_ERRORS: Responses = {
     400: {"model": ErrorResponse, "description": "The request is invalid; `param` names the field"},
     401: {"model": ErrorResponse, "description": "An API key is set and the request did not carry it"},
     404: {"model": ErrorResponse, "description": "Another model than the served one was asked for"},
@@ -66,7 +67,7 @@ _SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "req
 _SSE = {"text/event-stream": {"schema": _SSE_EVENT}}
 
 
-def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def _generation_responses(model: type[BaseModel]) -> Responses:
     return {200: {"model": model, "content": _SSE, "description": "The reply, or its SSE stream"}, **_ERRORS}
 
 
@@ -107,7 +108,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
-    health_responses: dict[int | str, dict[str, Any]] = {
+    health_responses: Responses = {
         200: {"model": HealthResponse, "description": "Every device is up with its layers"},
         503: {"model": HealthResponse, "description": "A device is down; `message` and `devices` say which"},
     }
@@ -138,35 +139,32 @@ def _document_model_limits(app: FastAPI, max_context: int, vocab_size: int) -> N
     generate, token ids within the vocabulary (validation refuses anything else)."""
     build = app.openapi
 
-    def openapi() -> dict[str, Any]:
+    def openapi() -> dict[str, object]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         document = build()
-        schemas = document.get("components", {}).get("schemas", {})
         for name in ("ChatCompletionRequest", "CompletionRequest"):
-            properties = schemas.get(name, {}).get("properties", {})
+            properties = document.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
             for field in ("max_tokens", "max_completion_tokens"):
-                for member in properties.get(field, {}).get("anyOf", []):
-                    if member.get("type") == "integer":
-                        member["maximum"] = max_context - 1
+                _bound(properties.get(field), "maximum", max_context - 1)
             for field in ("prompt", "stop_token_ids"):
-                _bound_token_ids(properties.get(field), vocab_size)
+                _bound(properties.get(field), "maximum", vocab_size - 1)
         app.openapi_schema = document
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _bound_token_ids(node: Any, vocab_size: int) -> None:
-    """Every `{"type": "integer", "minimum": 0}` inside the token id fields gets the vocabulary's bound."""
+def _bound(node: object, key: str, value: int) -> None:
+    """Every integer schema inside `node` without `key` gets it (e.g. each token id's maximum)."""
     if isinstance(node, dict):
-        if node.get("type") == "integer" and node.get("minimum") == 0 and "maximum" not in node:
-            node["maximum"] = vocab_size - 1
-        for value in node.values():
-            _bound_token_ids(value, vocab_size)
+        if node.get("type") == "integer" and key not in node:
+            node[key] = value
+        for child in node.values():
+            _bound(child, key, value)
     elif isinstance(node, list):
-        for value in node:
-            _bound_token_ids(value, vocab_size)
+        for child in node:
+            _bound(child, key, value)
 
 
 async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) -> Response:
