@@ -8,6 +8,7 @@ for long: the run stays within a minute on a loaded 2-core machine."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -37,7 +38,8 @@ CHECKS = [
     response_headers_conformance,
     negative_data_rejection,  # a request that breaks the schema is refused with a 4xx
 ]
-EXAMPLES = 30  # per operation and mode: about 25 s in all
+# Per operation and mode: about 25 s in all; MESHLLM_FUZZ_EXAMPLES=1000 for a longer hunt.
+EXAMPLES = int(os.environ.get("MESHLLM_FUZZ_EXAMPLES", "30"))
 
 
 @pytest.fixture(scope="module")
