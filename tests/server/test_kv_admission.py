@@ -6,6 +6,8 @@ a request that could never fit is a 400 naming the stage and its limit."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from test_serve_cli import Serve, free_port
+
+from meshllm.cli.worker import parse_size
 
 # The tiny checkpoint's stages hold 2 layers of 2 KV heads of 16 dims in float32: 512 bytes per token.
 BYTES_PER_TOKEN = 512
@@ -80,3 +84,25 @@ def test_a_small_kv_memory_makes_later_arrivals_wait_and_none_fail(
         ), error
     finally:
         serve.kill()
+
+
+def test_kv_memory_takes_sizes_with_units() -> None:
+    assert [parse_size(text) for text in ("2G", "512M", "64k", "1.5GB", "1000")] == [
+        2 * 10**9,
+        512 * 10**6,
+        64 * 10**3,
+        1_500_000_000,
+        1000,
+    ]
+
+
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_a_bad_kv_memory_is_refused_naming_the_flag(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", command, "--kv-memory", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--kv-memory: 'lots' is not a size such as 512M or 2G" in result.stderr
