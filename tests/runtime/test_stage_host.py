@@ -57,6 +57,9 @@ def test_without_kv_memory_a_host_allows_a_share_of_the_free_memory(tiny_checkpo
     host.load(LoadSpec(str(tiny_checkpoint()), LayerRange(0, 2), "float32"), lambda _: None)
     info = host.info()
     assert 0 < info.kv_memory < info.memory_total
+    tenth = LocalStageHost("w2", engine="torch", kv_memory=0.1)  # a float: a share of the free memory
+    tenth.load(LoadSpec(str(tiny_checkpoint()), LayerRange(0, 2), "float32"), lambda _: None)
+    assert 0 < tenth.info().kv_memory < info.kv_memory / 4
 
 
 def test_a_malformed_step_changes_no_cache_and_the_sequence_goes_on(tiny_checkpoint) -> None:

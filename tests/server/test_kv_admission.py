@@ -17,7 +17,8 @@ import httpx
 import pytest
 from test_serve_cli import Serve, free_port
 
-from meshllm.cli.worker import parse_size
+from meshllm.cli.serve import kv_share
+from meshllm.cli.worker import parse_kv_memory, parse_size
 
 # The tiny checkpoint's stages hold 2 layers of 2 KV heads of 16 dims in float32: 512 bytes per token.
 BYTES_PER_TOKEN = 512
@@ -96,6 +97,12 @@ def test_kv_memory_takes_sizes_with_units() -> None:
     ]
 
 
+def test_kv_memory_takes_a_share_of_free_memory_and_serve_splits_its_default() -> None:
+    assert parse_kv_memory("40%") == 0.4 and parse_kv_memory("2G") == 2 * 10**9
+    assert kv_share(1) is None  # one stage here: its own default, 80% of the free memory
+    assert kv_share(4) == pytest.approx(0.2)  # four stages on one machine: a quarter of the 80% each
+
+
 @pytest.mark.parametrize("command", ["worker", "serve"])
 def test_a_bad_kv_memory_is_refused_naming_the_flag(command: str) -> None:
     result = subprocess.run(
@@ -106,3 +113,13 @@ def test_a_bad_kv_memory_is_refused_naming_the_flag(command: str) -> None:
     )
     assert result.returncode == 2
     assert "--kv-memory: 'lots' is not a size such as 512M or 2G" in result.stderr
+
+
+def test_a_share_out_of_range_is_refused_naming_the_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", "worker", "--kv-memory", "150%"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "'150%' is not a share between 0% and 100%" in result.stderr

@@ -161,6 +161,14 @@ def parse_memory(spec: str | None) -> dict[str, int] | None:
     return overrides
 
 
+def kv_share(stages_here: int) -> float | None:
+    """Without --kv-memory, the stages on this machine split the default share of its free memory
+    between them (each would otherwise count all of it); None (the stage's own default) when alone."""
+    from meshllm.runtime.stage_host import KV_MEMORY_SHARE
+
+    return KV_MEMORY_SHARE / stages_here if stages_here > 1 else None
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -190,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_urlsafe(16)  # local workers still refuse callers that are not this process
     threads = max(1, _cores() // max(1, n_local_workers + int(local_stage)))
+    kv_memory = args.kv_memory if args.kv_memory is not None else kv_share(n_local_workers + int(local_stage))
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -198,11 +207,10 @@ def run(args: argparse.Namespace) -> int:
     local_workers = LocalWorkers()
     try:
         if n_local_workers:
-            workers = local_workers.spawn(
-                n_local_workers, token=token, threads=threads, kv_memory=args.kv_memory
-            )
+            workers = local_workers.spawn(n_local_workers, token=token, threads=threads, kv_memory=kv_memory)
         import asyncio
 
+        args.kv_memory = kv_memory  # the local stage's, as the local workers'
         return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
     except KeyboardInterrupt:
         return 130

@@ -41,15 +41,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-memory",
-        type=parse_size,
+        type=parse_kv_memory,
         default=None,
         metavar="SIZE",
-        help="memory this stage's KV caches may take, e.g. 512M or 2G (default: 80%% of the memory free "
-        "once the weights are loaded); the coordinator starts sequences only while their caches fit",
+        help="memory this stage's KV caches may take: a size such as 512M or 2G, or a share of the memory "
+        "free once the weights are loaded such as 40%% (default: 80%%); the coordinator starts sequences "
+        "only while their caches fit",
     )
 
 
 _SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_kv_memory(text: str) -> int | float:
+    """A size in bytes (an int, see `parse_size`), or a share of free memory ('40%' -> 0.4, a float)."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a share between 0% and 100%")
+        return percent / 100
+    return parse_size(text)
 
 
 def parse_size(text: str) -> int:

@@ -36,10 +36,12 @@ class LocalStageHost:
         engine: str | None = None,
         device: str | None = None,
         quantize: str | None = None,
-        kv_memory: int | None = None,
+        kv_memory: int | float | None = None,
     ):
         self.name = name
-        self.own_kv_memory = kv_memory  # bytes the KV caches may take; None: a share of free memory
+        # What the KV caches may take: bytes (an int), a share of the memory free after load (a float),
+        # or None for KV_MEMORY_SHARE.
+        self.own_kv_memory = kv_memory
         self.kv_memory = 0  # of the loaded stage
         # Tokens each live sequence's caches hold, as far as the steps that went through say: a step is
         # checked against it before the engine sees it, so a bad one changes no cache.
@@ -63,7 +65,7 @@ class LocalStageHost:
         model: str = "",
         num_layers: int = 0,
         quantize: str | None = None,
-        kv_memory: int | None = None,
+        kv_memory: int | float | None = None,
     ) -> LocalStageHost:
         """A host around a stage loaded already."""
         host = cls(name, engine=stage.engine, kv_memory=kv_memory)
@@ -72,9 +74,11 @@ class LocalStageHost:
         return host
 
     def _kv_budget(self, stage: Stage) -> int:
-        if self.own_kv_memory is not None:
-            return self.own_kv_memory
-        return int(describe_host(stage.device_type).memory_available * KV_MEMORY_SHARE)
+        own = self.own_kv_memory
+        if isinstance(own, int):
+            return own
+        share = KV_MEMORY_SHARE if own is None else own
+        return int(describe_host(stage.device_type).memory_available * share)
 
     @property
     def framework(self) -> str:
