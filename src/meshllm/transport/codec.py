@@ -211,6 +211,7 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         protocol_version=info.protocol_version,
         quantize=info.quantize,
         read_bandwidth=info.read_bandwidth,
+        flop_rate=info.flop_rate,
         kv_bytes_per_token=info.kv_bytes_per_token,
         kv_memory=info.kv_memory,
     )
@@ -234,6 +235,7 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         protocol_version=reply.protocol_version,
         quantize=reply.quantize,
         read_bandwidth=reply.read_bandwidth,
+        flop_rate=reply.flop_rate,
         kv_bytes_per_token=reply.kv_bytes_per_token,
         kv_memory=reply.kv_memory,
     )
