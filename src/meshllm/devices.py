@@ -115,6 +115,8 @@ class StageInfo:
     quantize: str = ""  # int8 | int4 | "" (the weights as stored)
     read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
     flop_rate: float = 0.0  # floating-point operations/s over a batch of tokens, when measured
+    kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
+    kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
 
 
 def system_memory() -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshllm.runtime.engine_client import GenerateRequest
-from meshllm.runtime.scheduler import Scheduler, SequenceStatus
+from meshllm.runtime.scheduler import KVBudget, Scheduler, SequenceStatus
 from meshllm.step import PipelineError, SampledToken, SamplingParams
 
 EOS = 2
@@ -205,3 +205,48 @@ def test_bad_requests_are_refused() -> None:
         scheduler.add(GenerateRequest([], SamplingParams(), 4))
     with pytest.raises(ValueError, match="max_tokens"):
         scheduler.add(GenerateRequest([1], SamplingParams(), 0))
+
+
+# ---- KV admission by bytes ----
+
+# Two stages: the second holds fewer tokens (30 of 100 bytes each in 3000 bytes against 40 in 2000).
+BUDGETS = [KVBudget("coordinator", 50, 2000), KVBudget("w1", 100, 3000)]
+
+
+def test_sequences_start_only_while_their_projected_caches_fit_on_every_stage() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    assert scheduler.kv_tokens == 30
+    first, second, third = (scheduler.add(request(4, 8)) for _ in range(3))  # 12 tokens each
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [first, second] and scheduler.kv_reserved == 24
+    assert scheduler.status(third) == SequenceStatus.WAITING and scheduler.waiting == 1
+    update = scheduler.update(step.step_id, sampled(step, EOS))  # both end: their caches are released
+    assert sorted(update.release) == sorted([first, second])
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [third] and scheduler.waiting == 0
+
+
+def test_later_small_arrivals_wait_behind_an_earlier_one_that_does_not_fit_yet() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    running = scheduler.add(request(4, 16))  # 20 of 30 tokens
+    large = scheduler.add(request(4, 12))  # 16: does not fit next to it
+    small = scheduler.add(request(1, 2))  # 3 would fit, but arrived later
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [running]
+    assert scheduler.status(large) == scheduler.status(small) == SequenceStatus.WAITING
+
+
+def test_a_sequence_that_cannot_fit_alone_is_refused_naming_the_stage_and_its_limit() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    with pytest.raises(ValueError, match=r"needs 0\.0 MB of KV cache on device 'w1', .*\(30 tokens\)"):
+        scheduler.add(request(10, 21))
+    assert scheduler.live_sequences == 0
+
+
+def test_a_stage_that_reports_no_kv_figures_limits_nothing() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=[KVBudget("old-worker", 0, 0)])
+    assert scheduler.kv_tokens is None
+    for _ in range(4):
+        scheduler.add(request(100, 1000))
+    (step,) = drain(scheduler)
+    assert len(step.seq_ids) == 4

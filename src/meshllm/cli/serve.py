@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
+from meshllm.cli.worker import add_kv_memory_argument
 from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
@@ -101,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
     )
+    add_kv_memory_argument(parser)  # here: the local stage's and each local worker's
     parser.add_argument(
         "--plan-only",
         action="store_true",
@@ -177,6 +179,14 @@ def parse_memory(spec: str | None) -> dict[str, int] | None:
     return overrides
 
 
+def kv_share(stages_here: int) -> float | None:
+    """Without --kv-memory, the stages on this machine split the default share of its free memory
+    between them (each would otherwise count all of it); None (the stage's own default) when alone."""
+    from meshllm.runtime.stage_host import KV_MEMORY_SHARE
+
+    return KV_MEMORY_SHARE / stages_here if stages_here > 1 else None
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -208,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_urlsafe(16)  # local workers still refuse callers that are not this process
     threads = max(1, _cores() // max(1, n_local_workers + int(local_stage)))
+    kv_memory = args.kv_memory if args.kv_memory is not None else kv_share(n_local_workers + int(local_stage))
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -217,9 +228,10 @@ def run(args: argparse.Namespace) -> int:
     local_workers = LocalWorkers()
     try:
         if n_local_workers:
-            workers = local_workers.spawn(n_local_workers, token=token, threads=threads)
+            workers = local_workers.spawn(n_local_workers, token=token, threads=threads, kv_memory=kv_memory)
         import asyncio
 
+        args.kv_memory = kv_memory  # the local stage's, as the local workers'
         if sock is None:
             return asyncio.run(_plan_only(args, workers, local_workers, token, memory_overrides, threads))
         return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
@@ -264,6 +276,7 @@ def _config(
         replay_timeout=args.replay_timeout,
         replan_after=args.replan_after or None,
         name=args.name,
+        kv_memory=args.kv_memory,
     )
 
 

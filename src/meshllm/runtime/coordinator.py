@@ -98,6 +98,10 @@ class Coordinator:
     def live_sequences(self) -> int:
         return self.loop.live_sequences
 
+    @property
+    def waiting_sequences(self) -> int:
+        return self.loop.scheduler.waiting
+
     def add_step_listener(self, listener: StepListener) -> None:
         self.loop.pipeline.listeners.append(listener)
 

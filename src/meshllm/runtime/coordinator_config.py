@@ -40,6 +40,9 @@ class CoordinatorConfig:
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
+    # What the local stage's KV caches may take: bytes (an int), a share of the memory free after its
+    # weights are loaded (a float), or None: 80% of it.
+    kv_memory: int | float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -57,6 +60,10 @@ class CoordinatorConfig:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
         if self.replan_after is not None and self.replan_after < 0:
             raise ConfigError(f"the re-plan delay must not be negative, got {self.replan_after}")
+        if self.kv_memory is not None and not (
+            self.kv_memory > 0 and (isinstance(self.kv_memory, int) or self.kv_memory <= 1)
+        ):
+            raise ConfigError(f"the KV memory must be positive, got {self.kv_memory}")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
 

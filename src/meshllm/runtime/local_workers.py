@@ -73,6 +73,7 @@ class LocalWorkers:
         engine: str | None = None,
         output: int | None = None,
         env: dict[str, str] | None = None,
+        kv_memory: int | float | None = None,
     ) -> LocalWorker:
         """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
         `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
@@ -80,6 +81,10 @@ class LocalWorkers:
         command += ["--threads", str(threads), "--name", name]
         if engine:
             command += ["--engine", engine]
+        if kv_memory is not None:
+            # bytes, or a share of free memory as a percentage (what `meshllm worker --kv-memory` reads)
+            share = isinstance(kv_memory, float)
+            command += ["--kv-memory", f"{kv_memory * 100:g}%" if share else str(kv_memory)]
         worker = LocalWorker(
             WorkerAddress(name=name, address=f"{host}:{port}"),
             process=None,  # type: ignore[arg-type]  # launched just below
@@ -133,12 +138,15 @@ class LocalWorkers:
         threads: int,
         host: str = "127.0.0.1",
         output: int | None = None,
+        kv_memory: int | float | None = None,
     ) -> list[WorkerAddress]:
         """Start `count` workers (worker1, worker2, …) on free ports of `host`; their addresses in chain order."""
         first = len(self.workers) + 1
         ports = free_ports(count, host)
         started = [
-            self.start(f"worker{first + index}", port, token, threads, host, output=output)
+            self.start(
+                f"worker{first + index}", port, token, threads, host, output=output, kv_memory=kv_memory
+            )
             for index, port in enumerate(ports)
         ]
         return [worker.address for worker in started]

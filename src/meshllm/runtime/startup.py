@@ -28,7 +28,7 @@ from meshllm.runtime.engine_loop import EngineLoop
 from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.replan import Replanner
-from meshllm.runtime.scheduler import Scheduler
+from meshllm.runtime.scheduler import KVBudget, Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
@@ -81,7 +81,14 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
             quantize=quantize,
             group_size=config.group_size,
         )
-        host = LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
+        host = LocalStageHost.of(
+            config.name,
+            stage,
+            config.model,
+            model_config.num_hidden_layers,
+            quantize,
+            kv_memory=config.kv_memory,
+        )
         host.device = config.device  # where its layers load again, should the plan change
         local_hosts.append(host)
     worker_plan = plan[int(config.local_stage) :]
@@ -102,8 +109,12 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
 
     remote = ForwardChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name)
+    kv_budgets = await _kv_budgets(local_hosts, clients)
     scheduler = Scheduler(
-        pipeline.depth, max_step_tokens=config.max_step_tokens, max_running=config.max_running
+        pipeline.depth,
+        max_step_tokens=config.max_step_tokens,
+        max_running=config.max_running,
+        kv_budgets=kv_budgets,
     )
 
     replanner: Replanner | None = None
@@ -136,6 +147,23 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     coordinator = Coordinator(config, served, tokenizer, replanner, engine_loop, monitor, clients)
     monitor.start(config.monitor_interval)
     return coordinator
+
+
+async def _kv_budgets(local_hosts: list[LocalStageHost], clients: list[StageClient]) -> list[KVBudget]:
+    """What every loaded stage says its KV caches may hold."""
+    named = [(host.name, host.info()) for host in local_hosts]
+    named += [(client.name, await client.info(timeout=10.0)) for client in clients]
+    budgets = [KVBudget(name, info.kv_bytes_per_token, info.kv_memory) for name, info in named]
+    for budget in budgets:
+        if budget.bytes_per_token and budget.memory:
+            log.info(
+                "%s: KV caches may take %.1f MB, %d tokens at %d bytes each",
+                budget.device,
+                budget.memory / 1e6,
+                budget.tokens,
+                budget.bytes_per_token,
+            )
+    return budgets
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +33,17 @@ from meshllm.server.auth import (
 from meshllm.server.console import add_console
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
-from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
+from meshllm.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GpuInfoResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+)
 from meshllm.server.replies import EventStream
 from meshllm.server.serving import OpenAIServing
 
@@ -44,6 +54,34 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Union members in pydantic error locations ("str", "list[int]", "ContentPart"), which are not fields.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Za-z_]+\[.*\]|[A-Z]\w*)$")
 
+# The answers the OpenAPI document lists, each error with OpenAI's body.
+Responses = dict[int | str, dict[str, object]]  # FastAPI's `responses`: status -> OpenAPI response object
+
+_ERRORS: Responses = {
+    400: {"model": ErrorResponse, "description": "The request is invalid; `param` names the field"},
+    401: {"model": ErrorResponse, "description": "An API key is set and the request did not carry it"},
+    404: {"model": ErrorResponse, "description": "Another model than the served one was asked for"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Not sent: a body that fails validation is a 400, as with OpenAI (listed for "
+        "clients that expect FastAPI's 422)",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "The pipeline cannot take requests now (a device is down); retry after a while",
+        "headers": {
+            "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+        },
+    },
+}
+# With stream: true, each event's data is one JSON chunk of the reply; the last is "[DONE]".
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_SSE = {"text/event-stream": {"schema": _SSE_EVENT}}
+
+
+def _generation_responses(model: type[BaseModel]) -> Responses:
+    return {200: {"model": model, "content": _SSE, "description": "The reply, or its SSE stream"}, **_ERRORS}
+
 
 def build_app(
     client: EngineClient,
@@ -51,7 +89,9 @@ def build_app(
     api_key: str | None = None,
 ) -> FastAPI:
     """The API of one engine client. With `api_key`, every /v1 route wants `Authorization: Bearer <key>`."""
-    metrics = ServerMetrics(live_sequences=lambda: client.live_sequences)
+    metrics = ServerMetrics(
+        live_sequences=lambda: client.live_sequences, waiting_sequences=lambda: client.waiting_sequences
+    )
     client.add_step_listener(metrics.observe_step)
     serving = OpenAIServing(client, served_model_name, metrics)
 
@@ -60,20 +100,23 @@ def build_app(
     app.state.metrics = metrics
     _add_error_handlers(app)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, 401: _ERRORS[401]})
     async def list_models() -> JSONResponse:
         return JSONResponse(serving.models().model_dump(mode="json"))
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get(
+        "/v1/models/{model_id:path}",
+        responses={200: {"model": ModelCard}, 401: _ERRORS[401], 404: _ERRORS[404], 422: _ERRORS[422]},
+    )
     async def retrieve_model(model_id: str) -> JSONResponse:
         serving.check_model(model_id)
         return JSONResponse(serving.models().data[0].model_dump(mode="json"))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.chat(body))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
@@ -85,26 +128,64 @@ def build_app(
     async def count_tokens(body: CountTokensRequest) -> JSONResponse:
         return JSONResponse((await serving.count_tokens(body)).model_dump(mode="json"))
 
-    @app.get("/health")
+    health_responses: Responses = {
+        200: {"model": HealthResponse, "description": "Every device is up with its layers"},
+        503: {"model": HealthResponse, "description": "A device is down; `message` and `devices` say which"},
+    }
+
+    @app.get("/health", responses=health_responses)
     async def health() -> JSONResponse:
         status, body = serving.health()
         return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
-    @app.get("/distributed/gpu-info")
+    @app.get("/distributed/gpu-info", responses={200: {"model": GpuInfoResponse}})
     async def gpu_info() -> JSONResponse:
         return JSONResponse((await serving.gpu_info()).model_dump(mode="json"))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 
     add_console(app, serving, metrics.recent, ApiKey(api_key))
-
+    _document_model_limits(app, client.model.max_context, client.model.vocab_size)
     # Outermost first: requests are counted whatever the API key check decides.
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
+
+
+def _document_model_limits(app: FastAPI, max_context: int, vocab_size: int) -> None:
+    """The OpenAPI document with the served model's limits: at most the context less one prompt token to
+    generate, token ids within the vocabulary (validation refuses anything else)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            properties = document.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+            for field in ("max_tokens", "max_completion_tokens"):
+                _bound(properties.get(field), "maximum", max_context - 1)
+            for field in ("prompt", "stop_token_ids"):
+                _bound(properties.get(field), "maximum", vocab_size - 1)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _bound(node: object, key: str, value: int) -> None:
+    """Every integer schema inside `node` without `key` gets it (e.g. each token id's maximum)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer" and key not in node:
+            node[key] = value
+        for child in node.values():
+            _bound(child, key, value)
+    elif isinstance(node, list):
+        for child in node:
+            _bound(child, key, value)
 
 
 async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream | MessageStream]) -> Response:

@@ -21,10 +21,14 @@ _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 
 
 class ServerMetrics:
-    """What /metrics shows: requests, tokens, latencies, per-stage step times and live sequences; and,
-    per second over the last minutes, what the console plots (`recent`)."""
+    """What /metrics shows: requests, tokens, latencies, per-stage step times, live and waiting sequences;
+    and, per second over the last minutes, what the console plots (`recent`)."""
 
-    def __init__(self, live_sequences: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        live_sequences: Callable[[], int] | None = None,
+        waiting_sequences: Callable[[], int] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.recent = RecentStats()
         registry = self.registry
@@ -71,6 +75,13 @@ class ServerMetrics:
         )
         if live_sequences is not None:
             self.live_sequences.set_function(live_sequences)
+        self.waiting_sequences = Gauge(
+            "meshllm_waiting_sequences",
+            "Sequences admitted but not started: no room yet in the stages' KV memory",
+            registry=registry,
+        )
+        if waiting_sequences is not None:
+            self.waiting_sequences.set_function(waiting_sequences)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

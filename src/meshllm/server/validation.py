@@ -175,7 +175,7 @@ def _valid(
     sampling = SamplingParams(
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=max(request.top_k or 0, 0),
+        top_k=min(max(request.top_k or 0, 0), model.vocab_size),  # a larger one cuts nothing either
         seed=None if request.seed is None else request.seed % 2**64,
         min_tokens=request.min_tokens,
     )

@@ -19,7 +19,7 @@ import grpc
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Precision
 from meshllm.errors import StageError
-from meshllm.step import LayerRange, StepResult
+from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
@@ -171,6 +171,13 @@ class StageService(pbg.StageServicer):
                     started = time.perf_counter()
                     try:
                         output = await self._run(self._step, request)
+                    except MalformedStep as error:  # refused before any cache changed: no traceback
+                        named = str(error)
+                        if not named.startswith(f"worker {self.name}:"):
+                            named = f"worker {self.name}: {named}"
+                        log.warning("refused a malformed step: %s", named)
+                        await results.put(pb.StepResult(step_id=request.step_id, error=named))
+                        continue
                     except Exception as error:
                         log.exception("step %d failed", request.step_id)
                         await results.put(

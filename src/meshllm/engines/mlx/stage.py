@@ -22,7 +22,7 @@ from mlx_lm.models.cache import KVCache
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import Progress, stage_bounds
+from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -87,6 +87,9 @@ class MlxStage:
 
     def weight_bytes(self) -> int:
         return sum(array.nbytes for _, array in flat_parameters(self.model))
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.size)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:

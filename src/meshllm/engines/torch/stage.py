@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.engines.base import Progress, stage_bounds
+from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
@@ -57,6 +57,9 @@ class TorchStage:
         unique = {id(p): p for p in self.model.parameters()}
         packed = sum(m.weight_bytes() for m in self.model.modules() if isinstance(m, QuantizedLinear))
         return sum(p.numel() * p.element_size() for p in unique.values()) + packed
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.itemsize)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
