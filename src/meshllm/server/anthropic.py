@@ -331,6 +331,18 @@ ERROR_TYPES = {
 }
 
 
+class MessagesErrorDetail(BaseModel):
+    type: str  # invalid_request_error, authentication_error, not_found_error, overloaded_error, api_error
+    message: str
+
+
+class MessagesErrorResponse(BaseModel):
+    """Anthropic's error body, as the OpenAPI document lists it."""
+
+    type: Literal["error"] = "error"
+    error: MessagesErrorDetail
+
+
 def error_body(message: str, type: str) -> dict[str, object]:
     return {"type": "error", "error": {"type": type, "message": message}}
 

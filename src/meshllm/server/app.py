@@ -83,6 +83,21 @@ def _generation_responses(model: type[BaseModel]) -> Responses:
     return {200: {"model": model, "content": _SSE, "description": "The reply, or its SSE stream"}, **_ERRORS}
 
 
+# The Messages API answers the same statuses, each with Anthropic's error body; its stream is named events.
+_MESSAGES_ERRORS: Responses = {
+    status: {**response, "model": anthropic.MessagesErrorResponse} for status, response in _ERRORS.items()
+}
+_MESSAGES_SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+            "required": ["event", "data"],
+        }
+    }
+}
+
+
 def build_app(
     client: EngineClient,
     served_model_name: str | None = None,
@@ -120,11 +135,24 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
-    @app.post("/v1/messages")
+    @app.post(
+        "/v1/messages",
+        responses={
+            200: {
+                "model": anthropic.MessageResponse,
+                "content": _MESSAGES_SSE,
+                "description": "The reply, or its stream",
+            },
+            **_MESSAGES_ERRORS,
+        },
+    )
     async def messages(body: MessagesRequest, request: Request) -> Response:
         return await _reply(request, serving.messages(body))
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post(
+        "/v1/messages/count_tokens",
+        responses={200: {"model": anthropic.TokenCount}, **_MESSAGES_ERRORS},
+    )
     async def count_tokens(body: CountTokensRequest) -> JSONResponse:
         return JSONResponse((await serving.count_tokens(body)).model_dump(mode="json"))
 
