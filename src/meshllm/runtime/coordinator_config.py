@@ -37,6 +37,11 @@ class CoordinatorConfig:
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
+    # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
+    # None: every worker reads `model` itself.
+    weights_listen: str | None = None
+    weights_address: str | None = None  # what the workers dial for them; None: weights_listen
+    device_models: Mapping[str, str] = field(default_factory=dict)  # a worker's own copy: its path there
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -52,8 +57,21 @@ class CoordinatorConfig:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
         if self.replay_timeout < 0:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
+        unknown = sorted(set(self.device_models) - {worker.name for worker in self.workers})
+        if unknown:
+            raise ConfigError(f"a model path is given for {', '.join(unknown)}, which is no worker")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
+
+    def weights_of(self, device: str) -> str | None:
+        """The address `device` takes its weights from, or None when it reads a copy of its own."""
+        if device in self.device_models or self.weights_listen is None:
+            return None
+        return self.weights_address or self.weights_listen
+
+    def model_of(self, device: str) -> str:
+        """The model as `device` names it: its own copy's path, else the cluster's reference."""
+        return self.device_models.get(device, self.model)
 
     def quantize_of(self, device: str) -> str | None:
         """How `device` holds its weights: its own setting, else the cluster's."""
