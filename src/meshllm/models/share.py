@@ -89,8 +89,8 @@ class ShareFile:
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
         """The file's bytes, a chunk at a time (never the whole file in memory)."""
         if self.copy_of is not None:
-            with open(self.copy_of, "rb") as handle:
-                while chunk := handle.read(chunk_bytes):
+            with open(self.copy_of, "rb") as copied:
+                while chunk := copied.read(chunk_bytes):
                     yield chunk
             return
         yield self.header
