@@ -4,6 +4,7 @@ no model and an empty hub cache, chat replies equal to the single-process engine
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meshllm.models.share import read_header
 from tests.conftest import WorkerProcess, free_port
 
 TOKEN = "weights-test-token"
@@ -163,7 +165,15 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
             assert chat(url) == expected
             first = [received(worker) for worker in workers]
             assert all(len(loads) == 1 and loads[0] > 0 for loads in first), first
-            done_lines = [line for line in serve.lines if re.match(r"w[12]: layers \[\d+, \d+\) loaded", line)]
+            if kind == "mlx-4bit":  # travelled quantized: packed weights with their scales and biases
+                share = next((tmp_path / "w1-home" / "weights").glob("*/layers-*"))
+                header = read_header(sorted(share.glob("layer-*.safetensors"))[0])[1]
+                packed = [name for name in header if name.endswith("q_proj.weight")]
+                assert packed and header[packed[0]]["dtype"] == "U32"
+                assert any(name.endswith("q_proj.scales") for name in header)
+            done_lines = [
+                line for line in serve.lines if re.match(r"w[12]: layers \[\d+, \d+\) loaded", line)
+            ]
             assert len(done_lines) == 2, serve.lines
 
             # Restarted on the same ports, the workers find their shares in the cache: 0 bytes.
@@ -190,7 +200,9 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
             w2.process.wait(timeout=10)
             workers[1] = WorkerProcess(w2.name, TOKEN, port=w2.port, env=worker_env(tmp_path, w2.name))
             workers[1].wait_ready()
-            wait_for(lambda: received(workers[1]) == [damaged.stat().st_size], 120, "the damaged file fetched")
+            wait_for(
+                lambda: received(workers[1]) == [damaged.stat().st_size], 120, "the damaged file fetched"
+            )
             log_text = Path(workers[1].log.name).read_text()
             assert "is damaged or changed; discarded, fetching it again" in log_text
             assert "1 damaged files discarded and fetched again" in log_text
@@ -205,3 +217,71 @@ def chat_or_none(url: str) -> str | None:
         return chat(url)
     except AssertionError:  # 503 while a worker reloads
         return None
+
+
+def rss(pid: int) -> int:
+    """Resident bytes of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+RSS_MARGIN = 0.25  # of the share: allocator slack and the stage's small buffers
+RSS_SLACK = 64 * 1024 * 1024  # bytes: the first forward pass's code paths and arenas
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_a_worker_s_memory_and_cache_hold_its_share_only(tmp_path: Path) -> None:
+    """A 200 MB float32 checkpoint; the worker takes layers [4, 8) and the head, about half of it."""
+    from meshllm.models.checkpoint import Checkpoint
+    from meshllm.models.share import share_bytes
+    from meshllm.models.tiny import TinySpec, make_checkpoint
+    from meshllm.runtime.weights import CheckpointWeights
+    from meshllm.step import LayerRange
+    from meshllm.transport.stage import LoadSpec, WeightsFrom
+    from meshllm.transport.stage_client import StageClient
+    from meshllm.transport.weights import WeightsServer
+
+    spec = TinySpec(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=512,
+    )
+    path = make_checkpoint(tmp_path / "model", arch="llama", spec=spec)
+    checkpoint = Checkpoint.open(path)
+    layer_range = LayerRange(4, 8)
+    share = share_bytes(checkpoint, layer_range)
+    whole = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    assert 0.4 * whole < share < 0.6 * whole
+    worker = start_worker(tmp_path, "big")
+
+    async def run() -> tuple[int, int]:
+        source = CheckpointWeights(checkpoint)
+        server = WeightsServer(source, f"127.0.0.1:{free_port()}", TOKEN, "coordinator")
+        await server.start()
+        client = StageClient(worker.name, worker.address, TOKEN)
+        try:
+            await client.info(timeout=120)  # imports the engine: the baseline
+            before = rss(worker.process.pid)
+            load = LoadSpec(
+                str(path), layer_range, "float32", weights=WeightsFrom(server.address, source.key)
+            )
+            await client.load(load, "", lambda update: None)
+            return before, rss(worker.process.pid)
+        finally:
+            await client.close()
+            await server.stop()
+
+    try:
+        before, after = asyncio.run(run())
+    finally:
+        worker.kill()
+    cache = sum(p.stat().st_size for p in (tmp_path / "big-home" / "weights").rglob("*") if p.is_file())
+    print(f"share {share / 1e6:.1f} MB, RSS +{(after - before) / 1e6:.1f} MB, cache {cache / 1e6:.1f} MB")
+    assert after - before <= share * (1 + RSS_MARGIN) + RSS_SLACK
+    assert share <= cache <= share + 64 * 1024  # the share's files and their sha256 list
