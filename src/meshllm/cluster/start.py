@@ -211,6 +211,13 @@ class Starter:
         argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
         argv += ["--workers", workers] if workers else ["--stages", "1"]
+        if self.cluster.takes_weights:
+            weights_port = str(self.cluster.weights_port)
+            argv += ["--weights", "cluster", "--weights-port", weights_port]
+            argv += ["--weights-address", f"{device.host}:{weights_port}"]
+        else:
+            argv += ["--weights", "own"]
+        own = ",".join(f"{w.name}={w.model_path}" for w in self.cluster.workers if w.model_path)
         memory = ",".join(
             f"{COORDINATOR_STAGE if other.is_coordinator else other.name}={other.memory:g}"
             for other in self.cluster.device
@@ -218,6 +225,7 @@ class Starter:
         )
         optional = {
             "--memory": memory,
+            "--device-model": own,
             "--dtype": settings.dtype,
             "--quantize": settings.quantize,
             "--quantize-group": str(settings.quantize_group) if settings.quantize_group else None,
