@@ -162,6 +162,7 @@ async def _start(
         local_hosts,
         [(client, planned.layer_range) for client, planned in zip(clients, worker_plan, strict=True)],
         reload,
+        device_models=config.device_models,
     )
     await monitor.refresh()
     whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
