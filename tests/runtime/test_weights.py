@@ -285,3 +285,17 @@ def test_a_worker_s_memory_and_cache_hold_its_share_only(tmp_path: Path) -> None
     print(f"share {share / 1e6:.1f} MB, RSS +{(after - before) / 1e6:.1f} MB, cache {cache / 1e6:.1f} MB")
     assert after - before <= share * (1 + RSS_MARGIN) + RSS_SLACK
     assert share <= cache <= share + 64 * 1024  # the share's files and their sha256 list
+
+
+def test_local_workers_fetch_their_weights_too_when_asked(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("qwen3", layers=6)
+    expected = reference_reply(checkpoint, tmp_path)
+    cache = tmp_path / "local-weights"
+    args = ["--model", str(checkpoint), "--stages", "3", "--weights", "cluster"]
+    args += ["--port", str(free_port()), "--weights-port", str(free_port())]
+    env = {"MESHLLM_WEIGHTS_CACHE": str(cache), "MESHLLM_CACHE": str(tmp_path / "serve-cache")}
+    with serving(args, env) as (serve, url):
+        assert chat(url) == expected
+    shares = sorted(folder.name for folder in cache.glob("*/layers-*"))
+    assert len(shares) == 2, shares  # one per local worker
+    assert sum(1 for line in serve.lines if "bytes received" in line and line.startswith("worker")) == 2, serve.lines
