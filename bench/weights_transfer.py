@@ -91,6 +91,7 @@ async def load_twice(checkpoint: Checkpoint, layer_range: LayerRange, cache: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("0.6b", "small"), default="0.6b")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshllm-weights-bench-") as folder:
         root = Path(folder)
@@ -113,7 +114,21 @@ def main() -> None:
         **figures,
         "machine": machine_load(),
     }
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+        return
+    first, second = figures["first"], figures["second"]
+    assert isinstance(first, dict) and isinstance(second, dict)
+    print(f"share of layers {layer_range}: {copied / 1e6:.1f} MB ({machine_load()})")
+    print(f"plain copy of the same bytes: {copy_seconds:.2f} s, {copied / copy_seconds / 1e6:.0f} MB/s")
+    print(
+        f"first start: {first['bytes_received']} bytes received in {first['transfer_s']} s, "
+        f"{first['transfer_MB_per_s']} MB/s ({first['load_s_in_all']} s with the load)"
+    )
+    print(
+        f"second start: {second['bytes_received']} bytes received; the cache checked in "
+        f"{second['transfer_s']} s ({second['load_s_in_all']} s with the load)"
+    )
 
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ def test_a_worker_s_memory_and_cache_hold_its_share_only(tmp_path: Path) -> None
     assert share <= cache <= share + 64 * 1024  # the share's files and their sha256 list
 
 
-def test_local_workers_fetch_their_weights_too_when_asked(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+def test_local_workers_fetch_their_weights_too_when_asked(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
     checkpoint = tiny_checkpoint("qwen3", layers=6)
     expected = reference_reply(checkpoint, tmp_path)
     cache = tmp_path / "local-weights"
@@ -298,4 +300,6 @@ def test_local_workers_fetch_their_weights_too_when_asked(tiny_checkpoint: Calla
         assert chat(url) == expected
     shares = sorted(folder.name for folder in cache.glob("*/layers-*"))
     assert len(shares) == 2, shares  # one per local worker
-    assert sum(1 for line in serve.lines if "bytes received" in line and line.startswith("worker")) == 2, serve.lines
+    assert sum(1 for line in serve.lines if "bytes received" in line and line.startswith("worker")) == 2, (
+        serve.lines
+    )

@@ -105,7 +105,11 @@ class WeightCache:
         started = time.perf_counter()
         entries = client.share(layer_range)
         for entry in entries:  # names become paths here: nothing may point outside the share's folder
-            if Path(entry.name).name != entry.name or entry.name in (".", "..", _HASHES) or entry.name.endswith(".partial"):
+            if (
+                Path(entry.name).name != entry.name
+                or entry.name in (".", "..", _HASHES)
+                or entry.name.endswith(".partial")
+            ):
                 raise StageError(f"weights from {client.address}: refused a file named {entry.name!r}")
         folder = self.folder(client.key, layer_range)
         try:

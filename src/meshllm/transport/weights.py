@@ -84,14 +84,14 @@ class WeightsService(pbg.WeightsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.name}: {error}")
         digest = hashlib.sha256()
         sent = 0
-        end = object()
+
+        def read() -> bytes:  # on a reader thread, hashing included (hashlib lets go of the GIL)
+            chunk = next(chunks, b"")
+            digest.update(chunk)
+            return chunk
+
         try:
-            while True:  # each read on a reader thread: the event loop only moves bytes
-                chunk = await loop.run_in_executor(self.readers, next, chunks, end)
-                if chunk is end:
-                    break
-                assert isinstance(chunk, bytes)
-                digest.update(chunk)
+            while chunk := await loop.run_in_executor(self.readers, read):  # the event loop only moves bytes
                 sent += len(chunk)
                 await context.write(pb.FileChunk(data=chunk))
         except (OSError, ConfigError) as error:
