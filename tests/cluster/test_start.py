@@ -6,6 +6,7 @@ reached, said in one line that names the device and the fix."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -179,6 +180,11 @@ def test_a_worker_without_the_model_takes_its_weights_and_one_with_model_path_re
     path = cluster_files.write(devices, name="shared", model="./model")
     result = meshllm("cluster", "start", "-c", path)
     assert result.returncode == 0, result
+    assert re.search(
+        r"  w1: layers \[\d+, \d+\) loaded in [\d.]+ s; weights of layers .*: [1-9]\d* bytes received",
+        result.stdout,
+    )
+    assert re.search(r"  w2: layers \[\d+, \d+\) loaded in [\d.]+ s\n", result.stdout), result.stdout
     smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
     assert smoke.returncode == 0, smoke
     cached = list((tmp_path / "w1-weights").glob("*/layers-*/*.safetensors"))

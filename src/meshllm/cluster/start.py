@@ -87,8 +87,11 @@ class Starter:
             self.echo(f"coordinator {coordinator.name} healthy in {seconds:.1f} s (pid {record.pid})")
         else:
             self.echo(f"coordinator {coordinator.name} runs; waiting for it to load the restarted workers …")
-            seconds = self.wait_coordinator(self.state.records()[coordinator.name])
+            record = self.state.records()[coordinator.name]
+            seconds = self.wait_coordinator(record)
             self.echo(f"cluster healthy again in {seconds:.1f} s")
+        for line in self.load_lines(record, [device.name for device in workers]):
+            self.echo(line)
         self.print_plan()
         self.echo(f"API ready at {cluster.api_url}/v1")
         return 0
@@ -320,6 +323,17 @@ class Starter:
             + "".join(ERROR_INDENT + "  " + line for line in lines)
             + hint
         )
+
+    def load_lines(self, record: PidRecord, names: list[str]) -> list[str]:
+        """The coordinator's one line per worker it loaded (layers, bytes received, seconds), the last of
+        each of `names`, from the end of its log."""
+        lines = read_log_tail(self.machines[self.cluster.coordinator.name], record.log, 400)
+        last: dict[str, str] = {}
+        for line in lines:
+            name, _, rest = line.partition(": ")
+            if name in names and rest.startswith("layers ["):
+                last[name] = line
+        return ["  " + last[name] for name in names if name in last]
 
     # -- the plan --------------------------------------------------------------------------------
 
