@@ -13,7 +13,7 @@ import pytest
 
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
-from meshllm.runtime.weights import CheckpointWeights
+from meshllm.runtime.weights import CheckpointWeights, FetchReport, WeightCache
 from meshllm.step import LayerRange
 from meshllm.transport.weights import WeightsClient, WeightsServer
 from tests.conftest import free_port
@@ -94,3 +94,28 @@ def test_an_unreachable_weights_service_is_named_with_the_fix() -> None:
     ):
         client.share(LayerRange(0, 1), timeout=5)
     client.close()
+
+
+def test_a_re_plan_fetches_only_the_layers_it_gains(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    cache = WeightCache(tmp_path / "cache")
+
+    def calls(address: str, key: str) -> list[FetchReport]:
+        client = WeightsClient(address, TOKEN, key)
+        try:
+            return [cache.take(client, LayerRange(1, 3)), cache.take(client, LayerRange(2, 4))]
+        finally:
+            client.close()
+
+    first, second = with_server(tiny_checkpoint("qwen3"), calls)  # type: ignore[misc]
+    layer = (first.folder / "layer-00002.safetensors").stat().st_size
+    gained = sum(
+        (second.folder / name).stat().st_size
+        for name in ("layer-00003.safetensors", "head.safetensors", "embed.safetensors")
+    )
+    assert second.bytes_received == gained  # layer 2 and the small files came from the first range's folder
+    assert second.files_received == 3 and layer > 0  # layer 3, the head, the tied embedding
+    assert (second.folder / "layer-00002.safetensors").stat().st_ino == (
+        first.folder / "layer-00002.safetensors"
+    ).stat().st_ino

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,6 +136,11 @@ class WeightCache:
             hashes.pop(entry.name, None)
             missing.append(entry)
             discarded += 1
+        reused = [entry for entry in missing if self._reuse(folder, entry, hashes)]
+        if reused:
+            _write_hashes(folder / _HASHES, hashes)
+            log.info("weights cache: %d files taken from other ranges of the same checkpoint", len(reused))
+        missing = [entry for entry in missing if entry not in reused]
         total = sum(entry.size for entry in missing)
         done = 0
         if received is not None:
@@ -158,6 +164,25 @@ class WeightCache:
             files_discarded=discarded,
             seconds=time.perf_counter() - started,
         )
+
+    def _reuse(self, folder: Path, entry: ShareEntry, hashes: dict[str, str]) -> bool:
+        """Take the file from another range's folder of the same checkpoint, when one holds it intact:
+        a share file's bytes depend only on the checkpoint, so a re-plan fetches only the layers it gains."""
+        for sibling in sorted(folder.parent.glob("layers-*")):
+            candidate = sibling / entry.name
+            if sibling == folder or not candidate.exists() or candidate.stat().st_size != entry.size:
+                continue
+            recorded = _read_hashes(sibling / _HASHES).get(entry.name)
+            if recorded is None or sha256_file(candidate) != recorded:
+                continue
+            target = folder / entry.name
+            try:
+                os.link(candidate, target)  # the same blocks on disk, no copy
+            except OSError:
+                shutil.copyfile(candidate, target)
+            hashes[entry.name] = recorded
+            return True
+        return False
 
     def _fetch(
         self,
