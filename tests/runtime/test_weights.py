@@ -303,3 +303,18 @@ def test_local_workers_fetch_their_weights_too_when_asked(
     assert sum(1 for line in serve.lines if "bytes received" in line and line.startswith("worker")) == 2, (
         serve.lines
     )
+
+
+def test_a_model_path_for_a_device_that_is_no_worker_is_refused_by_name() -> None:
+    from meshllm.errors import ConfigError
+    from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
+
+    workers = (WorkerAddress("w1", "127.0.0.1:1"),)
+    with pytest.raises(ConfigError, match="a model path is given for w9, which is no worker"):
+        CoordinatorConfig(model="demo", workers=workers, device_models={"w9": "/m"})
+    config = CoordinatorConfig(model="demo", workers=workers, weights_listen="127.0.0.1:2", device_models={})
+    assert (config.weights_of("w1"), config.model_of("w1")) == ("127.0.0.1:2", "demo")
+    own = CoordinatorConfig(
+        model="demo", workers=workers, weights_listen="127.0.0.1:2", device_models={"w1": "/m"}
+    )
+    assert (own.weights_of("w1"), own.model_of("w1")) == (None, "/m")

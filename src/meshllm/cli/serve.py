@@ -184,12 +184,21 @@ def weights_addresses(
     read the model themselves."""
     import socket
 
+    from meshllm.errors import ConfigError
+
     mode = args.weights or ("own" if local_workers or not has_workers else "cluster")
     if mode == "own":
         return None, None
     port = args.weights_port or args.port + 1
+    if not 1 <= port <= 65535 or port == args.port:
+        raise ConfigError(f"--weights-port must be a port (1 to 65535) other than the API's, got {port}")
     listen = f"{args.host}:{port}"
     if args.weights_address:
+        host, _, given_port = args.weights_address.rpartition(":")
+        if not host or not given_port.isdigit():
+            raise ConfigError(
+                f"--weights-address: {args.weights_address!r} is not HOST:PORT (e.g. mini1.local:{port})"
+            )
         return listen, args.weights_address
     host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     return listen, f"{host}:{port}"
