@@ -195,9 +195,16 @@ class WeightCache:
         """Stream one file to disk (under a temporary name until its sha256 matches); returns the sha256."""
         partial = folder / f"{entry.name}.partial"
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            with open(partial, "wb") as handle:
-                sink = _HashingWriter(handle, counted)
-                expected = client.fetch(layer_range, entry.name, sink.write)
+            try:
+                with open(partial, "wb") as handle:
+                    sink = _HashingWriter(handle, counted)
+                    expected = client.fetch(layer_range, entry.name, sink.write)
+            except OSError as error:  # a full disk, a read-only cache
+                partial.unlink(missing_ok=True)
+                raise StageError(
+                    f"weights cache {folder}: cannot write {entry.name} ({entry.size / 1e6:.1f} MB): "
+                    f"{error.strerror or error}; free space there or set MESHLLM_WEIGHTS_CACHE / --weights-cache"
+                ) from None
             if sink.digest.hexdigest() == expected and sink.written == entry.size:
                 partial.replace(folder / entry.name)
                 return expected
