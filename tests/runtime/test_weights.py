@@ -115,8 +115,15 @@ def worker_env(tmp_path: Path, name: str) -> dict[str, str]:
     }
 
 
+def worker_process(tmp_path: Path, name: str, port: int | None = None) -> WorkerProcess:
+    """A worker running in an empty folder of its own, with `worker_env`'s empty caches."""
+    folder = tmp_path / f"{name}-workdir"
+    folder.mkdir(exist_ok=True)
+    return WorkerProcess(name, TOKEN, port=port, env=worker_env(tmp_path, name), cwd=str(folder))
+
+
 def start_worker(tmp_path: Path, name: str, port: int | None = None) -> WorkerProcess:
-    worker = WorkerProcess(name, TOKEN, port=port, env=worker_env(tmp_path, name))
+    worker = worker_process(tmp_path, name, port)
     worker.wait_ready()
     return worker
 
@@ -163,6 +170,7 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
         args += ["--memory", "coordinator=1,w1=1,w2=1"]
         with serving(args, coordinator_env) as (serve, url):
             assert chat(url) == expected
+            assert not any(any((tmp_path / f"{w.name}-workdir").iterdir()) for w in workers)  # still empty
             first = [received(worker) for worker in workers]
             assert all(len(loads) == 1 and loads[0] > 0 for loads in first), first
             if kind == "mlx-4bit":  # travelled quantized: packed weights with their scales and biases
@@ -181,9 +189,7 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
                 worker.process.kill()
                 worker.process.wait(timeout=10)
                 log = worker.log
-                workers[index] = restarted = WorkerProcess(
-                    worker.name, TOKEN, port=worker.port, env=worker_env(tmp_path, worker.name)
-                )
+                workers[index] = restarted = worker_process(tmp_path, worker.name, worker.port)
                 restarted.wait_ready()
                 log.close()
             wait_for(lambda: all(received(worker) == [0] for worker in workers), 120, "reload from cache")
@@ -198,7 +204,7 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
             w2 = workers[1]
             w2.process.kill()
             w2.process.wait(timeout=10)
-            workers[1] = WorkerProcess(w2.name, TOKEN, port=w2.port, env=worker_env(tmp_path, w2.name))
+            workers[1] = worker_process(tmp_path, w2.name, w2.port)
             workers[1].wait_ready()
             wait_for(
                 lambda: received(workers[1]) == [damaged.stat().st_size], 120, "the damaged file fetched"
