@@ -56,6 +56,7 @@ class WorkerProcess:
         engine: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | None = None,
     ):
         import tempfile
 
@@ -64,7 +65,7 @@ class WorkerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
         worker = LocalWorkers().start(
-            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env
+            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env, cwd=cwd
         )
         self.process = worker.process
 

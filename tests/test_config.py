@@ -142,6 +142,14 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
             ('model = "demo"', 'model = "demo"\ntoken = "a"\ntoken_file = "t"'),
             "give token or token_file, not both",
         ),
+        (
+            ('name = "head"', 'name = "head"\nmodel_path = "/models/x"'),
+            "device 'head': model_path is for workers; the coordinator reads [cluster] model",
+        ),
+        (
+            ('model = "demo"', 'model = "demo"\napi_port = 9000\nweights_port = 50051'),
+            "the coordinator serves weights on port 50051, which device 'w1' uses on 127.0.0.1",
+        ),
     ],
 )
 def test_errors_name_the_device_and_the_field(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -216,3 +224,13 @@ def test_replan_after_reaches_the_coordinator_s_command_line(
     argv = Starter(cluster, force=False, timeout=10).coordinator_argv(cluster.device[0])
     at = argv.index("--replan-after")
     assert argv[at : at + 2] == flag
+
+
+def test_workers_take_weights_from_the_coordinator_unless_they_have_a_model_path(tmp_path: Path) -> None:
+    cluster = load_cluster(write(tmp_path, MINIMAL.replace('name = "w2"', 'name = "w2"\nmodel_path = "m"')))
+    assert [device.model_path for device in cluster.workers] == [None, "m"]
+    assert cluster.takes_weights and cluster.weights_port == cluster.cluster.api_port + 1
+    every = MINIMAL.replace('name = "w1"', 'name = "w1"\nmodel_path = "m"').replace(
+        'name = "w2"', 'name = "w2"\nmodel_path = "m"'
+    )
+    assert not load_cluster(write(tmp_path, every, "every.toml")).takes_weights

@@ -6,6 +6,7 @@ reached, said in one line that names the device and the fix."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -154,3 +155,39 @@ def test_the_cluster_file_s_quantization_reaches_every_device(cluster_files) -> 
     assert [(d["name"], d["quantize"]) for d in info["devices"]] == [("coordinator", "int8"), ("w1", "int4")]
     smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
     assert smoke.returncode == 0, smoke
+
+
+def test_a_worker_without_the_model_takes_its_weights_and_one_with_model_path_reads_its_own(
+    cluster_files, tmp_path: Path
+) -> None:
+    here, empty = tmp_path / "here", tmp_path / "empty"
+    here.mkdir(), empty.mkdir()
+    (here / "model").symlink_to(cluster_files.checkpoint)
+    no_model = {
+        "HF_HOME": str(tmp_path / "w1-hf"),
+        "HF_HUB_OFFLINE": "1",
+        "MESHLLM_WEIGHTS_CACHE": str(tmp_path / "w1-weights"),
+    }
+    devices = [
+        coordinator_device(workdir=str(here)),
+        worker_device("w1", workdir=str(empty), env=no_model),
+        worker_device(
+            "w2",
+            model_path=str(cluster_files.checkpoint),
+            env={"MESHLLM_WEIGHTS_CACHE": str(tmp_path / "w2-weights")},
+        ),
+    ]
+    path = cluster_files.write(devices, name="shared", model="./model")
+    result = meshllm("cluster", "start", "-c", path)
+    assert result.returncode == 0, result
+    assert re.search(
+        r"  w1: layers \[\d+, \d+\) loaded in [\d.]+ s; weights of layers .*: [1-9]\d* bytes received",
+        result.stdout,
+    )
+    assert re.search(r"  w2: layers \[\d+, \d+\) loaded in [\d.]+ s\n", result.stdout), result.stdout
+    smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
+    assert smoke.returncode == 0, smoke
+    cached = list((tmp_path / "w1-weights").glob("*/layers-*/*.safetensors"))
+    assert cached and not (tmp_path / "w2-weights").exists()
+    log = meshllm("cluster", "logs", "-c", path, "coordinator", "-n", "400").stdout
+    assert "w1: layers [" in log and "bytes received" in log

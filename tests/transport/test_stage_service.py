@@ -54,11 +54,12 @@ def test_load_streams_progress_and_info_reports_the_range(tiny_checkpoint) -> No
             before = await client.info(timeout=60)  # the first Info imports the engine
             messages: list[str] = []
             spec = LoadSpec(str(tiny_checkpoint()), LayerRange(1, 3), "float32")
-            await client.load(spec, "", messages.append)
+            await client.load(spec, "", lambda update: messages.append(update.message))
             return messages, before, await client.info()
 
     messages, before, after = asyncio.run(run())
-    assert messages[0].startswith("loading layers [1, 3) of ") and messages[-1] == "loaded"
+    assert messages[0].startswith("loading layers [1, 3) of ")
+    assert messages[-1].startswith("layers [1, 3) loaded in ")
     assert before.layers is None and after.layers == (1, 3) and after.num_layers == 4
 
 

@@ -97,6 +97,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not start a local worker that died again (its layers are planned over the others)",
     )
     parser.add_argument(
+        "--weights",
+        choices=("cluster", "own"),
+        default=None,
+        help="cluster: workers take their layers' weights from this process (the default with --workers); "
+        "own: every worker reads --model itself (the default for local workers)",
+    )
+    parser.add_argument(
+        "--weights-port",
+        type=int,
+        default=None,
+        help="port the workers fetch weights from (default: the API port + 1)",
+    )
+    parser.add_argument(
+        "--weights-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the workers reach that port (default: --host, or this machine's name for 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--device-model",
+        default=None,
+        metavar="NAME=PATH,...",
+        help="workers with their own copy of the model, at PATH there; they fetch no weights",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
@@ -160,6 +185,45 @@ def parse_device_quantize(spec: str | None) -> dict[str, str]:
     return modes
 
 
+def parse_device_models(spec: str | None) -> dict[str, str]:
+    """'w1=/models/qwen,w2=Qwen/Qwen3-0.6B' -> {name: model}."""
+    from meshllm.errors import ConfigError
+
+    models = {}
+    for item, name, model in _named_items(spec):
+        if not name or not model:
+            raise ConfigError(f"--device-model: '{item}' is not NAME=PATH (e.g. mini2=/models/qwen3)")
+        models[name] = model
+    return models
+
+
+def weights_addresses(
+    args: argparse.Namespace, has_workers: bool, local_workers: bool
+) -> tuple[str | None, str | None]:
+    """(where the weights service listens, what the workers dial), or (None, None) when the workers
+    read the model themselves."""
+    import socket
+
+    from meshllm.errors import ConfigError
+
+    mode = args.weights or ("own" if local_workers or not has_workers else "cluster")
+    if mode == "own":
+        return None, None
+    port = args.weights_port or args.port + 1
+    if not 1 <= port <= 65535 or port == args.port:
+        raise ConfigError(f"--weights-port must be a port (1 to 65535) other than the API's, got {port}")
+    listen = f"{args.host}:{port}"
+    if args.weights_address:
+        host, _, given_port = args.weights_address.rpartition(":")
+        if not host or not given_port.isdigit():
+            raise ConfigError(
+                f"--weights-address: {args.weights_address!r} is not HOST:PORT (e.g. mini1.local:{port})"
+            )
+        return listen, args.weights_address
+    host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    return listen, f"{host}:{port}"
+
+
 def parse_memory(spec: str | None) -> dict[str, int] | None:
     """'coordinator=2,worker1=4.5' (GB) -> {name: bytes}."""
     from meshllm.errors import ConfigError
@@ -203,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.name)
     workers = parse_workers(args.workers)
+    parse_device_models(args.device_model)  # a bad item fails before anything starts
     memory_overrides = parse_memory(args.memory)
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1, got {args.stages}")
@@ -258,10 +323,15 @@ def _config(
     workers: list[WorkerAddress],
     token: str | None,
     memory_overrides: dict[str, int] | None,
+    local_workers: bool = False,
 ) -> CoordinatorConfig:
     from meshllm.runtime.coordinator_config import CoordinatorConfig
 
+    weights_listen, weights_address = weights_addresses(args, bool(workers), local_workers)
     return CoordinatorConfig(
+        weights_listen=weights_listen,
+        weights_address=weights_address,
+        device_models=parse_device_models(args.device_model),
         model=args.model,
         workers=tuple(workers),
         local_stage=not args.no_local_stage,
@@ -328,7 +398,9 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
 
-    config = _config(args, workers, token, memory_overrides)
+    from meshllm.cli.progress import LoadBoard
+
+    config = _config(args, workers, token, memory_overrides, bool(local_workers.workers))
 
     async def start() -> Coordinator:
         await local_workers.wait_healthy(token)
@@ -336,7 +408,11 @@ async def _serve(
             import torch
 
             torch.set_num_threads(threads)
-        return await Coordinator.start(config)
+        board = LoadBoard(sys.stderr)
+        try:
+            return await Coordinator.start(config, on_load=board.update)
+        finally:
+            board.close()
 
     starting = asyncio.create_task(start())
     stopping = asyncio.create_task(stop.wait())

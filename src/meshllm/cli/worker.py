@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="hold this device's linear layers as int8 or int4, whatever the coordinator asks",
     )
+    parser.add_argument(
+        "--weights-cache",
+        default=None,
+        metavar="DIR",
+        help="where weights received from the coordinator are kept "
+        "(default: $MESHLLM_WEIGHTS_CACHE, else ~/.cache/meshllm/weights)",
+    )
     add_kv_memory_argument(parser)
 
 
@@ -108,8 +115,17 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.transport.stage_service import serve_stage
 
     token = read_token(args.token, args.token_file)
+    from pathlib import Path
+
+    weights_cache = Path(args.weights_cache).expanduser() if args.weights_cache else None
     host = LocalStageHost(
-        name, engine=args.engine, device=args.device, quantize=args.quantize, kv_memory=args.kv_memory
+        name,
+        engine=args.engine,
+        device=args.device,
+        quantize=args.quantize,
+        kv_memory=args.kv_memory,
+        token=token,
+        weights_cache=weights_cache,
     )
     try:
         asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token))

@@ -87,8 +87,11 @@ class Starter:
             self.echo(f"coordinator {coordinator.name} healthy in {seconds:.1f} s (pid {record.pid})")
         else:
             self.echo(f"coordinator {coordinator.name} runs; waiting for it to load the restarted workers …")
-            seconds = self.wait_coordinator(self.state.records()[coordinator.name])
+            record = self.state.records()[coordinator.name]
+            seconds = self.wait_coordinator(record)
             self.echo(f"cluster healthy again in {seconds:.1f} s")
+        for line in self.load_lines(record, [device.name for device in workers]):
+            self.echo(line)
         self.print_plan()
         self.echo(f"API ready at {cluster.api_url}/v1")
         return 0
@@ -211,6 +214,13 @@ class Starter:
         argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
         argv += ["--workers", workers] if workers else ["--stages", "1"]
+        if self.cluster.takes_weights:
+            weights_port = str(self.cluster.weights_port)
+            argv += ["--weights", "cluster", "--weights-port", weights_port]
+            argv += ["--weights-address", f"{device.host}:{weights_port}"]
+        else:
+            argv += ["--weights", "own"]
+        own = ",".join(f"{w.name}={w.model_path}" for w in self.cluster.workers if w.model_path)
         memory = ",".join(
             f"{COORDINATOR_STAGE if other.is_coordinator else other.name}={other.memory:g}"
             for other in self.cluster.device
@@ -218,6 +228,7 @@ class Starter:
         )
         optional = {
             "--memory": memory,
+            "--device-model": own,
             "--dtype": settings.dtype,
             "--quantize": settings.quantize,
             "--quantize-group": str(settings.quantize_group) if settings.quantize_group else None,
@@ -313,6 +324,17 @@ class Starter:
             + "".join(ERROR_INDENT + "  " + line for line in lines)
             + hint
         )
+
+    def load_lines(self, record: PidRecord, names: list[str]) -> list[str]:
+        """The coordinator's one line per worker it loaded (layers, bytes received, seconds), the last of
+        each of `names`, from the end of its log."""
+        lines = read_log_tail(self.machines[self.cluster.coordinator.name], record.log, 400)
+        last: dict[str, str] = {}
+        for line in lines:
+            name, _, rest = line.partition(": ")
+            if name in names and rest.startswith("layers ["):
+                last[name] = line
+        return ["  " + last[name] for name in names if name in last]
 
     # -- the plan --------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ builds one (see `startup.py`); `close()` ends it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +21,9 @@ from meshllm.runtime.engine_loop import EngineLoop, SequenceStream
 from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.replan import Replanner
 from meshllm.step import PipelineUnavailable
+from meshllm.transport.stage import LoadUpdate
 from meshllm.transport.stage_client import StageClient
+from meshllm.transport.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,16 @@ class Coordinator:
         self.monitor = monitor
         self._clients = clients
         self._closed = False
+        self.weights_server: WeightsServer | None = None  # the workers' weights, when it serves them
 
     @classmethod
-    async def start(cls, config: CoordinatorConfig) -> Coordinator:
+    async def start(
+        cls, config: CoordinatorConfig, on_load: Callable[[str, LoadUpdate], None] | None = None
+    ) -> Coordinator:
+        """Start it; `on_load(device, update)` hears how each worker's load goes."""
         from meshllm.runtime.startup import start_coordinator
 
-        return await start_coordinator(config)
+        return await start_coordinator(config, on_load)
 
     # ---- the model -----------------------------------------------------------------------------
 
@@ -127,3 +134,5 @@ class Coordinator:
         await self.loop.close()
         for client in self._clients:
             await client.close()
+        if self.weights_server is not None:
+            await self.weights_server.stop()

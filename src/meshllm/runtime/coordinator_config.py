@@ -43,6 +43,11 @@ class CoordinatorConfig:
     # What the local stage's KV caches may take: bytes (an int), a share of the memory free after its
     # weights are loaded (a float), or None: 80% of it.
     kv_memory: int | float | None = None
+    # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
+    # None: every worker reads `model` itself.
+    weights_listen: str | None = None
+    weights_address: str | None = None  # what the workers dial for them; None: weights_listen
+    device_models: Mapping[str, str] = field(default_factory=dict)  # a worker's own copy: its path there
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -64,8 +69,21 @@ class CoordinatorConfig:
             self.kv_memory > 0 and (isinstance(self.kv_memory, int) or self.kv_memory <= 1)
         ):
             raise ConfigError(f"the KV memory must be positive, got {self.kv_memory}")
+        unknown = sorted(set(self.device_models) - {worker.name for worker in self.workers})
+        if unknown:
+            raise ConfigError(f"a model path is given for {', '.join(unknown)}, which is no worker")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
+
+    def weights_of(self, device: str) -> str | None:
+        """The address `device` takes its weights from, or None when it reads a copy of its own."""
+        if device in self.device_models or self.weights_listen is None:
+            return None
+        return self.weights_address or self.weights_listen
+
+    def model_of(self, device: str) -> str:
+        """The model as `device` names it: its own copy's path, else the cluster's reference."""
+        return self.device_models.get(device, self.model)
 
     def quantize_of(self, device: str) -> str | None:
         """How `device` holds its weights: its own setting, else the cluster's."""

@@ -33,6 +33,7 @@ class LocalWorker:
     command: list[str] = field(default_factory=list)  # how it was started, to start it again
     env: dict[str, str] = field(default_factory=dict)
     output: int | None = None
+    cwd: str | None = None  # the folder it runs in; None: this process's
     backoff: Backoff = field(default_factory=Backoff)
     restart_at: float | None = None  # when a dead worker is started again (monotonic seconds)
 
@@ -47,6 +48,7 @@ class LocalWorker:
             stdin=subprocess.DEVNULL,
             stdout=self.output,
             stderr=self.output,
+            cwd=self.cwd,
             start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
         )
         self.backoff.succeeded()
@@ -74,9 +76,11 @@ class LocalWorkers:
         output: int | None = None,
         env: dict[str, str] | None = None,
         kv_memory: int | float | None = None,
+        cwd: str | None = None,
     ) -> LocalWorker:
         """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
-        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
+        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment; it runs in
+        `cwd` (default: this process's folder)."""
         command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
         command += ["--threads", str(threads), "--name", name]
         if engine:
@@ -93,6 +97,7 @@ class LocalWorkers:
             # starts with "-" reads as an option.
             env={**os.environ, "OMP_NUM_THREADS": str(threads), TOKEN_ENV: token or "", **(env or {})},
             output=output,
+            cwd=cwd,
         )
         worker.launch()
         self.workers.append(worker)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from meshllm.devices import DeviceStatus, describe_host
 from meshllm.errors import StageError
@@ -28,8 +28,10 @@ class DeviceMonitor:
         local: list[LocalStageHost],
         workers: list[tuple[StageClient, LayerRange | None]],  # in chain order, the range each should hold
         reload: Callable[[StageClient], Awaitable[None]],
+        device_models: Mapping[str, str] | None = None,  # a worker's own copy: the name it loads it by
     ) -> None:
         self.model = model
+        self.device_models = dict(device_models or {})
         self.local_name = local_name
         self.local = local
         self.workers = workers
@@ -111,7 +113,7 @@ class DeviceMonitor:
                 error=f"device '{client.name}' answers again; it rejoins the layer plan once no request is "
                 "running",
             )  # fmt: skip
-        loaded = info.model == self.model and info.layers == planned
+        loaded = info.model == self.device_models.get(client.name, self.model) and info.layers == planned
         return DeviceStatus(
             device_id=device_id,
             name=client.name,

@@ -197,7 +197,7 @@ class Replanner:
         reason = "the layers are being planned again"
         async with self.loop.held(reason, timeout=config.step_timeout + 5.0):
             self.settled = False
-            loads: list[Awaitable[None]] = [
+            loads: list[Awaitable[object]] = [
                 self._load_worker(self.clients[name], placement.layers, placement.next_stage)
                 for name, placement in placements.items()
                 if self._loaded.get(name) != placement

@@ -7,7 +7,9 @@ The same host runs a worker's stage (behind `transport.stage_service`) and the c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -17,9 +19,11 @@ from meshllm.engines.base import Stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.weights import WeightCache
 from meshllm.step import MalformedStep, StepInput
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import Health, LoadSpec, StepOutcome
+from meshllm.transport.weights import WeightsClient
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ class LocalStageHost:
         device: str | None = None,
         quantize: str | None = None,
         kv_memory: int | float | None = None,
+        token: str | None = None,
+        weights_cache: Path | None = None,
     ):
         self.name = name
         # What the KV caches may take: bytes (an int), a share of the memory free after load (a float),
@@ -46,6 +52,8 @@ class LocalStageHost:
         # Tokens each live sequence's caches hold, as far as the steps that went through say: a step is
         # checked against it before the engine sees it, so a bad one changes no cache.
         self._held: dict[int, int] = {}
+        self.token = token  # the cluster token, for fetching weights from the coordinator
+        self.weights_cache = WeightCache(weights_cache)
         self.engine = engine or default_engine()
         self.device = device
         self.own_quantize = quantize  # this device's own choice; wins over what Load asks
@@ -131,13 +139,30 @@ class LocalStageHost:
         message = f"layers {stage.layer_range}" if stage is not None else "waiting for Load"
         return Health(model=self.model, message=message)
 
-    def load(self, spec: LoadSpec, progress: Callable[[float], None] | None = None) -> None:
+    def load(
+        self,
+        spec: LoadSpec,
+        progress: Callable[[float], None] | None = None,
+        received: Callable[[int, int], None] | None = None,
+    ) -> str:
         engine = spec.engine or self.engine
         quantize = self.own_quantize or spec.quantize
         self.stage = None  # free the old range before reading the new one
         self.model = ""
         self._held.clear()
-        checkpoint = Checkpoint.open(spec.model)
+        started = time.perf_counter()
+        fetched = ""
+        if spec.weights is not None:
+            client = WeightsClient(spec.weights.address, self.token, spec.weights.key)
+            try:
+                report = self.weights_cache.take(client, spec.layer_range, received)
+            finally:
+                client.close()
+            fetched = report.describe(spec.layer_range)
+            log.info("%s (in %s)", fetched, report.folder)
+            checkpoint = Checkpoint.open(report.folder)
+        else:
+            checkpoint = Checkpoint.open(spec.model)
         stage = load_stage(
             engine,
             checkpoint,
@@ -152,6 +177,8 @@ class LocalStageHost:
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
         self.kv_memory = self._kv_budget(stage)
+        summary = f"layers {spec.layer_range} loaded in {time.perf_counter() - started:.1f} s"
+        return f"{summary}; {fetched}" if fetched else summary
 
     def step(self, step: StepInput) -> StepOutcome:
         stage = self._loaded_stage()

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
 from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
-from meshllm.errors import StageError
+from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
 from meshllm.models.predict import best_alone, describe, predict, stage_costs
@@ -30,28 +31,58 @@ from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.replan import Replanner
 from meshllm.runtime.scheduler import KVBudget, Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.runtime.weights import CheckpointWeights
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
-from meshllm.transport.stage import LoadSpec
+from meshllm.transport.stage import LoadSpec, LoadUpdate, WeightsFrom
 from meshllm.transport.stage_client import ForwardChain, StageClient
+from meshllm.transport.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
 
-async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
-    """Plan the layers over this process (when `config.local_stage`) and the workers, load them all."""
+OnLoad = Callable[[str, LoadUpdate], None]
+
+
+async def start_coordinator(config: CoordinatorConfig, on_load: OnLoad | None = None) -> Coordinator:
+    """Plan the layers over this process (when `config.local_stage`) and the workers, load them all;
+    `on_load(device, update)` hears how each worker's load goes."""
     clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    weights: list[WeightsServer] = []  # started once the checkpoint is open
     try:
-        return await _start(config, clients)
+        coordinator = await _start(config, clients, weights, on_load)
     except BaseException:
         for client in clients:
             await client.close()
+        for server in weights:
+            await server.stop()
         raise
+    coordinator.weights_server = weights[0] if weights else None
+    return coordinator
 
 
-async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coordinator:
+async def _serve_weights(config: CoordinatorConfig, checkpoint: Checkpoint) -> WeightsServer:
+    assert config.weights_listen is not None  # only when some worker takes its weights from here
+    source = await asyncio.to_thread(CheckpointWeights, checkpoint)
+    server = WeightsServer(source, config.weights_listen, config.token, f"coordinator {config.name}")
+    try:
+        await server.start()
+    except OSError as error:
+        raise ConfigError(f"coordinator: {error}") from None
+    return server
+
+
+async def _start(
+    config: CoordinatorConfig,
+    clients: list[StageClient],
+    weights: list[WeightsServer],
+    on_load: OnLoad | None,
+) -> Coordinator:
     engine = config.engine or default_engine()
     checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    if any(config.weights_of(client.name) for client in clients):
+        weights.append(await _serve_weights(config, checkpoint))
+    weights_key = weights[0].source.key if weights else ""
     tokenizer = await asyncio.to_thread(load_tokenizer, checkpoint.path)
     model_config = checkpoint.config
     eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | _tokenizer_eos(tokenizer)))
@@ -95,7 +126,7 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     next_stages = [*(client.address for client in clients[1:]), ""][: len(clients)]
 
     async def load(client: StageClient, layers: LayerRange, next_stage: str) -> None:
-        await _load(config, client, layers, next_stage)
+        await _load(config, client, layers, next_stage, weights_key, on_load)
 
     await asyncio.gather(
         *(
@@ -129,6 +160,7 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         local_hosts,
         [(client, planned.layer_range) for client, planned in zip(clients, worker_plan, strict=True)],
         reload,
+        device_models=config.device_models,
     )
     await monitor.refresh()
 
@@ -324,17 +356,33 @@ async def _ask(client: StageClient) -> StageInfo:
     return info
 
 
-async def _load(config: CoordinatorConfig, client: StageClient, layers: LayerRange, next_stage: str) -> None:
+async def _load(
+    config: CoordinatorConfig,
+    client: StageClient,
+    layers: LayerRange,
+    next_stage: str,
+    weights_key: str,
+    on_load: OnLoad | None,
+) -> None:
     started = time.perf_counter()
+    address = config.weights_of(client.name)
     spec = LoadSpec(
-        config.model,
+        config.model_of(client.name),
         layers,
         config.dtype,
         quantize=config.quantize_of(client.name),
         group_size=config.group_size,
+        weights=WeightsFrom(address, weights_key) if address else None,
     )
-    await client.load(spec, next_stage, lambda message: log.info("%s: %s", client.name, message))
-    log.info("%s loaded layers %s in %.1f s", client.name, layers, time.perf_counter() - started)
+
+    def progress(update: LoadUpdate) -> None:
+        if update.phase != "fetch" or update.fraction in (0.0, 1.0) or update.done:
+            log.info("%s: %s", client.name, update.message)  # the log gets the ends; the bars show the rest
+        if on_load is not None:
+            on_load(client.name, update)
+
+    summary = await client.load(spec, next_stage, progress)
+    log.info("%s: %s (%.1f s in all)", client.name, summary, time.perf_counter() - started)
 
 
 def _served_name(reference: str, checkpoint: Checkpoint) -> str:

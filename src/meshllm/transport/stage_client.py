@@ -22,7 +22,7 @@ from meshllm.transport.codec import decode_info, decode_result, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import explain, insecure_channel, is_refusal, token_metadata
-from meshllm.transport.stage import Health, LoadSpec
+from meshllm.transport.stage import Health, LoadSpec, LoadUpdate
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,9 @@ class StageClient:
             raise self._error(error) from None
         return Health(model=reply.model, message=reply.message)
 
-    async def load(self, spec: LoadSpec, next_stage: str, on_progress: Callable[[str], None]) -> None:
-        """Load `spec` there; `next_stage` is the address its output goes to ("" when it is last)."""
+    async def load(self, spec: LoadSpec, next_stage: str, on_progress: Callable[[LoadUpdate], None]) -> str:
+        """Load `spec` there; `next_stage` is the address its output goes to ("" when it is last).
+        Returns the stage's line on what the load took."""
         request = pb.LoadRequest(
             model=spec.model,
             layer_start=spec.layer_range.start,
@@ -137,14 +138,28 @@ class StageClient:
             engine=spec.engine or "",
             quantize=spec.quantize or "",
             group_size=spec.group_size,
+            weights_from=spec.weights.address if spec.weights else "",
+            weights_key=spec.weights.key if spec.weights else "",
         )
+        summary = ""
         try:
             async for progress in self._stub.Load(request, metadata=self._metadata):
                 if progress.error:
                     raise StageError(f"{self.describe()} failed to load: {progress.error}")
-                on_progress(progress.message)
+                update = LoadUpdate(
+                    message=progress.message,
+                    phase=progress.phase or "load",
+                    fraction=progress.fraction,
+                    bytes_done=progress.bytes_done,
+                    bytes_total=progress.bytes_total,
+                    done=progress.done,
+                )
+                on_progress(update)
+                if progress.done:
+                    summary = progress.message
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from None
+        return summary
 
     async def release(self, seq_ids: list[int], timeout: float = 5.0) -> int:
         """Drop these sequences' caches there; returns the sequences still live on it."""
