@@ -303,7 +303,16 @@ def tail(path, lines=20, follow=False, out=None):
             out.flush()
 
 
-ACTIONS = {"probe": probe, "launch": launch, "stop": stop, "alive": alive}
+def read_json(path):
+    """{"content": the JSON object in `path`} or {"content": None} when it is missing or unreadable."""
+    try:
+        with open(os.path.expanduser(path)) as handle:
+            return {"content": json.load(handle)}
+    except (OSError, ValueError):
+        return {"content": None}
+
+
+ACTIONS = {"probe": probe, "launch": launch, "stop": stop, "alive": alive, "read_json": read_json}
 
 
 def main(action, params):

@@ -116,6 +116,9 @@ class Starter:
         expected = self.cluster.dial(device)
         if device.role != record.role or expected != record.address:
             return record.device, f"{earlier} as {record.role} at {record.address}, not at {expected}: {how}"
+        report = record.report(str(self.cluster.path))
+        if report is not None and report.state == "waiting":
+            return record.device, f"{report.problem()} ({how} to start it at once)"
         if device.is_coordinator:
             answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
@@ -173,6 +176,9 @@ class Starter:
         argv = self.coordinator_argv(device) if device.is_coordinator else self.worker_argv(device, threads)
         env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env}
         machine = self.machines[device.name]
+        status_file = None if device.is_coordinator else self.state.status_path(device)
+        if status_file is not None:  # a worker runs under its supervisor, which starts it again when it dies
+            argv = self.supervisor_argv(device, status_file) + ["--", *argv]
         result = machine.call(
             "launch",
             {
@@ -185,9 +191,13 @@ class Starter:
         )
         if "error" in result:
             raise ConfigError(f"device {device.name!r}: cannot start it {machine.where}: {result['error']}")
-        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"])
+        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"], status_file)
         self.state.write(record)
         return record
+
+    def supervisor_argv(self, device: Device, status_file: str) -> list[str]:
+        argv = [device.python, "-m", "meshllm", "supervise", "--name", device.name]
+        return argv + ["--status-file", status_file, "--log", self.state.log_path(device)]
 
     def worker_argv(self, device: Device, threads: int) -> list[str]:
         bind, port = self.cluster.listen(device)
@@ -298,9 +308,14 @@ class Starter:
         return check
 
     def _raise_if_exited(self, device: Device, record: PidRecord) -> None:
+        """Raise when the process exited, or (a supervised worker) when its worker exited once: a start
+        that fails now fails again after every backoff, so the supervisor is stopped and the log shown."""
         machine = self.machines[device.name]
         if machine.call("alive", {"pids": [record.pid]})[str(record.pid)]:
-            return
+            report = record.report(str(self.cluster.path))
+            if report is None or not report.exits:
+                return
+            stop_record(self.state, record, str(self.cluster.path), grace=3.0)
         self.state.remove(device.name)
         lines = read_log_tail(machine, record.log, 12)
         where = f" on {device.host}" if device.is_remote else ""

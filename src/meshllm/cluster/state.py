@@ -4,9 +4,10 @@
 <state_dir>/            default: .meshllm/<cluster name> next to the cluster file
   pids/<device>.json    what `stop` needs: the pid, where it runs (ssh target, python) and its log there
   logs/<device>.log     logs of the devices on this machine
+  status/<device>.json  each supervised worker's state and last exit, written by `meshllm supervise`
   token                 the cluster token (made once when the file gives none), readable by this user only
 ```
-Devices reached over ssh keep their log and token in `<workdir>/.meshllm/<cluster name>/` on their machine.
+Devices reached over ssh keep their log, status file and token in `<workdir>/.meshllm/<cluster name>/` on their machine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from meshllm.cluster.launch import Machine
 from meshllm.config import Cluster, Device
+from meshllm.devices import SupervisorReport
 from meshllm.errors import ConfigError
 
 
@@ -38,9 +40,23 @@ class PidRecord(BaseModel):
     machine: dict[str, Any]  # Machine.to_record()
     version: str  # meshllm's version there when it started
     started_at: float
+    status_file: str | None = (
+        None  # a supervised worker's status file on its machine (see runtime/supervisor.py)
+    )
 
     def machine_for(self, config_file: str) -> Machine:
         return Machine.from_record(self.device, config_file, self.machine)
+
+    def report(self, config_file: str) -> SupervisorReport | None:
+        """The supervisor's last report of a supervised worker (None: none, or not readable yet).
+        Raises ConfigError when its machine is out of reach."""
+        if not self.status_file:
+            return None
+        content = self.machine_for(config_file).call("read_json", {"path": self.status_file})["content"]
+        try:
+            return SupervisorReport.model_validate(content) if content else None
+        except ValidationError:
+            return None
 
 
 class ClusterState:
@@ -73,7 +89,9 @@ class ClusterState:
     def remove(self, device: str) -> None:
         (self.pid_dir / f"{device}.json").unlink(missing_ok=True)
 
-    def new_record(self, device: Device, pid: int, log: str, version: str) -> PidRecord:
+    def new_record(
+        self, device: Device, pid: int, log: str, version: str, status_file: str | None = None
+    ) -> PidRecord:
         listen, port = self.cluster.listen(device)
         return PidRecord(
             device=device.name,
@@ -86,6 +104,7 @@ class ClusterState:
             machine=Machine.of(device, self.cluster.path).to_record(),
             version=version,
             started_at=time.time(),
+            status_file=status_file,
         )
 
     # -- where files go on each machine --------------------------------------------------------------
@@ -95,6 +114,12 @@ class ClusterState:
         if device.is_remote:
             return f".meshllm/{self.cluster.name}/logs/{device.name}.log"
         return str(self.log_dir / f"{device.name}.log")
+
+    def status_path(self, device: Device) -> str:
+        """The supervisor's status file of a worker, on its machine (relative paths start at its workdir)."""
+        if device.is_remote:
+            return f"{device.workdir.rstrip('/')}/.meshllm/{self.cluster.name}/status/{device.name}.json"
+        return str(self.root / "status" / f"{device.name}.json")
 
     def token_path(self, device: Device) -> str:
         if device.is_remote:
