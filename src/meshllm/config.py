@@ -162,6 +162,12 @@ class Device(_Frozen):
     memory: PositiveNumber | None = None  # GB the plan may use here (default: what the machine has free)
     threads: PositiveInt | None = None  # compute threads (default: the machine's cores ÷ its stages)
     env: Env = {}
+    venv: Text | None = (
+        None  # where `cluster install` makes meshllm's venv there (default <workdir>/.meshllm/venv)
+    )
+    # The index `cluster install` takes torch from: None chooses by platform (the CPU build's index on
+    # Linux without an NVIDIA driver, else the device's own index); "" the device's own index.
+    torch_index: str | None = None
 
     @property
     def is_coordinator(self) -> bool:

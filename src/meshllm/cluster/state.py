@@ -5,6 +5,8 @@
   pids/<device>.json    what `stop` needs: the pid, where it runs (ssh target, python) and its log there
   logs/<device>.log     logs of the devices on this machine
   status/<device>.json  each supervised worker's state and last exit, written by `meshllm supervise`
+  installs/<device>.json  the venv python `cluster install` made there (used by every later command)
+  wheels/               the wheel of this meshllm that `cluster install` copies to the devices
   token                 the cluster token (made once when the file gives none), readable by this user only
 ```
 Devices reached over ssh keep their log, status file and token in `<workdir>/.meshllm/<cluster name>/` on their machine.
@@ -12,6 +14,7 @@ Devices reached over ssh keep their log, status file and token in `<workdir>/.me
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -106,6 +109,29 @@ class ClusterState:
             started_at=time.time(),
             status_file=status_file,
         )
+
+    # -- the pythons `cluster install` made ----------------------------------------------------------
+
+    def record_install(self, device: Device, python: str, version: str) -> None:
+        """Remember the venv's python made for `device` (from the python the file names)."""
+        folder = self.root / "installs"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"python": python, "base": device.python, "version": version, "at": time.time()}
+        path = folder / f"{device.name}.json"
+        path.with_suffix(".partial").write_text(json.dumps(record, indent=2) + "\n")
+        path.with_suffix(".partial").replace(path)
+
+    def installed_python(self, device: Device) -> str | None:
+        """The venv python `cluster install` made for `device`, while the file still names the python
+        it was made from (a python set by hand since wins)."""
+        try:
+            record = json.loads((self.root / "installs" / f"{device.name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("base") != device.python:
+            return None
+        python = record.get("python")
+        return python if isinstance(python, str) and python else None
 
     # -- where files go on each machine --------------------------------------------------------------
 
