@@ -1,6 +1,6 @@
 """Workers started by `cluster start` run under `meshllm supervise` on their host: a worker killed by
 hand is started again there with no command run, and the coordinator loads it again; one that keeps
-dying is shown by `cluster status` with its last exit; `cluster stop` stops supervisor and worker."""
+dying is shown by `/health` and `cluster status` with its last exit; `cluster stop` stops supervisor and worker."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 from cluster_helpers import is_running, meshllm, pid_record, status_rows, wait_until
+
+from meshllm.config import load_cluster
 
 pytestmark = pytest.mark.slow
 
 
 def report(path: Path, device: str) -> dict:
     return json.loads(Path(pid_record(path, device)["status_file"]).read_text())
+
+
+def health_message(path: Path) -> str:
+    reply = httpx.get(f"{load_cluster(path).api_url}/health", timeout=10)
+    return reply.json().get("message", "") if reply.status_code == 503 else ""
 
 
 def kill_worker(path: Path, device: str) -> int:
@@ -45,9 +53,10 @@ def test_a_killed_worker_comes_back_by_itself_and_one_that_keeps_dying_is_shown(
 
     kill_worker(path, "w1")
     kill_worker(path, "w1")
+    # the third exit waits 4 s (1 s, 2 s, 4 s) before the next start: /health says how it exited
+    wait_until(lambda: "the worker exited 3 times, last with signal SIGKILL" in health_message(path), 30)
     last = report(path, "w1")
     assert last["exits"] == 3 and last["last_exit"]["how"] == "signal SIGKILL"
-    # the third exit waits 4 s (1 s, 2 s, 4 s): status sees it restarting, or back with its history
     status = meshllm("cluster", "status", "-c", path)
     assert "device 'w1': the worker exited 3 times, last with signal SIGKILL" in status.stdout, status
     assert status_rows(path)["w1"][4] in ("restarting", "not loaded", "unreachable", "healthy")

@@ -220,6 +220,12 @@ class Starter:
         argv = [device.python, "-m", "meshllm", "serve", "--model", settings.model, "--host", bind]
         argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
+        # the supervisors' status files it can read: those of the workers on its own machine
+        status = ",".join(
+            f"{worker.name}={self.state.status_path(worker)}"
+            for worker in self.cluster.workers
+            if worker.machine == device.machine
+        )
         argv += ["--workers", workers] if workers else ["--stages", "1"]
         memory = ",".join(
             f"{COORDINATOR_STAGE if other.is_coordinator else other.name}={other.memory:g}"
@@ -236,6 +242,7 @@ class Starter:
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
             "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
+            "--worker-status": status,
         }
         for flag, value in optional.items():
             if value:

@@ -10,6 +10,7 @@ stops both with one signal; on SIGTERM the supervisor starts nothing more and wa
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +129,31 @@ class Supervisor:
         partial = self.status_file.with_suffix(".partial")
         partial.write_text(report.model_dump_json(indent=2) + "\n")
         partial.replace(self.status_file)
+
+
+def read_report(path: str | Path) -> SupervisorReport | None:
+    """The report in a status file; None when it is missing or half-written."""
+    try:
+        return SupervisorReport.model_validate_json(Path(os.path.expanduser(str(path))).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+async def watch_reports(
+    files: dict[str, str], note: Callable[[str, str], None], interval: float = 1.0
+) -> None:
+    """Tell `note(name, message)` (the coordinator's monitor) of each exit of a supervised worker, and
+    of each backoff it waits; runs until cancelled."""
+    seen: dict[str, int] = {}
+    while files:
+        for name, path in files.items():
+            report = read_report(path)
+            if report is None or not report.exits:
+                continue
+            if report.state == "waiting" or report.exits > seen.get(name, 0):
+                note(name, report.problem())
+            seen[name] = report.exits
+        await asyncio.sleep(interval)
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,142 @@
+"""`meshllm cluster install`: a device whose python has no meshllm gets a venv with this very version
+(over ssh, the tests' own sshd on 127.0.0.1), which the next `cluster start` uses; a second install
+changes nothing; a device with no usable python, a python that cannot make a venv and a pip that
+reaches no index are each said in one line naming the device and the fix.
+
+The venv is a plain one (no --system-site-packages): its wheels come from the machine's own pip
+configuration (here a local folder holding torch 2.13.0 CPU, and pip's cache), which takes a minute
+or two on a loaded machine, so this file is slow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cluster_helpers import SshServer, coordinator_device, free_port, is_running, meshllm, pid_record
+
+from meshllm import __version__
+
+pytestmark = pytest.mark.slow
+
+# The interpreter this test's virtualenv was made from: a Python with no meshllm installed.
+BARE_PYTHON = getattr(sys, "_base_executable", sys.executable)
+
+
+@pytest.fixture(scope="module")
+def bare_python() -> str:
+    imports = subprocess.run([BARE_PYTHON, "-c", "import meshllm"], capture_output=True)
+    if imports.returncode == 0:
+        pytest.skip(f"{BARE_PYTHON} imports meshllm already; the install tests need a Python without it")
+    return BARE_PYTHON
+
+
+def remote_worker(sshd: SshServer, workdir: Path, **keys) -> dict:
+    defaults = {"name": "remote", "host": "127.0.0.1", "port": free_port(), "workdir": str(workdir)}
+    return sshd.device(**{**defaults, "threads": 1, "torch_index": "", **keys})
+
+
+def install(path: Path) -> subprocess.CompletedProcess:
+    return meshllm("cluster", "install", "-c", path, timeout=1500)
+
+
+def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
+    cluster_files, sshd: SshServer, tmp_path: Path, bare_python: str
+) -> None:
+    workdir = tmp_path / "remote-home"
+    path = cluster_files.write(
+        [coordinator_device(), remote_worker(sshd, workdir, python=bare_python)], name="inst"
+    )
+    venv = workdir / ".meshllm" / "venv"
+
+    first = install(path)
+    assert first.returncode == 0, first
+    assert f"coordinator: meshllm {__version__} is there" in first.stdout
+    assert f"remote: meshllm {__version__} installed in {venv} (python " in first.stdout
+    version = subprocess.run([venv / "bin/python", "-c", "import meshllm; print(meshllm.__version__)"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert version.stdout.strip() == __version__
+
+    touched = (
+        (venv / "bin" / "python").stat().st_mtime,
+        sorted(p.name for p in (venv / "lib").rglob("*.dist-info")),
+    )
+    second = install(path)
+    assert second.returncode == 0, second
+    assert f"remote: meshllm {__version__} is there ({venv}/bin/python)" in second.stdout
+    assert "installed" not in second.stdout
+    assert touched == (
+        (venv / "bin" / "python").stat().st_mtime,
+        sorted(p.name for p in (venv / "lib").rglob("*.dist-info")),
+    )
+
+    started = meshllm("cluster", "start", "-c", path)
+    assert started.returncode == 0, started
+    record = pid_record(path, "remote")
+    assert record["machine"]["python"] == str(venv / "bin" / "python")
+    chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
+    assert chat.returncode == 0, chat
+    assert meshllm("cluster", "stop", "-c", path).returncode == 0
+    assert not is_running(record["pid"])
+
+
+def test_a_device_with_no_usable_python_gets_a_one_line_diagnosis(
+    cluster_files, sshd: SshServer, tmp_path: Path
+) -> None:
+    path = cluster_files.write(
+        [coordinator_device(), remote_worker(sshd, tmp_path, python="/nowhere/python3")]
+    )
+    result = install(path)
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result
+    assert (
+        f"error: device 'remote': no usable python on {sshd.target} over ssh (tried '/nowhere/python3'); "
+        "install Python 3.10+ there"
+    ) in result.stderr
+    assert f'or set python = "/path/to/python3" for remote in {path}' in result.stderr
+
+
+def test_a_python_that_cannot_make_a_venv_says_which_package_to_install(
+    cluster_files, tmp_path: Path, bare_python: str
+) -> None:
+    # Debian's python3 without python3-venv: no ensurepip module.
+    shadow = tmp_path / "shadow" / "ensurepip"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ensurepip'\")\n")
+    python = tmp_path / "python3"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={shadow.parent} exec {bare_python} "$@"\n')
+    python.chmod(0o755)
+    worker = {
+        "name": "w1",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "python": str(python),
+        "workdir": str(tmp_path),
+    }
+    result = install(cluster_files.write([coordinator_device(), worker]))
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result
+    assert f"device 'w1': python 3.{sys.version_info.minor}" in result.stderr
+    assert (
+        "cannot make a virtual environment (no ensurepip module); install it there (`sudo apt install python3."
+        in result.stderr
+    )
+    assert not (tmp_path / ".meshllm" / "venv").exists()
+
+
+def test_a_pip_that_reaches_no_index_says_so(cluster_files, tmp_path: Path, bare_python: str) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/simple"
+    offline = {
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PIP_INDEX_URL": closed,
+        "PIP_RETRIES": "1",
+        "PIP_TIMEOUT": "3",
+    }
+    worker = {"name": "w1", "host": "127.0.0.1", "port": free_port(), "python": bare_python,
+              "workdir": str(tmp_path), "torch_index": "", "env": offline}  # fmt: skip
+    result = install(cluster_files.write([coordinator_device(), worker]))
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result
+    assert "error: device 'w1': pip cannot reach a package index on this machine (" in result.stderr
+    assert "or a mirror (`pip config set global.index-url URL`)" in result.stderr
