@@ -205,6 +205,10 @@ class Installer:
             "could not fetch url", "proxyerror", "max retries exceeded", "connection timed out", "name or service not known",
         )  # fmt: skip
         if any(word in text for word in unreachable):
+            last = next(
+                line.strip() for line in reversed(tail) if any(word in line.lower() for word in unreachable)
+            )
+            last = last if len(last) <= 160 else "…" + last[-159:]
             return (
                 f"{name}: pip cannot reach a package index {machine.where} ({last}); give that machine access to "
                 f"PyPI (a proxy: `pip config set global.proxy ...`) or a mirror (`pip config set global.index-url URL`)"
