@@ -41,6 +41,7 @@ def install(path: Path) -> subprocess.CompletedProcess:
     return meshllm("cluster", "install", "-c", path, timeout=1500)
 
 
+@pytest.mark.timeout(1500)  # a venv with torch: 2 to 4 minutes on a loaded 2-core machine
 def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     cluster_files, sshd: SshServer, tmp_path: Path, bare_python: str
 ) -> None:
@@ -79,6 +80,16 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     assert chat.returncode == 0, chat
     assert meshllm("cluster", "stop", "-c", path).returncode == 0
     assert not is_running(record["pid"])
+
+
+def test_start_install_leaves_devices_that_run_this_version_alone_and_starts(cluster_files) -> None:
+    path = cluster_files.local(workers=1, name="startinstall")
+    result = meshllm("cluster", "start", "--install", "-c", path)
+    assert result.returncode == 0, result
+    assert f"coordinator: meshllm {__version__} is there ({sys.executable})" in result.stdout
+    assert f"w1: meshllm {__version__} is there ({sys.executable})" in result.stdout
+    assert not (path.parent / ".meshllm" / "startinstall" / "installs").exists()
+    assert result.stdout.rstrip().endswith("/v1")
 
 
 def test_a_device_with_no_usable_python_gets_a_one_line_diagnosis(

@@ -1,4 +1,5 @@
-"""What runs on a device's machine: probe it, start a detached process, stop one, report ports and tail logs.
+"""What runs on a device's machine: probe it, start a detached process, stop one, report ports, tail logs,
+read a supervisor's status file, and make a venv and pip install into it (`cluster install`).
 
 Standard library only, because meshllm may be missing there (finding that out is the probe's job). The
 cluster commands send this file's source to `PYTHON -` over ssh with one call appended (see
