@@ -67,3 +67,9 @@ def test_a_killed_worker_comes_back_by_itself_and_one_that_keeps_dying_is_shown(
     assert stopped.returncode == 0, stopped
     assert not is_running(supervisor) and not is_running(worker)
     assert json.loads(status_file.read_text())["state"] == "stopped"
+
+    # The next start is not confused by the old supervisor's report of three exits.
+    again = meshllm("cluster", "start", "-c", path)
+    assert again.returncode == 0, again
+    assert report(path, "w1")["exits"] == 0
+    assert "exited" not in meshllm("cluster", "status", "-c", path).stdout

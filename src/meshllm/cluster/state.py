@@ -57,9 +57,11 @@ class PidRecord(BaseModel):
             return None
         content = self.machine_for(config_file).call("read_json", {"path": self.status_file})["content"]
         try:
-            return SupervisorReport.model_validate(content) if content else None
+            report = SupervisorReport.model_validate(content) if content else None
         except ValidationError:
             return None
+        # a report of an earlier start's supervisor (the new one has not written yet) says nothing of this one
+        return report if report is not None and report.supervisor_pid == self.pid else None
 
 
 class ClusterState:

@@ -148,7 +148,7 @@ async def watch_reports(
     while files:
         for name, path in files.items():
             report = read_report(path)
-            if report is None or not report.exits:
+            if report is None or not report.exits or report.state == "stopped":
                 continue
             if report.state == "waiting" or report.exits > seen.get(name, 0):
                 note(name, report.problem())
