@@ -9,6 +9,7 @@ or two on a loaded machine, so this file is slow."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,23 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
         (venv / "bin" / "python").stat().st_mtime,
         sorted(p.name for p in (venv / "lib").rglob("*.dist-info")),
     )
+
+    # A second device on that machine whose python has another meshllm: it gets this version's venv
+    # (the one there already), and its own python stays as it was.
+    older = tmp_path / "older" / "meshllm"
+    older.mkdir(parents=True)
+    (older / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    wrapper = tmp_path / "python-with-0.0.1"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={older.parent} exec {bare_python} "$@"\n')
+    wrapper.chmod(0o755)
+    other = remote_worker(sshd, workdir, name="other", python=str(wrapper), venv=str(venv))
+    other_path = cluster_files.write([coordinator_device(), other], name="inst-other")
+    third = install(other_path)
+    assert third.returncode == 0, third
+    assert f"other: meshllm {__version__} is there ({venv}/bin/python)" in third.stdout
+    assert (older / "__init__.py").read_text() == '__version__ = "0.0.1"\n'
+    recorded = json.loads(next(other_path.parent.glob(".meshllm/inst-other/installs/other.json")).read_text())
+    assert recorded["python"] == str(venv / "bin" / "python") and recorded["base"] == str(wrapper)
 
     started = meshllm("cluster", "start", "-c", path)
     assert started.returncode == 0, started
