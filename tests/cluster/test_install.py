@@ -10,6 +10,7 @@ or two on a loaded machine, so this file is slow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,37 @@ def test_a_pip_that_reaches_no_index_says_so(cluster_files, tmp_path: Path, bare
     assert len(result.stderr.strip().splitlines()) == 1, result
     assert "error: device 'w1': pip cannot reach a package index on this machine (" in result.stderr
     assert "or a mirror (`pip config set global.index-url URL`)" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MB tmpfs (mounting needs root: skipped without it)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)]).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_disk_without_room_for_the_venv_says_so_before_anything_is_made(
+    cluster_files, tmp_path: Path, bare_python: str, small_disk: Path
+) -> None:
+    venv = small_disk / "venv"
+    worker = {"name": "w1", "host": "127.0.0.1", "port": free_port(), "python": bare_python,
+              "workdir": str(tmp_path), "venv": str(venv)}  # fmt: skip
+    path = cluster_files.write([coordinator_device(), worker])
+    result = install(path)
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result
+    assert (
+        f"error: device 'w1': only 16.8 MB free at {small_disk} on this machine, a venv with torch needs about 2.0 GB"
+        in result.stderr
+    )
+    assert f'free some space there or set venv = "/a/bigger/disk/venv" for w1 in {path}' in result.stderr
+    assert not venv.exists()

@@ -30,6 +30,7 @@ from meshllm import __version__
 from meshllm.cluster.checks import MIN_PYTHON
 from meshllm.cluster.launch import Machine, shell_word
 from meshllm.cluster.state import ClusterState
+from meshllm.cluster.status import format_bytes
 from meshllm.cluster.tasks import parallel, raise_all
 from meshllm.config import Cluster, Device
 from meshllm.errors import ConfigError
@@ -173,8 +174,8 @@ class Installer:
             )
         if where["python"] is None and where["free"] is not None and where["free"] < needed:
             raise ConfigError(
-                f"device {device.name!r}: only {where['free'] / 1e9:.1f} GB free at {where['free_at']} {machine.where}, "
-                f"a venv with torch needs about {needed / 1e9:.0f} GB; free some space there or set "
+                f"device {device.name!r}: only {format_bytes(where['free'])} free at {where['free_at']} {machine.where}, "
+                f"a venv with torch needs about {format_bytes(needed)}; free some space there or set "
                 f'venv = "/a/bigger/disk/venv" for {device.name} in {self.cluster.path}'
             )
 
