@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -19,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm import __version__
 from meshllm.runtime.engine_client import EngineClient
+from meshllm.server.auth import UNAUTHORIZED_HEADERS, ApiKey, KeyCheck, unauthorized_body
+from meshllm.server.console import add_console
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -78,6 +79,8 @@ def build_app(
     async def prometheus_metrics() -> Response:
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
+
+    add_console(app, serving, metrics.recent, ApiKey(api_key))
 
     # Outermost first: requests are counted whatever the API key check decides.
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
@@ -206,23 +209,20 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = ApiKey(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if self.api_key.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        check = self.api_key.check(dict(scope["headers"]).get(b"authorization"))
+        if check is KeyCheck.GIVEN:
             await self.app(scope, receive, send)
             return
-        message = (
-            "Incorrect API key provided."
-            if given
-            else "You didn't provide an API key: send 'Authorization: Bearer <key>'."
-        )
-        body = json.dumps(error_body(message, INVALID_REQUEST, None, "invalid_api_key")).encode()
-        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        body = json.dumps(unauthorized_body(check)).encode()
+        headers = [(b"content-type", b"application/json")] + [
+            (name.lower().encode(), value.encode()) for name, value in UNAUTHORIZED_HEADERS.items()
+        ]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -238,6 +238,8 @@ class RequestMetricsMiddleware:
             "/health",
             "/distributed/gpu-info",
             "/metrics",
+            "/",
+            "/console/stats",
         }
     )
 
