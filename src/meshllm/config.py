@@ -174,6 +174,12 @@ class Device(_Frozen):
     # This worker's own copy of the model (a folder there, relative to workdir, or a hub id it downloads
     # itself); None: it takes its layers' weights from the coordinator.
     model_path: Text | None = None
+    venv: Text | None = (
+        None  # where `cluster install` makes meshllm's venv there (default <workdir>/.meshllm/venv)
+    )
+    # The index `cluster install` takes torch from: None chooses by platform (the CPU build's index on
+    # Linux without an NVIDIA driver, else the device's own index); "" the device's own index.
+    torch_index: str | None = None
 
     @property
     def is_coordinator(self) -> bool:

@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -145,3 +146,42 @@ def describe_host(device_type: str) -> HostDevice:
         available, total = torch.cuda.mem_get_info()
         name = torch.cuda.get_device_name()
     return HostDevice(socket.gethostname(), device_type, name, total, available)
+
+
+class WorkerExit(BaseModel):
+    """One exit of a supervised worker: how it ended and the last lines it wrote."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    how: str  # "status 1" | "signal SIGKILL"
+    at: float  # wall-clock seconds
+    log_tail: list[str] = []
+
+
+class SupervisorReport(BaseModel):
+    """What `meshllm supervise` writes to its status file after every change, for `cluster status`
+    and the coordinator: is the worker running, how often it exited, and how it last did."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    supervisor_pid: int
+    worker_pid: int | None  # None while it waits to start the worker again
+    state: Literal["running", "waiting", "stopped"]
+    exits: int = 0  # exits since the supervisor started
+    last_exit: WorkerExit | None = None
+    next_start_at: float | None = None  # wall-clock seconds, while waiting
+    updated_at: float = 0.0
+
+    def problem(self) -> str:
+        """One line about the worker's last exit (empty when it never exited)."""
+        if self.last_exit is None:
+            return ""
+        last = self.last_exit
+        line = next((text for text in reversed(last.log_tail) if text.strip()), "")
+        times = "once" if self.exits == 1 else f"{self.exits} times"
+        text = f"device '{self.name}': the worker exited {times}, last with {last.how} (pid {last.pid})"
+        if self.state == "waiting" and self.next_start_at is not None:
+            text += f"; started again in {max(0.0, self.next_start_at - time.time()):.0f} s"
+        return text + (f"; its last line: {line.strip()}" if line else "")

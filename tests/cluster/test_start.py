@@ -5,6 +5,7 @@ reached, said in one line that names the device and the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -43,6 +44,13 @@ def cluster_file(started: tuple[Path, CliResult]) -> Path:
     return path
 
 
+def supervised_worker_pid(path: Path, device: str) -> int:
+    """The pid of the worker that the device's supervisor runs now (from its status file)."""
+    report = json.loads(Path(pid_record(path, device)["status_file"]).read_text())
+    assert report["state"] == "running", report
+    return report["worker_pid"]
+
+
 def gpu_info(path: Path) -> dict[str, dict]:
     url = load_cluster(path).api_url
     devices = httpx.get(f"{url}/distributed/gpu-info", timeout=30).json()["devices"]
@@ -71,7 +79,7 @@ def test_start_again_says_it_is_already_running(cluster_file: Path) -> None:
 
 def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(cluster_file: Path) -> None:
     coordinator, w1, w2 = (pid_record(cluster_file, name)["pid"] for name in ("coordinator", "w1", "w2"))
-    os.kill(w2, signal.SIGKILL)
+    os.kill(w2, signal.SIGKILL)  # the pid file names w2's supervisor: its worker goes with it
     wait_until(lambda: not is_running(w2))
 
     assert status_rows(cluster_file)["w2"][4] == "down"
@@ -90,20 +98,21 @@ def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(clust
 
 
 def test_a_hung_worker_is_reported_and_start_force_replaces_it(cluster_file: Path) -> None:
-    hung = pid_record(cluster_file, "w1")["pid"]
+    supervisor = pid_record(cluster_file, "w1")["pid"]
+    hung = supervised_worker_pid(cluster_file, "w1")
     os.kill(hung, signal.SIGSTOP)
     try:
         refused = meshllm("cluster", "start", "-c", cluster_file)
         assert refused.returncode == 1
         assert (
-            f"device 'w1': pid {hung} from an earlier start still runs but does not answer Health"
+            f"device 'w1': pid {supervisor} from an earlier start still runs but does not answer Health"
             in refused.error
         )
         assert f"run `meshllm cluster stop -c {cluster_file}` or add --force" in refused.error
 
         forced = meshllm("cluster", "start", "-c", cluster_file, "--force")
         assert forced.returncode == 0, forced
-        assert f"stopping stale worker w1 (pid {hung})" in forced.stdout
+        assert f"stopping stale worker w1 (pid {supervisor})" in forced.stdout
         assert not is_running(hung)
         assert meshllm("cluster", "test", "-c", cluster_file, "--max-tokens", "4").returncode == 0
     finally:

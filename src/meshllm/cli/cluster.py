@@ -1,4 +1,4 @@
-"""`meshllm cluster {start,plan,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
+"""`meshllm cluster {install,start,plan,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         return sub
 
+    action("install", "make a venv with this meshllm on every device that lacks it or has another version")
     start = action("start", "check every device, start the workers and the coordinator, print the API's URL")
+    start.add_argument(
+        "--install",
+        action="store_true",
+        help="first install meshllm where it is missing (see `cluster install`)",
+    )
     start.add_argument(
         "--force", action="store_true", help="stop processes of an earlier start that no longer answer, first"
     )
@@ -47,9 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshllm.cluster.install import Installer, with_installed_pythons
     from meshllm.config import load_cluster
 
     cluster = load_cluster(args.config)
+    if args.cluster_action == "install" or getattr(args, "install", False):
+        Installer(cluster, echo=_echo).run()
+        if args.cluster_action == "install":
+            return 0
+    cluster = with_installed_pythons(cluster)  # the venvs `install` made, where it made them
     if args.cluster_action == "start":
         from meshllm.cluster.start import Starter
 

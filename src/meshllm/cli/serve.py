@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="workers with their own copy of the model, at PATH there; they fetch no weights",
     )
     parser.add_argument(
+        "--worker-status",
+        default=None,
+        metavar="NAME=PATH,...",
+        help="status files of supervised workers on this machine: their exits show in /health (cluster start sets it)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
@@ -169,6 +175,20 @@ def parse_workers(spec: str | None) -> list[WorkerAddress]:
             raise ConfigError(f"--workers: '{item}' is not NAME=HOST:PORT (e.g. mini2=192.168.1.12:50051)")
         workers.append(WorkerAddress(name=name, address=address))
     return workers
+
+
+def parse_worker_status(spec: str | None) -> dict[str, str]:
+    """'w1=/path/w1.json,w2=...' -> {name: path}."""
+    from meshllm.errors import ConfigError
+
+    files = {}
+    for item, name, path in _named_items(spec):
+        if not name or not path:
+            raise ConfigError(
+                f"--worker-status: '{item}' is not NAME=PATH (e.g. w1=.meshllm/c/status/w1.json)"
+            )
+        files[name] = path
+    return files
 
 
 def parse_device_quantize(spec: str | None) -> dict[str, str]:
@@ -384,6 +404,7 @@ async def _serve(
     import signal
 
     from meshllm.runtime.coordinator import Coordinator
+    from meshllm.runtime.supervisor import watch_reports
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -428,12 +449,17 @@ async def _serve(
         if args.no_restart
         else asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
     )
+    # Workers run by `meshllm supervise` on this machine (a cluster): their exits are noted the same way.
+    reports = asyncio.create_task(
+        watch_reports(parse_worker_status(args.worker_status), coordinator.monitor.note)
+    )
     try:
         print(_plan_line(coordinator), flush=True)
         return await _serve_api(args, sock, coordinator, stopping)
     finally:
         if supervising is not None:
             supervising.cancel()
+        reports.cancel()
         stopping.cancel()
         await coordinator.close()
 

@@ -71,7 +71,8 @@ def problems(
     if not facts["meshllm"]:
         found.append(
             f"device {name!r}: meshllm is not importable by {facts['executable']} {machine.where} "
-            f"({facts['meshllm_error']}); install it there: {install_command(machine, coordinator_version)}"
+            f"({facts['meshllm_error']}); install it there: {install_command(machine, coordinator_version)} "
+            f"(or `meshllm cluster install -c {file}` makes a venv with it)"
         )
         return found
     if facts["missing_modules"]:
@@ -84,7 +85,7 @@ def problems(
         found.append(
             f"device {name!r} runs meshllm {facts['meshllm']}, the coordinator ({cluster.coordinator.name}) "
             f"{coordinator_version}; install the same version on both: "
-            f"{install_command(machine, coordinator_version)}"
+            f"{install_command(machine, coordinator_version)} (or `meshllm cluster install -c {file}`)"
         )
     port = facts.get("port")
     if port is not None and not port["free"]:
