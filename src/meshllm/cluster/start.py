@@ -41,11 +41,21 @@ class Starter:
         self.timeout = timeout
         self.echo = echo
         self.token = self.state.token()
+        # Every device's certificates (made here when the file names none), or None: plaintext links.
+        self.tls = {device.name: self.state.device_tls(device) for device in cluster.device}
+        coordinator_tls = self.tls[cluster.coordinator.name]
+        self.client_tls = coordinator_tls.files if coordinator_tls else None  # what this CLI presents
         self.api_key = cluster.cluster.api_key
         self.machines = {device.name: Machine.of(device, cluster.path) for device in cluster.device}
 
     def run(self) -> int:
         cluster = self.cluster
+        if cluster.cluster.insecure:
+            self.echo(
+                f"warning: {cluster.path}: insecure = true: the links between the stages are plaintext, so "
+                "anyone on their network can read the activations and the cluster token, and join; remove "
+                "it to have `start` make certificates for mutual TLS"
+            )
         survey = self.survey(self.state.records())
         if survey.up == {device.name for device in cluster.device}:
             self.echo(f"cluster {cluster.name!r} is already running: API at {cluster.api_url}/v1")
@@ -120,7 +130,7 @@ class Starter:
             answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
         else:
-            probe = stage_health(expected, self.token, timeout=3.0, device=device.name)
+            probe = stage_health(expected, self.token, timeout=3.0, device=device.name, tls=self.client_tls)
             if probe.refused:
                 return record.device, f"{earlier} but refuses this cluster's token: {how}"
             answered, what = probe.ok, "Health"
@@ -180,7 +190,7 @@ class Starter:
                 "cwd": device.workdir,
                 "log": self.state.log_path(device),
                 "env": env,
-                "files": {self.state.token_path(device): self.token + "\n"},
+                "files": {self.state.token_path(device): self.token + "\n", **self._tls_copies(device)},
             },
         )
         if "error" in result:
@@ -188,6 +198,17 @@ class Starter:
         record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"])
         self.state.write(record)
         return record
+
+    def _tls_copies(self, device: Device) -> dict[str, str]:
+        tls = self.tls[device.name]
+        return tls.to_copy if tls else {}
+
+    def tls_argv(self, device: Device) -> list[str]:
+        """The certificate flags of the device's command; --insecure when the file turns TLS off."""
+        tls = self.tls[device.name]
+        if tls is not None:
+            return tls.argv()
+        return ["--insecure"] if self.cluster.cluster.insecure else []
 
     def worker_argv(self, device: Device, threads: int) -> list[str]:
         bind, port = self.cluster.listen(device)
@@ -200,6 +221,7 @@ class Starter:
             "--threads",
             str(threads),
         ]
+        argv += self.tls_argv(device)
         engine = device.engine or self.cluster.cluster.engine
         argv += ["--engine", engine] if engine else []
         return argv + (["--quantize", device.quantize] if device.quantize else [])
@@ -208,7 +230,7 @@ class Starter:
         settings = self.cluster.cluster
         bind, port = self.cluster.listen(device)
         argv = [device.python, "-m", "meshllm", "serve", "--model", settings.model, "--host", bind]
-        argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
+        argv += ["--port", str(port), "--token-file", self.state.token_path(device), *self.tls_argv(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
         argv += ["--workers", workers] if workers else ["--stages", "1"]
         memory = ",".join(
@@ -240,7 +262,9 @@ class Starter:
         started = time.monotonic()
         exited = self._exit_watch(device, record)
         while True:
-            probe = stage_health(device.address, self.token, timeout=2.0, device=device.name)
+            probe = stage_health(
+                device.address, self.token, timeout=2.0, device=device.name, tls=self.client_tls
+            )
             if probe.ok:
                 return time.monotonic() - started
             if probe.refused:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     """Plan the layers over this process (when `config.local_stage`) and the workers, load them all."""
-    clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     try:
         return await _start(config, clients)
     except BaseException:
