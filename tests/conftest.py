@@ -52,6 +52,7 @@ class WorkerProcess:
         engine: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ):
         import tempfile
 
@@ -60,7 +61,7 @@ class WorkerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
         worker = LocalWorkers().start(
-            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env
+            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env, args=args
         )
         self.process = worker.process
 

@@ -73,11 +73,13 @@ class LocalWorkers:
         engine: str | None = None,
         output: int | None = None,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> LocalWorker:
         """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
-        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
+        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment and `args`
+        to its command line (e.g. its certificates)."""
         command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
-        command += ["--threads", str(threads), "--name", name]
+        command += ["--threads", str(threads), "--name", name, *(args or [])]
         if engine:
             command += ["--engine", engine]
         worker = LocalWorker(
