@@ -87,7 +87,9 @@ def test_a_tls_cluster_over_ssh_serves_a_chat_request(cluster_files, sshd: SshSe
     w1 = cluster.get("w1")
     assert stage_health(w1.address, token, 10, "w1", member).ok
     plaintext = stage_health(w1.address, token, 10, "w1")
-    assert not plaintext.ok and plaintext.error.startswith(f"device 'w1' ({w1.address}) closed the connection")
+    assert not plaintext.ok and plaintext.error.startswith(
+        f"device 'w1' ({w1.address}) closed the connection"
+    )
     logs = meshllm("cluster", "logs", "remote", "-c", path, "-n", "40")
     assert "mutual TLS" in logs.stdout, logs
 
@@ -108,7 +110,12 @@ def test_the_file_s_own_certificates_are_used_and_checked(cluster_files, tmp_pat
         certs.write_private(own / f"{name}.key", issued.key)
 
     def device(name: str, cert: str, **keys) -> dict:
-        return {"name": name, "tls_cert": str(own / f"{cert}.pem"), "tls_key": str(own / f"{cert}.key"), **keys}
+        return {
+            "name": name,
+            "tls_cert": str(own / f"{cert}.pem"),
+            "tls_key": str(own / f"{cert}.key"),
+            **keys,
+        }
 
     misnamed = cluster_files.write(
         [device("coordinator", "coordinator", host="127.0.0.1"), device("w1", "misnamed", host="127.0.0.1")],
@@ -141,8 +148,9 @@ def test_insecure_starts_in_plaintext_and_warns(cluster_files) -> None:
     path = cluster_files.write([coordinator_device()], name="insecure", insecure=True)
     started = meshllm("cluster", "start", "-c", path)
     assert started.returncode == 0, started
-    assert "warning: " in started.stdout and "insecure = true: the links between the stages are plaintext" in (
-        started.stdout
+    assert (
+        "warning: " in started.stdout
+        and "insecure = true: the links between the stages are plaintext" in (started.stdout)
     )
     assert "--insecure" in command_line(pid_record(path, "coordinator")["pid"])
 
@@ -166,7 +174,11 @@ def test_tls_is_on_off_loopback_and_asked_for_on_loopback(tmp_path: Path) -> Non
         ({"insecure": True, "tls": True}, {}, "[cluster]: insecure = true turns TLS off"),
         ({"insecure": "yes"}, {}, "[cluster]: insecure must be true or false, got 'yes'"),
         ({}, {"tls_cert": "w.pem", "tls_key": "w.key"}, "device 'w': tls_cert needs [cluster] tls_ca"),
-        ({"tls_ca": "ca.pem"}, {}, "device 'c': [cluster] tls_ca is given, so every device needs a certificate"),
+        (
+            {"tls_ca": "ca.pem"},
+            {},
+            "device 'c': [cluster] tls_ca is given, so every device needs a certificate",
+        ),
         ({}, {"tls_cert": "w.pem"}, "device 'w': give tls_cert and tls_key together"),
     ],
 )
