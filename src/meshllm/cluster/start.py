@@ -272,6 +272,8 @@ class Starter:
                     f"device {device.name!r}: the process answering at {device.address} refuses this "
                     "cluster's token (another cluster's worker on that port?)"
                 )
+            if "TLS" in probe.error or "certificate" in probe.error:  # no retry mends a handshake
+                raise ConfigError(probe.error)
             exited()
             if time.monotonic() - started > self.timeout:
                 raise ConfigError(
