@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from meshllm.defaults import PREDICT_ENV
 from meshllm.models.tiny import TinySpec, make_checkpoint
 from meshllm.runtime.local_workers import LocalWorkers, free_ports
 
 # Several stage processes share this machine's cores in the tests: keep each one from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No calibration and speed prediction at every coordinator start: a second or more per device on a busy
+# machine. The tests of the prediction turn it back on.
+os.environ[PREDICT_ENV] = "0"
 
 
 def free_port() -> int:

@@ -12,10 +12,11 @@ import platform
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.step import LayerRange
 
 Status = Literal["healthy", "unreachable", "not loaded", "error"]
@@ -67,6 +68,32 @@ class HostDevice:
     memory_available: int
 
 
+class Precision(NamedTuple):
+    """How a stage holds its weights: the dtype, and int8/int4 for its linear layers (None: as stored)."""
+
+    dtype: str
+    quantize: str | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+
+
+class Calibration(NamedTuple):
+    """How fast a device runs decode's two costs: reading weights, and arithmetic over a batch of tokens."""
+
+    read_bandwidth: float  # bytes/s of weights read by one-token matmuls
+    flop_rate: float  # floating-point operations/s of matmuls over a batch of tokens
+
+
+class Link(NamedTuple):
+    """A link between two processes, as measured: what an empty call and a bulk transfer take."""
+
+    round_trip: float  # seconds
+    bandwidth: float  # bytes/s one way
+
+    def seconds(self, payload: int) -> float:
+        """One step's cost on this link: there and back, with `payload` bytes of activations."""
+        return self.round_trip + payload / self.bandwidth if self.bandwidth > 0 else self.round_trip
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """What a stage says about itself: its machine, what it has loaded, and its version."""
@@ -86,6 +113,7 @@ class StageInfo:
     protocol_version: int
     quantize: str = ""  # int8 | int4 | "" (the weights as stored)
     read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
+    flop_rate: float = 0.0  # floating-point operations/s over a batch of tokens, when measured
 
 
 def system_memory() -> tuple[int, int]:

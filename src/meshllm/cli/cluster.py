@@ -1,4 +1,4 @@
-"""`meshllm cluster {start,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
+"""`meshllm cluster {start,plan,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start.add_argument(
         "--timeout", type=float, default=300.0, help="seconds each process may take to answer (default 300)"
     )
+    plan = action(
+        "plan", "measure every device and link, print the split and its predicted speed (loads nothing)"
+    )
+    plan.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the workers and the measurement may take"
+    )
     action("status", "a table of every device: state, layers, memory, round-trip time")
     logs = action("logs", "show the devices' logs (read over ssh for remote devices)")
     logs.add_argument("device", nargs="?", default=None, help="only this device (default: all)")
@@ -48,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         from meshllm.cluster.start import Starter
 
         return Starter(cluster, force=args.force, timeout=args.timeout, echo=_echo).run()
+    if args.cluster_action == "plan":
+        from meshllm.cluster.plan import show_plan
+
+        return show_plan(cluster, timeout=args.timeout, echo=_echo)
     if args.cluster_action == "status":
         from meshllm.cluster.status import show_status
 

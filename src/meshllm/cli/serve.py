@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import socket
 
     from meshllm.runtime.coordinator import Coordinator
-    from meshllm.runtime.coordinator_config import WorkerAddress
+    from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
     from meshllm.runtime.engine_client import EngineClient
     from meshllm.runtime.local_workers import LocalWorkers
     from meshllm.transport.tls import TlsFiles
@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
+    )
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="measure the devices and links, print the plan and its predicted speed, and exit (loads nothing)",
     )
 
 
@@ -195,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
-    sock = bind_socket(args.host, args.port)  # before anything slow: a busy port fails at once
+    # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).
+    sock = None if args.plan_only else bind_socket(args.host, args.port)
     _print_banner(args.model)
     local_workers = LocalWorkers()
     try:
@@ -203,12 +209,17 @@ def run(args: argparse.Namespace) -> int:
             workers = local_workers.spawn(n_local_workers, token=token, threads=threads)
         import asyncio
 
+        if sock is None:
+            return asyncio.run(
+                _plan_only(args, workers, local_workers, token, tls, memory_overrides, threads)
+            )
         return asyncio.run(_serve(args, sock, workers, local_workers, token, tls, memory_overrides, threads))
     except KeyboardInterrupt:
         return 130
     finally:
         local_workers.stop()
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def _worker_tls(args: argparse.Namespace, workers: list[WorkerAddress]) -> TlsFiles | None:
@@ -238,36 +249,16 @@ def _print_banner(model: str) -> None:
         print(f"meshllm {__version__} · model {model}", flush=True)
 
 
-async def _serve(
+def _config(
     args: argparse.Namespace,
-    sock: socket.socket,
     workers: list[WorkerAddress],
-    local_workers: LocalWorkers,
     token: str | None,
     tls: TlsFiles | None,
     memory_overrides: dict[str, int] | None,
-    threads: int,
-) -> int:
-    import asyncio
-    import signal
-
-    from meshllm.runtime.coordinator import Coordinator
+) -> CoordinatorConfig:
     from meshllm.runtime.coordinator_config import CoordinatorConfig
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():  # a second Ctrl-C: stop now, without waiting for open streams
-            print("stopping now", file=sys.stderr, flush=True)
-            local_workers.stop(grace=0.0)
-            os._exit(130)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
-
-    config = CoordinatorConfig(
+    return CoordinatorConfig(
         model=args.model,
         workers=tuple(workers),
         local_stage=not args.no_local_stage,
@@ -283,6 +274,59 @@ async def _serve(
         replay_timeout=args.replay_timeout,
         name=args.name,
     )
+
+
+async def _plan_only(
+    args: argparse.Namespace,
+    workers: list[WorkerAddress],
+    local_workers: LocalWorkers,
+    token: str | None,
+    tls: TlsFiles | None,
+    memory_overrides: dict[str, int] | None,
+    threads: int,
+) -> int:
+    """`--plan-only`: the plan and its predicted speed, printed; nothing is loaded or served."""
+    from meshllm.runtime.startup import forecast
+
+    await local_workers.wait_healthy(token)
+    if not args.no_local_stage:
+        import torch
+
+        torch.set_num_threads(threads)
+    for line in await forecast(_config(args, workers, token, tls, memory_overrides)):
+        print(line, flush=True)
+    return 0
+
+
+async def _serve(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    workers: list[WorkerAddress],
+    local_workers: LocalWorkers,
+    token: str | None,
+    tls: TlsFiles | None,
+    memory_overrides: dict[str, int] | None,
+    threads: int,
+) -> int:
+    import asyncio
+    import signal
+
+    from meshllm.runtime.coordinator import Coordinator
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now, without waiting for open streams
+            print("stopping now", file=sys.stderr, flush=True)
+            local_workers.stop(grace=0.0)
+            os._exit(130)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+
+    config = _config(args, workers, token, tls, memory_overrides)
 
     async def start() -> Coordinator:
         await local_workers.wait_healthy(token)

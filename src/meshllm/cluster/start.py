@@ -190,7 +190,7 @@ class Starter:
                 "cwd": device.workdir,
                 "log": self.state.log_path(device),
                 "env": env,
-                "files": {self.state.token_path(device): self.token + "\n", **self._tls_copies(device)},
+                "files": self.files_for(device),
             },
         )
         if "error" in result:
@@ -199,9 +199,11 @@ class Starter:
         self.state.write(record)
         return record
 
-    def _tls_copies(self, device: Device) -> dict[str, str]:
+    def files_for(self, device: Device) -> dict[str, str]:
+        """The files written on the device's machine before its process starts: the token, and its own
+        copy of its certificates when it is reached over ssh."""
         tls = self.tls[device.name]
-        return tls.to_copy if tls else {}
+        return {self.state.token_path(device): self.token + "\n", **(tls.to_copy if tls else {})}
 
     def tls_argv(self, device: Device) -> list[str]:
         """The certificate flags of the device's command; --insecure when the file turns TLS off."""

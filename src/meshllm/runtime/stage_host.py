@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
+from meshllm.devices import Calibration, Precision, StageInfo, describe_host
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.engines.base import Stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -38,7 +38,7 @@ class LocalStageHost:
         self.model = ""
         self.num_layers = 0
         self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
-        self._bandwidths: dict[tuple[str, str | None, int], float] = {}  # measured read speeds
+        self._calibrations: dict[Precision, Calibration] = {}  # measured once per precision
 
     @classmethod
     def of(
@@ -88,11 +88,10 @@ class LocalStageHost:
             quantize=(self.quantize or "") if stage is not None else "",
         )
 
-    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
-        key = (dtype, quantize, group_size)
-        if key not in self._bandwidths:
-            self._bandwidths[key] = read_bandwidth(self.engine, dtype, quantize, group_size, self.device)
-        return self._bandwidths[key]
+    def calibrate(self, precision: Precision) -> Calibration:
+        if precision not in self._calibrations:
+            self._calibrations[precision] = calibrate(self.engine, precision, self.device)
+        return self._calibrations[precision]
 
     def health(self) -> Health:
         stage = self.stage

@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
+from meshllm.defaults import PREDICT_ENV
+from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
+from meshllm.models.predict import best_alone, describe, predict, stage_costs
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -25,7 +29,6 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
-from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient
@@ -58,35 +61,9 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         eos_token_ids=eos_token_ids,
     )
 
-    infos = await asyncio.gather(*(_ask(client) for client in clients))
-    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
-    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
-    measure = _plan_needs_speeds(config) and len(hosts) > 1
-    speeds = await _measure_speeds(config, engine, clients) if measure else None
-    memory = dict(config.memory_overrides)
-    devices: list[tuple[str, int]] = []
-    if config.local_stage:
-        # The memory of the device the local stage will run on: the GPU's when it runs on CUDA.
-        local = describe_host(guess_device_type(engine, config.device))
-        devices.append((config.name, memory.get(config.name, local.memory_available)))
-    for client, info in zip(clients, infos, strict=True):
-        devices.append((client.name, memory.get(client.name, info.memory_available)))
-    plan = make_plan(
-        checkpoint,
-        devices,
-        config.dtype,
-        dict(config.layer_overrides) or None,
-        quantize={name: config.quantize_of(name) for name, _ in devices},
-        group_size=config.group_size,
-        speeds=speeds,
-    )
-    for planned in plan:
-        log.info(
-            "plan: %s runs layers %s (%.1f MB)",
-            planned.device,
-            planned.layer_range,
-            planned.weight_bytes / 1e6,
-        )
+    predicting = os.environ.get(PREDICT_ENV, "1") != "0"
+    survey = await _survey(config, engine, checkpoint, clients, predicting)
+    plan = survey.plan
 
     local_hosts = []
     if config.local_stage:
@@ -113,6 +90,9 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         await _load(config, client, worker_plan[index], next_stages[index])
 
     await asyncio.gather(*(load(client) for client in clients))
+    if predicting:
+        for line in await _predict(config, checkpoint, survey, clients):
+            log.info("%s", line)
 
     remote = ForwardChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name)
@@ -140,46 +120,150 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
     return coordinator
 
 
+@dataclass(frozen=True)
+class Survey:
+    """What a start learns before it loads anything: the devices, their speeds, and the plan."""
+
+    devices: list[tuple[str, int]]  # (name, bytes of memory available), in chain order
+    calibrations: dict[str, Calibration]  # by device, when measured
+    plan: list[StagePlan]
+
+
+async def _survey(
+    config: CoordinatorConfig,
+    engine: str,
+    checkpoint: Checkpoint,
+    clients: list[StageClient],
+    calibrate: bool,
+) -> Survey:
+    """Ask every worker, measure the devices when the plan or a prediction needs it, and plan."""
+    infos = await asyncio.gather(*(_ask(client) for client in clients))
+    hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
+    # Devices of one machine read at one speed: measuring them would only measure each other's noise.
+    measure = _plan_needs_speeds(config) and len(hosts) > 1
+    calibrations = await _calibrate(config, engine, clients) if measure or calibrate else {}
+    speeds = _relative_speeds(calibrations) if measure else None
+    memory = dict(config.memory_overrides)
+    devices: list[tuple[str, int]] = []
+    if config.local_stage:
+        # The memory of the device the local stage will run on: the GPU's when it runs on CUDA.
+        local = describe_host(guess_device_type(engine, config.device))
+        devices.append((config.name, memory.get(config.name, local.memory_available)))
+    for client, info in zip(clients, infos, strict=True):
+        devices.append((client.name, memory.get(client.name, info.memory_available)))
+    plan = make_plan(
+        checkpoint,
+        devices,
+        config.dtype,
+        dict(config.layer_overrides) or None,
+        quantize={name: config.quantize_of(name) for name, _ in devices},
+        group_size=config.group_size,
+        speeds=speeds,
+    )
+    for planned in plan:
+        log.info(
+            "plan: %s runs layers %s (%.1f MB)",
+            planned.device,
+            planned.layer_range,
+            planned.weight_bytes / 1e6,
+        )
+    return Survey(devices, calibrations, plan)
+
+
+async def forecast(config: CoordinatorConfig) -> list[str]:
+    """The plan a start would make and the speed it should give, measured on the idle devices; nothing is
+    loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
+    clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
+    try:
+        engine = config.engine or default_engine()
+        checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+        survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
+        ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
+        return [f"plan: {ranges}", *await _predict(config, checkpoint, survey, clients)]
+    finally:
+        for client in clients:
+            await client.close()
+
+
 def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
     return len(config.device_names) > 1 and not config.layer_overrides
 
 
-async def _measure_speeds(
+async def _calibrate(
     config: CoordinatorConfig, engine: str, clients: list[StageClient]
-) -> dict[str, float]:
-    """Every device's read speed in its own dtype and quantization, one device at a time (devices that
-    share a machine would slow each other's measurement). Speeds within half of the fastest count as
-    the fastest: a shared machine's noise reaches that much, and it must not move layers around."""
-    speeds: dict[str, float] = {}
+) -> dict[str, Calibration]:
+    """Every device's speeds in its own dtype and quantization, one device at a time (devices that share
+    a machine would slow each other's measurement)."""
+    calibrations: dict[str, Calibration] = {}
     if config.local_stage:
-        quantize = config.quantize_of(config.name)
-        speeds[config.name] = await asyncio.to_thread(
-            _local_bandwidth, engine, config.dtype, quantize, config.group_size, config.device
+        precision = Precision(config.dtype, config.quantize_of(config.name), config.group_size)
+        calibrations[config.name] = await asyncio.to_thread(
+            _local_calibration, engine, precision, config.device
         )
     for client in clients:
-        spec = LoadSpec(
-            config.model,
-            LayerRange(0, 1),
-            config.dtype,
-            None,
-            config.quantize_of(client.name),
-            config.group_size,
-        )
-        speeds[client.name] = (await client.info(timeout=120.0, calibrate=spec)).read_bandwidth
-    fastest = max(speeds.values())
+        precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
+        info = await client.info(timeout=120.0, calibrate=precision)
+        calibrations[client.name] = Calibration(info.read_bandwidth, info.flop_rate)
+    return calibrations
+
+
+def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
+    """Read speeds relative to the fastest. Within half of the fastest counts as the fastest: a shared
+    machine's noise reaches that much, and it must not move layers around."""
+    fastest = max((found.read_bandwidth for found in calibrations.values()), default=0.0)
     if fastest <= 0:
         return {}
-    relative = {name: speed / fastest for name, speed in speeds.items()}
-    log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
+    relative = {name: found.read_bandwidth / fastest for name, found in calibrations.items()}
     return {name: 1.0 if share >= 0.5 else share for name, share in relative.items()}
 
 
 @functools.cache
-def _local_bandwidth(
-    engine: str, dtype: str, quantize: str | None, group_size: int, device: str | None
-) -> float:
-    """This process's read speed, measured once per dtype and quantization."""
-    return read_bandwidth(engine, dtype, quantize, group_size, device)
+def _local_calibration(engine: str, precision: Precision, device: str | None) -> Calibration:
+    """This process's speeds, measured once per precision."""
+    return calibrate(engine, precision, device)
+
+
+PREDICTED_STREAMS = 16
+
+
+async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[Link]:
+    """The chain's links in order: this process to the first worker (when it runs a stage), then each
+    worker to the next, measured by the worker."""
+    links = [await clients[0].measure_link()] if config.local_stage and clients else []
+    for client, following in zip(clients, clients[1:], strict=False):
+        links.append(await client.probe(following.address))
+    return links
+
+
+async def _predict(
+    config: CoordinatorConfig, checkpoint: Checkpoint, survey: Survey, clients: list[StageClient]
+) -> list[str]:
+    """What the plan should give, with the fastest single device beside it: lines for a person."""
+    plan, devices, calibrations = survey.plan, survey.devices, survey.calibrations
+    quantize = {name: config.quantize_of(name) for name, _ in devices}
+    lines = [
+        "device speeds: "
+        + ", ".join(
+            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            for name, found in calibrations.items()
+        )
+    ]
+    try:
+        links = await _links(config, clients)
+    except StageError as error:
+        return [*lines, f"no prediction: a link could not be measured: {error}"]
+    for (first, second), link in zip(zip(plan, plan[1:], strict=False), links, strict=False):
+        lines.append(
+            f"link {first.device} -> {second.device}: {link.round_trip * 1e3:.2f} ms round trip, "
+            f"{link.bandwidth / 1e6:.0f} MB/s"
+        )
+    costs = stage_costs(checkpoint, plan, config.dtype, quantize, config.group_size, calibrations)
+    activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
+    prediction = predict(costs, links, activation, PREDICTED_STREAMS)
+    alone = best_alone(
+        checkpoint, devices, config.dtype, quantize, config.group_size, calibrations, PREDICTED_STREAMS
+    )
+    return [*lines, describe(prediction, alone, len(plan))]
 
 
 async def _ask(client: StageClient) -> StageInfo:

@@ -128,6 +128,7 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         protocol_version=info.protocol_version,
         quantize=info.quantize,
         read_bandwidth=info.read_bandwidth,
+        flop_rate=info.flop_rate,
     )
 
 
@@ -149,4 +150,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         protocol_version=reply.protocol_version,
         quantize=reply.quantize,
         read_bandwidth=reply.read_bandwidth,
+        flop_rate=reply.flop_rate,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.devices import StageInfo
+from meshllm.devices import Calibration, Precision, StageInfo
 from meshllm.step import LayerRange, SampledToken, StepInput
 
 
@@ -58,7 +58,7 @@ class StageHost(Protocol):
 
     def info(self) -> StageInfo: ...
 
-    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+    def calibrate(self, precision: Precision) -> Calibration:
         """Bytes/s this device reads weights at, in that dtype and quantization (measured once, kept)."""
         ...
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+import time
 from collections.abc import Callable
 
 import grpc
 
-from meshllm.devices import StageInfo
+from meshllm.devices import Link, Precision, StageInfo
 from meshllm.errors import StageError
 from meshllm.step import PipelineError, StageLost, StepInput, StepResult
 from meshllm.transport.codec import decode_info, decode_result, encode_step
@@ -38,6 +40,28 @@ def prepare_step(step: StepInput) -> PreparedStep:
     return encode_step(step)
 
 
+LINK_ROUNDS = 20
+LINK_PAYLOAD = 1 << 20  # bytes a bandwidth transfer sends: well above what one step's activations take
+
+
+async def time_link(client: StageClient, rounds: int, payload_bytes: int) -> Link:
+    """Time `client`'s link: `rounds` empty calls (the median), then three one-way transfers."""
+    await client.echo()  # the channel connects here, not in the first timed round
+    trips = []
+    for _ in range(max(rounds, 1)):
+        started = time.perf_counter()
+        await client.echo()
+        trips.append(time.perf_counter() - started)
+    round_trip = statistics.median(trips)
+    payload, transfers = bytes(max(payload_bytes, 1)), []
+    for _ in range(3):
+        started = time.perf_counter()
+        await client.echo(payload)
+        transfers.append(time.perf_counter() - started)
+    moving = max(statistics.median(transfers) - round_trip, 1e-9)
+    return Link(round_trip, len(payload) / moving)
+
+
 class StageClient:
     """One remote stage, by name and address, on one channel (mutual TLS with `tls`, plaintext
     without); every call carries the cluster token."""
@@ -57,8 +81,8 @@ class StageClient:
         kind = TokenRefused if is_refusal(error) else StageError
         return kind(explain(error, self.name, self.address, self.secure))
 
-    async def info(self, timeout: float = 3.0, calibrate: LoadSpec | None = None) -> StageInfo:
-        """What the stage has; with `calibrate`, also its read speed in that spec's dtype and quantization."""
+    async def info(self, timeout: float = 3.0, calibrate: Precision | None = None) -> StageInfo:
+        """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision."""
         request = pb.InfoRequest()
         if calibrate is not None:
             request = pb.InfoRequest(
@@ -69,6 +93,34 @@ class StageClient:
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from None
         return decode_info(reply)
+
+    async def echo(self, payload: bytes = b"", echo_payload: bool = False, timeout: float = 30.0) -> None:
+        request = pb.EchoRequest(payload=payload, echo_payload=echo_payload)
+        try:
+            await self._stub.Echo(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+
+    async def measure_link(self, rounds: int = LINK_ROUNDS, payload_bytes: int = LINK_PAYLOAD) -> Link:
+        """This process's link to the stage: the median empty round trip, and one-way bandwidth."""
+        return await time_link(self, rounds, payload_bytes)
+
+    async def probe(
+        self,
+        address: str,
+        rounds: int = LINK_ROUNDS,
+        payload_bytes: int = LINK_PAYLOAD,
+        timeout: float = 60.0,
+    ) -> Link:
+        """The stage's own link to the stage at `address` (the next one in a chain), measured there."""
+        request = pb.ProbeRequest(address=address, rounds=rounds, payload_bytes=payload_bytes)
+        try:
+            reply = await self._stub.Probe(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        if reply.error:
+            raise StageError(reply.error)
+        return Link(reply.round_trip, reply.bandwidth)
 
     async def health(self, timeout: float = 1.0) -> Health:
         try:

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import grpc
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
+from meshllm.devices import Precision
+from meshllm.errors import StageError
 from meshllm.step import LayerRange, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
 from meshllm.transport.proto import meshllm_pb2 as pb
@@ -30,6 +32,7 @@ from meshllm.transport.rpc import (
     token_problem,
 )
 from meshllm.transport.stage import LoadSpec, StageHost
+from meshllm.transport.stage_client import StageClient, time_link
 from meshllm.transport.tls import TlsFiles, add_port
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,8 @@ class StageService(pbg.StageServicer):
         reply = encode_info(self.host.info())
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
-            reply.read_bandwidth = await self._run(self.host.calibrate, request.dtype, quantize, group_size)
+            precision = Precision(request.dtype, quantize, group_size)
+            reply.read_bandwidth, reply.flop_rate = await self._run(self.host.calibrate, precision)
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
@@ -127,6 +131,22 @@ class StageService(pbg.StageServicer):
                 request.next_stage or "none (last)",
             )
             yield pb.LoadProgress(fraction=1.0, message="loaded", done=True)
+
+    async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoReply:
+        await self._authorize(context)
+        return pb.EchoReply(payload=request.payload if request.echo_payload else b"")
+
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeReply:
+        """Time this stage's link to another (it calls Echo there, with this cluster's token)."""
+        await self._authorize(context)
+        other = StageClient(request.address, request.address, self.token, self.tls)
+        try:
+            link = await time_link(other, request.rounds, request.payload_bytes)
+        except StageError as error:
+            return pb.ProbeReply(error=f"worker {self.name} to {request.address}: {error}")
+        finally:
+            await other.close()
+        return pb.ProbeReply(round_trip=link.round_trip, bandwidth=link.bandwidth)
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         await self._authorize(context)

@@ -161,11 +161,9 @@ def load_stage(
         )
         model.eval()
         return _loaded(TorchStage(model, bounds.layer_range, is_first, is_last), checkpoint, dtype, quantize)
-    from meshllm.engines.torch.quantized import dequantize_stage_tensors
-
     tensors: dict[str, torch.Tensor] = {}
     for index, group in enumerate(groups):
-        tensors.update(dequantize_stage_tensors(checkpoint, group, torch_dtype, read_tensors))
+        tensors.update(read_tensors(checkpoint, group, torch_dtype))
         if progress is not None:
             progress((index + 1) / len(groups))
     state = {names[name]: tensor for name, tensor in tensors.items() if name in names}

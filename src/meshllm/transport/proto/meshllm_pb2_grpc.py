@@ -59,6 +59,16 @@ class StageStub:
                 request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.SerializeToString,
                 response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/meshllm.Stage/Echo',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/meshllm.Stage/Probe',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -94,6 +104,20 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Echo(self, request, context):
+        """a link's round trip and bandwidth, measured from the caller
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """the same, measured from this stage to another
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +145,16 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.FromString,
                     response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +292,60 @@ class Stage:
             '/meshllm.Stage/Health',
             meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.SerializeToString,
             meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.Stage/Echo',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.Stage/Probe',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
