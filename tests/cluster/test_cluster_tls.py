@@ -7,6 +7,7 @@ plaintext beyond loopback unless told --insecure."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -198,3 +199,13 @@ def test_serve_and_worker_refuse_plaintext_beyond_loopback(tmp_path: Path) -> No
     assert worker.returncode == 1 and "worker: listening on 0.0.0.0:" in worker.error, worker
     half = meshllm("worker", "--tls-ca", str(tmp_path / "ca.pem"), "--port", str(free_port()), timeout=60)
     assert half.returncode == 1 and "--tls-ca given without --tls-cert, --tls-key" in half.error, half
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_plan_measures_every_link_over_tls(cluster_files) -> None:
+    path = cluster_files.local(workers=2, name="tlsplan", tls=True)
+    result = meshllm("cluster", "plan", "-c", path, env={"MESHLLM_PREDICT": "1"})
+    assert result.returncode == 0, result
+    assert re.search(r"^link coordinator -> w1: [\d.]+ ms round trip, \d+ MB/s$", result.stdout, re.M), result
+    assert re.search(r"^link w1 -> w2: [\d.]+ ms round trip", result.stdout, re.M), result  # w1 dials w2
