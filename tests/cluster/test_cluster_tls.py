@@ -209,3 +209,23 @@ def test_plan_measures_every_link_over_tls(cluster_files) -> None:
     assert result.returncode == 0, result
     assert re.search(r"^link coordinator -> w1: [\d.]+ ms round trip, \d+ MB/s$", result.stdout, re.M), result
     assert re.search(r"^link w1 -> w2: [\d.]+ ms round trip", result.stdout, re.M), result  # w1 dials w2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_turning_tls_on_makes_the_running_processes_stale_and_force_restarts_them(cluster_files) -> None:
+    devices = [coordinator_device(), {"name": "w1", "host": "127.0.0.1", "port": free_port(), "threads": 1}]
+    api_port = free_port()
+    path = cluster_files.write(devices, name="upgrade", api_port=api_port)
+    first = meshllm("cluster", "start", "-c", path)
+    assert first.returncode == 0, first
+    cluster_files.write(devices, name="upgrade", api_port=api_port, tls=True)  # the same file, TLS on
+
+    error = start_fails(path)
+    assert "device 'w1': pid" in error and "without TLS, but the file now asks for the links with it" in error
+    assert "device 'coordinator': pid" in error and "--force" in error
+    forced = meshllm("cluster", "start", "-c", path, "--force")
+    assert forced.returncode == 0, forced
+    assert "--tls-cert" in command_line(pid_record(path, "w1")["pid"])
+    chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
+    assert chat.returncode == 0, chat

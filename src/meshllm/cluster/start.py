@@ -126,6 +126,9 @@ class Starter:
         expected = self.cluster.dial(device)
         if device.role != record.role or expected != record.address:
             return record.device, f"{earlier} as {record.role} at {record.address}, not at {expected}: {how}"
+        if record.tls != (self.tls[device.name] is not None):
+            was, now = ("with", "without") if record.tls else ("without", "with")
+            return record.device, f"{earlier} {was} TLS, but the file now asks for the links {now} it: {how}"
         if device.is_coordinator:
             answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
@@ -133,6 +136,8 @@ class Starter:
             probe = stage_health(expected, self.token, timeout=3.0, device=device.name, tls=self.client_tls)
             if probe.refused:
                 return record.device, f"{earlier} but refuses this cluster's token: {how}"
+            if "TLS" in probe.error or "certificate" in probe.error:  # e.g. started before TLS was on
+                return record.device, f"{earlier}, but {probe.error.removeprefix('device ')}: {how}"
             answered, what = probe.ok, "Health"
         if not answered:
             return record.device, f"{earlier} but does not answer {what} at {expected} (hung?): {how}"
@@ -195,7 +200,8 @@ class Starter:
         )
         if "error" in result:
             raise ConfigError(f"device {device.name!r}: cannot start it {machine.where}: {result['error']}")
-        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"])
+        tls = self.tls[device.name] is not None
+        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"], tls=tls)
         self.state.write(record)
         return record
 

@@ -60,6 +60,7 @@ class PidRecord(BaseModel):
     machine: dict[str, Any]  # Machine.to_record()
     version: str  # meshllm's version there when it started
     started_at: float
+    tls: bool = False  # started with certificates (mutual TLS on its links)
 
     def machine_for(self, config_file: str) -> Machine:
         return Machine.from_record(self.device, config_file, self.machine)
@@ -95,7 +96,7 @@ class ClusterState:
     def remove(self, device: str) -> None:
         (self.pid_dir / f"{device}.json").unlink(missing_ok=True)
 
-    def new_record(self, device: Device, pid: int, log: str, version: str) -> PidRecord:
+    def new_record(self, device: Device, pid: int, log: str, version: str, tls: bool = False) -> PidRecord:
         listen, port = self.cluster.listen(device)
         return PidRecord(
             device=device.name,
@@ -108,6 +109,7 @@ class ClusterState:
             machine=Machine.of(device, self.cluster.path).to_record(),
             version=version,
             started_at=time.time(),
+            tls=tls,
         )
 
     # -- where files go on each machine --------------------------------------------------------------
