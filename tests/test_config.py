@@ -122,6 +122,10 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
             "[cluster]: api_port must be an integer between",
         ),
         (('model = "demo"', 'modle = "demo"'), "[cluster]: unknown key 'modle' (did you mean 'model'?)"),
+        (
+            ('model = "demo"', 'model = "demo"\nreplan_after = -1'),
+            "[cluster]: replan_after must be a number of at least 0, got -1",
+        ),
         (('model = "demo"', 'name = "x"'), "[cluster]: model is required"),
         (('name = "w1"', 'name = "head"'), "two devices are named 'head'"),
         (
@@ -193,3 +197,22 @@ def test_docs_describe_every_key() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     for key in [*ClusterSettings.model_fields, *Device.model_fields]:
         assert f"`{key}`" in doc, f"docs/configuration.md does not describe `{key}`"
+
+
+@pytest.mark.parametrize(
+    ("value", "flag"), [("0", ["--replan-after", "0"]), ("7.5", ["--replan-after", "7.5"])]
+)
+def test_replan_after_reaches_the_coordinator_s_command_line(
+    tmp_path: Path, value: str, flag: list[str]
+) -> None:
+    from meshllm.cluster.start import Starter
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        f'[cluster]\nmodel = "demo"\nreplan_after = {value}\n'
+        '[[device]]\nname = "head"\nhost = "127.0.0.1"\n[[device]]\nname = "w1"\nhost = "127.0.0.1"\n'
+    )
+    cluster = load_cluster(path)
+    argv = Starter(cluster, force=False, timeout=10).coordinator_argv(cluster.device[0])
+    at = argv.index("--replan-after")
+    assert argv[at : at + 2] == flag

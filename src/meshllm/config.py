@@ -74,6 +74,12 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"must be a number of at least 0, got {value!r}")
+    return float(value)
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"must be an integer of at least 1, got {value!r}")
@@ -117,6 +123,7 @@ Name = Annotated[str, BeforeValidator(_name)]
 Text = Annotated[str, BeforeValidator(_text)]
 Host = Annotated[str, BeforeValidator(_host)]
 PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
+NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 Engine = Annotated[EngineName, _choice(*ENGINES)]
 Dtype = Annotated[DtypeName, _choice(*DTYPES)]
@@ -156,6 +163,7 @@ class ClusterSettings(_Frozen):
     tls_key: Path | None = None
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
     replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
+    replan_after: NonNegativeNumber | None = None  # seconds before a lost worker's layers move (0: never)
 
 
 class Device(_Frozen):

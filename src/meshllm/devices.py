@@ -45,6 +45,7 @@ class DeviceStatus(BaseModel):
     version: str
     error: str = ""
     quantize: str = ""  # how its weights are held: int8 | int4 | "" (as stored)
+    in_plan: bool = True  # False: left out of the layer plan (it stayed down); the others run its layers
 
     @property
     def healthy(self) -> bool:

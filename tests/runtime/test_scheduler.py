@@ -137,6 +137,38 @@ def test_a_failed_step_ends_its_sequences_with_the_error_and_releases_them() -> 
     assert scheduler.status(ids[1]) == SequenceStatus.IN_FLIGHT
 
 
+def test_a_hold_stalls_the_started_sequences_and_resume_prefills_each_again_from_its_first_token() -> None:
+    scheduler = Scheduler(max_in_flight=2)
+    ids = [scheduler.add(request(prompt_len=3)) for _ in range(2)]
+    first, second = drain(scheduler)
+    scheduler.update(first.step_id, sampled(first, token_id=55))  # ids[0] has a token and a cache
+    scheduler.hold(PipelineError("the layers are being planned again"), now=10.0)
+    assert scheduler.paused and scheduler.schedule() is None
+    assert scheduler.status(ids[0]) == SequenceStatus.STALLED
+    assert scheduler.status(ids[1]) == SequenceStatus.IN_FLIGHT  # still out: its outcome is awaited
+    scheduler.update(second.step_id, sampled(second, token_id=66))
+    scheduler.resume()
+    steps = drain(scheduler)
+    segments = {segment.seq_id: segment for step in steps for segment in step.input.segments}
+    tokens = {step.input.segments[0].seq_id: list(step.input.token_ids) for step in steps}
+    # Each is prefilled again from position 0 (prompt and its token so far), its sampler told where it is.
+    assert [(segments[i].start_pos, segments[i].n_tokens, segments[i].sampled) for i in ids] == [
+        (0, 4, 1)
+    ] * 2
+    assert tokens[ids[0]] == [10, 11, 12, 55] and tokens[ids[1]] == [10, 11, 12, 66]
+
+
+def test_a_held_sequence_that_waits_past_the_timeout_ends_with_the_reason() -> None:
+    scheduler = Scheduler(max_in_flight=1)
+    seq_id = scheduler.add(request())
+    (step,) = drain(scheduler)
+    scheduler.update(step.step_id, sampled(step))
+    scheduler.hold(PipelineError("the layers are being planned again"), now=10.0)
+    assert scheduler.expire(now=12.0, timeout=5.0).events == []
+    (event,) = scheduler.expire(now=15.0, timeout=5.0).events
+    assert event.seq_id == seq_id and "planned again" in str(event.error)
+
+
 @pytest.mark.parametrize(
     ("options", "tokens", "expected"),
     [

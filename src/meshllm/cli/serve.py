@@ -86,6 +86,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds sequences whose stage died wait for it to come back and go on (default 60)",
     )
     parser.add_argument(
+        "--replan-after",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="seconds a worker may stay unreachable before its layers are planned over the other devices "
+        "(default 20; 0: never, wait for it)",
+    )
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="do not start a local worker that died again (its layers are planned over the others)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
@@ -189,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stages must be at least 1, got {args.stages}")
     if args.step_timeout <= 0:
         raise ConfigError(f"--step-timeout must be positive, got {args.step_timeout}")
+    if args.replan_after < 0:
+        raise ConfigError(f"--replan-after must not be negative, got {args.replan_after}")
     local_stage = not args.no_local_stage
     n_local_workers = 0 if workers else args.stages - int(local_stage)
     token = read_token(args.token, args.token_file)
@@ -272,6 +287,7 @@ def _config(
         memory_overrides=memory_overrides or {},
         step_timeout=args.step_timeout,
         replay_timeout=args.replay_timeout,
+        replan_after=args.replan_after or None,
         name=args.name,
     )
 
@@ -345,12 +361,17 @@ async def _serve(
         return 130
     coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
     # A local worker that dies is started again (with backoff); the coordinator then loads it again.
-    supervising = asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
+    supervising = (
+        None
+        if args.no_restart
+        else asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
+    )
     try:
         print(_plan_line(coordinator), flush=True)
         return await _serve_api(args, sock, coordinator, stopping)
     finally:
-        supervising.cancel()
+        if supervising is not None:
+            supervising.cancel()
         stopping.cancel()
         await coordinator.close()
 

@@ -256,6 +256,7 @@ class Starter:
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
             "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
+            "--replan-after": f"{settings.replan_after:g}" if settings.replan_after is not None else None,
         }
         for flag, value in optional.items():
             if value:

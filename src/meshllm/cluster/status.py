@@ -26,7 +26,7 @@ class DeviceRow:
     host: str
     role: str
     pid: str
-    state: str  # stopped | down | healthy | not loaded | unreachable | not answering | ...
+    state: str  # stopped | down | healthy | not loaded | unreachable | left out | not answering | ...
     layers: str
     memory: str
     rtt: str
@@ -95,13 +95,13 @@ def _row(
     elif not alive:
         state = "down"
     elif entry is not None:
-        state = entry.status
+        state = entry.status if entry.in_plan else "left out"  # the others run its layers (re-planned)
     elif info is not None and info.reply is not None:
         state = "loaded" if info.reply.num_layers else "not loaded"
     else:
         state = "not answering"
     if alive and entry is not None:
-        layers = format_layers(*entry.layers)
+        layers = format_layers(*entry.layers) if entry.in_plan else "-"
         memory = f"{format_bytes(entry.weight_bytes)}/{format_bytes(entry.memory_total)}"
         rtt = f"{entry.rtt_ms:.1f} ms" if entry.rtt_ms is not None else "-"
     elif alive and info is not None and info.reply is not None:

@@ -18,6 +18,7 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig
 from meshllm.runtime.engine_client import GenerateRequest, ServedModel, StepListener, Tokenizer
 from meshllm.runtime.engine_loop import EngineLoop, SequenceStream
 from meshllm.runtime.monitor import DeviceMonitor
+from meshllm.runtime.replan import Replanner
 from meshllm.step import PipelineUnavailable
 from meshllm.transport.stage_client import StageClient
 
@@ -30,7 +31,7 @@ class Coordinator:
         config: CoordinatorConfig,
         model: ServedModel,
         tokenizer: Any,  # a Hugging Face tokenizer, with its chat template
-        plan: list[StagePlan],
+        replanner: Replanner,
         loop: EngineLoop,
         monitor: DeviceMonitor,
         clients: list[StageClient],
@@ -38,7 +39,7 @@ class Coordinator:
         self.config = config
         self._model = model
         self._tokenizer = tokenizer
-        self.plan = plan
+        self.replanner = replanner
         self.loop = loop
         self.monitor = monitor
         self._clients = clients
@@ -51,6 +52,11 @@ class Coordinator:
         return await start_coordinator(config)
 
     # ---- the model -----------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> list[StagePlan]:
+        """The layer plan in force (without the devices left out of it)."""
+        return self.replanner.plan
 
     @property
     def model(self) -> ServedModel:
@@ -71,6 +77,8 @@ class Coordinator:
         down = self.monitor.unhealthy()
         if down:
             raise PipelineUnavailable("; ".join(status.problem() for status in down))
+        if not self.replanner.settled:
+            raise PipelineUnavailable(self.replanner.problem or "the layers are being planned again")
         n_prompt, max_context = len(request.prompt_ids), self._model.max_context
         if n_prompt + request.max_tokens > max_context:
             raise ValueError(
@@ -103,7 +111,7 @@ class Coordinator:
 
     @property
     def healthy(self) -> bool:
-        return not self.monitor.unhealthy()
+        return not self.monitor.unhealthy() and self.replanner.settled
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

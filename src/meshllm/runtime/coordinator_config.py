@@ -36,6 +36,9 @@ class CoordinatorConfig:
     # Seconds sequences whose stage was lost wait for the pipeline to be whole again (a worker started
     # again and reloaded), to be prefilled again and go on; then they end with an error.
     replay_timeout: float = 60.0
+    # Seconds a worker may stay unreachable before its layers are planned over the other devices (when
+    # they have the memory); None: never, the cluster waits for it.
+    replan_after: float | None = 20.0
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
@@ -54,6 +57,8 @@ class CoordinatorConfig:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
         if self.replay_timeout < 0:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
+        if self.replan_after is not None and self.replan_after < 0:
+            raise ConfigError(f"the re-plan delay must not be negative, got {self.replan_after}")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
 

@@ -15,7 +15,10 @@ step's sampled tokens mean for each sequence. No asyncio, no sockets: the engine
   are `STALLED` and nothing is scheduled (`paused`) until `resume()`, when the pipeline is whole again:
   then each is prefilled again from position 0 (its prompt and the tokens it had), its sampler resumed
   where it was, and it goes on with the tokens it would have had. `expire(now, timeout)` ends those that
-  waited too long.
+  waited too long (counted from the step that was lost: their last progress).
+- Re-plan: `hold(reason, now)` pauses scheduling while the pipeline changes under the sequences (the
+  layers move to other devices); the started ones stall like those of a lost step, and `resume()` prefills
+  every one again.
 """
 
 from __future__ import annotations
@@ -260,7 +263,7 @@ class Scheduler:
 
     def fail(self, step_id: int, error: PipelineError, replay: bool = False, now: float = 0.0) -> Update:
         """A step failed: every sequence in it ends with `error`, or, with `replay`, stalls until `resume()`
-        (an aborted one ends)."""
+        (an aborted one ends). `now`: when the step was sent, where a stalled sequence's wait begins."""
         step = self._in_flight.pop(step_id)
         update = Update()
         for seq_id in step.seq_ids:
@@ -282,11 +285,23 @@ class Scheduler:
         return sum(1 for s in self._sequences.values() if s.status == SequenceStatus.STALLED)
 
     def resume(self) -> None:
-        """The pipeline is whole again: stalled sequences are prefilled again from their first token."""
+        """The pipeline is whole again: every sequence that had started is prefilled again from its first
+        token (a stage that was started again, or that holds other layers now, has none of its cache)."""
         self.paused = False
         for sequence in self._sequences.values():
-            if sequence.status == SequenceStatus.STALLED:
+            if sequence.status in (SequenceStatus.STALLED, SequenceStatus.RUNNING):
                 sequence.status = SequenceStatus.RUNNING  # the stages may still hold (stale) caches of it
+                sequence.n_cached = 0
+
+    def hold(self, error: PipelineError, now: float) -> None:
+        """Schedule nothing until `resume()`: the pipeline is about to change under the sequences. Those
+        not in a step stall (their caches will be gone), keeping an earlier stall's clock and error."""
+        self.paused = True
+        for sequence in self._sequences.values():
+            if sequence.status == SequenceStatus.RUNNING:
+                sequence.status, sequence.n_cached = SequenceStatus.STALLED, 0
+                sequence.stalled_since = sequence.stalled_since or now
+                sequence.stall_error = sequence.stall_error or error
 
     def expire(self, now: float, timeout: float) -> Update:
         """End the stalled sequences that have waited `timeout` seconds, with the error that stalled them."""

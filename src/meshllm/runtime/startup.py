@@ -27,8 +27,10 @@ from meshllm.runtime.engine_client import ServedModel
 from meshllm.runtime.engine_loop import EngineLoop
 from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
+from meshllm.runtime.replan import Replanner
 from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient
@@ -79,17 +81,21 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
             quantize=quantize,
             group_size=config.group_size,
         )
-        local_hosts.append(
-            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
-        )
+        host = LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
+        host.device = config.device  # where its layers load again, should the plan change
+        local_hosts.append(host)
     worker_plan = plan[int(config.local_stage) :]
-    next_stages = [client.address for client in clients[1:]] + [""]
+    next_stages = [*(client.address for client in clients[1:]), ""][: len(clients)]
 
-    async def load(client: StageClient) -> None:
-        index = clients.index(client)
-        await _load(config, client, worker_plan[index], next_stages[index])
+    async def load(client: StageClient, layers: LayerRange, next_stage: str) -> None:
+        await _load(config, client, layers, next_stage)
 
-    await asyncio.gather(*(load(client) for client in clients))
+    await asyncio.gather(
+        *(
+            load(client, planned.layer_range, next_stage)
+            for client, planned, next_stage in zip(clients, worker_plan, next_stages, strict=True)
+        )
+    )
     if predicting:
         for line in await _predict(config, checkpoint, survey, clients):
             log.info("%s", line)
@@ -100,10 +106,11 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         pipeline.depth, max_step_tokens=config.max_step_tokens, max_running=config.max_running
     )
 
+    replanner: Replanner | None = None
+
     async def reload(client: StageClient) -> None:
-        await load(client)
-        if remote is not None:
-            await remote.reset()  # every stage after it needs a new stream
+        assert replanner is not None
+        await replanner.reload(client)
 
     monitor = DeviceMonitor(
         config.model,
@@ -113,9 +120,20 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         reload,
     )
     await monitor.refresh()
-    whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
-    engine_loop = EngineLoop(scheduler, pipeline, whole=whole, replay_timeout=config.replay_timeout)
-    coordinator = Coordinator(config, served, tokenizer, plan, engine_loop, monitor, clients)
+
+    def whole() -> bool:
+        return replanner is not None and replanner.settled and not monitor.unhealthy()
+
+    # Only remote stages come back.
+    engine_loop = EngineLoop(
+        scheduler, pipeline, whole=whole if clients else None, replay_timeout=config.replay_timeout
+    )
+    replanner = Replanner(
+        config, checkpoint, plan, clients, local_hosts, engine_loop, monitor, survey.speeds, load
+    )
+    if clients:
+        monitor.after_refresh = replanner.check
+    coordinator = Coordinator(config, served, tokenizer, replanner, engine_loop, monitor, clients)
     monitor.start(config.monitor_interval)
     return coordinator
 
@@ -127,6 +145,7 @@ class Survey:
     devices: list[tuple[str, int]]  # (name, bytes of memory available), in chain order
     calibrations: dict[str, Calibration]  # by device, when measured
     plan: list[StagePlan]
+    speeds: dict[str, float] | None = None  # read speeds the plan balanced, relative to the fastest
 
 
 async def _survey(
@@ -167,7 +186,7 @@ async def _survey(
             planned.layer_range,
             planned.weight_bytes / 1e6,
         )
-    return Survey(devices, calibrations, plan)
+    return Survey(devices, calibrations, plan, speeds)
 
 
 async def forecast(config: CoordinatorConfig) -> list[str]:
@@ -277,17 +296,17 @@ async def _ask(client: StageClient) -> StageInfo:
     return info
 
 
-async def _load(config: CoordinatorConfig, client: StageClient, stage: StagePlan, next_stage: str) -> None:
+async def _load(config: CoordinatorConfig, client: StageClient, layers: LayerRange, next_stage: str) -> None:
     started = time.perf_counter()
     spec = LoadSpec(
         config.model,
-        stage.layer_range,
+        layers,
         config.dtype,
         quantize=config.quantize_of(client.name),
         group_size=config.group_size,
     )
     await client.load(spec, next_stage, lambda message: log.info("%s: %s", client.name, message))
-    log.info("%s loaded layers %s in %.1f s", client.name, stage.layer_range, time.perf_counter() - started)
+    log.info("%s loaded layers %s in %.1f s", client.name, layers, time.perf_counter() - started)
 
 
 def _served_name(reference: str, checkpoint: Checkpoint) -> str:

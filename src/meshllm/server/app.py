@@ -1,9 +1,11 @@
-"""The FastAPI app: thin routes over `OpenAIServing`, error handlers, SSE, API key and request metrics."""
+"""The FastAPI app: thin routes over `OpenAIServing`, error handlers, SSE, API key and request metrics.
+
+Routes under /v1/messages speak Anthropic's Messages API: their errors (every one, from validation to a
+401 or an unexpected exception) come in Anthropic's shape, and their streams are named SSE events."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -19,6 +21,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshllm import __version__
 from meshllm.runtime.engine_client import EngineClient
+from meshllm.server import anthropic
+from meshllm.server.anthropic import CountTokensRequest, MessagesRequest, MessageStream
+from meshllm.server.auth import (
+    UNAUTHORIZED_HEADERS,
+    ApiKey,
+    KeyCheck,
+    unauthorized_body,
+    unauthorized_message,
+)
+from meshllm.server.console import add_console
 from meshllm.server.errors import INVALID_REQUEST, SERVER_ERROR, APIError, error_body
 from meshllm.server.metrics import ServerMetrics
 from meshllm.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -65,6 +77,14 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _reply(request, serving.completion(body))
 
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await _reply(request, serving.messages(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> JSONResponse:
+        return JSONResponse((await serving.count_tokens(body)).model_dump(mode="json"))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status, body = serving.health()
@@ -79,13 +99,15 @@ def build_app(
         content, content_type = metrics.render()
         return Response(content, media_type=content_type)
 
+    add_console(app, serving, metrics.recent, ApiKey(api_key))
+
     # Outermost first: requests are counted whatever the API key check decides.
     app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 
 
-async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) -> Response:
+async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream | MessageStream]) -> Response:
     """A JSON reply, or an SSE stream; a client that leaves before a JSON reply cancels its sequence."""
     task = asyncio.ensure_future(pending)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -97,9 +119,9 @@ async def _reply(request: Request, pending: Awaitable[BaseModel | EventStream]) 
         task.cancel()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     result = task.result()
-    if isinstance(result, EventStream):
+    if isinstance(result, (EventStream, MessageStream)):
         return StreamingResponse(
-            _sse(result),
+            _sse(result) if isinstance(result, EventStream) else _named_sse(result),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
             background=BackgroundTask(result.close),
@@ -125,29 +147,51 @@ async def _sse(stream: EventStream) -> AsyncIterator[str]:
         stream.close()
 
 
+async def _named_sse(stream: MessageStream) -> AsyncIterator[str]:
+    """Anthropic's stream: complete `event:`/`data:` events, and no `[DONE]`."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        stream.close()
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        if anthropic.is_messages_path(request.url.path):
+            body: object = anthropic.api_error_body(error)
+        else:
+            body = error.body()
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_errors(error.errors())
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(anthropic.error_body(message, "invalid_request_error"), status_code=400)
         return JSONResponse(error_body(message, INVALID_REQUEST, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             message = (
-                f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions"
+                f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions, "
+                "/v1/messages"
             )
         elif error.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(error.detail)
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(
+                anthropic.error_body(message, anthropic.error_type(error.status_code)),
+                status_code=error.status_code,
+                headers=error.headers,
+            )
         code = "not_found" if error.status_code == 404 else None
         return JSONResponse(
             error_body(message, INVALID_REQUEST, None, code),
@@ -159,6 +203,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         message = f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+        if anthropic.is_messages_path(request.url.path):
+            return JSONResponse(anthropic.error_body(message, "api_error"), status_code=500)
         return JSONResponse(error_body(message, SERVER_ERROR, None, "internal_error"), status_code=500)
 
 
@@ -202,27 +248,30 @@ def _param_path(loc: Sequence[object]) -> str:
 
 
 class ApiKeyMiddleware:
-    """With an API key set, /v1 routes answer 401 in OpenAI's shape unless `Authorization: Bearer <key>`."""
+    """With an API key set, /v1 routes answer 401 unless `Authorization: Bearer <key>` or (Anthropic's
+    header) `x-api-key: <key>`; in Anthropic's error shape under /v1/messages, OpenAI's elsewhere."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = ApiKey(api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if self.api_key.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        given = dict(scope["headers"])
+        check = self.api_key.check(given.get(b"authorization"), given.get(b"x-api-key"))
+        if check is KeyCheck.GIVEN:
             await self.app(scope, receive, send)
             return
-        message = (
-            "Incorrect API key provided."
-            if given
-            else "You didn't provide an API key: send 'Authorization: Bearer <key>'."
-        )
-        body = json.dumps(error_body(message, INVALID_REQUEST, None, "invalid_api_key")).encode()
-        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        if anthropic.is_messages_path(scope["path"]):
+            error: object = anthropic.error_body(unauthorized_message(check), "authentication_error")
+        else:
+            error = unauthorized_body(check)
+        body = json.dumps(error).encode()
+        headers = [(b"content-type", b"application/json")] + [
+            (name.lower().encode(), value.encode()) for name, value in UNAUTHORIZED_HEADERS.items()
+        ]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -234,10 +283,14 @@ class RequestMetricsMiddleware:
         {
             "/v1/chat/completions",
             "/v1/completions",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
             "/v1/models",
             "/health",
             "/distributed/gpu-info",
             "/metrics",
+            "/",
+            "/console/stats",
         }
     )
 

@@ -230,10 +230,11 @@ class DeviceHealth(BaseModel):
     address: str
     status: Status
     error: str = ""
+    in_plan: bool = True  # False: left out of the layer plan; the other devices run its layers
 
 
 class HealthResponse(BaseModel):
-    status: Literal["healthy", "unhealthy"]
+    status: Literal["healthy", "degraded", "unhealthy"]  # degraded: serving with devices left out
     model: str
     message: str = ""
     devices: list[DeviceHealth]

@@ -38,6 +38,9 @@ class ChatPrompt:
 
     messages: list[dict[str, str]]  # role and text content (plus name, reasoning_content)
     template_kwargs: dict[str, JsonValue]
+    # Text the reply continues (Anthropic's prefill: a last assistant message), tokenized after the
+    # rendered prompt; the reply leaves it out.
+    continuation: str = ""
 
 
 # What becomes the prompt ids: a conversation to render, a text to tokenize, or the token ids themselves.
@@ -316,8 +319,8 @@ def check_token_ids(token_ids: list[int] | tuple[int, ...], vocab_size: int, par
         raise invalid(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not item for item in stops):
-        raise invalid("stop strings must not be empty", "stop")
+        raise invalid(f"{param}: stop strings must not be empty", param)
     return tuple(stops)

@@ -232,6 +232,8 @@ class ForwardChain:
                 await call.write(request)
         except Exception as error:  # the stream broke: AioRpcError, or "RPC already finished"
             self._pending.pop(request.step_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader failed it already; the error raised below tells it
             if self._call is call:
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
@@ -240,10 +242,12 @@ class ForwardChain:
             return await asyncio.wait_for(future, self.step_timeout)
         except asyncio.TimeoutError:
             self._pending.pop(request.step_id, None)
+            lost = StageLost(
+                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
+            )
+            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
             await self.reset()
-            raise StageLost(
-                f"step timed out after {self.step_timeout:.0f} s in the chain from {self.first.describe()}"
-            ) from None
+            raise lost from None
 
     async def reset(self) -> None:
         """Close the stream; in-flight steps fail, the next step opens a new one."""
