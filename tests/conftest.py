@@ -57,6 +57,7 @@ class WorkerProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        args: list[str] | None = None,
     ):
         import tempfile
 
@@ -65,7 +66,15 @@ class WorkerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
         worker = LocalWorkers().start(
-            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env, cwd=cwd
+            name,
+            self.port,
+            token,
+            threads=1,
+            engine=engine,
+            output=self.log.fileno(),
+            env=env,
+            cwd=cwd,
+            args=args,
         )
         self.process = worker.process
 

@@ -106,6 +106,12 @@ def _env(value: Any) -> dict[str, str]:
     return env
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _strings(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
         raise ValueError(f'must be a list of strings, e.g. ["StrictHostKeyChecking=no"], got {value!r}')
@@ -125,6 +131,7 @@ Quantize = Annotated[QuantizeMode, _choice(*QUANTIZE_MODES)]
 Role = Annotated[RoleName, _choice(*ROLES)]
 Env = Annotated[dict[str, str], BeforeValidator(_env)]
 Strings = Annotated[list[str], BeforeValidator(_strings)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
 class _Frozen(BaseModel):
@@ -145,7 +152,15 @@ class ClusterSettings(_Frozen):
     api_key: Text | None = None
     token: Text | None = None  # the token every gRPC call between stages carries
     token_file: Path | None = None
-    state_dir: Path  # pid files, local logs and the generated token
+    state_dir: Path  # pid files, local logs, the generated token and certificates
+    # Mutual TLS on every gRPC link: on unless every device is on loopback (then `tls = true` asks for it);
+    # `insecure = true` turns it off (start warns). tls_ca/tls_cert/tls_key: the user's own certificates
+    # (a device's own tls_cert/tls_key come first); without them start makes a cluster CA and certificates.
+    tls: Flag = False
+    insecure: Flag = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
     replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
     replan_after: NonNegativeNumber | None = None  # seconds before a lost worker's layers move (0: never)
@@ -180,6 +195,8 @@ class Device(_Frozen):
     # The index `cluster install` takes torch from: None chooses by platform (the CPU build's index on
     # Linux without an NVIDIA driver, else the device's own index); "" the device's own index.
     torch_index: str | None = None
+    tls_cert: Path | None = None  # this device's own certificate (signed by [cluster] tls_ca) and key,
+    tls_key: Path | None = None  # on this machine; start hands them to the device
 
     @property
     def is_coordinator(self) -> bool:
@@ -263,7 +280,41 @@ class Cluster(_Frozen):
             )
         if self.cluster.token and self.cluster.token_file:
             raise ConfigError(f"{where}: [cluster]: give token or token_file, not both")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        where, settings = str(self.path), self.cluster
+        if settings.insecure and (settings.tls or settings.tls_ca):
+            raise ConfigError(
+                f"{where}: [cluster]: insecure = true turns TLS off; remove it, or remove tls and tls_ca"
+            )
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise ConfigError(f"{where}: [cluster]: give tls_cert and tls_key together")
+        for device in self.device:
+            if (device.tls_cert is None) != (device.tls_key is None):
+                raise ConfigError(f"{where}: device {device.name!r}: give tls_cert and tls_key together")
+            own = device.tls_cert is not None or settings.tls_cert is not None
+            if settings.tls_ca is None and own:
+                raise ConfigError(
+                    f"{where}: device {device.name!r}: tls_cert needs [cluster] tls_ca, the CA that signed it "
+                    "(or leave all three out and `meshllm cluster start` makes them)"
+                )
+            if settings.tls_ca is not None and not own:
+                raise ConfigError(
+                    f"{where}: device {device.name!r}: [cluster] tls_ca is given, so every device needs a "
+                    "certificate it signed: add tls_cert and tls_key to the device (or to [cluster])"
+                )
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the gRPC links are mutual TLS: unless `insecure = true`, always when a device is off
+        loopback; on loopback only when asked for (`tls = true`, or the file's own certificates)."""
+        settings = self.cluster
+        if settings.insecure:
+            return False
+        on_loopback = all(is_loopback(device.host) for device in self.device)
+        return settings.tls or settings.tls_ca is not None or not on_loopback
 
     @property
     def name(self) -> str:
@@ -365,11 +416,15 @@ def parse_cluster(raw: dict[str, Any], path: Path) -> Cluster:
     table.setdefault("name", path.stem)
     if isinstance(table.get("name"), str):
         table.setdefault("state_dir", folder / ".meshllm" / table["name"])
-    for key in ("state_dir", "token_file"):
+    for key in ("state_dir", "token_file", "tls_ca", "tls_cert", "tls_key"):
         if isinstance(table.get(key), str):
             table[key] = folder / Path(table[key]).expanduser()
     settings = _validate(ClusterSettings, table, path, "[cluster]")
     filled = _fill_device_defaults([dict(device) for device in devices], folder)
+    for device in filled:
+        for key in ("tls_cert", "tls_key"):
+            if isinstance(device.get(key), str):
+                device[key] = folder / Path(device[key]).expanduser()
     checked = [
         _validate(Device, device, path, f"device {device.get('name', index + 1)!r}")
         for index, device in enumerate(filled)

@@ -24,6 +24,8 @@ import pytest
 from server_helpers import wait_until
 from test_serve_cli import Serve, free_port
 
+from meshllm.cluster import certs
+
 NETEM = "delay 5ms loss 1%"
 MAX_TOKENS = 20
 BODIES = [
@@ -68,11 +70,27 @@ class Cluster:
         self.logs: list[Path] = []
         self.has_netem = True  # False on a kernel without sch_netem: the links are clean then
         self._tag = tag
+        self.tls_dir = Path(tempfile.mkdtemp(prefix="meshllm-netns-tls-"))
+        self._make_certificates()  # the links leave loopback: mutual TLS, as a real cluster's do
         try:
             self._make()
         except subprocess.CalledProcessError as error:
             self.close()
             pytest.skip(f"cannot make network namespaces here: {' '.join(error.cmd)}: {error.stderr.strip()}")
+
+    def _make_certificates(self) -> None:
+        """A cluster CA and, per namespace, a certificate naming its own address (keys 0600)."""
+        ca = certs.make_ca("netns")
+        certs.write_private(self.tls_dir / "ca.pem", ca.cert)
+        for index, own in enumerate(self.own):
+            issued = certs.make_device_cert(ca, f"n{index}", [own])
+            certs.write_private(self.tls_dir / f"n{index}.pem", issued.cert)
+            certs.write_private(self.tls_dir / f"n{index}.key", issued.key)
+
+    def tls_flags(self, index: int) -> list[str]:
+        folder = self.tls_dir
+        return ["--tls-ca", str(folder / "ca.pem"), "--tls-cert", str(folder / f"n{index}.pem"),
+                "--tls-key", str(folder / f"n{index}.key")]  # fmt: skip
 
     def _make(self) -> None:
         for ns, own in zip(self.namespaces, self.own, strict=True):
@@ -138,7 +156,8 @@ class Cluster:
         with open(log, "w") as output:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", self.namespaces[index], sys.executable, "-m", "meshllm", "worker",
-                 "--host", self.own[index], "--port", str(port), "--name", name, "--threads", "1"],
+                 "--host", self.own[index], "--port", str(port), "--name", name, "--threads", "1",
+                 *self.tls_flags(index)],
                 stdout=output, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
         self.processes.append(process)
@@ -151,7 +170,7 @@ class Cluster:
         serve = Serve.__new__(Serve)
         serve.process = subprocess.Popen(
             ["ip", "netns", "exec", self.namespaces[0], sys.executable, "-m", "meshllm", "serve",
-             "--host", self.api_host, *args],
+             "--host", self.api_host, *self.tls_flags(0), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         serve.lines = []
@@ -168,6 +187,7 @@ class Cluster:
             log.unlink(missing_ok=True)
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        shutil.rmtree(self.tls_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

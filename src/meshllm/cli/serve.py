@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from meshllm.cli.worker import add_kv_memory_argument
+from meshllm.cli.worker import add_kv_memory_argument, add_tls_arguments
 from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
     from meshllm.runtime.engine_client import EngineClient
     from meshllm.runtime.local_workers import LocalWorkers
+    from meshllm.transport.tls import TlsFiles
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument("--token", default=None, help="cluster token for the workers' gRPC calls")
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
+    add_tls_arguments(parser)
     parser.add_argument(
         "--dtype",
         default="float32",
@@ -288,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.name)
     workers = parse_workers(args.workers)
     parse_device_models(args.device_model)  # a bad item fails before anything starts
+    tls = _worker_tls(args, workers)
     memory_overrides = parse_memory(args.memory)
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1, got {args.stages}")
@@ -318,14 +321,33 @@ def run(args: argparse.Namespace) -> int:
 
         args.kv_memory = kv_memory  # the local stage's, as the local workers'
         if sock is None:
-            return asyncio.run(_plan_only(args, workers, local_workers, token, memory_overrides, threads))
-        return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
+            return asyncio.run(
+                _plan_only(args, workers, local_workers, token, tls, memory_overrides, threads)
+            )
+        return asyncio.run(_serve(args, sock, workers, local_workers, token, tls, memory_overrides, threads))
     except KeyboardInterrupt:
         return 130
     finally:
         local_workers.stop()
         if sock is not None:
             sock.close()
+
+
+def _worker_tls(args: argparse.Namespace, workers: list[WorkerAddress]) -> TlsFiles | None:
+    """The certificates for the links to --workers. Local workers (--stages) are on loopback, plaintext."""
+    from meshllm.cli.worker import read_tls
+    from meshllm.config import is_loopback
+    from meshllm.errors import ConfigError
+
+    if not workers and (args.tls_ca or args.tls_cert or args.tls_key):
+        raise ConfigError(
+            "--tls-ca, --tls-cert and --tls-key are for the links to --workers; the local workers of "
+            "--stages listen on 127.0.0.1 only and are reached in plaintext"
+        )
+    remote = [
+        f"{w.name}={w.address}" for w in workers if not is_loopback(w.address.rpartition(":")[0].strip("[]"))
+    ]
+    return read_tls(args, remote, "serve: --workers")
 
 
 def _print_banner(model: str) -> None:
@@ -342,6 +364,7 @@ def _config(
     args: argparse.Namespace,
     workers: list[WorkerAddress],
     token: str | None,
+    tls: TlsFiles | None,
     memory_overrides: dict[str, int] | None,
     local_workers: bool = False,
 ) -> CoordinatorConfig:
@@ -361,6 +384,7 @@ def _config(
         device_quantize=parse_device_quantize(args.device_quantize),
         engine=args.engine,
         token=token,
+        tls=tls,
         memory_overrides=memory_overrides or {},
         step_timeout=args.step_timeout,
         replay_timeout=args.replay_timeout,
@@ -375,6 +399,7 @@ async def _plan_only(
     workers: list[WorkerAddress],
     local_workers: LocalWorkers,
     token: str | None,
+    tls: TlsFiles | None,
     memory_overrides: dict[str, int] | None,
     threads: int,
 ) -> int:
@@ -386,7 +411,7 @@ async def _plan_only(
         import torch
 
         torch.set_num_threads(threads)
-    for line in await forecast(_config(args, workers, token, memory_overrides)):
+    for line in await forecast(_config(args, workers, token, tls, memory_overrides)):
         print(line, flush=True)
     return 0
 
@@ -397,6 +422,7 @@ async def _serve(
     workers: list[WorkerAddress],
     local_workers: LocalWorkers,
     token: str | None,
+    tls: TlsFiles | None,
     memory_overrides: dict[str, int] | None,
     threads: int,
 ) -> int:
@@ -421,7 +447,7 @@ async def _serve(
 
     from meshllm.cli.progress import LoadBoard
 
-    config = _config(args, workers, token, memory_overrides, bool(local_workers.workers))
+    config = _config(args, workers, token, tls, memory_overrides, bool(local_workers.workers))
 
     async def start() -> Coordinator:
         await local_workers.wait_healthy(token)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from meshllm.defaults import DEFAULT_STAGE_PORT, ENGINES, QUANTIZE_MODES, TOKEN_ENV
+
+if TYPE_CHECKING:
+    from meshllm.transport.tls import TlsFiles
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"cluster token every call must carry (default: ${TOKEN_ENV}; a file keeps it out of ps)",
     )
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
+    add_tls_arguments(parser)
     parser.add_argument(
         "--engine", choices=ENGINES, default=None, help="default: mlx on Apple silicon, else torch"
     )
@@ -86,6 +91,39 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="the cluster CA: peers need a certificate it signed"
+    )
+    parser.add_argument(
+        "--tls-cert", default=None, metavar="PEM", help="this device's certificate (signed by --tls-ca)"
+    )
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="this device's private key")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC beyond loopback, without TLS (only on a network you trust)",
+    )
+
+
+def read_tls(args: argparse.Namespace, remote: list[str], what: str) -> TlsFiles | None:
+    """The certificates the flags name (None: plaintext). Plaintext beyond loopback (`remote` names the
+    addresses that are not) needs --insecure; --insecure with certificates is a contradiction."""
+    from meshllm.errors import ConfigError
+    from meshllm.transport.tls import TlsFiles
+
+    tls = TlsFiles.from_options(args.tls_ca, args.tls_cert, args.tls_key)
+    if tls is not None and args.insecure:
+        raise ConfigError("--insecure turns TLS off: give it or --tls-ca/--tls-cert/--tls-key, not both")
+    if tls is None and remote and not args.insecure:
+        raise ConfigError(
+            f"{what} {', '.join(remote)} without TLS: the cluster token and the activations would cross the "
+            "network in plaintext; give --tls-ca, --tls-cert and --tls-key (`meshllm cluster start` makes "
+            "them), or --insecure on a network you trust"
+        )
+    return tls
+
+
 def read_token(token: str | None, token_file: str | None) -> str | None:
     from meshllm.errors import ConfigError
 
@@ -102,11 +140,14 @@ def run(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import asyncio
 
+    from meshllm.config import is_loopback
     from meshllm.errors import ConfigError
     from meshllm.log import setup_logging
 
     name = args.name or f"{socket.gethostname()}:{args.port}"
     setup_logging(f"worker {name}")
+    remote = [] if is_loopback(args.host) else [f"{args.host}:{args.port}"]
+    tls = read_tls(args, remote, "worker: listening on")
     if args.threads:
         import torch
 
@@ -125,10 +166,11 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         kv_memory=args.kv_memory,
         token=token,
+        tls=tls,
         weights_cache=weights_cache,
     )
     try:
-        asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token))
+        asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token, tls=tls))
     except OSError as error:
         raise ConfigError(f"worker {name}: {error}") from None
     except KeyboardInterrupt:

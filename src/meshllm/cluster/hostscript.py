@@ -190,7 +190,8 @@ def alive(pids):
 def launch(argv, cwd, log, env=None, files=None):
     """Start `argv` detached (its own session, stdin from /dev/null, output to `log`); returns its pid.
 
-    `files` ({path: text}) are written first, readable by this user only (the cluster token).
+    `files` ({path: text}) are written first, readable by this user only (the cluster token,
+    the device's certificates and key).
     The previous log is kept as `log + ".1"`.
     """
     cwd = os.path.expanduser(cwd)
@@ -204,6 +205,7 @@ def launch(argv, cwd, log, env=None, files=None):
             path = os.path.join(cwd, os.path.expanduser(path))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(descriptor, 0o600)  # also when the file was there before with wider rights
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(text)
         environment = dict(os.environ)

@@ -62,7 +62,7 @@ def _run_plan(starter: Starter, facts: dict, timeout: float) -> list[str]:
             "cwd": device.workdir,
             "log": log,
             "env": {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env},
-            "files": {starter.state.token_path(device): starter.token + "\n"},
+            "files": starter.files_for(device),
         },
     )
     if "error" in result:

@@ -41,11 +41,21 @@ class Starter:
         self.timeout = timeout
         self.echo = echo
         self.token = self.state.token()
+        # Every device's certificates (made here when the file names none), or None: plaintext links.
+        self.tls = {device.name: self.state.device_tls(device) for device in cluster.device}
+        coordinator_tls = self.tls[cluster.coordinator.name]
+        self.client_tls = coordinator_tls.files if coordinator_tls else None  # what this CLI presents
         self.api_key = cluster.cluster.api_key
         self.machines = {device.name: Machine.of(device, cluster.path) for device in cluster.device}
 
     def run(self) -> int:
         cluster = self.cluster
+        if cluster.cluster.insecure:
+            self.echo(
+                f"warning: {cluster.path}: insecure = true: the links between the stages are plaintext, so "
+                "anyone on their network can read the activations and the cluster token, and join; remove "
+                "it to have `start` make certificates for mutual TLS"
+            )
         survey = self.survey(self.state.records())
         if survey.up == {device.name for device in cluster.device}:
             self.echo(f"cluster {cluster.name!r} is already running: API at {cluster.api_url}/v1")
@@ -122,13 +132,18 @@ class Starter:
         report = record.report(str(self.cluster.path))
         if report is not None and report.state == "waiting":
             return record.device, f"{report.problem()} ({how} to start it at once)"
+        if record.tls != (self.tls[device.name] is not None):
+            was, now = ("with", "without") if record.tls else ("without", "with")
+            return record.device, f"{earlier} {was} TLS, but the file now asks for the links {now} it: {how}"
         if device.is_coordinator:
             answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
         else:
-            probe = stage_health(expected, self.token, timeout=3.0, device=device.name)
+            probe = stage_health(expected, self.token, timeout=3.0, device=device.name, tls=self.client_tls)
             if probe.refused:
                 return record.device, f"{earlier} but refuses this cluster's token: {how}"
+            if "TLS" in probe.error or "certificate" in probe.error:  # e.g. started before TLS was on
+                return record.device, f"{earlier}, but {probe.error.removeprefix('device ')}: {how}"
             answered, what = probe.ok, "Health"
         if not answered:
             return record.device, f"{earlier} but does not answer {what} at {expected} (hung?): {how}"
@@ -189,18 +204,34 @@ class Starter:
                 "cwd": device.workdir,
                 "log": self.state.log_path(device),
                 "env": env,
-                "files": {self.state.token_path(device): self.token + "\n"},
+                "files": self.files_for(device),
             },
         )
         if "error" in result:
             raise ConfigError(f"device {device.name!r}: cannot start it {machine.where}: {result['error']}")
-        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"], status_file)
+        tls = self.tls[device.name] is not None
+        record = self.state.new_record(
+            device, result["pid"], result["log"], facts["meshllm"], status_file, tls=tls
+        )
         self.state.write(record)
         return record
 
     def supervisor_argv(self, device: Device, status_file: str) -> list[str]:
         argv = [device.python, "-m", "meshllm", "supervise", "--name", device.name]
         return argv + ["--status-file", status_file, "--log", self.state.log_path(device)]
+
+    def files_for(self, device: Device) -> dict[str, str]:
+        """The files written on the device's machine before its process starts: the token, and its own
+        copy of its certificates when it is reached over ssh."""
+        tls = self.tls[device.name]
+        return {self.state.token_path(device): self.token + "\n", **(tls.to_copy if tls else {})}
+
+    def tls_argv(self, device: Device) -> list[str]:
+        """The certificate flags of the device's command; --insecure when the file turns TLS off."""
+        tls = self.tls[device.name]
+        if tls is not None:
+            return tls.argv()
+        return ["--insecure"] if self.cluster.cluster.insecure else []
 
     def worker_argv(self, device: Device, threads: int) -> list[str]:
         bind, port = self.cluster.listen(device)
@@ -213,6 +244,7 @@ class Starter:
             "--threads",
             str(threads),
         ]
+        argv += self.tls_argv(device)
         engine = device.engine or self.cluster.cluster.engine
         argv += ["--engine", engine] if engine else []
         return argv + (["--quantize", device.quantize] if device.quantize else [])
@@ -221,7 +253,7 @@ class Starter:
         settings = self.cluster.cluster
         bind, port = self.cluster.listen(device)
         argv = [device.python, "-m", "meshllm", "serve", "--model", settings.model, "--host", bind]
-        argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
+        argv += ["--port", str(port), "--token-file", self.state.token_path(device), *self.tls_argv(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
         # the supervisors' status files it can read: those of the workers on its own machine
         status = ",".join(
@@ -269,7 +301,9 @@ class Starter:
         started = time.monotonic()
         exited = self._exit_watch(device, record)
         while True:
-            probe = stage_health(device.address, self.token, timeout=2.0, device=device.name)
+            probe = stage_health(
+                device.address, self.token, timeout=2.0, device=device.name, tls=self.client_tls
+            )
             if probe.ok:
                 return time.monotonic() - started
             if probe.refused:
@@ -277,6 +311,8 @@ class Starter:
                     f"device {device.name!r}: the process answering at {device.address} refuses this "
                     "cluster's token (another cluster's worker on that port?)"
                 )
+            if "TLS" in probe.error or "certificate" in probe.error:  # no retry mends a handshake
+                raise ConfigError(probe.error)
             exited()
             if time.monotonic() - started > self.timeout:
                 raise ConfigError(

@@ -8,8 +8,11 @@
   installs/<device>.json  the venv python `cluster install` made there (used by every later command)
   wheels/               the wheel of this meshllm that `cluster install` copies to the devices
   token                 the cluster token (made once when the file gives none), readable by this user only
+  tls/ca.pem, ca.key    the cluster CA start makes when the links use TLS and the file names no certificates
+  tls/<device>.pem,.key each device's certificate (naming its host) and key; keys readable by this user only
 ```
-Devices reached over ssh keep their log, status file and token in `<workdir>/.meshllm/<cluster name>/` on their machine.
+Devices reached over ssh keep their log, status file, token and certificates (`tls/ca.pem`, `cert.pem`,
+`key.pem`) in `<workdir>/.meshllm/<cluster name>/` on their machine.
 """
 
 from __future__ import annotations
@@ -18,14 +21,33 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from meshllm.cluster import certs
 from meshllm.cluster.launch import Machine
 from meshllm.config import Cluster, Device
 from meshllm.devices import SupervisorReport
 from meshllm.errors import ConfigError
+from meshllm.transport.tls import TlsFiles
+
+
+@dataclass(frozen=True)
+class DeviceTls:
+    """A device's certificates: their contents, their paths on its machine (for its command line), and
+    the files start writes there first (its own copy, over ssh; nothing for a device on this machine)."""
+
+    files: TlsFiles
+    ca: str
+    cert: str
+    key: str
+    to_copy: dict[str, str]
+
+    def argv(self) -> list[str]:
+        return ["--tls-ca", self.ca, "--tls-cert", self.cert, "--tls-key", self.key]
 
 
 class PidRecord(BaseModel):
@@ -46,6 +68,7 @@ class PidRecord(BaseModel):
     status_file: str | None = (
         None  # a supervised worker's status file on its machine (see runtime/supervisor.py)
     )
+    tls: bool = False  # started with certificates (mutual TLS on its links)
 
     def machine_for(self, config_file: str) -> Machine:
         return Machine.from_record(self.device, config_file, self.machine)
@@ -95,7 +118,13 @@ class ClusterState:
         (self.pid_dir / f"{device}.json").unlink(missing_ok=True)
 
     def new_record(
-        self, device: Device, pid: int, log: str, version: str, status_file: str | None = None
+        self,
+        device: Device,
+        pid: int,
+        log: str,
+        version: str,
+        status_file: str | None = None,
+        tls: bool = False,
     ) -> PidRecord:
         listen, port = self.cluster.listen(device)
         return PidRecord(
@@ -110,6 +139,7 @@ class ClusterState:
             version=version,
             started_at=time.time(),
             status_file=status_file,
+            tls=tls,
         )
 
     # -- the pythons `cluster install` made ----------------------------------------------------------
@@ -153,6 +183,88 @@ class ClusterState:
         if device.is_remote:
             return f".meshllm/{self.cluster.name}/token"
         return str(self.root / "token")
+
+    # -- certificates ----------------------------------------------------------------------------------
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    def device_tls(self, device: Device, create: bool = True) -> DeviceTls | None:
+        """The device's certificates, None when the links are plaintext. Without certificates of the
+        file's own, the cluster CA and the device's certificate are made here when missing, no longer
+        naming the device's host, signed by another CA, or near their end (`create=False`: None then)."""
+        if not self.cluster.uses_tls:
+            return None
+        if self.cluster.cluster.tls_ca is not None:
+            local_paths = self._own_paths(device)
+        else:
+            generated = self._generated_paths(device, create)
+            if generated is None:
+                return None
+            local_paths = generated
+        files = TlsFiles.read(*local_paths, labels=self._labels(device))
+        if not device.is_remote:
+            ca, cert, key = (str(path) for path in local_paths)
+            return DeviceTls(files, ca, cert, key, {})
+        folder = f".meshllm/{self.cluster.name}/tls"
+        ca, cert, key = f"{folder}/ca.pem", f"{folder}/cert.pem", f"{folder}/key.pem"
+        copies = {ca: files.ca.decode(), cert: files.cert.decode(), key: files.key.decode()}
+        return DeviceTls(files, ca, cert, key, copies)
+
+    def client_tls(self, create: bool = False) -> TlsFiles | None:
+        """What this CLI presents when it asks the workers: the coordinator's certificates."""
+        found = self.device_tls(self.cluster.coordinator, create=create)
+        return found.files if found else None
+
+    def _labels(self, device: Device) -> tuple[str, str, str]:
+        where = f"{self.cluster.path}: device {device.name!r}:"
+        return (f"{where} tls_ca", f"{where} tls_cert", f"{where} tls_key")
+
+    def _own_paths(self, device: Device) -> tuple[Path, Path, Path]:
+        """The file's own certificates for `device`, checked: signed by its CA, naming the device's host."""
+        settings = self.cluster.cluster
+        cert, key = device.tls_cert or settings.tls_cert, device.tls_key or settings.tls_key
+        assert settings.tls_ca is not None and cert is not None and key is not None  # checked by the config
+        files = TlsFiles.read(settings.tls_ca, cert, key, labels=self._labels(device))
+        where = f"{self.cluster.path}: device {device.name!r}: tls_cert {str(cert)!r}"
+        if not certs.signed_by(files.cert, files.ca):
+            raise ConfigError(f"{where} is not signed by [cluster] tls_ca {str(settings.tls_ca)!r}")
+        names = certs.names_of(files.cert)
+        if device.host not in names:
+            raise ConfigError(
+                f"{where} names {', '.join(sorted(names)) or 'no host'}, not host {device.host!r} where the "
+                "others dial it: hostname verification would refuse it; add that host to its subject "
+                "alternative names"
+            )
+        return settings.tls_ca, cert, key
+
+    def _generated_paths(self, device: Device, create: bool) -> tuple[Path, Path, Path] | None:
+        folder = self.tls_dir
+        ca_cert, ca_key = folder / "ca.pem", folder / "ca.key"
+        cert, key = folder / f"{device.name}.pem", folder / f"{device.name}.key"
+        if not create:
+            return (ca_cert, cert, key) if ca_cert.exists() and cert.exists() and key.exists() else None
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        if ca_cert.exists() and ca_key.exists():
+            ca = certs.Pem(ca_cert.read_bytes(), ca_key.read_bytes())
+        else:
+            ca = certs.make_ca(self.cluster.name)
+            certs.write_private(ca_key, ca.key)
+            certs.write_private(ca_cert, ca.cert)
+        fresh = (
+            cert.exists()
+            and key.exists()
+            and certs.names_of(cert.read_bytes()) == {device.host}
+            and certs.signed_by(cert.read_bytes(), ca.cert)
+            and certs.still_valid(cert.read_bytes())
+        )
+        if not fresh:
+            issued = certs.make_device_cert(ca, device.name, [device.host])
+            certs.write_private(key, issued.key)
+            certs.write_private(cert, issued.cert)
+        return ca_cert, cert, key
 
     # -- the cluster token ---------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], GpuInfoAnswer, list[str]
     its process runs (ssh failing), one line each."""
     state = ClusterState(cluster)
     token = state.existing_token()
+    tls = state.client_tls()
     records = state.records()
     devices = cluster.device
 
@@ -56,7 +57,9 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], GpuInfoAnswer, list[str]
 
     def worker_info(device: Device) -> Probe[StageInfo] | None:
         """A worker's own account of itself (the coordinator's comes from gpu-info)."""
-        return None if device.is_coordinator else stage_info(device.address, token, device=device.name)
+        return (
+            None if device.is_coordinator else stage_info(device.address, token, device=device.name, tls=tls)
+        )
 
     infos = parallel_or_raise(worker_info, devices)  # stage_info answers failures: a raise is a bug
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from meshllm.defaults import COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES
 from meshllm.errors import ConfigError
+from meshllm.transport.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class CoordinatorConfig:
     engine: str | None = None  # None: the platform's best (mlx on Apple silicon, else torch)
     device: str | None = None  # the local stage's torch device (None: cuda, then mps, then cpu)
     token: str | None = None  # the cluster token every gRPC call carries
+    tls: TlsFiles | None = None  # this device's certificates: mutual TLS to every worker; None: plaintext
     name: str = COORDINATOR_STAGE  # this device's name in the plan, logs and /distributed/gpu-info
     memory_overrides: Mapping[str, int] = field(default_factory=dict)  # bytes the plan may use, by device
     layer_overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # fixed ranges, by device

@@ -77,12 +77,13 @@ class LocalWorkers:
         env: dict[str, str] | None = None,
         kv_memory: int | float | None = None,
         cwd: str | None = None,
+        args: list[str] | None = None,
     ) -> LocalWorker:
         """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
-        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment; it runs in
-        `cwd` (default: this process's folder)."""
+        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment and `args`
+        to its command line (e.g. its certificates); it runs in `cwd` (default: this process's folder)."""
         command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
-        command += ["--threads", str(threads), "--name", name]
+        command += ["--threads", str(threads), "--name", name, *(args or [])]
         if engine:
             command += ["--engine", engine]
         if kv_memory is not None:

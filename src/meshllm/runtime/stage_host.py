@@ -23,6 +23,7 @@ from meshllm.runtime.weights import WeightCache
 from meshllm.step import MalformedStep, StepInput
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import Health, LoadSpec, StepOutcome
+from meshllm.transport.tls import TlsFiles
 from meshllm.transport.weights import WeightsClient
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class LocalStageHost:
         quantize: str | None = None,
         kv_memory: int | float | None = None,
         token: str | None = None,
+        tls: TlsFiles | None = None,
         weights_cache: Path | None = None,
     ):
         self.name = name
@@ -53,6 +55,7 @@ class LocalStageHost:
         # checked against it before the engine sees it, so a bad one changes no cache.
         self._held: dict[int, int] = {}
         self.token = token  # the cluster token, for fetching weights from the coordinator
+        self.tls = tls  # and the certificates that link takes, like the stage links
         self.weights_cache = WeightCache(weights_cache)
         self.engine = engine or default_engine()
         self.device = device
@@ -153,7 +156,7 @@ class LocalStageHost:
         started = time.perf_counter()
         fetched = ""
         if spec.weights is not None:
-            client = WeightsClient(spec.weights.address, self.token, spec.weights.key)
+            client = WeightsClient(spec.weights.address, self.token, spec.weights.key, self.tls)
             try:
                 report = self.weights_cache.take(client, spec.layer_range, received)
             finally:

@@ -47,7 +47,7 @@ OnLoad = Callable[[str, LoadUpdate], None]
 async def start_coordinator(config: CoordinatorConfig, on_load: OnLoad | None = None) -> Coordinator:
     """Plan the layers over this process (when `config.local_stage`) and the workers, load them all;
     `on_load(device, update)` hears how each worker's load goes."""
-    clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     weights: list[WeightsServer] = []  # started once the checkpoint is open
     try:
         coordinator = await _start(config, clients, weights, on_load)
@@ -64,7 +64,9 @@ async def start_coordinator(config: CoordinatorConfig, on_load: OnLoad | None = 
 async def _serve_weights(config: CoordinatorConfig, checkpoint: Checkpoint) -> WeightsServer:
     assert config.weights_listen is not None  # only when some worker takes its weights from here
     source = await asyncio.to_thread(CheckpointWeights, checkpoint)
-    server = WeightsServer(source, config.weights_listen, config.token, f"coordinator {config.name}")
+    server = WeightsServer(
+        source, config.weights_listen, config.token, f"coordinator {config.name}", config.tls
+    )
     try:
         await server.start()
     except OSError as error:
@@ -252,7 +254,7 @@ async def _survey(
 async def forecast(config: CoordinatorConfig) -> list[str]:
     """The plan a start would make and the speed it should give, measured on the idle devices; nothing is
     loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
-    clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     try:
         engine = config.engine or default_engine()
         checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)

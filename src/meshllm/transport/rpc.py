@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import grpc
 
 from meshllm import __version__
+from meshllm.transport.tls import TlsFiles, aio_channel
 
 VERSION = __version__
 PROTOCOL_VERSION = 3  # bumped when the stage protocol changes in a way older peers cannot follow
@@ -56,8 +57,9 @@ def token_problem(expected: str | None, metadata: Mapping[str, str | bytes] | No
     return None if hmac.compare_digest(given, expected.encode()) else "a wrong cluster token"
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
+    """An asyncio channel to a stage: mutual TLS with `tls`, plaintext without."""
+    return aio_channel(address, tls, CHANNEL_OPTIONS)
 
 
 def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
@@ -66,12 +68,16 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return code() if callable(code) else None
 
 
-def explain(error: grpc.RpcError, device: str, address: str) -> str:
-    """One sentence naming the device, what went wrong, and what to do about it."""
+def explain(error: grpc.RpcError, device: str, address: str, secure: bool = False) -> str:
+    """One sentence naming the device, what went wrong, and what to do about it; `secure`: the call
+    went over mutual TLS."""
     code = status_code(error)
     details_of = getattr(error, "details", None)
     details = (details_of() if callable(details_of) else str(error)) or (code.name if code else "error")
     where = f"device '{device}' ({address})"
+    handshake = handshake_problem(details, secure)
+    if handshake:
+        return f"{where} {handshake}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"{where} refused the cluster token ({details}); give it the same token as the coordinator"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker " not in details:
@@ -81,6 +87,44 @@ def explain(error: grpc.RpcError, device: str, address: str) -> str:
             f"is `meshllm worker --port {port}` running there?"
         )
     return f"{where}: {details}"
+
+
+_TLS_FLAGS = "--tls-ca, --tls-cert and --tls-key"
+
+
+def handshake_problem(details: str, secure: bool) -> str | None:
+    """What a failed connection's details say about TLS, with the fix; None when they say nothing of it."""
+    lowered = details.lower()
+    host = "the host this process dials"
+    if "hostname verification" in lowered or "peer name" in lowered:
+        return (
+            f"presented a certificate that does not name {host}: make its certificate with that host "
+            "(IP address or DNS name) in its subject alternative names (`meshllm cluster start` names the "
+            "[[device]] host), or dial the name the certificate gives"
+        )
+    if "wrong_version_number" in lowered or "wrong version number" in lowered:
+        return (
+            "speaks plaintext, not TLS: start it with the cluster's certificates "
+            f"({_TLS_FLAGS}), or, on a network you trust, give this side --insecure (`insecure = true`)"
+        )
+    if "certificate_verify_failed" in lowered or "tls handshake failed" in lowered:
+        return (
+            "failed the TLS handshake: its certificate is not signed by the cluster CA this process trusts "
+            f"({' '.join(details.split())[-160:]}); give both sides certificates of the same cluster CA "
+            f"({_TLS_FLAGS}; `meshllm cluster start` makes them)"
+        )
+    if "socket closed" in lowered or "connection reset" in lowered:
+        if secure:
+            return (
+                "closed the connection during the TLS handshake: it does not accept this process's "
+                "certificate; give this process a certificate signed by the device's cluster CA "
+                f"({_TLS_FLAGS}; `meshllm cluster start` hands every device its own)"
+            )
+        return (
+            "closed the connection at once: it probably requires mutual TLS; give this process the "
+            f"cluster CA, a certificate it signed and its key ({_TLS_FLAGS})"
+        )
+    return None
 
 
 def is_refusal(error: grpc.RpcError) -> bool:

@@ -21,8 +21,9 @@ from meshllm.step import PipelineError, StageLost, StepInput, StepResult
 from meshllm.transport.codec import decode_info, decode_result, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
-from meshllm.transport.rpc import explain, insecure_channel, is_refusal, token_metadata
+from meshllm.transport.rpc import channel, explain, is_refusal, token_metadata
 from meshllm.transport.stage import Health, LoadSpec, LoadUpdate
+from meshllm.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,15 @@ async def time_link(client: StageClient, rounds: int, payload_bytes: int) -> Lin
 
 
 class StageClient:
-    """One remote stage, by name and address, on one channel; every call carries the cluster token."""
+    """One remote stage, by name and address, on one channel (mutual TLS with `tls`, plaintext
+    without); every call carries the cluster token."""
 
-    def __init__(self, name: str, address: str, token: str | None):
+    def __init__(self, name: str, address: str, token: str | None, tls: TlsFiles | None = None):
         self.name = name
         self.address = address
+        self.secure = tls is not None
         self._metadata = token_metadata(token)
-        self.channel = insecure_channel(address)
+        self.channel = channel(address, tls)
         self._stub = pbg.StageStub(self.channel)  # type: ignore[no-untyped-call]
 
     def describe(self) -> str:
@@ -76,7 +79,7 @@ class StageClient:
 
     def _error(self, error: grpc.RpcError) -> StageError:
         kind = TokenRefused if is_refusal(error) else StageError
-        return kind(explain(error, self.name, self.address))
+        return kind(explain(error, self.name, self.address, self.secure))
 
     async def info(self, timeout: float = 3.0, calibrate: Precision | None = None) -> StageInfo:
         """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision."""
@@ -226,7 +229,7 @@ class ForwardChain:
             error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE)
             and "worker " not in details
         ):
-            return explain(error, self.first.name, self.first.address)
+            return explain(error, self.first.name, self.first.address, self.first.secure)
         return f"stage failure ({error.code().name}): {details}"  # a stage further down, named in details
 
     def _fail_all(self, error: Exception) -> None:

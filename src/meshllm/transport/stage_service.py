@@ -23,9 +23,17 @@ from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
-from meshllm.transport.rpc import SERVER_OPTIONS, VERSION, insecure_channel, token_metadata, token_problem
+from meshllm.transport.rpc import (
+    SERVER_OPTIONS,
+    VERSION,
+    channel,
+    handshake_problem,
+    token_metadata,
+    token_problem,
+)
 from meshllm.transport.stage import LoadSpec, StageHost, WeightsFrom
 from meshllm.transport.stage_client import StageClient, time_link
+from meshllm.transport.tls import TlsFiles, add_port
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +42,11 @@ _END = object()
 
 
 class StageService(pbg.StageServicer):
-    def __init__(self, host: StageHost, token: str | None = None):
+    def __init__(self, host: StageHost, token: str | None = None, tls: TlsFiles | None = None):
         self.host = host
         self.name = host.name
         self.token = token
+        self.tls = tls  # this device's certificates: the next stage is dialled with them too
         self.next_stage = ""  # "host:port" of the next stage; empty when this one is last
         self._next_channel: grpc.aio.Channel | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -127,7 +136,7 @@ class StageService(pbg.StageServicer):
                 self._next_channel = None
             self.next_stage = request.next_stage
             if request.next_stage:
-                self._next_channel = insecure_channel(request.next_stage)
+                self._next_channel = channel(request.next_stage, self.tls)
             log.info(
                 "loaded layers %s in %.1f s; next stage: %s",
                 layer_range,
@@ -143,7 +152,7 @@ class StageService(pbg.StageServicer):
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeReply:
         """Time this stage's link to another (it calls Echo there, with this cluster's token)."""
         await self._authorize(context)
-        other = StageClient(request.address, request.address, self.token)
+        other = StageClient(request.address, request.address, self.token, self.tls)
         try:
             link = await time_link(other, request.rounds, request.payload_bytes)
         except StageError as error:
@@ -227,7 +236,10 @@ class StageService(pbg.StageServicer):
                     await results.put(result)
                 await results.put(_END)
             except grpc.aio.AioRpcError as error:
-                await results.put(ConnectionError(f"next stage {self.next_stage} failed: {error.details()}"))
+                details = error.details() or error.code().name
+                problem = handshake_problem(details, secure=self.tls is not None)
+                what = problem or f"failed: {details}"
+                await results.put(ConnectionError(f"next stage {self.next_stage} {what}"))
 
         tasks = [asyncio.create_task(consume())]
         if downstream is not None:
@@ -269,22 +281,28 @@ class _Throttle:
         return True
 
 
-async def serve_stage(host: StageHost, address: str, token: str | None = None) -> None:
-    """Serve `host` on `address` ("host:port") until cancelled. OSError when the port cannot be bound."""
+async def serve_stage(
+    host: StageHost, address: str, token: str | None = None, tls: TlsFiles | None = None
+) -> None:
+    """Serve `host` on `address` ("host:port") until cancelled: mutual TLS with `tls` (callers need a
+    certificate of the same CA), plaintext without. OSError when the port cannot be bound."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    service = StageService(host, token=token)
+    service = StageService(host, token=token, tls=tls)
     pbg.add_StageServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     try:
-        server.add_insecure_port(address)
+        port = add_port(server, address, tls)
     except RuntimeError as error:
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (is the port in use?)")
     await server.start()
     log.info(
-        "meshllm worker %s listening on %s (engine %s, version %s)",
+        "meshllm worker %s listening on %s (engine %s, version %s, %s)",
         host.name,
         address,
         host.framework,
         VERSION,
+        "mutual TLS" if tls else "plaintext",
     )
     try:
         await server.wait_for_termination()

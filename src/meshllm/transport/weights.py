@@ -23,6 +23,7 @@ from meshllm.step import LayerRange
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata, token_problem
+from meshllm.transport.tls import TlsFiles, add_port, blocking_channel
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ class WeightsService(pbg.WeightsServicer):
 class WeightsServer:
     """The Weights service on its own gRPC server (the coordinator serves no stage protocol)."""
 
-    def __init__(self, source: WeightSource, address: str, token: str | None, name: str):
+    def __init__(
+        self, source: WeightSource, address: str, token: str | None, name: str, tls: TlsFiles | None = None
+    ):
         self.source = source
         self.address = address
         self.token = token
+        self.tls = tls  # mutual TLS with the cluster CA, like the stage links; None: plaintext
         self.name = name
         self._server: grpc.aio.Server | None = None
         self._service: WeightsService | None = None
@@ -120,11 +124,14 @@ class WeightsServer:
         self._service = WeightsService(self.source, self.token, self.name)
         pbg.add_WeightsServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
         try:
-            server.add_insecure_port(self.address)
+            bound = add_port(server, self.address, self.tls)
         except RuntimeError as error:
-            raise OSError(
-                f"cannot listen on {self.address} for weights: {error} (is the port in use?)"
-            ) from None
+            bound = 0
+            problem = str(error)
+        else:
+            problem = "the port is in use"
+        if not bound:
+            raise OSError(f"cannot listen on {self.address} for weights: {problem}")
         await server.start()
         self._server = server
         log.info("serving the weights of checkpoint %s on %s", self.source.key[:12], self.address)
@@ -140,11 +147,11 @@ class WeightsServer:
 class WeightsClient:
     """Blocking calls to one Weights service (a worker's compute thread makes them while it loads)."""
 
-    def __init__(self, address: str, token: str | None, key: str):
+    def __init__(self, address: str, token: str | None, key: str, tls: TlsFiles | None = None):
         self.address = address
         self.key = key
         self._metadata = token_metadata(token)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = blocking_channel(address, tls, CHANNEL_OPTIONS)
         self._stub = pbg.WeightsStub(self._channel)  # type: ignore[no-untyped-call]
 
     def _error(self, error: grpc.RpcError) -> StageError:

@@ -72,6 +72,7 @@ class Cluster:
         timeout: float = 20.0,
         ring_threshold: int = 256,
         tokens: list[str | None] | None = None,
+        tls: list[list[str] | None] | None = None,
         wait_ready: bool = True,
     ) -> None:
         self.world_size = world_size
@@ -88,6 +89,9 @@ class Cluster:
             token = tokens[rank] if tokens else None
             if token:
                 command += ["--token", token]
+            files = tls[rank] if tls else None
+            if files:  # the rank's CA, certificate and key
+                command += ["--tls-ca", files[0], "--tls-cert", files[1], "--tls-key", files[2]]
             stderr = open(self.logs / f"rank{rank}.log", "w")  # noqa: SIM115 (the process owns it)
             process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env

@@ -220,8 +220,12 @@ def rank_main() -> int:
     parser.add_argument("--timeout", type=float, required=True)
     parser.add_argument("--ring-threshold", type=int, required=True)
     parser.add_argument("--token")
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
     args = parser.parse_args()
     from meshllm.transport.comm import Communicator
+    from meshllm.transport.tls import TlsFiles
 
     def reply(message: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -232,6 +236,7 @@ def rank_main() -> int:
         comm = Communicator(
             args.rank, len(addresses), addresses, token=args.token, timeout=args.timeout,
             ring_threshold=args.ring_threshold,
+            tls=TlsFiles.from_options(args.tls_ca, args.tls_cert, args.tls_key),
         )  # fmt: skip
     except Exception as error:
         reply({"ok": False, "error": f"{type(error).__name__}: {error}"})

@@ -32,6 +32,7 @@ from meshllm.transport.comm.mailbox import COLLECTIVE, POINT_TO_POINT, Arrival, 
 from meshllm.transport.comm.reduce import REDUCE_OPS
 from meshllm.transport.comm.wire import Payload
 from meshllm.transport.tensors import check_framework, dtype_name, framework_of, from_buffer
+from meshllm.transport.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class Communicator:
     host:base_port+i. This rank listens on its own address only. The constructor returns once every
     peer answered (they may start in any order), or raises after `timeout` seconds.
     token: the cluster token; when set, every call carries it and the server refuses calls without it.
+    tls: this rank's certificates (`meshllm.transport.tls.TlsFiles`: the cluster CA, its certificate and
+    key): every link is then mutual TLS and a peer without a certificate of that CA is refused at the
+    handshake; None: plaintext (loopback, or a network you trust).
     framework: what `recv` and a non-root `broadcast` return when given no `like` ("numpy", "torch" or
     "mlx"). Arrays handed in come back in their own framework, dtype (and torch device).
     """
@@ -94,6 +98,7 @@ class Communicator:
         token: str | None = None,
         timeout: float = 30.0,
         *,
+        tls: TlsFiles | None = None,
         framework: str = "numpy",
         ring_threshold: int = RING_THRESHOLD,
     ) -> None:
@@ -117,7 +122,7 @@ class Communicator:
         self.framework = framework
         self.ring_threshold = ring_threshold
         self._mailbox = Mailbox(rank, self.describe_peer)
-        self._links = Links(rank, self.addresses, token or None, self._mailbox, self.describe_peer)
+        self._links = Links(rank, self.addresses, token or None, self._mailbox, self.describe_peer, tls)
         self._collective_lock = threading.Lock()
         self._collectives = 0  # collectives started on this rank; numbers the next one
         self._closed = False

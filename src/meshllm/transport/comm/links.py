@@ -31,7 +31,8 @@ from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
 from meshllm.transport.comm.server import CommServicer
 from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Payload
 from meshllm.transport.proto import comm_pb2, comm_pb2_grpc
-from meshllm.transport.rpc import token_metadata
+from meshllm.transport.rpc import handshake_problem, token_metadata
+from meshllm.transport.tls import TlsFiles, add_port, blocking_channel
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class Links:
         token: str | None,
         mailbox: Mailbox,
         describe_peer: Callable[[int], str],
+        tls: TlsFiles | None = None,
     ) -> None:
         self.rank = rank
+        self.tls = tls
         self.addresses = addresses
         self.world_size = len(addresses)
         self.token = token
@@ -102,7 +105,7 @@ class Links:
         server = grpc.server(workers, options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((CommServicer(self).handler(),))
         try:
-            port = server.add_insecure_port(address)
+            port = add_port(server, address, self.tls)
             reason = "bind failed"
         except RuntimeError as error:
             port, reason = 0, str(error)
@@ -119,7 +122,7 @@ class Links:
                 self._connect(peer, deadline, timeout)
 
     def _connect(self, peer: int, deadline: float, timeout: float) -> None:
-        channel = self._channels[peer] = grpc.insecure_channel(self.addresses[peer], options=CLIENT_OPTIONS)
+        channel = self._channels[peer] = blocking_channel(self.addresses[peer], self.tls, CLIENT_OPTIONS)
         stub = comm_pb2_grpc.CommStub(channel)
         self._hello(stub, peer, deadline, timeout)
         outbox = self._outboxes[peer] = Outbox(self.rank)
@@ -139,6 +142,7 @@ class Links:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._raise_if_handshake_fails(stub, peer, request)
                 raise CommTimeoutError(
                     f"rank {self.rank}: {self.describe_peer(peer)} did not answer within {timeout:g} s: "
                     "is that rank started, and is its address right?"
@@ -163,6 +167,18 @@ class Links:
                 f"rank {self.rank}: {self.addresses[peer]} answered as rank {reply.rank} of {reply.world_size}, "
                 f"expected rank {peer} of {self.world_size}: check the address list"
             )
+
+    def _raise_if_handshake_fails(
+        self, stub: comm_pb2_grpc.CommStub, peer: int, request: comm_pb2.CommHelloRequest
+    ) -> None:
+        """After waiting in vain: one call that fails fast tells whether the TLS handshake is the reason."""
+        try:
+            stub.Hello(request, metadata=self._metadata, timeout=2.0)
+        except grpc.RpcError as error:
+            details = error.details() or ""  # type: ignore[attr-defined]
+            problem = handshake_problem(details, secure=self.tls is not None)
+            if problem:
+                raise CommAuthError(f"rank {self.rank}: {self.describe_peer(peer)} {problem}") from None
 
     def submit(
         self,
