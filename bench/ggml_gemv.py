@@ -15,7 +15,7 @@ Weights go where llama.cpp would put them: each tensor into the first of the CPU
 types (AMX, then the repacking one: interleaved layouts for q4_0 / q4_K / q8_0 on this ISA) whose
 supports_op accepts its mat-vec, else a plain CPU buffer; the tied embedding stays in a plain buffer, as in
 llama.cpp, where it is also the input lookup (get_rows, which no extra buffer type takes). --no-extra puts
-every weight in a plain buffer (llama-bench's `-nr 1`, "no repack").
+every weight of the ggml graph in a plain buffer (llama-bench has no such switch: it keeps its placement).
 
 Against it: `llama-bench -p 0 -n 64 -r 1 -t T` on the same GGUF (tg only; its graph also has attention,
 norms, RoPE and the KV cache, which cost little at this length). Rounds interleave the two per type and
@@ -262,12 +262,10 @@ class GemvGraph:
         g.ggml_backend_free(self.backend)
 
 
-def llama_bench(llamacpp: Path, model: Path, threads: int, tokens: int, use_extra: bool) -> float:
+def llama_bench(llamacpp: Path, model: Path, threads: int, tokens: int) -> float:
     """tokens/s of one llama-bench tg run (-p 0 -n TOKENS -r 1; it warms up first)."""
     command = [str(llamacpp_binary(llamacpp, "llama-bench")), "-m", str(model), "-o", "json"]
     command += ["-p", "0", "-n", str(tokens), "-r", "1", "-t", str(threads)]
-    if not use_extra:
-        command += ["-nr", "1"]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1800).stdout
     return float(json.loads(output)[0]["avg_ts"])
 
@@ -299,7 +297,7 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of ggml and llama-bench")
     parser.add_argument("--tokens", type=int, default=64, help="tokens a measurement (llama-bench -n)")
-    parser.add_argument("--no-extra", action="store_true", help="plain CPU buffers only, llama-bench -nr 1")
+    parser.add_argument("--no-extra", action="store_true", help="ggml weights in plain CPU buffers only")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
     args = parser.parse_args()
     kinds = [kind.strip() for kind in args.types.split(",") if kind.strip()]
@@ -320,9 +318,7 @@ def main() -> int:
             for t in threads:
                 graph.set_threads(t)
                 rows[kind, t].ggml.append(graph.tokens_per_s(args.tokens))
-                rows[kind, t].llamacpp.append(
-                    llama_bench(args.llamacpp, models[kind], t, args.tokens, use_extra)
-                )
+                rows[kind, t].llamacpp.append(llama_bench(args.llamacpp, models[kind], t, args.tokens))
                 print(
                     f"  round {round_ + 1}: {kind} {t} thread(s): ggml {rows[kind, t].ggml[-1]:.1f} tok/s, "
                     f"llama.cpp {rows[kind, t].llamacpp[-1]:.1f} tok/s",

@@ -24,7 +24,7 @@ def default_engine() -> str:
 
 
 def engine_loader(engine: str) -> LoadStage:
-    """The `load_stage` of `engine` ('torch' or 'mlx'); a ConfigError naming the fix when it is missing."""
+    """The `load_stage` of `engine` ('torch', 'mlx' or 'ggml'); a ConfigError naming the fix when it is missing."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     try:
@@ -74,6 +74,10 @@ def read_bandwidth(
 
         return torch_bandwidth(dtype, quantize, group_size, device)
     engine_loader(engine)  # a clear error when the engine is missing
+    if engine == "ggml":
+        from meshllm.engines.ggml.stage import read_bandwidth as ggml_bandwidth
+
+        return ggml_bandwidth(dtype, quantize)
     from meshllm.engines.mlx.stage import read_bandwidth as mlx_bandwidth
 
     return mlx_bandwidth(dtype, quantize, group_size, device)
@@ -83,6 +87,8 @@ def guess_device_type(engine: str, device: str | None) -> str:
     """The device type a stage of `engine` would compute on, asked before any stage is loaded."""
     if engine == "mlx":
         return "metal" if default_engine() == "mlx" else "cpu"
+    if engine == "ggml":
+        return "cpu"
     if device and device != "auto":
         return device.split(":")[0]
     from meshllm.engines.torch.stage import pick_device
