@@ -132,6 +132,8 @@ class GgmlStage:
     """Layers `[start, end)`; embeds when first; norm, lm_head and logits when last."""
 
     engine = "ggml"
+    _buffer: Any = None  # the weights' backend buffer, and the context of their tensors
+    _weight_ctx: Any = None
 
     def __init__(
         self,
@@ -174,7 +176,7 @@ class GgmlStage:
 
     def close(self) -> None:
         g = self.g
-        if getattr(self, "_buffer", None):
+        if self._buffer:
             g.ggml_backend_buffer_free(self._buffer)
             g.ggml_free(self._weight_ctx)
             g.ggml_backend_free(self.backend)
@@ -258,6 +260,7 @@ class GgmlStage:
     def forward(self, step: StepInput) -> StepOutput:
         segments = step.segments
         n_tokens = sum(s.n_tokens for s in segments)
+        inputs: np.ndarray
         if self.is_first:
             if step.token_ids is None:
                 raise StageError("the first stage needs token ids")
