@@ -114,6 +114,11 @@ def test_quantized_weights_follow_float32(quantize, min_correlation, checkpoints
     assert np.corrcoef(logits, expected_logits[0])[0, 1] > min_correlation
     assert int(logits.argmax()) == expected_tokens[0]
     assert stage.weight_bytes() < full.weight_bytes() / (3 if quantize == "int8" else 5)
+    import ggml
+
+    if quantize == "int4" and ggml.ggml_cpu_has_avx2():
+        # q4_0 matrices in ggml's repacked (interleaved) layout, as llama.cpp holds them on such CPUs
+        assert stage.weights.placement.get("CPU_REPACK", 0) > 0
 
 
 def test_a_stage_holds_only_its_layers(checkpoints):

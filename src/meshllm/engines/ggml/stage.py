@@ -126,14 +126,14 @@ class Weights:
 
     tensors: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
+    placement: dict[str, int] = field(default_factory=dict)  # buffer type name -> tensors held in it
 
 
 class GgmlStage:
     """Layers `[start, end)`; embeds when first; norm, lm_head and logits when last."""
 
     engine = "ggml"
-    _buffer: Any = None  # the weights' backend buffer, and the context of their tensors
-    _weight_ctx: Any = None
+    backend: Any = None
 
     def __init__(
         self,
@@ -152,6 +152,7 @@ class GgmlStage:
         self.is_first, self.is_last = is_first, is_last
         self.dtype, self.quantize = dtype, quantize
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        self._buffers: list[tuple[Any, Any]] = []  # (tensor context, backend buffer) per buffer type
         self.backend = g.ggml_backend_cpu_init()
         if not self.backend:
             raise StageError("ggml: the CPU backend did not start")
@@ -176,11 +177,13 @@ class GgmlStage:
 
     def close(self) -> None:
         g = self.g
-        if self._buffer:
-            g.ggml_backend_buffer_free(self._buffer)
-            g.ggml_free(self._weight_ctx)
+        for ctx, buffer in self._buffers:
+            g.ggml_backend_buffer_free(buffer)
+            g.ggml_free(ctx)
+        self._buffers = []
+        if self.backend:
             g.ggml_backend_free(self.backend)
-            self._buffer = None
+            self.backend = None
 
     def __del__(self) -> None:
         try:
@@ -188,55 +191,107 @@ class GgmlStage:
         except Exception:  # the interpreter may be shutting down
             pass
 
+    def extra_buffer_types(self) -> list[Any]:
+        """The CPU backend's extra buffer types (AMX, CPU_REPACK, ... as this build and CPU have them), in
+        the order llama.cpp tries them: layouts the quantized mat-mul kernels read fastest."""
+        g = self.g
+        device = g.ggml_backend_get_device(self.backend)
+        registry = g.ggml_backend_dev_backend_reg(device)
+        address = g.ggml_backend_reg_get_proc_address(registry, b"ggml_backend_dev_get_extra_bufts")
+        if not address:
+            return []
+        listed = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)(device)
+        found: list[Any] = []
+        while listed[len(found)]:
+            found.append(listed[len(found)])
+        return found
+
+    def _takes(self, buft: Any, kind: int, columns: int, rows: int) -> bool:
+        """Whether `buft` takes a mat-mul of such a weight by float32 activations: llama.cpp's own test, a
+        mul_mat node whose weight sits in an empty buffer of that type, asked of the device."""
+        g = self.g
+        ctx = g.ggml_init(
+            g.ggml_init_params(mem_size=g.ggml_tensor_overhead() * 4, mem_buffer=None, no_alloc=True)
+        )
+        probe = g.ggml_backend_buft_alloc_buffer(buft, 0)
+        try:
+            weight = g.ggml_new_tensor_2d(ctx, kind, columns, rows)
+            op = g.ggml_mul_mat(ctx, weight, g.ggml_new_tensor_2d(ctx, g.GGML_TYPE_F32, columns, 2))
+            weight.contents.buffer = probe
+            return bool(g.ggml_backend_dev_supports_op(g.ggml_backend_get_device(self.backend), op))
+        finally:
+            g.ggml_backend_buffer_free(probe)
+            g.ggml_free(ctx)
+
     def _upload(self, arrays: dict[str, np.ndarray], matrix_type: int) -> Weights:
-        """Every parameter into one backend buffer: matrices in `matrix_type`, vectors in float32."""
+        """Every parameter into backend buffers: matrices in `matrix_type`, vectors in float32. Quantized
+        matrices go, as in llama.cpp, into the first extra buffer type that takes their mat-mul (the AMX
+        or repacked layouts), except the embedding table, which is looked up (get_rows), not multiplied."""
         g = self.g
         blocked = g.ggml_blck_size(matrix_type) > 1
-        ctx = g.ggml_init(
-            g.ggml_init_params(
-                mem_size=g.ggml_tensor_overhead() * (len(arrays) + 4), mem_buffer=None, no_alloc=True
-            )
+        plain = g.ggml_backend_get_default_buffer_type(self.backend)
+        # not AMX's: its kernels crashed on this engine's graphs (a mat-mul over several tokens, tiny rows)
+        extra = (
+            [b for b in self.extra_buffer_types() if g.ggml_backend_buft_name(b) != b"AMX"] if blocked else []
         )
-        self._weight_ctx = ctx
-        planned: list[tuple[Any, np.ndarray, int]] = []
-        weights = Weights()
+        placed: dict[int, tuple[Any, list[tuple[str, np.ndarray, int]]]] = {}
         for name, array in arrays.items():
             array = np.ascontiguousarray(array, dtype=np.float32)
-            # the embedding is only looked up on a first stage that is not also the lm_head
             kind = matrix_type if array.ndim == 2 else int(g.GGML_TYPE_F32)
-            if kind != g.GGML_TYPE_F32 and blocked and array.shape[1] % QUANT_BLOCK:
-                raise ConfigError(
-                    f"{name}: rows of {array.shape[1]} weights cannot be held in ggml blocks of {QUANT_BLOCK}"
+            buft = plain
+            if kind != g.GGML_TYPE_F32 and blocked:
+                if array.shape[1] % QUANT_BLOCK:
+                    raise ConfigError(
+                        f"{name}: rows of {array.shape[1]} weights cannot be held in ggml blocks of {QUANT_BLOCK}"
+                    )
+                if name != "embed_tokens.weight":
+                    rows, columns = array.shape
+                    buft = next((b for b in extra if self._takes(b, kind, columns, rows)), plain)
+            placed.setdefault(int(buft), (buft, []))[1].append((name, array, kind))
+        weights = Weights()
+        for buft, members in placed.values():
+            ctx = g.ggml_init(
+                g.ggml_init_params(
+                    mem_size=g.ggml_tensor_overhead() * (len(members) + 4), mem_buffer=None, no_alloc=True
                 )
-            if array.ndim == 2:
-                tensor = g.ggml_new_tensor_2d(ctx, kind, array.shape[1], array.shape[0])
-            else:
-                tensor = g.ggml_new_tensor_1d(ctx, kind, array.shape[0])
-            g.ggml_set_name(tensor, name.encode()[:63])
-            weights.tensors[name] = tensor
-            planned.append((tensor, array, kind))
-        self._buffer = g.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
-        if not self._buffer:
-            raise StageError("ggml: could not allocate the stage's weights")
-        g.ggml_backend_buffer_set_usage(self._buffer, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-        for tensor, array, kind in planned:
-            if kind == g.GGML_TYPE_F32:
-                data = array
-            else:
-                rows, columns = array.shape
-                data = np.empty(g.ggml_row_size(kind, columns) * rows, dtype=np.uint8)
-                g.ggml_quantize_chunk(
-                    kind,
-                    array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                    data.ctypes.data_as(ctypes.c_void_p),
-                    0,
-                    rows,
-                    columns,
-                    None,
-                )
-            g.ggml_backend_tensor_set(tensor, data.ctypes.data_as(ctypes.c_void_p), 0, data.nbytes)
-            weights.nbytes += data.nbytes
+            )
+            tensors = []
+            for name, array, kind in members:
+                if array.ndim == 2:
+                    tensor = g.ggml_new_tensor_2d(ctx, kind, array.shape[1], array.shape[0])
+                else:
+                    tensor = g.ggml_new_tensor_1d(ctx, kind, array.shape[0])
+                g.ggml_set_name(tensor, name.encode()[:63])
+                weights.tensors[name] = tensor
+                tensors.append(tensor)
+            buffer = g.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
+            if not buffer:
+                g.ggml_free(ctx)
+                raise StageError("ggml: could not allocate the stage's weights")
+            self._buffers.append((ctx, buffer))
+            g.ggml_backend_buffer_set_usage(buffer, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            weights.placement[g.ggml_backend_buft_name(buft).decode()] = len(members)
+            for tensor, (_, array, kind) in zip(tensors, members, strict=True):
+                data = array if kind == g.GGML_TYPE_F32 else self._encode(array, kind)
+                g.ggml_backend_tensor_set(tensor, data.ctypes.data_as(ctypes.c_void_p), 0, data.nbytes)
+                weights.nbytes += data.nbytes
         return weights
+
+    def _encode(self, array: np.ndarray, kind: int) -> np.ndarray:
+        """A float32 `[rows, columns]` matrix in ggml type `kind` (f16, bf16 or a block format)."""
+        g = self.g
+        rows, columns = array.shape
+        data = np.empty(g.ggml_row_size(kind, columns) * rows, dtype=np.uint8)
+        g.ggml_quantize_chunk(
+            kind,
+            array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            data.ctypes.data_as(ctypes.c_void_p),
+            0,
+            rows,
+            columns,
+            None,
+        )
+        return data
 
     def _cache(self, seq_id: int, start_pos: int) -> SequenceCache:
         cache = self._caches.get(seq_id)
@@ -505,12 +560,13 @@ def load_stage(
     stage = GgmlStage(config, bounds.layer_range, bounds.is_first, bounds.is_last, arrays, dtype, quantize)
     held = f"{dtype}, linear layers {quantize}" if quantize else dtype
     log.info(
-        "loaded layers %s of %s on ggml: %.1f MB (%s, %d threads)",
+        "loaded layers %s of %s on ggml: %.1f MB (%s, %d threads; tensors per buffer type %s)",
         stage.layer_range,
         checkpoint.name,
         stage.weight_bytes() / 1e6,
         held,
         stage.threads,
+        stage.weights.placement,
     )
     return stage
 
@@ -527,6 +583,7 @@ def read_bandwidth(dtype: str, quantize: str | None) -> float:
     kind = weight_type(g, dtype, quantize)
     stage = GgmlStage.__new__(GgmlStage)
     stage.g = g  # only the weight upload of a stage: no model around it
+    stage._buffers = []
     stage.backend = g.ggml_backend_cpu_init()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     g.ggml_backend_cpu_set_n_threads(stage.backend, threads)
