@@ -1,7 +1,7 @@
 """A ggml pipeline stage: layers `[start, end)` of a Llama-family checkpoint as a ggml graph on the CPU.
 
 ggml (the tensor library under llama.cpp) is driven through its Python bindings, `ggml-python`. The
-stage holds its weights in one ggml backend buffer, in float32, float16 or bfloat16, or quantized at
+stage holds its weights in ggml backend buffers, in float32, float16 or bfloat16, or quantized at
 load to ggml's block formats (`quantize="int8"` → q8_0, `"int4"` → q4_0: blocks of 32 weights, one scale
 each). A step is one graph: every linear layer runs once over the `T` tokens of the step; attention runs
 per segment, against that sequence's cache. The variants are fields of `ModelConfig`, as in the torch
