@@ -17,7 +17,7 @@ With --llamacpp DIR it runs DIR/build/bin/llama-bench on GGUFs of the same check
 -p PROMPT -n 64) and prints meshllm / llama.cpp beside each row (bfloat16 ↔ bf16, int8 ↔ q8_0,
 int4 ↔ q4_0; llama-bench's tg64 decodes one sequence from an empty context).
 
-    .venv/bin/python bench/engine_decode.py [--shape 0.6b|1.7b] [--llamacpp DIR] [--json]
+    .venv/bin/python bench/engine_decode.py [--shape 0.6b|1.7b] [--llamacpp DIR] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -238,6 +238,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llamacpp", type=Path, default=None, help="a llama.cpp checkout built in DIR/build")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the figures to FILE.png (needs matplotlib)"
+    )
     args = parser.parse_args()
     args.threads = [int(n) for n in args.threads.split(",")]
     modes = [mode for mode in args.modes.split(",") if mode]
@@ -301,29 +304,33 @@ def main() -> int:
         print(line)
     if commit is not None:
         print_llamacpp(llama_results, bandwidth)
+    figures = {
+        "shape": args.shape,
+        "torch": torch.__version__,
+        "machine": [load_before, machine_load()],
+        "read_bandwidth_gbs": {str(threads): bandwidth[threads] for threads in args.threads},
+        "rows": [
+            {
+                "mode": row.mode,
+                "threads": row.threads,
+                "test": row.test,
+                "tokens_per_s": row.tokens_per_s,
+                "weight_bytes_per_token": row.weight_bytes_per_token,
+                "weight_gb_per_s": row.weight_gb_per_s,
+                "bandwidth_fraction": row.bandwidth_fraction,
+                "llamacpp_tokens_per_s": row.llamacpp_tokens_per_s,
+            }
+            for row in rows
+        ],
+        "llamacpp_commit": commit,
+        "llamacpp": llama_results,
+    }
     if args.json:
-        figures = {
-            "shape": args.shape,
-            "torch": torch.__version__,
-            "machine": [load_before, machine_load()],
-            "read_bandwidth_gbs": {str(threads): bandwidth[threads] for threads in args.threads},
-            "rows": [
-                {
-                    "mode": row.mode,
-                    "threads": row.threads,
-                    "test": row.test,
-                    "tokens_per_s": row.tokens_per_s,
-                    "weight_bytes_per_token": row.weight_bytes_per_token,
-                    "weight_gb_per_s": row.weight_gb_per_s,
-                    "bandwidth_fraction": row.bandwidth_fraction,
-                    "llamacpp_tokens_per_s": row.llamacpp_tokens_per_s,
-                }
-                for row in rows
-            ],
-            "llamacpp_commit": commit,
-            "llamacpp": llama_results,
-        }
         print(json.dumps(figures))
+    if args.plot:
+        from plots import plot_engine_decode
+
+        print(f"plot: {plot_engine_decode(figures, args.plot)}")
     return 0
 
 

@@ -4,7 +4,7 @@ Decode of one sequence is latency-bound, so every extra hop adds its transport t
 overhead per hop = (ms per token with N stages - ms per token with 1 stage) / (N - 1).
 Also reports decode throughput with 8 concurrent sequences, where steps of different sequences overlap.
 
-    .venv/bin/python bench/hop_overhead.py [--tokens 64] [--json]
+    .venv/bin/python bench/hop_overhead.py [--tokens 64] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ def main() -> int:
     )
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the figures to FILE.png (needs matplotlib)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -94,8 +97,13 @@ def main() -> int:
             f"{n:>6}  {figures['ms_per_token']:>9.2f}  {figures['tokens_per_s']:>9.1f}  "
             f"{figures['batch8_tokens_per_s']:>16.1f}  {hop:>16}"
         )
+    report = {"stages": results, "overhead_per_hop_ms": overhead}
     if args.json:
-        print(json.dumps({"stages": results, "overhead_per_hop_ms": overhead}))
+        print(json.dumps(report))
+    if args.plot:
+        from plots import plot_hop_overhead
+
+        print(f"plot: {plot_hop_overhead(report, args.plot)}")
     return 0
 
 

@@ -1,10 +1,12 @@
 """Through the HTTP API: time to first token and decode speed, one request at a time and many at once.
 
-Starts `meshllm serve` on a random-weight checkpoint (2 stages: this machine's coordinator stage plus one
-worker process), sends streamed chat requests with `ignore_eos` so each yields exactly --tokens tokens,
-and prints TTFT (p50, p90) and tokens/s per stream and in total, for each concurrency level.
+Starts `meshllm serve` on a random-weight checkpoint (2 stages by default: this machine's coordinator
+stage plus one worker process; `--stages 1,2,4` runs each in turn), sends streamed chat requests with
+`ignore_eos` so each yields exactly --tokens tokens, and prints TTFT (p50, p90) and tokens/s per stream
+and in total, for each concurrency level.
 
-    .venv/bin/python bench/serve_latency.py [--stages 2] [--tokens 64] [--concurrency 1,4,8] [--json]
+    .venv/bin/python bench/serve_latency.py [--stages 1,2,4] [--tokens 64] [--concurrency 1,4,8] [--json]
+        [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import SPEC, free_port
+from bench_common import SPEC, free_port, machine_load
 
 from meshllm.models.tiny import make_checkpoint
 
@@ -74,54 +76,70 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--stages", default="2", help="comma-separated stage counts, each served in turn")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated numbers of parallel requests")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the figures to FILE.png (needs matplotlib)"
+    )
     args = parser.parse_args()
     levels = [int(level) for level in args.concurrency.split(",")]
+    stage_counts = [int(n) for n in args.stages.split(",")]
 
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    load_before = machine_load()
     with tempfile.TemporaryDirectory() as folder:
         path = make_checkpoint(Path(folder) / "bench", arch="qwen3", spec=SPEC)
-        port = free_port()
-        command = [sys.executable, "-m", "meshllm", "serve", "--model", str(path), "--port", str(port)]
-        command += ["--stages", str(args.stages), "--served-model-name", "bench"]
-        serve = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if serve.poll() is not None:
-                    raise SystemExit("meshllm serve exited during start")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("meshllm serve did not become healthy in 120 s")
-                time.sleep(0.3)
-            for level in levels:
-                results[str(level)] = asyncio.run(measure(url, args.tokens, level))
-        finally:
-            serve.send_signal(signal.SIGINT)
-            serve.wait(timeout=30)
+        for stages in stage_counts:
+            results[str(stages)] = serve_and_measure(path, stages, args.tokens, levels)
 
+    print(f"checkpoint: qwen3-shaped, {SPEC.num_hidden_layers} layers, hidden {SPEC.hidden_size}")
+    print(f"machine: {load_before} at the start, {machine_load()} at the end")
     print(
-        f"checkpoint: qwen3-shaped, {SPEC.num_hidden_layers} layers, hidden {SPEC.hidden_size}; {args.stages} stages"
+        f"{'stages':>6}  {'streams':>7}  {'TTFT p50 ms':>11}  {'TTFT p90 ms':>11}  {'tok/s a stream':>14}  "
+        f"{'tok/s total':>11}"
     )
-    print(
-        f"{'streams':>7}  {'TTFT p50 ms':>11}  {'TTFT p90 ms':>11}  {'tok/s a stream':>14}  {'tok/s total':>11}"
-    )
-    for level, figures in results.items():
-        print(
-            f"{level:>7}  {figures['ttft_p50_ms']:>11.1f}  {figures['ttft_p90_ms']:>11.1f}  "
-            f"{figures['tokens_per_s_per_stream']:>14.1f}  {figures['tokens_per_s_total']:>11.1f}"
-        )
+    for stages, by_level in results.items():
+        for level, figures in by_level.items():
+            print(
+                f"{stages:>6}  {level:>7}  {figures['ttft_p50_ms']:>11.1f}  {figures['ttft_p90_ms']:>11.1f}  "
+                f"{figures['tokens_per_s_per_stream']:>14.1f}  {figures['tokens_per_s_total']:>11.1f}"
+            )
+    report = {"tokens": args.tokens, "machine": [load_before, machine_load()], "stages": results}
     if args.json:
-        print(json.dumps({"stages": args.stages, "tokens": args.tokens, "concurrency": results}))
+        print(json.dumps(report))
+    if args.plot:
+        from plots import plot_serve_latency
+
+        print(f"plot: {plot_serve_latency(report, args.plot)}")
     return 0
+
+
+def serve_and_measure(path: Path, stages: int, tokens: int, levels: list[int]) -> dict[str, dict[str, float]]:
+    """`meshllm serve --stages N` on the checkpoint, every concurrency level measured, then stopped by pid."""
+    port = free_port()
+    command = [sys.executable, "-m", "meshllm", "serve", "--model", str(path), "--port", str(port)]
+    command += ["--stages", str(stages), "--served-model-name", "bench"]
+    serve = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if serve.poll() is not None:
+                raise SystemExit("meshllm serve exited during start")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("meshllm serve did not become healthy in 120 s")
+            time.sleep(0.3)
+        return {str(level): asyncio.run(measure(url, tokens, level)) for level in levels}
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=30)
 
 
 if __name__ == "__main__":

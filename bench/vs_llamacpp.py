@@ -12,7 +12,7 @@ Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.c
   with --llamacpp DIR: llama-server single-process with 2 threads, and llama-server --rpc over two
   rpc-servers of 1 thread each (every layer on them: -ngl 99), on GGUFs in bf16 and q8_0.
 
-    .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--json]
+    .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -336,6 +336,9 @@ def main() -> int:
     parser.add_argument("--llamacpp", type=Path, default=None, help="a llama.cpp checkout built in DIR/build")
     parser.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the figures to FILE.png (needs matplotlib)"
+    )
     args = parser.parse_args()
     args.levels = [int(level) for level in args.concurrency.split(",")]
 
@@ -393,17 +396,21 @@ def main() -> int:
         print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
         for pair, values in ratios.items():
             print(f"{pair:<42} " + " ".join(f"{values[str(level)]:>12.2f}" for level in args.levels))
+    report: dict[str, Any] = {
+        "shape": args.shape,
+        "tokens": args.tokens,
+        "machine": [load_before, machine_load()],
+        "llamacpp_commit": commit,
+        "servers": results,
+        "ratios": ratios,
+        "notes": notes,
+    }
     if args.json:
-        report: dict[str, Any] = {
-            "shape": args.shape,
-            "tokens": args.tokens,
-            "machine": [load_before, machine_load()],
-            "llamacpp_commit": commit,
-            "servers": results,
-            "ratios": ratios,
-            "notes": notes,
-        }
         print(json.dumps(report))
+    if args.plot:
+        from plots import plot_vs_llamacpp
+
+        print(f"plot: {plot_vs_llamacpp(report, args.plot)}")
     return 0
 
 

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from meshllm.defaults import PREDICT_ENV
 from meshllm.models.tiny import TinySpec, make_checkpoint
 from meshllm.runtime.local_workers import LocalWorkers, free_ports
 
 # Several stage processes share this machine's cores in the tests: keep each one from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No calibration and speed prediction at every coordinator start: a second or more per device on a busy
+# machine. The tests of the prediction turn it back on.
+os.environ[PREDICT_ENV] = "0"
 
 
 def free_port() -> int:
@@ -52,6 +56,7 @@ class WorkerProcess:
         engine: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | None = None,
     ):
         import tempfile
 
@@ -60,7 +65,7 @@ class WorkerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"meshllm-{name}-", suffix=".log", delete=False)
         worker = LocalWorkers().start(
-            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env
+            name, self.port, token, threads=1, engine=engine, output=self.log.fileno(), env=env, cwd=cwd
         )
         self.process = worker.process
 

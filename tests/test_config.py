@@ -122,6 +122,10 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
             "[cluster]: api_port must be an integer between",
         ),
         (('model = "demo"', 'modle = "demo"'), "[cluster]: unknown key 'modle' (did you mean 'model'?)"),
+        (
+            ('model = "demo"', 'model = "demo"\nreplan_after = -1'),
+            "[cluster]: replan_after must be a number of at least 0, got -1",
+        ),
         (('model = "demo"', 'name = "x"'), "[cluster]: model is required"),
         (('name = "w1"', 'name = "head"'), "two devices are named 'head'"),
         (
@@ -137,6 +141,14 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
         (
             ('model = "demo"', 'model = "demo"\ntoken = "a"\ntoken_file = "t"'),
             "give token or token_file, not both",
+        ),
+        (
+            ('name = "head"', 'name = "head"\nmodel_path = "/models/x"'),
+            "device 'head': model_path is for workers; the coordinator reads [cluster] model",
+        ),
+        (
+            ('model = "demo"', 'model = "demo"\napi_port = 9000\nweights_port = 50051'),
+            "the coordinator serves weights on port 50051, which device 'w1' uses on 127.0.0.1",
         ),
     ],
 )
@@ -193,3 +205,32 @@ def test_docs_describe_every_key() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     for key in [*ClusterSettings.model_fields, *Device.model_fields]:
         assert f"`{key}`" in doc, f"docs/configuration.md does not describe `{key}`"
+
+
+@pytest.mark.parametrize(
+    ("value", "flag"), [("0", ["--replan-after", "0"]), ("7.5", ["--replan-after", "7.5"])]
+)
+def test_replan_after_reaches_the_coordinator_s_command_line(
+    tmp_path: Path, value: str, flag: list[str]
+) -> None:
+    from meshllm.cluster.start import Starter
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        f'[cluster]\nmodel = "demo"\nreplan_after = {value}\n'
+        '[[device]]\nname = "head"\nhost = "127.0.0.1"\n[[device]]\nname = "w1"\nhost = "127.0.0.1"\n'
+    )
+    cluster = load_cluster(path)
+    argv = Starter(cluster, force=False, timeout=10).coordinator_argv(cluster.device[0])
+    at = argv.index("--replan-after")
+    assert argv[at : at + 2] == flag
+
+
+def test_workers_take_weights_from_the_coordinator_unless_they_have_a_model_path(tmp_path: Path) -> None:
+    cluster = load_cluster(write(tmp_path, MINIMAL.replace('name = "w2"', 'name = "w2"\nmodel_path = "m"')))
+    assert [device.model_path for device in cluster.workers] == [None, "m"]
+    assert cluster.takes_weights and cluster.weights_port == cluster.cluster.api_port + 1
+    every = MINIMAL.replace('name = "w1"', 'name = "w1"\nmodel_path = "m"').replace(
+        'name = "w2"', 'name = "w2"\nmodel_path = "m"'
+    )
+    assert not load_cluster(write(tmp_path, every, "every.toml")).takes_weights

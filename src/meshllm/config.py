@@ -74,6 +74,12 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"must be a number of at least 0, got {value!r}")
+    return float(value)
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"must be an integer of at least 1, got {value!r}")
@@ -111,6 +117,7 @@ Name = Annotated[str, BeforeValidator(_name)]
 Text = Annotated[str, BeforeValidator(_text)]
 Host = Annotated[str, BeforeValidator(_host)]
 PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
+NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 Engine = Annotated[EngineName, _choice(*ENGINES)]
 Dtype = Annotated[DtypeName, _choice(*DTYPES)]
@@ -141,6 +148,8 @@ class ClusterSettings(_Frozen):
     state_dir: Path  # pid files, local logs and the generated token
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
     replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
+    replan_after: NonNegativeNumber | None = None  # seconds before a lost worker's layers move (0: never)
+    weights_port: Port | None = None  # where workers without a copy fetch weights; None: api_port + 1
 
 
 class Device(_Frozen):
@@ -162,6 +171,15 @@ class Device(_Frozen):
     memory: PositiveNumber | None = None  # GB the plan may use here (default: what the machine has free)
     threads: PositiveInt | None = None  # compute threads (default: the machine's cores ÷ its stages)
     env: Env = {}
+    # This worker's own copy of the model (a folder there, relative to workdir, or a hub id it downloads
+    # itself); None: it takes its layers' weights from the coordinator.
+    model_path: Text | None = None
+    venv: Text | None = (
+        None  # where `cluster install` makes meshllm's venv there (default <workdir>/.meshllm/venv)
+    )
+    # The index `cluster install` takes torch from: None chooses by platform (the CPU build's index on
+    # Linux without an NVIDIA driver, else the device's own index); "" the device's own index.
+    torch_index: str | None = None
 
     @property
     def is_coordinator(self) -> bool:
@@ -217,6 +235,11 @@ class Cluster(_Frozen):
                     "give this worker another name"
                 )
             if device.is_coordinator:
+                if device.model_path is not None:
+                    raise ConfigError(
+                        f"{where}: device {device.name!r}: model_path is for workers; the coordinator reads "
+                        "[cluster] model"
+                    )
                 if device.port is not None:
                     raise ConfigError(
                         f"{where}: device {device.name!r}: port is for workers; the coordinator listens on "
@@ -232,6 +255,12 @@ class Cluster(_Frozen):
                     f"{key[0]}; give one of them another port"
                 )
             seen_addresses[key] = device.name
+        weights = (self.coordinator.host, self.weights_port)
+        if self.takes_weights and weights in seen_addresses:
+            raise ConfigError(
+                f"{where}: the coordinator serves weights on port {weights[1]}, which device "
+                f"{seen_addresses[weights]!r} uses on {weights[0]}; set [cluster] weights_port to another port"
+            )
         if self.cluster.token and self.cluster.token_file:
             raise ConfigError(f"{where}: [cluster]: give token or token_file, not both")
         return self
@@ -239,6 +268,16 @@ class Cluster(_Frozen):
     @property
     def name(self) -> str:
         return self.cluster.name
+
+    @property
+    def weights_port(self) -> int:
+        """Where the coordinator serves weights to the workers without their own copy."""
+        return self.cluster.weights_port or self.cluster.api_port + 1
+
+    @property
+    def takes_weights(self) -> bool:
+        """Some worker has no copy of its own and takes its weights from the coordinator."""
+        return any(device.model_path is None for device in self.workers)
 
     @property
     def coordinator(self) -> Device:

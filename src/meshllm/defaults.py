@@ -15,6 +15,8 @@ DEFAULT_GROUP_SIZE = 64
 
 DEFAULT_API_PORT = 8100  # the coordinator's HTTP API
 DEFAULT_STAGE_PORT = 50051  # the first worker's gRPC port; further workers on one host count up
+# "0": no calibration and no speed prediction at start (a second or so per device; the tests set it).
+PREDICT_ENV = "MESHLLM_PREDICT"
 TOKEN_ENV = "MESHLLM_TOKEN"  # where `meshllm worker` finds the cluster token when no flag names one
 # How `meshllm serve` names its own stage (in --memory and /distributed/gpu-info).
 COORDINATOR_STAGE = "coordinator"

@@ -11,11 +11,13 @@ import os
 import platform
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.step import LayerRange
 
 Status = Literal["healthy", "unreachable", "not loaded", "error"]
@@ -44,6 +46,7 @@ class DeviceStatus(BaseModel):
     version: str
     error: str = ""
     quantize: str = ""  # how its weights are held: int8 | int4 | "" (as stored)
+    in_plan: bool = True  # False: left out of the layer plan (it stayed down); the others run its layers
 
     @property
     def healthy(self) -> bool:
@@ -67,6 +70,32 @@ class HostDevice:
     memory_available: int
 
 
+class Precision(NamedTuple):
+    """How a stage holds its weights: the dtype, and int8/int4 for its linear layers (None: as stored)."""
+
+    dtype: str
+    quantize: str | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+
+
+class Calibration(NamedTuple):
+    """How fast a device runs decode's two costs: reading weights, and arithmetic over a batch of tokens."""
+
+    read_bandwidth: float  # bytes/s of weights read by one-token matmuls
+    flop_rate: float  # floating-point operations/s of matmuls over a batch of tokens
+
+
+class Link(NamedTuple):
+    """A link between two processes, as measured: what an empty call and a bulk transfer take."""
+
+    round_trip: float  # seconds
+    bandwidth: float  # bytes/s one way
+
+    def seconds(self, payload: int) -> float:
+        """One step's cost on this link: there and back, with `payload` bytes of activations."""
+        return self.round_trip + payload / self.bandwidth if self.bandwidth > 0 else self.round_trip
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """What a stage says about itself: its machine, what it has loaded, and its version."""
@@ -86,6 +115,9 @@ class StageInfo:
     protocol_version: int
     quantize: str = ""  # int8 | int4 | "" (the weights as stored)
     read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
+    flop_rate: float = 0.0  # floating-point operations/s over a batch of tokens, when measured
+    kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
+    kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
 
 
 def system_memory() -> tuple[int, int]:
@@ -114,3 +146,42 @@ def describe_host(device_type: str) -> HostDevice:
         available, total = torch.cuda.mem_get_info()
         name = torch.cuda.get_device_name()
     return HostDevice(socket.gethostname(), device_type, name, total, available)
+
+
+class WorkerExit(BaseModel):
+    """One exit of a supervised worker: how it ended and the last lines it wrote."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    how: str  # "status 1" | "signal SIGKILL"
+    at: float  # wall-clock seconds
+    log_tail: list[str] = []
+
+
+class SupervisorReport(BaseModel):
+    """What `meshllm supervise` writes to its status file after every change, for `cluster status`
+    and the coordinator: is the worker running, how often it exited, and how it last did."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    supervisor_pid: int
+    worker_pid: int | None  # None while it waits to start the worker again
+    state: Literal["running", "waiting", "stopped"]
+    exits: int = 0  # exits since the supervisor started
+    last_exit: WorkerExit | None = None
+    next_start_at: float | None = None  # wall-clock seconds, while waiting
+    updated_at: float = 0.0
+
+    def problem(self) -> str:
+        """One line about the worker's last exit (empty when it never exited)."""
+        if self.last_exit is None:
+            return ""
+        last = self.last_exit
+        line = next((text for text in reversed(last.log_tail) if text.strip()), "")
+        times = "once" if self.exits == 1 else f"{self.exits} times"
+        text = f"device '{self.name}': the worker exited {times}, last with {last.how} (pid {last.pid})"
+        if self.state == "waiting" and self.next_start_at is not None:
+            text += f"; started again in {max(0.0, self.next_start_at - time.time()):.0f} s"
+        return text + (f"; its last line: {line.strip()}" if line else "")

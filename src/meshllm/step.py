@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from meshllm.errors import ConfigError, MeshError
+from meshllm.errors import ConfigError, MeshError, StageError
 
 FinishReason = Literal["stop", "length"]  # an eos or stop token or string; max_tokens reached
 
@@ -137,6 +137,12 @@ class GeneratedToken:
     token_id: int
     logprob: float
     finish_reason: FinishReason | None = None  # "stop" (an eos or stop token), "length" or None
+
+
+class MalformedStep(StageError):
+    """A step that does not describe work a stage can do (shapes that disagree with its segments, positions
+    its caches do not hold, values no model produces). It is refused before any cache changes, so every
+    other sequence goes on as if it never came."""
 
 
 class PipelineError(MeshError):

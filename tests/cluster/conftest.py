@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from cluster_helpers import SshServer, free_port, meshllm, start_sshd, write_cluster_file
 
+from meshllm.runtime.local_workers import free_ports
+
 
 class ClusterFiles:
     """Writes cluster files into one folder and remembers them, so that teardown can stop them all."""
@@ -21,7 +23,9 @@ class ClusterFiles:
 
     def write(self, devices: list[dict[str, Any]], name: str = "test", **cluster: Any) -> Path:
         """A cluster file for `devices`; [cluster] gets the tiny checkpoint and a free API port by default."""
-        cluster = {"name": name, "model": str(self.checkpoint), "api_port": free_port(), **cluster}
+        api_port, weights_port = free_ports(2)
+        cluster = {"name": name, "model": str(self.checkpoint), "api_port": api_port, **cluster}
+        cluster.setdefault("weights_port", weights_port)
         path = write_cluster_file(self.folder / f"{name}.toml", cluster, devices)
         self.paths.append(path)
         return path

@@ -51,15 +51,32 @@ def test_another_meshllm_version_than_the_coordinators_is_refused(cluster_files,
     ) in error
 
 
-def test_a_model_folder_missing_on_a_worker_names_the_path_there(cluster_files, tmp_path: Path) -> None:
+def test_a_worker_s_own_model_folder_missing_there_is_named_with_both_fixes(
+    cluster_files, tmp_path: Path
+) -> None:
     here, there = tmp_path / "here", tmp_path / "there"
     here.mkdir(), there.mkdir()
     (here / "model").symlink_to(cluster_files.checkpoint)
-    devices = [coordinator_device(workdir=str(here)), worker_device(workdir=str(there))]
+    devices = [coordinator_device(workdir=str(here)), worker_device(workdir=str(there), model_path="./model")]
     path = cluster_files.write(devices, model="./model")
     error = start_fails(path)
-    assert f"device 'w1': model folder {there / 'model'} does not exist there" in error
+    assert (
+        f"device 'w1': model folder {there / 'model'} does not exist there (model_path = './model', relative "
+        f"to workdir {there}); copy the checkpoint there, or remove model_path for w1"
+    ) in error
     assert "device 'coordinator'" not in error
+
+
+def test_the_coordinator_s_model_folder_missing_is_named(cluster_files, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = cluster_files.write([coordinator_device(workdir=str(empty)), worker_device()], model="./model")
+    error = start_fails(path)
+    assert (
+        f"device 'coordinator': model folder {empty / 'model'} does not exist there (model = './model'"
+        in error
+    )
+    assert "device 'w1'" not in error  # it takes its weights from the coordinator
 
 
 def test_a_model_that_does_not_fit_says_how_much_memory_is_missing(cluster_files) -> None:

@@ -6,7 +6,10 @@ skip, except under CI (env CI), where they fail: .ci/run installs openssh-server
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from cluster_helpers import (
     pid_record,
     port_is_free,
     start_fails,
+    status_rows,
+    wait_until,
     worker_device,
 )
 
@@ -112,6 +117,16 @@ def test_a_worker_over_ssh_starts_serves_and_stops(cluster_files, sshd: SshServe
     assert remote_row[4] == "healthy"
     logs = meshllm("cluster", "logs", "remote", "-c", path, "-n", "3")  # read over ssh
     assert "[worker remote]" in logs.stdout, logs
+
+    # Its supervisor, on that machine, starts it again when it dies; status reads the exit over ssh.
+    status_file = Path(record["status_file"])
+    assert status_file == workdir / ".meshllm" / "viassh" / "status" / "remote.json"
+    worker = json.loads(status_file.read_text())["worker_pid"]
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: json.loads(status_file.read_text())["exits"] == 1, timeout=60)
+    wait_until(lambda: status_rows(path)["remote"][4] == "healthy", timeout=180)
+    again = meshllm("cluster", "status", "-c", path)
+    assert "device 'remote': the worker exited once, last with signal SIGKILL" in again.stdout, again
 
     stopped = meshllm("cluster", "stop", "-c", path)
     assert stopped.returncode == 0, stopped

@@ -5,7 +5,9 @@ reached, said in one line that names the device and the fix."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -42,6 +44,13 @@ def cluster_file(started: tuple[Path, CliResult]) -> Path:
     return path
 
 
+def supervised_worker_pid(path: Path, device: str) -> int:
+    """The pid of the worker that the device's supervisor runs now (from its status file)."""
+    report = json.loads(Path(pid_record(path, device)["status_file"]).read_text())
+    assert report["state"] == "running", report
+    return report["worker_pid"]
+
+
 def gpu_info(path: Path) -> dict[str, dict]:
     url = load_cluster(path).api_url
     devices = httpx.get(f"{url}/distributed/gpu-info", timeout=30).json()["devices"]
@@ -70,7 +79,7 @@ def test_start_again_says_it_is_already_running(cluster_file: Path) -> None:
 
 def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(cluster_file: Path) -> None:
     coordinator, w1, w2 = (pid_record(cluster_file, name)["pid"] for name in ("coordinator", "w1", "w2"))
-    os.kill(w2, signal.SIGKILL)
+    os.kill(w2, signal.SIGKILL)  # the pid file names w2's supervisor: its worker goes with it
     wait_until(lambda: not is_running(w2))
 
     assert status_rows(cluster_file)["w2"][4] == "down"
@@ -89,20 +98,21 @@ def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(clust
 
 
 def test_a_hung_worker_is_reported_and_start_force_replaces_it(cluster_file: Path) -> None:
-    hung = pid_record(cluster_file, "w1")["pid"]
+    supervisor = pid_record(cluster_file, "w1")["pid"]
+    hung = supervised_worker_pid(cluster_file, "w1")
     os.kill(hung, signal.SIGSTOP)
     try:
         refused = meshllm("cluster", "start", "-c", cluster_file)
         assert refused.returncode == 1
         assert (
-            f"device 'w1': pid {hung} from an earlier start still runs but does not answer Health"
+            f"device 'w1': pid {supervisor} from an earlier start still runs but does not answer Health"
             in refused.error
         )
         assert f"run `meshllm cluster stop -c {cluster_file}` or add --force" in refused.error
 
         forced = meshllm("cluster", "start", "-c", cluster_file, "--force")
         assert forced.returncode == 0, forced
-        assert f"stopping stale worker w1 (pid {hung})" in forced.stdout
+        assert f"stopping stale worker w1 (pid {supervisor})" in forced.stdout
         assert not is_running(hung)
         assert meshllm("cluster", "test", "-c", cluster_file, "--max-tokens", "4").returncode == 0
     finally:
@@ -154,3 +164,39 @@ def test_the_cluster_file_s_quantization_reaches_every_device(cluster_files) -> 
     assert [(d["name"], d["quantize"]) for d in info["devices"]] == [("coordinator", "int8"), ("w1", "int4")]
     smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
     assert smoke.returncode == 0, smoke
+
+
+def test_a_worker_without_the_model_takes_its_weights_and_one_with_model_path_reads_its_own(
+    cluster_files, tmp_path: Path
+) -> None:
+    here, empty = tmp_path / "here", tmp_path / "empty"
+    here.mkdir(), empty.mkdir()
+    (here / "model").symlink_to(cluster_files.checkpoint)
+    no_model = {
+        "HF_HOME": str(tmp_path / "w1-hf"),
+        "HF_HUB_OFFLINE": "1",
+        "MESHLLM_WEIGHTS_CACHE": str(tmp_path / "w1-weights"),
+    }
+    devices = [
+        coordinator_device(workdir=str(here)),
+        worker_device("w1", workdir=str(empty), env=no_model),
+        worker_device(
+            "w2",
+            model_path=str(cluster_files.checkpoint),
+            env={"MESHLLM_WEIGHTS_CACHE": str(tmp_path / "w2-weights")},
+        ),
+    ]
+    path = cluster_files.write(devices, name="shared", model="./model")
+    result = meshllm("cluster", "start", "-c", path)
+    assert result.returncode == 0, result
+    assert re.search(
+        r"  w1: layers \[\d+, \d+\) loaded in [\d.]+ s; weights of layers .*: [1-9]\d* bytes received",
+        result.stdout,
+    )
+    assert re.search(r"  w2: layers \[\d+, \d+\) loaded in [\d.]+ s\n", result.stdout), result.stdout
+    smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
+    assert smoke.returncode == 0, smoke
+    cached = list((tmp_path / "w1-weights").glob("*/layers-*/*.safetensors"))
+    assert cached and not (tmp_path / "w2-weights").exists()
+    log = meshllm("cluster", "logs", "-c", path, "coordinator", "-n", "400").stdout
+    assert "w1: layers [" in log and "bytes received" in log

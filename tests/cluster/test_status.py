@@ -137,6 +137,34 @@ def test_the_table_shows_the_coordinators_view_of_each_running_device(cluster_fi
         assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines[1:4]), column
 
 
+def test_a_device_left_out_of_the_plan_shows_left_out_without_layers(cluster_files, sleepers) -> None:
+    port = free_port()
+    path = cluster_files.write([coordinator_device(), worker_device("w1")], api_port=port)
+    cluster = load_cluster(path)
+    for device in cluster.device:
+        sleepers.append(subprocess.Popen(SLEEPER))
+        record_running(cluster, device.name, sleepers[-1].pid)
+    body = {
+        "devices": [
+            device_status(0, "coordinator", layers=[0, 4]),
+            device_status(1, "w1", layers=[0, 0], status="unreachable", in_plan=False, rtt_ms=None),
+        ],
+        "cluster_status": "degraded",
+        "world_size": 2,
+        "model": "tiny",
+        "live_sequences": 0,
+    }
+    api = FakeApi(port, {"/distributed/gpu-info": body})
+    try:
+        lines: list[str] = []
+        assert show_status(cluster, echo=lines.append) == 1  # degraded is not healthy
+    finally:
+        api.close()
+    w1 = lines[2].split()
+    assert w1[:6] == ["w1", "127.0.0.1", "worker", str(sleepers[1].pid), "left", "out"] and w1[6] == "-"
+    assert lines[-1].split()[2] == "degraded"
+
+
 @pytest.mark.parametrize(
     ("body", "detail"),
     [

@@ -99,6 +99,8 @@ def test_a_step_of_several_sequences_equals_each_alone(arch, checkpoints):
     np.testing.assert_allclose(together[0], alone[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(together[1], decode_alone, atol=1e-5, rtol=0)
     assert stage.live_sequences() == 2
+    config = stage.config
+    assert stage.kv_bytes_per_token() == 4 * 2 * 4 * config.num_key_value_heads * config.head_dim
     stage.release([1, 2, 99])
     assert stage.live_sequences() == 0
 

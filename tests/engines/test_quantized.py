@@ -20,10 +20,8 @@ import torch
 
 from meshllm.engines import load_stage
 from meshllm.engines.torch.qlinear import QuantizedLinear
-from meshllm.engines.torch.quantized import dequantize, dequantize_stage_tensors
-from meshllm.engines.torch.weights import read_tensors
+from meshllm.engines.torch.quantized import dequantize
 from meshllm.errors import ConfigError
-from meshllm.models.checkpoint import Checkpoint
 
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
@@ -190,15 +188,6 @@ def test_per_layer_settings_are_followed(quantized):
 def test_torch_stage_dequantizes_to_its_dtype(quantized):
     stage = load_stage("torch", quantized["llama-q4-g64"], (0, 2), dtype="bfloat16", device="cpu")
     assert {p.dtype for p in stage.model.parameters()} == {torch.bfloat16}
-
-
-def test_an_unquantized_checkpoint_is_read_as_it_is(tiny_checkpoint):
-    checkpoint = Checkpoint.open(tiny_checkpoint("llama"))
-    names = ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
-    tensors = dequantize_stage_tensors(checkpoint, names, torch.float32, read_tensors)
-    expected = read_tensors(checkpoint, names, torch.float32)
-    assert tensors.keys() == expected.keys()
-    assert all(torch.equal(tensors[name], expected[name]) for name in names)
 
 
 def test_only_affine_quantization_is_supported(quantized, tmp_path):

@@ -213,7 +213,8 @@ def test_step_restarted_at_an_earlier_position_recomputes_from_there(
     restarted = pipeline_logits([stage], [Segment(0, 6, 4, sample=True)], replacement)[0]
     next_token = pipeline_logits([stage], [Segment(0, 10, 1, sample=True)], prompt[:1])[0]
 
-    np.testing.assert_allclose(np.stack([restarted, next_token]), np.stack(expected), rtol=0, atol=1e-5)
+    # Chunks of other sizes round float32 sums differently (1e-5 on some CPUs); a stale cache is off by O(1).
+    np.testing.assert_allclose(np.stack([restarted, next_token]), np.stack(expected), rtol=0, atol=1e-4)
 
 
 def test_step_beyond_the_cached_positions_is_refused(tiny_checkpoint: Callable[..., Path]) -> None:

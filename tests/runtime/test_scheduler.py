@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshllm.runtime.engine_client import GenerateRequest
-from meshllm.runtime.scheduler import Scheduler, SequenceStatus
+from meshllm.runtime.scheduler import KVBudget, Scheduler, SequenceStatus
 from meshllm.step import PipelineError, SampledToken, SamplingParams
 
 EOS = 2
@@ -137,6 +137,38 @@ def test_a_failed_step_ends_its_sequences_with_the_error_and_releases_them() -> 
     assert scheduler.status(ids[1]) == SequenceStatus.IN_FLIGHT
 
 
+def test_a_hold_stalls_the_started_sequences_and_resume_prefills_each_again_from_its_first_token() -> None:
+    scheduler = Scheduler(max_in_flight=2)
+    ids = [scheduler.add(request(prompt_len=3)) for _ in range(2)]
+    first, second = drain(scheduler)
+    scheduler.update(first.step_id, sampled(first, token_id=55))  # ids[0] has a token and a cache
+    scheduler.hold(PipelineError("the layers are being planned again"), now=10.0)
+    assert scheduler.paused and scheduler.schedule() is None
+    assert scheduler.status(ids[0]) == SequenceStatus.STALLED
+    assert scheduler.status(ids[1]) == SequenceStatus.IN_FLIGHT  # still out: its outcome is awaited
+    scheduler.update(second.step_id, sampled(second, token_id=66))
+    scheduler.resume()
+    steps = drain(scheduler)
+    segments = {segment.seq_id: segment for step in steps for segment in step.input.segments}
+    tokens = {step.input.segments[0].seq_id: list(step.input.token_ids) for step in steps}
+    # Each is prefilled again from position 0 (prompt and its token so far), its sampler told where it is.
+    assert [(segments[i].start_pos, segments[i].n_tokens, segments[i].sampled) for i in ids] == [
+        (0, 4, 1)
+    ] * 2
+    assert tokens[ids[0]] == [10, 11, 12, 55] and tokens[ids[1]] == [10, 11, 12, 66]
+
+
+def test_a_held_sequence_that_waits_past_the_timeout_ends_with_the_reason() -> None:
+    scheduler = Scheduler(max_in_flight=1)
+    seq_id = scheduler.add(request())
+    (step,) = drain(scheduler)
+    scheduler.update(step.step_id, sampled(step))
+    scheduler.hold(PipelineError("the layers are being planned again"), now=10.0)
+    assert scheduler.expire(now=12.0, timeout=5.0).events == []
+    (event,) = scheduler.expire(now=15.0, timeout=5.0).events
+    assert event.seq_id == seq_id and "planned again" in str(event.error)
+
+
 @pytest.mark.parametrize(
     ("options", "tokens", "expected"),
     [
@@ -173,3 +205,48 @@ def test_bad_requests_are_refused() -> None:
         scheduler.add(GenerateRequest([], SamplingParams(), 4))
     with pytest.raises(ValueError, match="max_tokens"):
         scheduler.add(GenerateRequest([1], SamplingParams(), 0))
+
+
+# ---- KV admission by bytes ----
+
+# Two stages: the second holds fewer tokens (30 of 100 bytes each in 3000 bytes against 40 in 2000).
+BUDGETS = [KVBudget("coordinator", 50, 2000), KVBudget("w1", 100, 3000)]
+
+
+def test_sequences_start_only_while_their_projected_caches_fit_on_every_stage() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    assert scheduler.kv_tokens == 30
+    first, second, third = (scheduler.add(request(4, 8)) for _ in range(3))  # 12 tokens each
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [first, second] and scheduler.kv_reserved == 24
+    assert scheduler.status(third) == SequenceStatus.WAITING and scheduler.waiting == 1
+    update = scheduler.update(step.step_id, sampled(step, EOS))  # both end: their caches are released
+    assert sorted(update.release) == sorted([first, second])
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [third] and scheduler.waiting == 0
+
+
+def test_later_small_arrivals_wait_behind_an_earlier_one_that_does_not_fit_yet() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    running = scheduler.add(request(4, 16))  # 20 of 30 tokens
+    large = scheduler.add(request(4, 12))  # 16: does not fit next to it
+    small = scheduler.add(request(1, 2))  # 3 would fit, but arrived later
+    (step,) = drain(scheduler)
+    assert step.seq_ids == [running]
+    assert scheduler.status(large) == scheduler.status(small) == SequenceStatus.WAITING
+
+
+def test_a_sequence_that_cannot_fit_alone_is_refused_naming_the_stage_and_its_limit() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=BUDGETS)
+    with pytest.raises(ValueError, match=r"needs 0\.0 MB of KV cache on device 'w1', .*\(30 tokens\)"):
+        scheduler.add(request(10, 21))
+    assert scheduler.live_sequences == 0
+
+
+def test_a_stage_that_reports_no_kv_figures_limits_nothing() -> None:
+    scheduler = Scheduler(max_in_flight=1, kv_budgets=[KVBudget("old-worker", 0, 0)])
+    assert scheduler.kv_tokens is None
+    for _ in range(4):
+        scheduler.add(request(100, 1000))
+    (step,) = drain(scheduler)
+    assert len(step.seq_ids) == 4

@@ -102,6 +102,7 @@ class FakeEngine:
         self.devices_now = [device(0, "coordinator"), device(1, "worker1")]
         self.healthy = True
         self.live_sequences = 0
+        self.waiting_sequences = 0
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
         if template_kwargs.get("fail"):

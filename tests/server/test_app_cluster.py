@@ -52,4 +52,5 @@ def test_gpu_info_rows_keep_their_fields_and_order(http) -> None:
             "version",
             "error",
             "quantize",
+            "in_plan",
         ]

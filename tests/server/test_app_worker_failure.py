@@ -79,3 +79,16 @@ def test_new_requests_get_a_503_naming_the_dead_worker(killed: ClusterServer) ->
         info = client.get("/distributed/gpu-info").json()
     assert info["cluster_status"] == "degraded"
     assert [device["status"] for device in info["devices"]] == ["healthy", "unreachable"]
+
+
+def test_messages_get_a_503_overloaded_error_naming_the_dead_worker(killed: ClusterServer) -> None:
+    body = {"model": killed.coordinator.model.name, "messages": LONG["messages"], "max_tokens": 5}
+    with httpx.Client(base_url=killed.url, timeout=10) as client:
+        assert wait_until(lambda: client.get("/health").status_code == 503, timeout=5.0)
+        for stream in (False, True):
+            response = client.post("/v1/messages", json={**body, "stream": stream})
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
+            assert response.json()["type"] == "error"
+            error = response.json()["error"]
+            assert error["type"] == "overloaded_error" and "worker1" in error["message"]

@@ -44,12 +44,13 @@ def pid_exists(pid: int) -> bool:
 class Serve:
     """A `meshllm serve` process whose output is collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meshllm", "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -260,3 +261,27 @@ def test_local_workers_die_even_when_serve_is_killed(tiny_checkpoint: Callable[.
         assert wait_until(lambda: not any(pid_exists(pid) for pid in worker_pids), timeout=10)
     finally:
         serve.kill()
+
+
+def test_serve_measures_the_devices_and_links_and_predicts_its_speed(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = tiny_checkpoint(arch="qwen3", layers=4)
+    serve = Serve(
+        "--model", str(checkpoint), "--stages", "3", "--port", str(free_port()), env={"MESHLLM_PREDICT": "1"}
+    )
+    try:
+        serve.wait_ready(timeout=240.0)
+    finally:
+        serve.stop(signal.SIGTERM)
+    output = serve.output
+    assert re.search(
+        r"device speeds: coordinator reads [\d.]+ GB/s, computes \d+ GFLOP/s, worker1 reads", output
+    )
+    assert re.search(r"link coordinator -> worker1: [\d.]+ ms round trip, \d+ MB/s", output), output
+    assert re.search(r"link worker1 -> worker2: [\d.]+ ms round trip", output), output
+    found = re.search(
+        r"predicted decode: ([\d.]+) tok/s for one stream, ([\d.]+) tok/s total for 16 streams", output
+    )
+    assert found and 0 < float(found.group(1)) < float(found.group(2)), output
+    assert re.search(r"; (coordinator|worker\d) alone: [\d.]+ and [\d.]+ tok/s", output), output

@@ -99,3 +99,13 @@ def test_held_text_is_flushed_at_the_end() -> None:
 def test_no_check_passes_everything_through() -> None:
     stop_strings = StopStrings(["ab"])
     assert stop_strings.feed("xxab", check=False) == ("xxab", False)
+
+
+def test_stop_strings_name_the_one_that_occurs_first() -> None:
+    stops = StopStrings(["cd", "b", "xyz"])
+    assert stops.matched is None
+    assert stops.feed("a") == ("a", False) and stops.matched is None
+    assert stops.feed("bcd") == ("", True)
+    assert stops.matched == "b"  # "cd" is in the text too, but later
+    tie = StopStrings(["bc", "b"])
+    assert tie.feed("abc") == ("a", True) and tie.matched == "bc"  # at the same place: the first listed

@@ -172,6 +172,11 @@ def test_the_sequence_carries_sampling_stop_tokens_and_the_text_options() -> Non
     assert (request.stop, request.skip_special_tokens, request.min_tokens) == (("end",), False, 2)
 
 
+def test_a_top_k_beyond_the_vocabulary_cuts_nothing_and_fits_the_wire() -> None:
+    sampling = completion(top_k=99_999_999_999_999).sequence([1], MODEL).generate.sampling
+    assert sampling.top_k == MODEL.vocab_size  # the stages carry top_k as a 32-bit integer
+
+
 def test_sampling_defaults_are_openai_s() -> None:
     sampling = completion().sequence([1], MODEL).generate.sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (1.0, 1.0, 0, None)

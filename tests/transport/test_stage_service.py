@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from meshllm.devices import Link, Precision
 from meshllm.errors import StageError
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
@@ -17,6 +18,7 @@ from meshllm.step import LayerRange, SamplingParams, Segment, StepInput
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient, TokenRefused, prepare_step
 from meshllm.transport.stage_service import serve_stage
+from tests.conftest import free_port
 
 TOKEN = "s3cret"
 
@@ -52,11 +54,12 @@ def test_load_streams_progress_and_info_reports_the_range(tiny_checkpoint) -> No
             before = await client.info(timeout=60)  # the first Info imports the engine
             messages: list[str] = []
             spec = LoadSpec(str(tiny_checkpoint()), LayerRange(1, 3), "float32")
-            await client.load(spec, "", messages.append)
+            await client.load(spec, "", lambda update: messages.append(update.message))
             return messages, before, await client.info()
 
     messages, before, after = asyncio.run(run())
-    assert messages[0].startswith("loading layers [1, 3) of ") and messages[-1] == "loaded"
+    assert messages[0].startswith("loading layers [1, 3) of ")
+    assert messages[-1].startswith("layers [1, 3) loaded in ")
     assert before.layers is None and after.layers == (1, 3) and after.num_layers == 4
 
 
@@ -109,7 +112,24 @@ def test_load_quantizes_as_asked_and_info_measures_the_read_speed(tiny_checkpoin
         async with served(1) as (client,):
             spec = LoadSpec(str(tiny_checkpoint()), LayerRange(0, 4), "bfloat16", quantize="int8")
             await client.load(spec, "", lambda _: None)
-            return await client.info(timeout=120, calibrate=spec)
+            return await client.info(timeout=120, calibrate=Precision("bfloat16", "int8"))
 
     info = asyncio.run(run())
-    assert info.quantize == "int8" and info.read_bandwidth > 0
+    assert info.quantize == "int8" and info.read_bandwidth > 0 and info.flop_rate > 0
+
+
+def test_links_are_timed_from_the_caller_and_from_a_stage_to_the_next() -> None:
+    async def run() -> tuple[Link, Link, str]:
+        async with served(2) as (first, second):
+            mine = await first.measure_link(rounds=5, payload_bytes=1 << 16)
+            theirs = await first.probe(second.address, rounds=5, payload_bytes=1 << 16)
+            try:
+                await first.probe(f"127.0.0.1:{free_port()}", rounds=1, payload_bytes=1, timeout=30)
+            except StageError as error:
+                return mine, theirs, str(error)
+            raise AssertionError("a probe of a closed port succeeded")
+
+    mine, theirs, error = asyncio.run(run())
+    for link in (mine, theirs):
+        assert 0 < link.round_trip < 1.0 and link.bandwidth > 1e6
+    assert "worker s0 to 127.0.0.1:" in error

@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("meshllm.cli.generate", "generate text in one process (K in-process stages)"),
     "serve": ("meshllm.cli.serve", "serve the OpenAI-compatible API from a local cluster"),
     "worker": ("meshllm.cli.worker", "run a stage worker that waits for the coordinator"),
+    "supervise": ("meshllm.cli.supervise", "run a worker and start it again whenever it exits"),
     "cluster": ("meshllm.cli.cluster", "start, inspect and stop a cluster described in a TOML file"),
 }
 

@@ -1,4 +1,4 @@
-"""`meshllm cluster {start,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
+"""`meshllm cluster {install,start,plan,status,logs,test,stop} -c cluster.toml`: one command for a whole cluster."""
 
 from __future__ import annotations
 
@@ -17,12 +17,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         return sub
 
+    action("install", "make a venv with this meshllm on every device that lacks it or has another version")
     start = action("start", "check every device, start the workers and the coordinator, print the API's URL")
+    start.add_argument(
+        "--install",
+        action="store_true",
+        help="first install meshllm where it is missing (see `cluster install`)",
+    )
     start.add_argument(
         "--force", action="store_true", help="stop processes of an earlier start that no longer answer, first"
     )
     start.add_argument(
         "--timeout", type=float, default=300.0, help="seconds each process may take to answer (default 300)"
+    )
+    plan = action(
+        "plan", "measure every device and link, print the split and its predicted speed (loads nothing)"
+    )
+    plan.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the workers and the measurement may take"
     )
     action("status", "a table of every device: state, layers, memory, round-trip time")
     logs = action("logs", "show the devices' logs (read over ssh for remote devices)")
@@ -41,13 +53,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshllm.cluster.install import Installer, with_installed_pythons
     from meshllm.config import load_cluster
 
     cluster = load_cluster(args.config)
+    if args.cluster_action == "install" or getattr(args, "install", False):
+        Installer(cluster, echo=_echo).run()
+        if args.cluster_action == "install":
+            return 0
+    cluster = with_installed_pythons(cluster)  # the venvs `install` made, where it made them
     if args.cluster_action == "start":
         from meshllm.cluster.start import Starter
 
         return Starter(cluster, force=args.force, timeout=args.timeout, echo=_echo).run()
+    if args.cluster_action == "plan":
+        from meshllm.cluster.plan import show_plan
+
+        return show_plan(cluster, timeout=args.timeout, echo=_echo)
     if args.cluster_action == "status":
         from meshllm.cluster.status import show_status
 

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
+from meshllm.cli.worker import add_kv_memory_argument
 from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import socket
 
     from meshllm.runtime.coordinator import Coordinator
-    from meshllm.runtime.coordinator_config import WorkerAddress
+    from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
     from meshllm.runtime.engine_client import EngineClient
     from meshllm.runtime.local_workers import LocalWorkers
 
@@ -83,10 +84,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds sequences whose stage died wait for it to come back and go on (default 60)",
     )
     parser.add_argument(
+        "--replan-after",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="seconds a worker may stay unreachable before its layers are planned over the other devices "
+        "(default 20; 0: never, wait for it)",
+    )
+    parser.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="do not start a local worker that died again (its layers are planned over the others)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("cluster", "own"),
+        default=None,
+        help="cluster: workers take their layers' weights from this process (the default with --workers); "
+        "own: every worker reads --model itself (the default for local workers)",
+    )
+    parser.add_argument(
+        "--weights-port",
+        type=int,
+        default=None,
+        help="port the workers fetch weights from (default: the API port + 1)",
+    )
+    parser.add_argument(
+        "--weights-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the workers reach that port (default: --host, or this machine's name for 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--device-model",
+        default=None,
+        metavar="NAME=PATH,...",
+        help="workers with their own copy of the model, at PATH there; they fetch no weights",
+    )
+    parser.add_argument(
+        "--worker-status",
+        default=None,
+        metavar="NAME=PATH,...",
+        help="status files of supervised workers on this machine: their exits show in /health (cluster start sets it)",
+    )
+    parser.add_argument(
         "--memory",
         default=None,
         metavar="NAME=GB,...",
         help="memory the layer plan may use per device, in GB (e.g. coordinator=2,worker1=4)",
+    )
+    add_kv_memory_argument(parser)  # here: the local stage's and each local worker's
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="measure the devices and links, print the plan and its predicted speed, and exit (loads nothing)",
     )
 
 
@@ -126,6 +177,20 @@ def parse_workers(spec: str | None) -> list[WorkerAddress]:
     return workers
 
 
+def parse_worker_status(spec: str | None) -> dict[str, str]:
+    """'w1=/path/w1.json,w2=...' -> {name: path}."""
+    from meshllm.errors import ConfigError
+
+    files = {}
+    for item, name, path in _named_items(spec):
+        if not name or not path:
+            raise ConfigError(
+                f"--worker-status: '{item}' is not NAME=PATH (e.g. w1=.meshllm/c/status/w1.json)"
+            )
+        files[name] = path
+    return files
+
+
 def parse_device_quantize(spec: str | None) -> dict[str, str]:
     """'coordinator=int8,w1=int4' -> {name: mode}."""
     from meshllm.errors import ConfigError
@@ -138,6 +203,45 @@ def parse_device_quantize(spec: str | None) -> dict[str, str]:
             )
         modes[name] = mode
     return modes
+
+
+def parse_device_models(spec: str | None) -> dict[str, str]:
+    """'w1=/models/qwen,w2=Qwen/Qwen3-0.6B' -> {name: model}."""
+    from meshllm.errors import ConfigError
+
+    models = {}
+    for item, name, model in _named_items(spec):
+        if not name or not model:
+            raise ConfigError(f"--device-model: '{item}' is not NAME=PATH (e.g. mini2=/models/qwen3)")
+        models[name] = model
+    return models
+
+
+def weights_addresses(
+    args: argparse.Namespace, has_workers: bool, local_workers: bool
+) -> tuple[str | None, str | None]:
+    """(where the weights service listens, what the workers dial), or (None, None) when the workers
+    read the model themselves."""
+    import socket
+
+    from meshllm.errors import ConfigError
+
+    mode = args.weights or ("own" if local_workers or not has_workers else "cluster")
+    if mode == "own":
+        return None, None
+    port = args.weights_port or args.port + 1
+    if not 1 <= port <= 65535 or port == args.port:
+        raise ConfigError(f"--weights-port must be a port (1 to 65535) other than the API's, got {port}")
+    listen = f"{args.host}:{port}"
+    if args.weights_address:
+        host, _, given_port = args.weights_address.rpartition(":")
+        if not host or not given_port.isdigit():
+            raise ConfigError(
+                f"--weights-address: {args.weights_address!r} is not HOST:PORT (e.g. mini1.local:{port})"
+            )
+        return listen, args.weights_address
+    host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    return listen, f"{host}:{port}"
 
 
 def parse_memory(spec: str | None) -> dict[str, int] | None:
@@ -159,6 +263,14 @@ def parse_memory(spec: str | None) -> dict[str, int] | None:
     return overrides
 
 
+def kv_share(stages_here: int) -> float | None:
+    """Without --kv-memory, the stages on this machine split the default share of its free memory
+    between them (each would otherwise count all of it); None (the stage's own default) when alone."""
+    from meshllm.runtime.stage_host import KV_MEMORY_SHARE
+
+    return KV_MEMORY_SHARE / stages_here if stages_here > 1 else None
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -175,11 +287,14 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.name)
     workers = parse_workers(args.workers)
+    parse_device_models(args.device_model)  # a bad item fails before anything starts
     memory_overrides = parse_memory(args.memory)
     if args.stages < 1:
         raise ConfigError(f"--stages must be at least 1, got {args.stages}")
     if args.step_timeout <= 0:
         raise ConfigError(f"--step-timeout must be positive, got {args.step_timeout}")
+    if args.replan_after < 0:
+        raise ConfigError(f"--replan-after must not be negative, got {args.replan_after}")
     local_stage = not args.no_local_stage
     n_local_workers = 0 if workers else args.stages - int(local_stage)
     token = read_token(args.token, args.token_file)
@@ -188,23 +303,29 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_urlsafe(16)  # local workers still refuse callers that are not this process
     threads = max(1, _cores() // max(1, n_local_workers + int(local_stage)))
+    kv_memory = args.kv_memory if args.kv_memory is not None else kv_share(n_local_workers + int(local_stage))
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
-    sock = bind_socket(args.host, args.port)  # before anything slow: a busy port fails at once
+    # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).
+    sock = None if args.plan_only else bind_socket(args.host, args.port)
     _print_banner(args.model)
     local_workers = LocalWorkers()
     try:
         if n_local_workers:
-            workers = local_workers.spawn(n_local_workers, token=token, threads=threads)
+            workers = local_workers.spawn(n_local_workers, token=token, threads=threads, kv_memory=kv_memory)
         import asyncio
 
+        args.kv_memory = kv_memory  # the local stage's, as the local workers'
+        if sock is None:
+            return asyncio.run(_plan_only(args, workers, local_workers, token, memory_overrides, threads))
         return asyncio.run(_serve(args, sock, workers, local_workers, token, memory_overrides, threads))
     except KeyboardInterrupt:
         return 130
     finally:
         local_workers.stop()
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def _print_banner(model: str) -> None:
@@ -215,6 +336,59 @@ def _print_banner(model: str) -> None:
         print(f"meshllm {__version__} · model demo ({note})", flush=True)
     else:
         print(f"meshllm {__version__} · model {model}", flush=True)
+
+
+def _config(
+    args: argparse.Namespace,
+    workers: list[WorkerAddress],
+    token: str | None,
+    memory_overrides: dict[str, int] | None,
+    local_workers: bool = False,
+) -> CoordinatorConfig:
+    from meshllm.runtime.coordinator_config import CoordinatorConfig
+
+    weights_listen, weights_address = weights_addresses(args, bool(workers), local_workers)
+    return CoordinatorConfig(
+        weights_listen=weights_listen,
+        weights_address=weights_address,
+        device_models=parse_device_models(args.device_model),
+        model=args.model,
+        workers=tuple(workers),
+        local_stage=not args.no_local_stage,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        group_size=args.quantize_group,
+        device_quantize=parse_device_quantize(args.device_quantize),
+        engine=args.engine,
+        token=token,
+        memory_overrides=memory_overrides or {},
+        step_timeout=args.step_timeout,
+        replay_timeout=args.replay_timeout,
+        replan_after=args.replan_after or None,
+        name=args.name,
+        kv_memory=args.kv_memory,
+    )
+
+
+async def _plan_only(
+    args: argparse.Namespace,
+    workers: list[WorkerAddress],
+    local_workers: LocalWorkers,
+    token: str | None,
+    memory_overrides: dict[str, int] | None,
+    threads: int,
+) -> int:
+    """`--plan-only`: the plan and its predicted speed, printed; nothing is loaded or served."""
+    from meshllm.runtime.startup import forecast
+
+    await local_workers.wait_healthy(token)
+    if not args.no_local_stage:
+        import torch
+
+        torch.set_num_threads(threads)
+    for line in await forecast(_config(args, workers, token, memory_overrides)):
+        print(line, flush=True)
+    return 0
 
 
 async def _serve(
@@ -230,7 +404,7 @@ async def _serve(
     import signal
 
     from meshllm.runtime.coordinator import Coordinator
-    from meshllm.runtime.coordinator_config import CoordinatorConfig
+    from meshllm.runtime.supervisor import watch_reports
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -245,21 +419,9 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
 
-    config = CoordinatorConfig(
-        model=args.model,
-        workers=tuple(workers),
-        local_stage=not args.no_local_stage,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        group_size=args.quantize_group,
-        device_quantize=parse_device_quantize(args.device_quantize),
-        engine=args.engine,
-        token=token,
-        memory_overrides=memory_overrides or {},
-        step_timeout=args.step_timeout,
-        replay_timeout=args.replay_timeout,
-        name=args.name,
-    )
+    from meshllm.cli.progress import LoadBoard
+
+    config = _config(args, workers, token, memory_overrides, bool(local_workers.workers))
 
     async def start() -> Coordinator:
         await local_workers.wait_healthy(token)
@@ -267,7 +429,11 @@ async def _serve(
             import torch
 
             torch.set_num_threads(threads)
-        return await Coordinator.start(config)
+        board = LoadBoard(sys.stderr)
+        try:
+            return await Coordinator.start(config, on_load=board.update)
+        finally:
+            board.close()
 
     starting = asyncio.create_task(start())
     stopping = asyncio.create_task(stop.wait())
@@ -278,12 +444,22 @@ async def _serve(
         return 130
     coordinator = starting.result()  # a failed start raises its MeshError: `meshllm` prints it
     # A local worker that dies is started again (with backoff); the coordinator then loads it again.
-    supervising = asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
+    supervising = (
+        None
+        if args.no_restart
+        else asyncio.create_task(local_workers.supervise(on_exit=coordinator.monitor.note))
+    )
+    # Workers run by `meshllm supervise` on this machine (a cluster): their exits are noted the same way.
+    reports = asyncio.create_task(
+        watch_reports(parse_worker_status(args.worker_status), coordinator.monitor.note)
+    )
     try:
         print(_plan_line(coordinator), flush=True)
         return await _serve_api(args, sock, coordinator, stopping)
     finally:
-        supervising.cancel()
+        if supervising is not None:
+            supervising.cancel()
+        reports.cancel()
         stopping.cancel()
         await coordinator.close()
 

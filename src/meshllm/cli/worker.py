@@ -35,6 +35,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="hold this device's linear layers as int8 or int4, whatever the coordinator asks",
     )
+    parser.add_argument(
+        "--weights-cache",
+        default=None,
+        metavar="DIR",
+        help="where weights received from the coordinator are kept "
+        "(default: $MESHLLM_WEIGHTS_CACHE, else ~/.cache/meshllm/weights)",
+    )
+    add_kv_memory_argument(parser)
+
+
+def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-memory",
+        type=parse_kv_memory,
+        default=None,
+        metavar="SIZE",
+        help="memory this stage's KV caches may take: a size such as 512M or 2G, or a share of the memory "
+        "free once the weights are loaded such as 40%% (default: 80%%); the coordinator starts sequences "
+        "only while their caches fit",
+    )
+
+
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_kv_memory(text: str) -> int | float:
+    """A size in bytes (an int, see `parse_size`), or a share of free memory ('40%' -> 0.4, a float)."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a share between 0% and 100%")
+        return percent / 100
+    return parse_size(text)
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '64K' or '1000000' (bytes) -> bytes; argparse shows the ValueError's message."""
+    number = text.strip().upper().removesuffix("B")
+    unit = number[-1:] if number[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size such as 512M or 2G")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
@@ -66,7 +115,18 @@ def run(args: argparse.Namespace) -> int:
     from meshllm.transport.stage_service import serve_stage
 
     token = read_token(args.token, args.token_file)
-    host = LocalStageHost(name, engine=args.engine, device=args.device, quantize=args.quantize)
+    from pathlib import Path
+
+    weights_cache = Path(args.weights_cache).expanduser() if args.weights_cache else None
+    host = LocalStageHost(
+        name,
+        engine=args.engine,
+        device=args.device,
+        quantize=args.quantize,
+        kv_memory=args.kv_memory,
+        token=token,
+        weights_cache=weights_cache,
+    )
     try:
         asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token))
     except OSError as error:

@@ -22,12 +22,18 @@ def probe(cluster: Cluster, device: Device, machine: Machine) -> dict[str, Any]:
     bind, port = cluster.listen(device)
     params = {
         "workdir": device.workdir,
-        "model": cluster.cluster.model,
+        "model": model_of(cluster, device),
         "engine": device.engine or cluster.cluster.engine,
         "port": port,
         "bind": bind,
     }
     return machine.run_script("probe", params, timeout=30.0)
+
+
+def model_of(cluster: Cluster, device: Device) -> str | None:
+    """The model the device reads from its own disk: the coordinator's, or a worker's own copy; None for a
+    worker that takes its weights from the coordinator."""
+    return cluster.cluster.model if device.is_coordinator else device.model_path
 
 
 def summary(device: Device, facts: dict[str, Any], port: int) -> str:
@@ -65,7 +71,8 @@ def problems(
     if not facts["meshllm"]:
         found.append(
             f"device {name!r}: meshllm is not importable by {facts['executable']} {machine.where} "
-            f"({facts['meshllm_error']}); install it there: {install_command(machine, coordinator_version)}"
+            f"({facts['meshllm_error']}); install it there: {install_command(machine, coordinator_version)} "
+            f"(or `meshllm cluster install -c {file}` makes a venv with it)"
         )
         return found
     if facts["missing_modules"]:
@@ -78,22 +85,33 @@ def problems(
         found.append(
             f"device {name!r} runs meshllm {facts['meshllm']}, the coordinator ({cluster.coordinator.name}) "
             f"{coordinator_version}; install the same version on both: "
-            f"{install_command(machine, coordinator_version)}"
+            f"{install_command(machine, coordinator_version)} (or `meshllm cluster install -c {file}`)"
         )
     port = facts.get("port")
     if port is not None and not port["free"]:
         found.append(_port_problem(cluster, device, port))
     model = facts.get("model") or {}
     if model.get("kind") == "folder" and not model["exists"]:
+        key = (
+            f"model = {cluster.cluster.model!r}"
+            if device.is_coordinator
+            else f"model_path = {device.model_path!r}"
+        )
+        fix = (
+            f"copy the checkpoint there or set workdir for {name} in {file}"
+            if device.is_coordinator
+            else f"copy the checkpoint there, or remove model_path for {name} in {file} to take the weights "
+            "from the coordinator"
+        )
         found.append(
-            f"device {name!r}: model folder {model['path']} does not exist there (model = "
-            f"{cluster.cluster.model!r}, relative to workdir {facts['workdir']}); copy the checkpoint there "
-            f"or set workdir for {name} in {file}"
+            f"device {name!r}: model folder {model['path']} does not exist there ({key}, relative to "
+            f"workdir {facts['workdir']}); {fix}"
         )
     elif model.get("kind") == "folder" and not model["checkpoint"]:
         found.append(
             f"device {name!r}: {model['path']} is not a checkpoint folder (no config.json); "
-            f"set [cluster] model to a Hugging Face checkpoint folder or hub id"
+            f"point {'[cluster] model' if device.is_coordinator else 'model_path'} at a Hugging Face "
+            "checkpoint folder or hub id"
         )
     return found
 

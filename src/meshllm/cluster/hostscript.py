@@ -1,4 +1,5 @@
-"""What runs on a device's machine: probe it, start a detached process, stop one, report ports and tail logs.
+"""What runs on a device's machine: probe it, start a detached process, stop one, report ports, tail logs,
+read a supervisor's status file, and make a venv and pip install into it (`cluster install`).
 
 Standard library only, because meshllm may be missing there (finding that out is the probe's job). The
 cluster commands send this file's source to `PYTHON -` over ssh with one call appended (see
@@ -303,7 +304,81 @@ def tail(path, lines=20, follow=False, out=None):
             out.flush()
 
 
-ACTIONS = {"probe": probe, "launch": launch, "stop": stop, "alive": alive}
+def read_json(path):
+    """{"content": the JSON object in `path`} or {"content": None} when it is missing or unreadable."""
+    try:
+        with open(os.path.expanduser(path)) as handle:
+            return {"content": json.load(handle)}
+    except (OSError, ValueError):
+        return {"content": None}
+
+
+def venv_check(path):
+    """Can this python make a venv at `path`: its venv and ensurepip modules, the free disk there, and
+    whether the machine has an NVIDIA driver (torch's CUDA build) or is Apple silicon (mlx)."""
+    import shutil
+
+    path = os.path.abspath(os.path.expanduser(path))
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    result = {"path": path, "free_at": existing, "free": None, "venv": True, "ensurepip": True}
+    for name in ("venv", "ensurepip"):
+        try:
+            __import__(name)
+        except ImportError:
+            result[name] = False
+    try:
+        result["free"] = shutil.disk_usage(existing).free
+    except OSError:
+        pass
+    result["nvidia"] = os.path.exists("/proc/driver/nvidia/version") or bool(shutil.which("nvidia-smi"))
+    python = os.path.join(path, "bin", "python")
+    result["python"] = python if os.access(python, os.X_OK) else None
+    return result
+
+
+def make_venv(path):
+    """`python -m venv path` (kept when one is there); {"python": its interpreter} or {"error": why}."""
+    path = os.path.abspath(os.path.expanduser(path))
+    python = os.path.join(path, "bin", "python")
+    if not os.access(python, os.X_OK):
+        try:
+            completed = subprocess.run(
+                [sys.executable, "-m", "venv", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        except OSError as error:
+            return {"error": str(error)}
+        if completed.returncode != 0:
+            lines = [line for line in completed.stdout.decode(errors="replace").splitlines() if line.strip()]
+            return {"error": lines[-1].strip() if lines else "exit status " + str(completed.returncode)}
+    return {"python": python}
+
+
+def pip_install(python, args, timeout=1800):
+    """`python -m pip install ARGS`: its exit status and the last lines of its output."""
+    argv = [os.path.expanduser(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    argv += ["--progress-bar", "off"] + [os.path.expanduser(arg) for arg in args]
+    try:
+        completed = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"returncode": -1, "tail": ["pip did not finish within " + str(int(timeout)) + " s"]}
+    except OSError as error:
+        return {"returncode": -1, "tail": [str(error)]}
+    lines = [line for line in completed.stdout.decode(errors="replace").splitlines() if line.strip()]
+    return {"returncode": completed.returncode, "tail": lines[-40:]}
+
+
+ACTIONS = {
+    "probe": probe,
+    "launch": launch,
+    "stop": stop,
+    "alive": alive,
+    "read_json": read_json,
+    "venv_check": venv_check,
+    "make_venv": make_venv,
+    "pip_install": pip_install,
+}
 
 
 def main(action, params):

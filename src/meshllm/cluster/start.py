@@ -87,8 +87,11 @@ class Starter:
             self.echo(f"coordinator {coordinator.name} healthy in {seconds:.1f} s (pid {record.pid})")
         else:
             self.echo(f"coordinator {coordinator.name} runs; waiting for it to load the restarted workers …")
-            seconds = self.wait_coordinator(self.state.records()[coordinator.name])
+            record = self.state.records()[coordinator.name]
+            seconds = self.wait_coordinator(record)
             self.echo(f"cluster healthy again in {seconds:.1f} s")
+        for line in self.load_lines(record, [device.name for device in workers]):
+            self.echo(line)
         self.print_plan()
         self.echo(f"API ready at {cluster.api_url}/v1")
         return 0
@@ -116,6 +119,9 @@ class Starter:
         expected = self.cluster.dial(device)
         if device.role != record.role or expected != record.address:
             return record.device, f"{earlier} as {record.role} at {record.address}, not at {expected}: {how}"
+        report = record.report(str(self.cluster.path))
+        if report is not None and report.state == "waiting":
+            return record.device, f"{report.problem()} ({how} to start it at once)"
         if device.is_coordinator:
             answered = health.coordinator_health(self.cluster.api_url, self.api_key, timeout=3.0).ok
             what = "/health"
@@ -173,6 +179,9 @@ class Starter:
         argv = self.coordinator_argv(device) if device.is_coordinator else self.worker_argv(device, threads)
         env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env}
         machine = self.machines[device.name]
+        status_file = None if device.is_coordinator else self.state.status_path(device)
+        if status_file is not None:  # a worker runs under its supervisor, which starts it again when it dies
+            argv = self.supervisor_argv(device, status_file) + ["--", *argv]
         result = machine.call(
             "launch",
             {
@@ -185,9 +194,13 @@ class Starter:
         )
         if "error" in result:
             raise ConfigError(f"device {device.name!r}: cannot start it {machine.where}: {result['error']}")
-        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"])
+        record = self.state.new_record(device, result["pid"], result["log"], facts["meshllm"], status_file)
         self.state.write(record)
         return record
+
+    def supervisor_argv(self, device: Device, status_file: str) -> list[str]:
+        argv = [device.python, "-m", "meshllm", "supervise", "--name", device.name]
+        return argv + ["--status-file", status_file, "--log", self.state.log_path(device)]
 
     def worker_argv(self, device: Device, threads: int) -> list[str]:
         bind, port = self.cluster.listen(device)
@@ -210,7 +223,20 @@ class Starter:
         argv = [device.python, "-m", "meshllm", "serve", "--model", settings.model, "--host", bind]
         argv += ["--port", str(port), "--token-file", self.state.token_path(device)]
         workers = ",".join(f"{worker.name}={worker.address}" for worker in self.cluster.workers)
+        # the supervisors' status files it can read: those of the workers on its own machine
+        status = ",".join(
+            f"{worker.name}={self.state.status_path(worker)}"
+            for worker in self.cluster.workers
+            if worker.machine == device.machine
+        )
         argv += ["--workers", workers] if workers else ["--stages", "1"]
+        if self.cluster.takes_weights:
+            weights_port = str(self.cluster.weights_port)
+            argv += ["--weights", "cluster", "--weights-port", weights_port]
+            argv += ["--weights-address", f"{device.host}:{weights_port}"]
+        else:
+            argv += ["--weights", "own"]
+        own = ",".join(f"{w.name}={w.model_path}" for w in self.cluster.workers if w.model_path)
         memory = ",".join(
             f"{COORDINATOR_STAGE if other.is_coordinator else other.name}={other.memory:g}"
             for other in self.cluster.device
@@ -218,6 +244,7 @@ class Starter:
         )
         optional = {
             "--memory": memory,
+            "--device-model": own,
             "--dtype": settings.dtype,
             "--quantize": settings.quantize,
             "--quantize-group": str(settings.quantize_group) if settings.quantize_group else None,
@@ -226,6 +253,8 @@ class Starter:
             "--api-key": settings.api_key,
             "--step-timeout": f"{settings.step_timeout:g}" if settings.step_timeout else None,
             "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
+            "--replan-after": f"{settings.replan_after:g}" if settings.replan_after is not None else None,
+            "--worker-status": status,
         }
         for flag, value in optional.items():
             if value:
@@ -298,9 +327,14 @@ class Starter:
         return check
 
     def _raise_if_exited(self, device: Device, record: PidRecord) -> None:
+        """Raise when the process exited, or (a supervised worker) when its worker exited once: a start
+        that fails now fails again after every backoff, so the supervisor is stopped and the log shown."""
         machine = self.machines[device.name]
         if machine.call("alive", {"pids": [record.pid]})[str(record.pid)]:
-            return
+            report = record.report(str(self.cluster.path))
+            if report is None or not report.exits:
+                return
+            stop_record(self.state, record, str(self.cluster.path), grace=3.0)
         self.state.remove(device.name)
         lines = read_log_tail(machine, record.log, 12)
         where = f" on {device.host}" if device.is_remote else ""
@@ -312,6 +346,17 @@ class Starter:
             + "".join(ERROR_INDENT + "  " + line for line in lines)
             + hint
         )
+
+    def load_lines(self, record: PidRecord, names: list[str]) -> list[str]:
+        """The coordinator's one line per worker it loaded (layers, bytes received, seconds), the last of
+        each of `names`, from the end of its log."""
+        lines = read_log_tail(self.machines[self.cluster.coordinator.name], record.log, 400)
+        last: dict[str, str] = {}
+        for line in lines:
+            name, _, rest = line.partition(": ")
+            if name in names and rest.startswith("layers ["):
+                last[name] = line
+        return ["  " + last[name] for name in names if name in last]
 
     # -- the plan --------------------------------------------------------------------------------
 

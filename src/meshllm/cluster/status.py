@@ -1,6 +1,7 @@
 """`meshllm cluster status`: one row per device, from the pid files (does the process run?), each worker's
 gRPC Info (does it answer, what has it loaded?) and the coordinator's /distributed/gpu-info (the plan,
-each device's status as the coordinator sees it, round-trip times)."""
+each device's status as the coordinator sees it, round-trip times), and each supervised worker's status
+file (how often it exited, and how it last did)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from meshllm.cluster.state import ClusterState, PidRecord
 from meshllm.cluster.tasks import parallel, parallel_or_raise, raise_all
 from meshllm.config import Cluster, Device
 from meshllm.defaults import COORDINATOR_STAGE
-from meshllm.devices import DeviceStatus, StageInfo
+from meshllm.devices import DeviceStatus, StageInfo, SupervisorReport
 from meshllm.errors import ConfigError
 from meshllm.transport.probe import Probe, stage_info
 
@@ -26,7 +27,7 @@ class DeviceRow:
     host: str
     role: str
     pid: str
-    state: str  # stopped | down | healthy | not loaded | unreachable | not answering | ...
+    state: str  # stopped | down | restarting | healthy | not loaded | unreachable | left out | not answering | ...
     layers: str
     memory: str
     rtt: str
@@ -58,13 +59,24 @@ def collect(cluster: Cluster) -> tuple[list[DeviceRow], GpuInfoAnswer, list[str]
         return None if device.is_coordinator else stage_info(device.address, token, device=device.name)
 
     infos = parallel_or_raise(worker_info, devices)  # stage_info answers failures: a raise is a bug
+
+    def report(device: Device) -> SupervisorReport | None:
+        record = records.get(device.name)
+        return record.report(str(cluster.path)) if record is not None else None
+
+    reports = parallel(report, devices)  # a machine out of reach was already said by `alive`
     gpu_info = health.gpu_info(cluster.api_url, cluster.cluster.api_key)
     entries = device_entries(cluster, gpu_info)
-    rows = [
-        _row(device, records.get(device.name), is_alive, info, entries.get(device.name))
-        for device, is_alive, info in zip(devices, alive, infos, strict=True)
-    ]
-    return rows, gpu_info, [str(result) for result in alive if isinstance(result, ConfigError)]
+    rows = []
+    problems = [str(result) for result in alive if isinstance(result, ConfigError)]
+    for device, is_alive, info, found in zip(devices, alive, infos, reports, strict=True):
+        supervised = found if isinstance(found, SupervisorReport) else None
+        rows.append(
+            _row(device, records.get(device.name), is_alive, info, entries.get(device.name), supervised)
+        )
+        if supervised is not None and supervised.exits and is_alive is True:
+            problems.append(supervised.problem())
+    return rows, gpu_info, problems
 
 
 def device_entries(cluster: Cluster, gpu_info: GpuInfoAnswer) -> dict[str, DeviceStatus]:
@@ -82,6 +94,7 @@ def _row(
     running: bool | Exception,
     info: Probe[StageInfo] | None,
     entry: DeviceStatus | None,
+    report: SupervisorReport | None = None,
 ) -> DeviceRow:
     layers = memory = rtt = "-"
     alive = running is True
@@ -91,14 +104,16 @@ def _row(
         state = "unknown"
     elif not alive:
         state = "down"
+    elif report is not None and report.state == "waiting":
+        state = "restarting"  # its supervisor starts the worker again after the backoff
     elif entry is not None:
-        state = entry.status
+        state = entry.status if entry.in_plan else "left out"  # the others run its layers (re-planned)
     elif info is not None and info.reply is not None:
         state = "loaded" if info.reply.num_layers else "not loaded"
     else:
         state = "not answering"
     if alive and entry is not None:
-        layers = format_layers(*entry.layers)
+        layers = format_layers(*entry.layers) if entry.in_plan else "-"
         memory = f"{format_bytes(entry.weight_bytes)}/{format_bytes(entry.memory_total)}"
         rtt = f"{entry.rtt_ms:.1f} ms" if entry.rtt_ms is not None else "-"
     elif alive and info is not None and info.reply is not None:

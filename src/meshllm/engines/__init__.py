@@ -7,6 +7,7 @@ import platform
 import sys
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE, ENGINES
+from meshllm.devices import Calibration, Precision
 from meshllm.engines.base import LoadStage, Progress, Stage
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
@@ -61,26 +62,21 @@ def load_stage(
     )
 
 
-def read_bandwidth(
-    engine: str,
-    dtype: str,
-    quantize: str | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    device: str | None = None,
-) -> float:
-    """Bytes of weights per second this device reads as decode does, on `engine` (a short measurement)."""
+def calibrate(engine: str, precision: Precision, device: str | None = None) -> Calibration:
+    """How fast this device reads weights as decode does and computes over a batch of tokens, on `engine`
+    at `precision` (a short measurement, about a second)."""
     if engine == "torch":
-        from meshllm.engines.torch.calibrate import read_bandwidth as torch_bandwidth
+        from meshllm.engines.torch.calibrate import calibrate as torch_calibrate
 
-        return torch_bandwidth(dtype, quantize, group_size, device)
+        return torch_calibrate(precision, device)
     engine_loader(engine)  # a clear error when the engine is missing
     if engine == "ggml":
-        from meshllm.engines.ggml.stage import read_bandwidth as ggml_bandwidth
+        from meshllm.engines.ggml.stage import calibrate as ggml_calibrate
 
-        return ggml_bandwidth(dtype, quantize)
-    from meshllm.engines.mlx.stage import read_bandwidth as mlx_bandwidth
+        return ggml_calibrate(precision, device)
+    from meshllm.engines.mlx.stage import calibrate as mlx_calibrate
 
-    return mlx_bandwidth(dtype, quantize, group_size, device)
+    return mlx_calibrate(precision, device)
 
 
 def guess_device_type(engine: str, device: str | None) -> str:

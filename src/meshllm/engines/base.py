@@ -14,6 +14,7 @@ from typing import Protocol
 from meshllm.defaults import QUANTIZE_MODES
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
+from meshllm.models.config import ModelConfig
 from meshllm.step import LayerRange, StepInput, StepOutput
 
 Progress = Callable[[float], None]  # fraction of the stage's tensors read so far, 0..1
@@ -22,7 +23,8 @@ Progress = Callable[[float], None]  # fraction of the stage's tensors read so fa
 class Stage(Protocol):
     """Layers `[start, end)` of one checkpoint, with a KV cache per live sequence."""
 
-    engine: str  # "torch" | "mlx"
+    engine: str  # "torch" | "mlx" | "ggml"
+    config: ModelConfig  # of the whole model
     layer_range: LayerRange
     is_first: bool
     is_last: bool
@@ -41,6 +43,10 @@ class Stage(Protocol):
 
     def weight_bytes(self) -> int:
         """Bytes of parameters this stage holds."""
+        ...
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token of one sequence adds to this stage's KV caches (keys and values, every layer)."""
         ...
 
 
@@ -89,3 +95,8 @@ def stage_bounds(
     if dtype not in dtypes:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(dtypes)}")
     return StageBounds(checkpoint, checked, checked.is_first, checked.is_last(num_layers))
+
+
+def kv_bytes_per_token(config: ModelConfig, layer_range: LayerRange, itemsize: int) -> int:
+    """Keys and values of one token over the layers `[start, end)`, each element `itemsize` bytes."""
+    return 2 * layer_range.size * config.num_key_value_heads * config.head_dim * itemsize

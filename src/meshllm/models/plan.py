@@ -8,6 +8,7 @@ is reported naming every device that falls short (from the memory-weighted split
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,24 @@ def model_costs(sizes: dict[str, int], checkpoint: Checkpoint, quantized: dict[s
             head += held
     shared = config.tie_word_embeddings and "lm_head.weight" not in quantized
     return ModelCosts(layers, embedding, head, head_is_embedding=shared)
+
+
+def model_weights(checkpoint: Checkpoint) -> ModelCosts:
+    """Weight elements (multiply-adds per token) of each part of the model, in `ModelCosts`' shape; an
+    MLX-packed weight counts the values its words hold."""
+    bits = int((checkpoint.config.quantization or {}).get("bits", 32))
+    counts = {}
+    for name, (_, shape) in _tensor_sizes(checkpoint, None).items():
+        if (
+            name.endswith((".scales", ".biases"))
+            and name.rsplit(".", 1)[0] + ".weight" in checkpoint.weight_map
+        ):
+            continue  # a packed weight's scales and biases: not multiply-adds
+        packed = (
+            name.endswith(".weight") and name.removesuffix(".weight") + ".scales" in checkpoint.weight_map
+        )
+        counts[name] = math.prod(shape) * (32 // bits if packed else 1)
+    return model_costs(counts, checkpoint, {})
 
 
 def quantized_sizes(

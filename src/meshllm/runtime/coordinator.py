@@ -8,6 +8,7 @@ builds one (see `startup.py`); `close()` ends it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -18,8 +19,11 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig
 from meshllm.runtime.engine_client import GenerateRequest, ServedModel, StepListener, Tokenizer
 from meshllm.runtime.engine_loop import EngineLoop, SequenceStream
 from meshllm.runtime.monitor import DeviceMonitor
+from meshllm.runtime.replan import Replanner
 from meshllm.step import PipelineUnavailable
+from meshllm.transport.stage import LoadUpdate
 from meshllm.transport.stage_client import StageClient
+from meshllm.transport.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ class Coordinator:
         config: CoordinatorConfig,
         model: ServedModel,
         tokenizer: Any,  # a Hugging Face tokenizer, with its chat template
-        plan: list[StagePlan],
+        replanner: Replanner,
         loop: EngineLoop,
         monitor: DeviceMonitor,
         clients: list[StageClient],
@@ -38,19 +42,28 @@ class Coordinator:
         self.config = config
         self._model = model
         self._tokenizer = tokenizer
-        self.plan = plan
+        self.replanner = replanner
         self.loop = loop
         self.monitor = monitor
         self._clients = clients
         self._closed = False
+        self.weights_server: WeightsServer | None = None  # the workers' weights, when it serves them
 
     @classmethod
-    async def start(cls, config: CoordinatorConfig) -> Coordinator:
+    async def start(
+        cls, config: CoordinatorConfig, on_load: Callable[[str, LoadUpdate], None] | None = None
+    ) -> Coordinator:
+        """Start it; `on_load(device, update)` hears how each worker's load goes."""
         from meshllm.runtime.startup import start_coordinator
 
-        return await start_coordinator(config)
+        return await start_coordinator(config, on_load)
 
     # ---- the model -----------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> list[StagePlan]:
+        """The layer plan in force (without the devices left out of it)."""
+        return self.replanner.plan
 
     @property
     def model(self) -> ServedModel:
@@ -71,6 +84,8 @@ class Coordinator:
         down = self.monitor.unhealthy()
         if down:
             raise PipelineUnavailable("; ".join(status.problem() for status in down))
+        if not self.replanner.settled:
+            raise PipelineUnavailable(self.replanner.problem or "the layers are being planned again")
         n_prompt, max_context = len(request.prompt_ids), self._model.max_context
         if n_prompt + request.max_tokens > max_context:
             raise ValueError(
@@ -90,6 +105,10 @@ class Coordinator:
     def live_sequences(self) -> int:
         return self.loop.live_sequences
 
+    @property
+    def waiting_sequences(self) -> int:
+        return self.loop.scheduler.waiting
+
     def add_step_listener(self, listener: StepListener) -> None:
         self.loop.pipeline.listeners.append(listener)
 
@@ -103,7 +122,7 @@ class Coordinator:
 
     @property
     def healthy(self) -> bool:
-        return not self.monitor.unhealthy()
+        return not self.monitor.unhealthy() and self.replanner.settled
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -115,3 +134,5 @@ class Coordinator:
         await self.loop.close()
         for client in self._clients:
             await client.close()
+        if self.weights_server is not None:
+            await self.weights_server.stop()

@@ -34,9 +34,20 @@ class CoordinatorConfig:
     # Seconds sequences whose stage was lost wait for the pipeline to be whole again (a worker started
     # again and reloaded), to be prefilled again and go on; then they end with an error.
     replay_timeout: float = 60.0
+    # Seconds a worker may stay unreachable before its layers are planned over the other devices (when
+    # they have the memory); None: never, the cluster waits for it.
+    replan_after: float | None = 20.0
     monitor_interval: float = 1.0  # seconds between two looks at every device
     max_step_tokens: int = 512
     max_running: int = 128  # sequences holding KV caches at once; later ones wait
+    # What the local stage's KV caches may take: bytes (an int), a share of the memory free after its
+    # weights are loaded (a float), or None: 80% of it.
+    kv_memory: int | float | None = None
+    # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
+    # None: every worker reads `model` itself.
+    weights_listen: str | None = None
+    weights_address: str | None = None  # what the workers dial for them; None: weights_listen
+    device_models: Mapping[str, str] = field(default_factory=dict)  # a worker's own copy: its path there
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -52,8 +63,27 @@ class CoordinatorConfig:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
         if self.replay_timeout < 0:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
+        if self.replan_after is not None and self.replan_after < 0:
+            raise ConfigError(f"the re-plan delay must not be negative, got {self.replan_after}")
+        if self.kv_memory is not None and not (
+            self.kv_memory > 0 and (isinstance(self.kv_memory, int) or self.kv_memory <= 1)
+        ):
+            raise ConfigError(f"the KV memory must be positive, got {self.kv_memory}")
+        unknown = sorted(set(self.device_models) - {worker.name for worker in self.workers})
+        if unknown:
+            raise ConfigError(f"a model path is given for {', '.join(unknown)}, which is no worker")
         if self.step_timeout <= 0:
             raise ConfigError(f"the step timeout must be positive, got {self.step_timeout}")
+
+    def weights_of(self, device: str) -> str | None:
+        """The address `device` takes its weights from, or None when it reads a copy of its own."""
+        if device in self.device_models or self.weights_listen is None:
+            return None
+        return self.weights_address or self.weights_listen
+
+    def model_of(self, device: str) -> str:
+        """The model as `device` names it: its own copy's path, else the cluster's reference."""
+        return self.device_models.get(device, self.model)
 
     def quantize_of(self, device: str) -> str | None:
         """How `device` holds its weights: its own setting, else the cluster's."""

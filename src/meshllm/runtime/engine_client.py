@@ -80,6 +80,11 @@ class EngineClient(Protocol):
     @property
     def live_sequences(self) -> int: ...
 
+    @property
+    def waiting_sequences(self) -> int:
+        """Admitted sequences that wait for room (in the KV caches, or among the running ones)."""
+        ...
+
     def devices_snapshot(self) -> list[DeviceStatus]:
         """Every device as last seen (refreshed about once a second)."""
         ...

@@ -4,9 +4,10 @@ feeds their outcomes back, and delivers each sequence's events to its token stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from meshllm.engines.base import Stage
@@ -69,6 +70,7 @@ class EngineLoop:
         self._streams: dict[int, SequenceStream] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # steps in flight and releases under way
         self._recovering: asyncio.Task[None] | None = None
+        self._held = False  # the pipeline is being changed (`held()`): nothing is sent, nothing resumes
 
     @classmethod
     def in_process(cls, stages: list[Stage], max_running: int = 128) -> EngineLoop:
@@ -100,6 +102,7 @@ class EngineLoop:
             self._spawn(self._run(step))
 
     async def _run(self, step: ScheduledStep) -> None:
+        sent = time.monotonic()  # a sequence's wait for a lost stage counts from here: its last progress
         try:
             tokens = await self.pipeline.run_step(step.input)
         except Exception as error:
@@ -108,7 +111,7 @@ class EngineLoop:
             log.warning(
                 "step %d failed%s: %s", step.step_id, " (its sequences wait to replay)" * replay, failure
             )
-            update = self.scheduler.fail(step.step_id, failure, replay=replay, now=time.monotonic())
+            update = self.scheduler.fail(step.step_id, failure, replay=replay, now=sent)
         else:
             update = self.scheduler.update(step.step_id, tokens)
         self._apply(update)
@@ -123,12 +126,46 @@ class EngineLoop:
             while self.scheduler.paused:
                 await asyncio.sleep(interval)
                 self._apply(self.scheduler.expire(time.monotonic(), self.replay_timeout))
-                if self.scheduler.in_flight == 0 and self.whole():
+                if self.scheduler.in_flight == 0 and not self._held and self.whole():
                     log.warning("the pipeline is whole again: %d sequences replay", self.scheduler.stalled)
                     self.scheduler.resume()
         finally:
             self._recovering = None
         self._send_steps()
+
+    @contextlib.asynccontextmanager
+    async def held(self, reason: str, timeout: float) -> AsyncIterator[None]:
+        """Within: nothing is scheduled and no step is in flight, so the pipeline may change. Leaving it
+        normally, every sequence that had started is prefilled again from its first token (its caches are
+        gone or stale) and goes on; leaving with an error, they wait as after a lost stage. Raises
+        TimeoutError if the steps out do not come back within `timeout` seconds."""
+        error = PipelineError(reason)
+        self._held = True
+        self.scheduler.hold(error, time.monotonic())
+        changed = False
+        try:
+            deadline = time.monotonic() + timeout
+            while self.scheduler.in_flight:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.scheduler.in_flight} steps did not come back in {timeout:.0f} s"
+                    )
+                await asyncio.sleep(0.05)
+            self.scheduler.hold(error, time.monotonic())  # the steps that came back meanwhile
+            yield
+            changed = True
+        finally:
+            self._held = False
+            if changed:
+                self.scheduler.resume()
+                self._send_steps()
+            elif self._recovering is None:
+                self._recovering = asyncio.get_running_loop().create_task(self._recover())
+
+    @property
+    def idle(self) -> bool:
+        """No sequence is live."""
+        return self.scheduler.live_sequences == 0
 
     def _apply(self, update: Update) -> None:
         for event in update.events:

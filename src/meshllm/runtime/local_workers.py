@@ -33,6 +33,7 @@ class LocalWorker:
     command: list[str] = field(default_factory=list)  # how it was started, to start it again
     env: dict[str, str] = field(default_factory=dict)
     output: int | None = None
+    cwd: str | None = None  # the folder it runs in; None: this process's
     backoff: Backoff = field(default_factory=Backoff)
     restart_at: float | None = None  # when a dead worker is started again (monotonic seconds)
 
@@ -47,6 +48,7 @@ class LocalWorker:
             stdin=subprocess.DEVNULL,
             stdout=self.output,
             stderr=self.output,
+            cwd=self.cwd,
             start_new_session=True,  # Ctrl-C reaches serve only; serve stops the workers in order
         )
         self.backoff.succeeded()
@@ -73,13 +75,20 @@ class LocalWorkers:
         engine: str | None = None,
         output: int | None = None,
         env: dict[str, str] | None = None,
+        kv_memory: int | float | None = None,
+        cwd: str | None = None,
     ) -> LocalWorker:
         """Start one `meshllm worker` on `host:port`. Its log goes to this process's stderr, or to
-        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment."""
+        `output` (a file descriptor, or `subprocess.DEVNULL`); `env` adds to the environment; it runs in
+        `cwd` (default: this process's folder)."""
         command = ["-m", "meshllm", "worker", "--host", host, "--port", str(port)]
         command += ["--threads", str(threads), "--name", name]
         if engine:
             command += ["--engine", engine]
+        if kv_memory is not None:
+            # bytes, or a share of free memory as a percentage (what `meshllm worker --kv-memory` reads)
+            share = isinstance(kv_memory, float)
+            command += ["--kv-memory", f"{kv_memory * 100:g}%" if share else str(kv_memory)]
         worker = LocalWorker(
             WorkerAddress(name=name, address=f"{host}:{port}"),
             process=None,  # type: ignore[arg-type]  # launched just below
@@ -88,6 +97,7 @@ class LocalWorkers:
             # starts with "-" reads as an option.
             env={**os.environ, "OMP_NUM_THREADS": str(threads), TOKEN_ENV: token or "", **(env or {})},
             output=output,
+            cwd=cwd,
         )
         worker.launch()
         self.workers.append(worker)
@@ -133,12 +143,15 @@ class LocalWorkers:
         threads: int,
         host: str = "127.0.0.1",
         output: int | None = None,
+        kv_memory: int | float | None = None,
     ) -> list[WorkerAddress]:
         """Start `count` workers (worker1, worker2, …) on free ports of `host`; their addresses in chain order."""
         first = len(self.workers) + 1
         ports = free_ports(count, host)
         started = [
-            self.start(f"worker{first + index}", port, token, threads, host, output=output)
+            self.start(
+                f"worker{first + index}", port, token, threads, host, output=output, kv_memory=kv_memory
+            )
             for index, port in enumerate(ports)
         ]
         return [worker.address for worker in started]

@@ -100,6 +100,15 @@ class Pipeline:
                 if isinstance(outcome, Exception):
                     log.debug("release on %s failed: %s", stage.name, outcome)
 
+    async def rebuild(self, local: list[LocalStageHost], remote: ForwardChain | None) -> None:
+        """Run over other stages from now on (the layers were planned again); the old stream is closed.
+        Only while no step is in flight."""
+        if not local and remote is None:
+            raise ValueError("a pipeline needs at least one stage")
+        old, self.local, self.remote = self.remote, local, remote
+        if old is not None and old is not remote:
+            await old.reset()
+
     async def close(self) -> None:
         if self.remote is not None:
             await self.remote.reset()

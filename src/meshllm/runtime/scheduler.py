@@ -9,13 +9,20 @@ step's sampled tokens mean for each sequence. No asyncio, no sockets: the engine
   the live sequences are split into one micro-batch per stage so that every stage has work.
 - `update(step_id, tokens)` / `fail(step_id, error)` take a step's outcome and return what happened to
   each sequence (`SequenceEvent`s) and which sequences the stages may now forget (`release`).
+- KV admission by bytes: with `kv_budgets` (each stage's KV bytes per token and the memory its caches
+  may take), a sequence starts only while the caches it may grow to (prompt + max_tokens) fit next to
+  those of every started sequence on every stage; later arrivals wait, in arrival order. `add` refuses a
+  sequence that could not fit even alone, naming the stage and its limit.
 - Every stop condition about tokens is decided here: eos (unless ignore_eos), stop token ids (once
   min_tokens were made), max_tokens.
 - Replay: `fail(step_id, error, replay=True)` (a stage was lost) does not end the step's sequences. They
   are `STALLED` and nothing is scheduled (`paused`) until `resume()`, when the pipeline is whole again:
   then each is prefilled again from position 0 (its prompt and the tokens it had), its sampler resumed
   where it was, and it goes on with the tokens it would have had. `expire(now, timeout)` ends those that
-  waited too long.
+  waited too long (counted from the step that was lost: their last progress).
+- Re-plan: `hold(reason, now)` pauses scheduling while the pipeline changes under the sequences (the
+  layers move to other devices); the started ones stall like those of a lost step, and `resume()` prefills
+  every one again.
 """
 
 from __future__ import annotations
@@ -85,6 +92,19 @@ class Sequence:
 
 
 @dataclass(frozen=True)
+class KVBudget:
+    """What one stage's KV caches may hold: `memory` bytes at `bytes_per_token` per token of a sequence."""
+
+    device: str
+    bytes_per_token: int
+    memory: int
+
+    @property
+    def tokens(self) -> int:
+        return self.memory // self.bytes_per_token
+
+
+@dataclass(frozen=True)
 class SequenceEvent:
     """What happened to one sequence: a token, an error, or its end (`done`) after an abort."""
 
@@ -117,6 +137,7 @@ class Scheduler:
         max_step_tokens: int = 512,
         max_step_sequences: int = 64,
         max_running: int = 128,
+        kv_budgets: list[KVBudget] | tuple[KVBudget, ...] = (),
     ):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -125,6 +146,8 @@ class Scheduler:
         self.max_step_sequences = max_step_sequences
         # Sequences that hold KV caches on the stages; later arrivals wait, unstarted, for a free place.
         self.max_running = max_running
+        # Stages that said what their caches may hold (one that did not, an older peer, limits nothing).
+        self.kv_budgets = [b for b in kv_budgets if b.bytes_per_token > 0 and b.memory > 0]
         self._sequences: dict[int, Sequence] = {}  # live ones, in arrival order
         self._in_flight: dict[int, ScheduledStep] = {}
         self._seq_ids = itertools.count(random.randrange(1, 1 << 40))  # unlike an earlier run's ids
@@ -139,6 +162,32 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def waiting(self) -> int:
+        """Admitted sequences that wait for a place (no stage holds anything of them yet)."""
+        return sum(1 for s in self._sequences.values() if s.status == SequenceStatus.WAITING)
+
+    @property
+    def kv_tokens(self) -> int | None:
+        """Tokens the stages' KV caches may hold in all (the smallest stage decides); None: no limit."""
+        return min((budget.tokens for budget in self.kv_budgets), default=None)
+
+    @property
+    def kv_reserved(self) -> int:
+        """Tokens the started sequences' caches may grow to, together."""
+        return sum(_projected(s) for s in self._sequences.values() if s.status != SequenceStatus.WAITING)
+
+    def _check_fits_alone(self, request: GenerateRequest) -> None:
+        needed = len(request.prompt_ids) + request.max_tokens
+        for budget in self.kv_budgets:
+            if needed > budget.tokens:
+                raise ValueError(
+                    f"prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                    f"needs {needed * budget.bytes_per_token / 1e6:.1f} MB of KV cache on device "
+                    f"'{budget.device}', whose KV memory limit is {budget.memory / 1e6:.1f} MB "
+                    f"({budget.tokens} tokens); shorten the prompt or max_tokens"
+                )
+
     def status(self, seq_id: int) -> SequenceStatus | None:
         """None for a sequence that ended (or never was)."""
         sequence = self._sequences.get(seq_id)
@@ -149,6 +198,7 @@ class Scheduler:
             raise ValueError("the prompt has no tokens")
         if request.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        self._check_fits_alone(request)
         if (
             request.sampling.seed is None
         ):  # the last stage's generator is always seeded: same seed, same tokens
@@ -190,6 +240,8 @@ class Scheduler:
         share = -(-min(len(self._sequences), self.max_running) // self.max_in_flight)
         max_sequences = min(self.max_step_sequences, max(share, 1))
         running = sum(1 for s in self._sequences.values() if s.status != SequenceStatus.WAITING)
+        kv_tokens, kv_reserved = self.kv_tokens, self.kv_reserved
+        admitting = True  # arrival order: once one waiting sequence does not fit, later ones wait too
         budget = self.max_step_tokens
         segments: list[Segment] = []
         token_ids: list[int] = []
@@ -198,9 +250,12 @@ class Scheduler:
             if budget <= 0 or len(segments) >= max_sequences:
                 break
             if sequence.status == SequenceStatus.WAITING:
-                if running >= self.max_running:
+                fits = kv_tokens is None or kv_reserved + _projected(sequence) <= kv_tokens
+                if not (admitting and fits and running < self.max_running):
+                    admitting = False
                     continue  # waits until a running sequence finishes
                 running += 1
+                kv_reserved += _projected(sequence)
             count = min(sequence.pending, budget)
             start = sequence.n_cached
             segments.append(
@@ -260,7 +315,7 @@ class Scheduler:
 
     def fail(self, step_id: int, error: PipelineError, replay: bool = False, now: float = 0.0) -> Update:
         """A step failed: every sequence in it ends with `error`, or, with `replay`, stalls until `resume()`
-        (an aborted one ends)."""
+        (an aborted one ends). `now`: when the step was sent, where a stalled sequence's wait begins."""
         step = self._in_flight.pop(step_id)
         update = Update()
         for seq_id in step.seq_ids:
@@ -282,11 +337,23 @@ class Scheduler:
         return sum(1 for s in self._sequences.values() if s.status == SequenceStatus.STALLED)
 
     def resume(self) -> None:
-        """The pipeline is whole again: stalled sequences are prefilled again from their first token."""
+        """The pipeline is whole again: every sequence that had started is prefilled again from its first
+        token (a stage that was started again, or that holds other layers now, has none of its cache)."""
         self.paused = False
         for sequence in self._sequences.values():
-            if sequence.status == SequenceStatus.STALLED:
+            if sequence.status in (SequenceStatus.STALLED, SequenceStatus.RUNNING):
                 sequence.status = SequenceStatus.RUNNING  # the stages may still hold (stale) caches of it
+                sequence.n_cached = 0
+
+    def hold(self, error: PipelineError, now: float) -> None:
+        """Schedule nothing until `resume()`: the pipeline is about to change under the sequences. Those
+        not in a step stall (their caches will be gone), keeping an earlier stall's clock and error."""
+        self.paused = True
+        for sequence in self._sequences.values():
+            if sequence.status == SequenceStatus.RUNNING:
+                sequence.status, sequence.n_cached = SequenceStatus.STALLED, 0
+                sequence.stalled_since = sequence.stalled_since or now
+                sequence.stall_error = sequence.stall_error or error
 
     def expire(self, now: float, timeout: float) -> Update:
         """End the stalled sequences that have waited `timeout` seconds, with the error that stalled them."""
@@ -306,3 +373,8 @@ class Scheduler:
             self._finish(sequence, SequenceEvent(sequence.seq_id, error=error), update)
         self._in_flight.clear()
         return update
+
+
+def _projected(sequence: Sequence) -> int:
+    """Tokens a sequence's caches hold at most: its prompt and every token it may generate."""
+    return len(sequence.request.prompt_ids) + sequence.request.max_tokens

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshllm.devices import StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage, read_bandwidth
-from meshllm.errors import StageError
+from meshllm.defaults import PREDICT_ENV
+from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
+from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
+from meshllm.models.predict import best_alone, describe, predict, stage_costs
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -23,30 +28,61 @@ from meshllm.runtime.engine_client import ServedModel
 from meshllm.runtime.engine_loop import EngineLoop
 from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
-from meshllm.runtime.scheduler import Scheduler
+from meshllm.runtime.replan import Replanner
+from meshllm.runtime.scheduler import KVBudget, Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.runtime.weights import CheckpointWeights
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
-from meshllm.transport.stage import LoadSpec
+from meshllm.transport.stage import LoadSpec, LoadUpdate, WeightsFrom
 from meshllm.transport.stage_client import ForwardChain, StageClient
+from meshllm.transport.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
 
-async def start_coordinator(config: CoordinatorConfig) -> Coordinator:
-    """Plan the layers over this process (when `config.local_stage`) and the workers, load them all."""
+OnLoad = Callable[[str, LoadUpdate], None]
+
+
+async def start_coordinator(config: CoordinatorConfig, on_load: OnLoad | None = None) -> Coordinator:
+    """Plan the layers over this process (when `config.local_stage`) and the workers, load them all;
+    `on_load(device, update)` hears how each worker's load goes."""
     clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    weights: list[WeightsServer] = []  # started once the checkpoint is open
     try:
-        return await _start(config, clients)
+        coordinator = await _start(config, clients, weights, on_load)
     except BaseException:
         for client in clients:
             await client.close()
+        for server in weights:
+            await server.stop()
         raise
+    coordinator.weights_server = weights[0] if weights else None
+    return coordinator
 
 
-async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coordinator:
+async def _serve_weights(config: CoordinatorConfig, checkpoint: Checkpoint) -> WeightsServer:
+    assert config.weights_listen is not None  # only when some worker takes its weights from here
+    source = await asyncio.to_thread(CheckpointWeights, checkpoint)
+    server = WeightsServer(source, config.weights_listen, config.token, f"coordinator {config.name}")
+    try:
+        await server.start()
+    except OSError as error:
+        raise ConfigError(f"coordinator: {error}") from None
+    return server
+
+
+async def _start(
+    config: CoordinatorConfig,
+    clients: list[StageClient],
+    weights: list[WeightsServer],
+    on_load: OnLoad | None,
+) -> Coordinator:
     engine = config.engine or default_engine()
     checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    if any(config.weights_of(client.name) for client in clients):
+        weights.append(await _serve_weights(config, checkpoint))
+    weights_key = weights[0].source.key if weights else ""
     tokenizer = await asyncio.to_thread(load_tokenizer, checkpoint.path)
     model_config = checkpoint.config
     eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | _tokenizer_eos(tokenizer)))
@@ -58,11 +94,134 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
         eos_token_ids=eos_token_ids,
     )
 
+    predicting = os.environ.get(PREDICT_ENV, "1") != "0"
+    survey = await _survey(config, engine, checkpoint, clients, predicting)
+    plan = survey.plan
+
+    local_hosts = []
+    if config.local_stage:
+        layer_range = plan[0].layer_range
+        quantize = config.quantize_of(config.name)
+        stage = await asyncio.to_thread(
+            load_stage,
+            engine,
+            checkpoint,
+            layer_range,
+            dtype=config.dtype,
+            device=config.device,
+            quantize=quantize,
+            group_size=config.group_size,
+        )
+        host = LocalStageHost.of(
+            config.name,
+            stage,
+            config.model,
+            model_config.num_hidden_layers,
+            quantize,
+            kv_memory=config.kv_memory,
+        )
+        host.device = config.device  # where its layers load again, should the plan change
+        local_hosts.append(host)
+    worker_plan = plan[int(config.local_stage) :]
+    next_stages = [*(client.address for client in clients[1:]), ""][: len(clients)]
+
+    async def load(client: StageClient, layers: LayerRange, next_stage: str) -> None:
+        await _load(config, client, layers, next_stage, weights_key, on_load)
+
+    await asyncio.gather(
+        *(
+            load(client, planned.layer_range, next_stage)
+            for client, planned, next_stage in zip(clients, worker_plan, next_stages, strict=True)
+        )
+    )
+    if predicting:
+        for line in await _predict(config, checkpoint, survey, clients):
+            log.info("%s", line)
+
+    remote = ForwardChain(clients, config.step_timeout) if clients else None
+    pipeline = Pipeline(local_hosts, remote, local_name=config.name)
+    kv_budgets = await _kv_budgets(local_hosts, clients)
+    scheduler = Scheduler(
+        pipeline.depth,
+        max_step_tokens=config.max_step_tokens,
+        max_running=config.max_running,
+        kv_budgets=kv_budgets,
+    )
+
+    replanner: Replanner | None = None
+
+    async def reload(client: StageClient) -> None:
+        assert replanner is not None
+        await replanner.reload(client)
+
+    monitor = DeviceMonitor(
+        config.model,
+        config.name,
+        local_hosts,
+        [(client, planned.layer_range) for client, planned in zip(clients, worker_plan, strict=True)],
+        reload,
+        device_models=config.device_models,
+    )
+    await monitor.refresh()
+
+    def whole() -> bool:
+        return replanner is not None and replanner.settled and not monitor.unhealthy()
+
+    # Only remote stages come back.
+    engine_loop = EngineLoop(
+        scheduler, pipeline, whole=whole if clients else None, replay_timeout=config.replay_timeout
+    )
+    replanner = Replanner(
+        config, checkpoint, plan, clients, local_hosts, engine_loop, monitor, survey.speeds, load
+    )
+    if clients:
+        monitor.after_refresh = replanner.check
+    coordinator = Coordinator(config, served, tokenizer, replanner, engine_loop, monitor, clients)
+    monitor.start(config.monitor_interval)
+    return coordinator
+
+
+async def _kv_budgets(local_hosts: list[LocalStageHost], clients: list[StageClient]) -> list[KVBudget]:
+    """What every loaded stage says its KV caches may hold."""
+    named = [(host.name, host.info()) for host in local_hosts]
+    named += [(client.name, await client.info(timeout=10.0)) for client in clients]
+    budgets = [KVBudget(name, info.kv_bytes_per_token, info.kv_memory) for name, info in named]
+    for budget in budgets:
+        if budget.bytes_per_token and budget.memory:
+            log.info(
+                "%s: KV caches may take %.1f MB, %d tokens at %d bytes each",
+                budget.device,
+                budget.memory / 1e6,
+                budget.tokens,
+                budget.bytes_per_token,
+            )
+    return budgets
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a start learns before it loads anything: the devices, their speeds, and the plan."""
+
+    devices: list[tuple[str, int]]  # (name, bytes of memory available), in chain order
+    calibrations: dict[str, Calibration]  # by device, when measured
+    plan: list[StagePlan]
+    speeds: dict[str, float] | None = None  # read speeds the plan balanced, relative to the fastest
+
+
+async def _survey(
+    config: CoordinatorConfig,
+    engine: str,
+    checkpoint: Checkpoint,
+    clients: list[StageClient],
+    calibrate: bool,
+) -> Survey:
+    """Ask every worker, measure the devices when the plan or a prediction needs it, and plan."""
     infos = await asyncio.gather(*(_ask(client) for client in clients))
     hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
     # Devices of one machine read at one speed: measuring them would only measure each other's noise.
     measure = _plan_needs_speeds(config) and len(hosts) > 1
-    speeds = await _measure_speeds(config, engine, clients) if measure else None
+    calibrations = await _calibrate(config, engine, clients) if measure or calibrate else {}
+    speeds = _relative_speeds(calibrations) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
     if config.local_stage:
@@ -87,99 +246,103 @@ async def _start(config: CoordinatorConfig, clients: list[StageClient]) -> Coord
             planned.layer_range,
             planned.weight_bytes / 1e6,
         )
+    return Survey(devices, calibrations, plan, speeds)
 
-    local_hosts = []
-    if config.local_stage:
-        layer_range = plan[0].layer_range
-        quantize = config.quantize_of(config.name)
-        stage = await asyncio.to_thread(
-            load_stage,
-            engine,
-            checkpoint,
-            layer_range,
-            dtype=config.dtype,
-            device=config.device,
-            quantize=quantize,
-            group_size=config.group_size,
-        )
-        local_hosts.append(
-            LocalStageHost.of(config.name, stage, config.model, model_config.num_hidden_layers, quantize)
-        )
-    worker_plan = plan[int(config.local_stage) :]
-    next_stages = [client.address for client in clients[1:]] + [""]
 
-    async def load(client: StageClient) -> None:
-        index = clients.index(client)
-        await _load(config, client, worker_plan[index], next_stages[index])
-
-    await asyncio.gather(*(load(client) for client in clients))
-
-    remote = ForwardChain(clients, config.step_timeout) if clients else None
-    pipeline = Pipeline(local_hosts, remote, local_name=config.name)
-    scheduler = Scheduler(
-        pipeline.depth, max_step_tokens=config.max_step_tokens, max_running=config.max_running
-    )
-
-    async def reload(client: StageClient) -> None:
-        await load(client)
-        if remote is not None:
-            await remote.reset()  # every stage after it needs a new stream
-
-    monitor = DeviceMonitor(
-        config.model,
-        config.name,
-        local_hosts,
-        [(client, planned.layer_range) for client, planned in zip(clients, worker_plan, strict=True)],
-        reload,
-    )
-    await monitor.refresh()
-    whole = (lambda: not monitor.unhealthy()) if clients else None  # only remote stages come back
-    engine_loop = EngineLoop(scheduler, pipeline, whole=whole, replay_timeout=config.replay_timeout)
-    coordinator = Coordinator(config, served, tokenizer, plan, engine_loop, monitor, clients)
-    monitor.start(config.monitor_interval)
-    return coordinator
+async def forecast(config: CoordinatorConfig) -> list[str]:
+    """The plan a start would make and the speed it should give, measured on the idle devices; nothing is
+    loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
+    clients = [StageClient(w.name, w.address, config.token) for w in config.workers]
+    try:
+        engine = config.engine or default_engine()
+        checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+        survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
+        ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
+        return [f"plan: {ranges}", *await _predict(config, checkpoint, survey, clients)]
+    finally:
+        for client in clients:
+            await client.close()
 
 
 def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
     return len(config.device_names) > 1 and not config.layer_overrides
 
 
-async def _measure_speeds(
+async def _calibrate(
     config: CoordinatorConfig, engine: str, clients: list[StageClient]
-) -> dict[str, float]:
-    """Every device's read speed in its own dtype and quantization, one device at a time (devices that
-    share a machine would slow each other's measurement). Speeds within half of the fastest count as
-    the fastest: a shared machine's noise reaches that much, and it must not move layers around."""
-    speeds: dict[str, float] = {}
+) -> dict[str, Calibration]:
+    """Every device's speeds in its own dtype and quantization, one device at a time (devices that share
+    a machine would slow each other's measurement)."""
+    calibrations: dict[str, Calibration] = {}
     if config.local_stage:
-        quantize = config.quantize_of(config.name)
-        speeds[config.name] = await asyncio.to_thread(
-            _local_bandwidth, engine, config.dtype, quantize, config.group_size, config.device
+        precision = Precision(config.dtype, config.quantize_of(config.name), config.group_size)
+        calibrations[config.name] = await asyncio.to_thread(
+            _local_calibration, engine, precision, config.device
         )
     for client in clients:
-        spec = LoadSpec(
-            config.model,
-            LayerRange(0, 1),
-            config.dtype,
-            None,
-            config.quantize_of(client.name),
-            config.group_size,
-        )
-        speeds[client.name] = (await client.info(timeout=120.0, calibrate=spec)).read_bandwidth
-    fastest = max(speeds.values())
+        precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
+        info = await client.info(timeout=120.0, calibrate=precision)
+        calibrations[client.name] = Calibration(info.read_bandwidth, info.flop_rate)
+    return calibrations
+
+
+def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
+    """Read speeds relative to the fastest. Within half of the fastest counts as the fastest: a shared
+    machine's noise reaches that much, and it must not move layers around."""
+    fastest = max((found.read_bandwidth for found in calibrations.values()), default=0.0)
     if fastest <= 0:
         return {}
-    relative = {name: speed / fastest for name, speed in speeds.items()}
-    log.info("read speeds: %s", ", ".join(f"{name} {speed / 1e9:.1f} GB/s" for name, speed in speeds.items()))
+    relative = {name: found.read_bandwidth / fastest for name, found in calibrations.items()}
     return {name: 1.0 if share >= 0.5 else share for name, share in relative.items()}
 
 
 @functools.cache
-def _local_bandwidth(
-    engine: str, dtype: str, quantize: str | None, group_size: int, device: str | None
-) -> float:
-    """This process's read speed, measured once per dtype and quantization."""
-    return read_bandwidth(engine, dtype, quantize, group_size, device)
+def _local_calibration(engine: str, precision: Precision, device: str | None) -> Calibration:
+    """This process's speeds, measured once per precision."""
+    return calibrate(engine, precision, device)
+
+
+PREDICTED_STREAMS = 16
+
+
+async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[Link]:
+    """The chain's links in order: this process to the first worker (when it runs a stage), then each
+    worker to the next, measured by the worker."""
+    links = [await clients[0].measure_link()] if config.local_stage and clients else []
+    for client, following in zip(clients, clients[1:], strict=False):
+        links.append(await client.probe(following.address))
+    return links
+
+
+async def _predict(
+    config: CoordinatorConfig, checkpoint: Checkpoint, survey: Survey, clients: list[StageClient]
+) -> list[str]:
+    """What the plan should give, with the fastest single device beside it: lines for a person."""
+    plan, devices, calibrations = survey.plan, survey.devices, survey.calibrations
+    quantize = {name: config.quantize_of(name) for name, _ in devices}
+    lines = [
+        "device speeds: "
+        + ", ".join(
+            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            for name, found in calibrations.items()
+        )
+    ]
+    try:
+        links = await _links(config, clients)
+    except StageError as error:
+        return [*lines, f"no prediction: a link could not be measured: {error}"]
+    for (first, second), link in zip(zip(plan, plan[1:], strict=False), links, strict=False):
+        lines.append(
+            f"link {first.device} -> {second.device}: {link.round_trip * 1e3:.2f} ms round trip, "
+            f"{link.bandwidth / 1e6:.0f} MB/s"
+        )
+    costs = stage_costs(checkpoint, plan, config.dtype, quantize, config.group_size, calibrations)
+    activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
+    prediction = predict(costs, links, activation, PREDICTED_STREAMS)
+    alone = best_alone(
+        checkpoint, devices, config.dtype, quantize, config.group_size, calibrations, PREDICTED_STREAMS
+    )
+    return [*lines, describe(prediction, alone, len(plan))]
 
 
 async def _ask(client: StageClient) -> StageInfo:
@@ -193,17 +356,33 @@ async def _ask(client: StageClient) -> StageInfo:
     return info
 
 
-async def _load(config: CoordinatorConfig, client: StageClient, stage: StagePlan, next_stage: str) -> None:
+async def _load(
+    config: CoordinatorConfig,
+    client: StageClient,
+    layers: LayerRange,
+    next_stage: str,
+    weights_key: str,
+    on_load: OnLoad | None,
+) -> None:
     started = time.perf_counter()
+    address = config.weights_of(client.name)
     spec = LoadSpec(
-        config.model,
-        stage.layer_range,
+        config.model_of(client.name),
+        layers,
         config.dtype,
         quantize=config.quantize_of(client.name),
         group_size=config.group_size,
+        weights=WeightsFrom(address, weights_key) if address else None,
     )
-    await client.load(spec, next_stage, lambda message: log.info("%s: %s", client.name, message))
-    log.info("%s loaded layers %s in %.1f s", client.name, stage.layer_range, time.perf_counter() - started)
+
+    def progress(update: LoadUpdate) -> None:
+        if update.phase != "fetch" or update.fraction in (0.0, 1.0) or update.done:
+            log.info("%s: %s", client.name, update.message)  # the log gets the ends; the bars show the rest
+        if on_load is not None:
+            on_load(client.name, update)
+
+    summary = await client.load(spec, next_stage, progress)
+    log.info("%s: %s (%.1f s in all)", client.name, summary, time.perf_counter() - started)
 
 
 def _served_name(reference: str, checkpoint: Checkpoint) -> str:

@@ -39,6 +39,7 @@ class TextDelta:
     text: str
     completion_tokens: int  # generated so far, this one included
     finish_reason: FinishReason | None = None  # on the last delta
+    stop_string: str | None = None  # on the last delta, when a stop string ended the reply: which one
 
 
 class Generation:
@@ -152,7 +153,8 @@ class Generation:
             finish_reason = "stop"
         elif finish_reason:
             text += self._stop_strings.flush()
-        return TextDelta(text, self.completion_tokens, finish_reason)
+        stop_string = self._stop_strings.matched if stop_found else None
+        return TextDelta(text, self.completion_tokens, finish_reason, stop_string)
 
     def _observe_token(self) -> None:
         now = self._first_received_at if self.completion_tokens == 1 else time.monotonic()

@@ -13,16 +13,24 @@ from prometheus_client import (
     generate_latest,
 )
 
+from meshllm.server.console.stats import RecentStats
+
 # Seconds: from a loopback millisecond to a slow remote prefill.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
 class ServerMetrics:
-    """What /metrics shows: requests, tokens, latencies, per-stage step times and live sequences."""
+    """What /metrics shows: requests, tokens, latencies, per-stage step times, live and waiting sequences;
+    and, per second over the last minutes, what the console plots (`recent`)."""
 
-    def __init__(self, live_sequences: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        live_sequences: Callable[[], int] | None = None,
+        waiting_sequences: Callable[[], int] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.recent = RecentStats()
         registry = self.registry
         self.requests = Counter(
             "meshllm_requests",
@@ -67,6 +75,13 @@ class ServerMetrics:
         )
         if live_sequences is not None:
             self.live_sequences.set_function(live_sequences)
+        self.waiting_sequences = Gauge(
+            "meshllm_waiting_sequences",
+            "Sequences admitted but not started: no room yet in the stages' KV memory",
+            registry=registry,
+        )
+        if waiting_sequences is not None:
+            self.waiting_sequences.set_function(waiting_sequences)
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
@@ -74,6 +89,7 @@ class ServerMetrics:
     def observe_step(self, stage_name: str, seconds: float) -> None:
         """A step listener for the coordinator: called after every step of every stage."""
         self.stage_step.labels(stage=stage_name).observe(seconds)
+        self.recent.observe_step(stage_name, seconds)
 
     def observe_prompt(self, n_tokens: int) -> None:
         self.prompt_tokens.inc(n_tokens)
@@ -81,10 +97,13 @@ class ServerMetrics:
     def observe_first_token(self, seconds: float) -> None:
         self.generation_tokens.inc()
         self.time_to_first_token.observe(seconds)
+        self.recent.observe_tokens()
+        self.recent.observe_first_token(seconds)
 
     def observe_next_token(self, seconds: float) -> None:
         self.generation_tokens.inc()
         self.time_per_output_token.observe(seconds)
+        self.recent.observe_tokens()
 
     def observe_finished(self, finish_reason: str, seconds: float) -> None:
         self.finished.labels(finish_reason=finish_reason).inc()

@@ -8,7 +8,7 @@ them with a message naming the field (or accept them when ignoring them is harml
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,12 +16,40 @@ from pydantic import (
     Field,
     JsonValue,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     model_serializer,
 )
+from pydantic.json_schema import JsonDict
 
 from meshllm.devices import DeviceStatus, Status
 
 # ---------------------------------------------------------------------------------------------- requests
+
+# What `validation` refuses with its own messages, said in the OpenAPI document too (the document only:
+# the checks stay in `validation`, which names the field the way OpenAI does). `app` adds the limits that
+# depend on the served model (the context for max_tokens, the vocabulary for token ids).
+_TOKEN_ID = {"type": "integer", "minimum": 0}
+NonEmptyText = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
+OneText = Annotated[
+    list[str],
+    WithJsonSchema(
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}
+    ),
+]
+TokenIds = Annotated[list[int], WithJsonSchema({"type": "array", "items": _TOKEN_ID, "minItems": 1})]
+OneTokenIds = Annotated[
+    list[list[int]],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1},
+            "minItems": 1,
+            "maxItems": 1,
+        }
+    ),
+]
+StopTokenIds = Annotated[list[int], WithJsonSchema({"type": "array", "items": _TOKEN_ID})]
+_NEUTRAL: JsonDict = {"minimum": 0, "maximum": 0}  # accepted only at 0
 
 
 class _Request(BaseModel):
@@ -62,25 +90,25 @@ class _SamplingRequest(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, json_schema_extra={"maximum": 1})
     user: str | None = None
     # OpenAI fields accepted only at their neutral value (validation refuses any other).
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, json_schema_extra=_NEUTRAL)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, json_schema_extra=_NEUTRAL)
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
     # Extensions (vLLM's names).
     top_k: int | None = Field(default=None, ge=-1)  # 0 or -1: no top-k cut
     min_tokens: int = Field(default=0, ge=0)  # end-of-sequence is banned until this many tokens
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens, up to max_tokens
-    stop_token_ids: list[int] | None = None  # stop (and leave out) when one of these is sampled
+    stop_token_ids: StopTokenIds | None = None  # stop (and leave out) when one of these is sampled
     skip_special_tokens: bool = True
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = Field(default=None, ge=1)
     chat_template_kwargs: dict[str, JsonValue] | None = None  # e.g. {"enable_thinking": false}
     # Accepted and ignored: hints with no effect on a self-hosted model.
@@ -111,15 +139,28 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     # A string, a one-element list of strings, token ids, or a one-element list of token id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: NonEmptyText | OneText | TokenIds | OneTokenIds
     # Refused unless neutral.
     logprobs: int | None = None
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 1})
     suffix: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- responses
+
+
+class ErrorObject(BaseModel):
+    message: str  # what is wrong, and what to do
+    type: str  # invalid_request_error | server_error
+    param: str | None  # the request field at fault
+    code: str | None  # e.g. model_not_found, context_length_exceeded, invalid_api_key, pipeline_unavailable
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the API, in OpenAI's shape."""
+
+    error: ErrorObject
 
 
 def _now() -> int:
@@ -230,10 +271,11 @@ class DeviceHealth(BaseModel):
     address: str
     status: Status
     error: str = ""
+    in_plan: bool = True  # False: left out of the layer plan; the other devices run its layers
 
 
 class HealthResponse(BaseModel):
-    status: Literal["healthy", "unhealthy"]
+    status: Literal["healthy", "degraded", "unhealthy"]  # degraded: serving with devices left out
     model: str
     message: str = ""
     devices: list[DeviceHealth]

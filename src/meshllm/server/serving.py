@@ -1,7 +1,7 @@
 """The logic behind the API, as one line: validate -> prompt ids -> one generation -> the endpoint's reply.
 
-No web framework here (`app` only routes). Chat and completions differ in their validation (messages or
-a prompt) and their reply format, nothing else: both run `_serve`.
+No web framework here (`app` only routes). Chat, completions and Anthropic's messages differ in their
+validation (messages or a prompt) and their reply format, nothing else: all start with `_start`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pydantic import BaseModel
 
 from meshllm.runtime.engine_client import EngineClient
+from meshllm.server.anthropic import (
+    CountTokensRequest,
+    MessagesRequest,
+    MessageStream,
+    TokenCount,
+    message_events,
+    messages_prompt,
+    validate_messages,
+    whole_message,
+)
 from meshllm.server.errors import invalid
 from meshllm.server.generation import Generation
 from meshllm.server.metrics import ServerMetrics
@@ -89,14 +99,34 @@ class OpenAIServing:
         valid = validate_completion(request, self.model_name, self.client.model)
         return await self._serve(valid, CompletionReply, arrival)
 
-    async def _serve(
-        self, valid: ValidRequest, reply_format: Callable[[str], ReplyFormat[ChoiceT]], arrival: float
-    ) -> BaseModel | EventStream:
+    async def messages(self, request: MessagesRequest) -> BaseModel | MessageStream:
+        """Anthropic's Messages API: the chat path, replies spelled as Anthropic's."""
+        arrival = time.monotonic()
+        valid = validate_messages(request, self.model_name, self.client.model)
+        generation = await self._start(valid, arrival)
+        if valid.stream is None:
+            return await whole_message(self.model_name, generation.deltas(), generation.prompt_tokens)
+        events = message_events(self.model_name, generation.deltas(), generation.prompt_tokens)
+        return MessageStream(events, generation.close)
+
+    async def count_tokens(self, request: CountTokensRequest) -> TokenCount:
+        """The prompt tokens a messages request would have (its `usage.input_tokens`)."""
+        prompt = messages_prompt(request, self.model_name)
+        return TokenCount(input_tokens=len(await self._prompt_ids(prompt)))
+
+    async def _start(self, valid: ValidRequest, arrival: float) -> Generation:
+        """The request's generation, started: a 503 unless its first token came."""
         prompt_ids = await self._prompt_ids(valid.prompt)
         generation = Generation(
             self.client, valid.sequence(prompt_ids, self.client.model), self.metrics, arrival
         )
-        await generation.start()  # a 503 unless the first token came
+        await generation.start()
+        return generation
+
+    async def _serve(
+        self, valid: ValidRequest, reply_format: Callable[[str], ReplyFormat[ChoiceT]], arrival: float
+    ) -> BaseModel | EventStream:
+        generation = await self._start(valid, arrival)
         reply = reply_format(self.model_name)
         if valid.stream is None:
             return await whole_reply(reply, generation.deltas(), generation.prompt_tokens)
@@ -105,11 +135,16 @@ class OpenAIServing:
 
     async def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, ChatPrompt):
-            render = self.client.chat_prompt_ids
+            render, encode_text = self.client.chat_prompt_ids, self.client.tokenizer.encode
+
+            def chat_ids() -> list[int]:
+                ids = render(prompt.messages, prompt.template_kwargs)
+                if prompt.continuation:
+                    ids = ids + encode_text(prompt.continuation, add_special_tokens=False)
+                return ids
+
             try:
-                return await self._in_tokenizer_thread(
-                    lambda: render(prompt.messages, prompt.template_kwargs)
-                )
+                return await self._in_tokenizer_thread(chat_ids)
             except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
                 message = f"the chat template could not render these messages: {error}"
                 raise invalid(message, "messages") from None
@@ -125,8 +160,18 @@ class OpenAIServing:
 
     def health(self) -> tuple[int, HealthResponse]:
         devices = self.client.devices_snapshot()
-        rows = [DeviceHealth(name=d.name, address=d.address, status=d.status, error=d.error) for d in devices]
-        failing = [d for d in devices if not d.healthy]
+        rows = [
+            DeviceHealth(name=d.name, address=d.address, status=d.status, error=d.error, in_plan=d.in_plan)
+            for d in devices
+        ]
+        failing = [d for d in devices if d.in_plan and not d.healthy]
+        left_out = [d for d in devices if not d.in_plan]
+        if not failing and self.client.healthy and left_out:  # it serves, without these devices
+            names = ", ".join(f"'{d.name}' ({d.address})" for d in left_out)
+            message = f"serving without device {names}: " + "; ".join(d.problem() for d in left_out)
+            return 200, HealthResponse(
+                status="degraded", model=self.model_name, message=message, devices=rows
+            )
         if not failing and self.client.healthy:
             return 200, HealthResponse(status="healthy", model=self.model_name, devices=rows)
         message = "; ".join(d.problem() for d in failing) if failing else "the pipeline is not ready"

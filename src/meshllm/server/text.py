@@ -72,15 +72,19 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [stop for stop in stops if stop]
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the reply (the first to occur)
 
     def feed(self, text: str, check: bool = True) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was found). With check=False, passes through."""
         self._held += text
         if not self._stops or not check:
             return self.flush(), False
-        found = [index for stop in self._stops if (index := self._held.find(stop)) >= 0]
+        found = [
+            (index, order) for order, stop in enumerate(self._stops) if (index := self._held.find(stop)) >= 0
+        ]
         if found:
-            emitted = self._held[: min(found)]
+            index, order = min(found)
+            emitted, self.matched = self._held[:index], self._stops[order]
             self._held = ""
             return emitted, True
         keep = self._partial_stop_suffix()

@@ -38,6 +38,9 @@ class ChatPrompt:
 
     messages: list[dict[str, str]]  # role and text content (plus name, reasoning_content)
     template_kwargs: dict[str, JsonValue]
+    # Text the reply continues (Anthropic's prefill: a last assistant message), tokenized after the
+    # rendered prompt; the reply leaves it out.
+    continuation: str = ""
 
 
 # What becomes the prompt ids: a conversation to render, a text to tokenize, or the token ids themselves.
@@ -172,7 +175,7 @@ def _valid(
     sampling = SamplingParams(
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=max(request.top_k or 0, 0),
+        top_k=min(max(request.top_k or 0, 0), model.vocab_size),  # a larger one cuts nothing either
         seed=None if request.seed is None else request.seed % 2**64,
         min_tokens=request.min_tokens,
     )
@@ -316,8 +319,8 @@ def check_token_ids(token_ids: list[int] | tuple[int, ...], vocab_size: int, par
         raise invalid(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not item for item in stops):
-        raise invalid("stop strings must not be empty", "stop")
+        raise invalid(f"{param}: stop strings must not be empty", param)
     return tuple(stops)

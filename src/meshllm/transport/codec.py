@@ -1,7 +1,15 @@
-"""The step types of `meshllm.step` to and from protobuf: the one place where they meet the wire."""
+"""The step types of `meshllm.step` to and from protobuf: the one place where they meet the wire.
+
+Decoding checks everything a step says about itself before any array is built: a tensor's bytes match
+its shape and dtype, the segments' tokens add up to the input's rows, positions and counts are in range,
+sampling parameters are numbers a sampler can use, hidden states are finite. A step that fails a check is
+a `MalformedStep` naming the field; what depends on the loaded model (hidden size, vocabulary, what each
+cache holds) is checked by the stage host.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,6 +17,7 @@ import numpy as np
 from meshllm.devices import StageInfo
 from meshllm.step import (
     LayerRange,
+    MalformedStep,
     SampledToken,
     SamplingParams,
     Segment,
@@ -37,6 +46,13 @@ def encode_segment(segment: Segment) -> pb.Segment:
             eos_token_ids=list(params.eos_token_ids),
         ),
     )
+
+
+# Bounds no real step comes near; larger ones are refused before anything is allocated.
+MAX_STEP_TOKENS = 1 << 20  # tokens of one step
+MAX_SEGMENTS = 1 << 16  # segments of one step
+MAX_POSITION = 1 << 40  # a segment's last position
+MAX_HIDDEN = 1 << 20  # width of the hidden states
 
 
 def decode_segment(message: pb.Segment) -> Segment:
@@ -68,19 +84,86 @@ def encode_step(step: StepInput) -> pb.StepRequest:
 
 
 def decode_step(request: pb.StepRequest, framework: str) -> StepInput:
-    """A StepInput whose hidden states are in `framework` ('torch' or 'mlx')."""
+    """A StepInput whose hidden states are in `framework` ('torch' or 'mlx'); a MalformedStep naming the
+    field when the message does not describe a step."""
+    step = f"step {request.step_id}"
+    segments = [
+        _checked_segment(message, f"{step}: segment {i}") for i, message in enumerate(request.segments)
+    ]
+    if not segments:
+        raise MalformedStep(f"{step}: no segments")
+    if len(segments) > MAX_SEGMENTS:
+        raise MalformedStep(f"{step}: {len(segments)} segments, more than {MAX_SEGMENTS}")
+    seq_ids = [segment.seq_id for segment in segments]
+    if len(set(seq_ids)) != len(seq_ids):
+        raise MalformedStep(f"{step}: a sequence appears in more than one segment")
+    n_tokens = sum(segment.n_tokens for segment in segments)
+    if n_tokens > MAX_STEP_TOKENS:
+        raise MalformedStep(f"{step}: {n_tokens} tokens, more than {MAX_STEP_TOKENS}")
+    has_ids, has_hidden = request.HasField("token_ids"), request.HasField("hidden_states")
+    if has_ids == has_hidden:
+        raise MalformedStep(f"{step}: carries {'both' if has_ids else 'neither'} token_ids and hidden_states")
     hidden_states: Any = None
     token_ids = None
-    if request.HasField("hidden_states"):
+    if has_hidden:
+        host = _checked_tensor(request.hidden_states, f"{step}: hidden_states", 2, _FLOATS)
+        rows, width = host.shape
+        if rows != n_tokens or not 0 < width <= MAX_HIDDEN:
+            raise MalformedStep(f"{step}: hidden_states of shape {list(host.shape)} for {n_tokens} tokens")
+        if not _finite(host, request.hidden_states.dtype):
+            raise MalformedStep(f"{step}: hidden_states hold NaN or infinite values")
         hidden_states = tensors.decode(request.hidden_states, framework)
-    if request.HasField("token_ids"):
-        token_ids = tensors.decode(request.token_ids, "numpy")
+    else:
+        token_ids = _checked_tensor(request.token_ids, f"{step}: token_ids", 1, _INTEGERS).astype(np.int64)
+        if token_ids.shape[0] != n_tokens:
+            raise MalformedStep(f"{step}: {token_ids.shape[0]} token ids for {n_tokens} tokens")
+        if n_tokens and int(token_ids.min()) < 0:
+            raise MalformedStep(f"{step}: token_ids hold a negative id")
     return StepInput(
-        step_id=request.step_id,
-        segments=[decode_segment(s) for s in request.segments],
-        token_ids=token_ids,
-        hidden_states=hidden_states,
+        step_id=request.step_id, segments=segments, token_ids=token_ids, hidden_states=hidden_states
     )
+
+
+_FLOATS = ("float32", "float16", "bfloat16")
+_INTEGERS = ("int64", "int32")
+
+
+def _checked_tensor(message: pb.Tensor, name: str, ndim: int, dtypes: tuple[str, ...]) -> np.ndarray:
+    """A numpy view of `message`'s bytes once its dtype, rank and size agree with each other."""
+    if message.dtype not in dtypes:
+        raise MalformedStep(f"{name}: dtype {message.dtype!r} is not one of {', '.join(dtypes)}")
+    shape = list(message.shape)
+    if len(shape) != ndim or any(size < 0 for size in shape):
+        raise MalformedStep(f"{name}: shape {shape} is not {ndim}-dimensional")
+    expected = int(np.prod(shape, dtype=object)) * tensors.numpy_dtype(message.dtype).itemsize
+    if expected != len(message.data):
+        raise MalformedStep(
+            f"{name}: {len(message.data)} bytes for shape {shape} of {message.dtype} ({expected})"
+        )
+    return tensors.to_numpy(message.data, shape, message.dtype)
+
+
+def _finite(host: np.ndarray, dtype: str) -> bool:
+    if dtype == "bfloat16":  # uint16 bit patterns: an all-ones exponent is an infinity or a NaN
+        return not bool(np.any((host & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(host).all())
+
+
+def _checked_segment(message: pb.Segment, name: str) -> Segment:
+    if not 0 < message.n_tokens:
+        raise MalformedStep(f"{name}: n_tokens {message.n_tokens} must be at least 1")
+    if not 0 <= message.start_pos <= MAX_POSITION - message.n_tokens:
+        raise MalformedStep(f"{name}: start_pos {message.start_pos} is out of range")
+    if message.HasField("sampled") and message.sampled < 0:
+        raise MalformedStep(f"{name}: sampled {message.sampled} must not be negative")
+    params = message.sampling
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise MalformedStep(f"{name}: temperature {params.temperature} must be a number >= 0")
+    if not 0 < params.top_p <= 1:  # NaN fails too
+        raise MalformedStep(f"{name}: top_p {params.top_p} must be in (0, 1]")
+    if params.top_k < 0 or params.min_tokens < 0:
+        raise MalformedStep(f"{name}: top_k and min_tokens must not be negative")
+    return decode_segment(message)
 
 
 def forward_step(request: pb.StepRequest, hidden_states: Any) -> pb.StepRequest:
@@ -128,6 +211,9 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         protocol_version=info.protocol_version,
         quantize=info.quantize,
         read_bandwidth=info.read_bandwidth,
+        flop_rate=info.flop_rate,
+        kv_bytes_per_token=info.kv_bytes_per_token,
+        kv_memory=info.kv_memory,
     )
 
 
@@ -149,4 +235,7 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         protocol_version=reply.protocol_version,
         quantize=reply.quantize,
         read_bandwidth=reply.read_bandwidth,
+        flop_rate=reply.flop_rate,
+        kv_bytes_per_token=reply.kv_bytes_per_token,
+        kv_memory=reply.kv_memory,
     )

@@ -14,7 +14,7 @@ import grpc
 from meshllm import __version__
 
 VERSION = __version__
-PROTOCOL_VERSION = 2  # bumped when the stage protocol changes in a way older peers cannot follow
+PROTOCOL_VERSION = 3  # bumped when the stage protocol changes in a way older peers cannot follow
 TOKEN_METADATA_KEY = "x-meshllm-token"  # gRPC metadata: the cluster token, on every call when there is one
 MAX_MESSAGE_BYTES = 1024 * 1024 * 1024  # a long prefill chunk of a large model fits comfortably
 

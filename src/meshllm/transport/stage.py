@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.devices import StageInfo
+from meshllm.devices import Calibration, Precision, StageInfo
 from meshllm.step import LayerRange, SampledToken, StepInput
+
+
+@dataclass(frozen=True)
+class WeightsFrom:
+    """Where a stage without its own copy of the model takes its share of the weights."""
+
+    address: str  # "host:port" of a Weights service (the coordinator's)
+    key: str  # the content key of the checkpoint it serves
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,19 @@ class LoadSpec:
     engine: str | None = None  # None: the host's own engine
     quantize: str | None = None  # int8 | int4 | None: as stored
     group_size: int = DEFAULT_GROUP_SIZE
+    weights: WeightsFrom | None = None  # None: the stage reads `model` itself
+
+
+@dataclass(frozen=True)
+class LoadUpdate:
+    """How a load goes, as the coordinator hears it."""
+
+    message: str
+    phase: str = "load"  # "fetch": weights arriving over the cluster; "load": tensors being read
+    fraction: float = 0.0  # of the phase, 0..1
+    bytes_done: int = 0  # received so far (fetch)
+    bytes_total: int = 0  # to be received (0: the cache held them all)
+    done: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,14 +79,21 @@ class StageHost(Protocol):
 
     def info(self) -> StageInfo: ...
 
-    def calibrate(self, dtype: str, quantize: str | None, group_size: int) -> float:
+    def calibrate(self, precision: Precision) -> Calibration:
         """Bytes/s this device reads weights at, in that dtype and quantization (measured once, kept)."""
         ...
 
     def health(self) -> Health: ...
 
-    def load(self, spec: LoadSpec, progress: Callable[[float], None]) -> None:
-        """Replace whatever is loaded by `spec`'s layers; `progress(fraction)` as tensors are read."""
+    def load(
+        self,
+        spec: LoadSpec,
+        progress: Callable[[float], None],
+        received: Callable[[int, int], None] | None = None,
+    ) -> str:
+        """Replace whatever is loaded by `spec`'s layers; `progress(fraction)` as tensors are read,
+        `received(bytes_done, bytes_total)` as weights arrive over the cluster. Returns one line on what
+        it took (layers, bytes received, seconds)."""
         ...
 
     def step(self, step: StepInput) -> StepOutcome:

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+import time
 from collections.abc import Callable
 
 import grpc
 
-from meshllm.devices import StageInfo
+from meshllm.devices import Link, Precision, StageInfo
 from meshllm.errors import StageError
 from meshllm.step import PipelineError, StageLost, StepInput, StepResult
 from meshllm.transport.codec import decode_info, decode_result, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import explain, insecure_channel, is_refusal, token_metadata
-from meshllm.transport.stage import Health, LoadSpec
+from meshllm.transport.stage import Health, LoadSpec, LoadUpdate
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,28 @@ PreparedStep = pb.StepRequest
 
 def prepare_step(step: StepInput) -> PreparedStep:
     return encode_step(step)
+
+
+LINK_ROUNDS = 20
+LINK_PAYLOAD = 1 << 20  # bytes a bandwidth transfer sends: well above what one step's activations take
+
+
+async def time_link(client: StageClient, rounds: int, payload_bytes: int) -> Link:
+    """Time `client`'s link: `rounds` empty calls (the median), then three one-way transfers."""
+    await client.echo()  # the channel connects here, not in the first timed round
+    trips = []
+    for _ in range(max(rounds, 1)):
+        started = time.perf_counter()
+        await client.echo()
+        trips.append(time.perf_counter() - started)
+    round_trip = statistics.median(trips)
+    payload, transfers = bytes(max(payload_bytes, 1)), []
+    for _ in range(3):
+        started = time.perf_counter()
+        await client.echo(payload)
+        transfers.append(time.perf_counter() - started)
+    moving = max(statistics.median(transfers) - round_trip, 1e-9)
+    return Link(round_trip, len(payload) / moving)
 
 
 class StageClient:
@@ -54,8 +78,8 @@ class StageClient:
         kind = TokenRefused if is_refusal(error) else StageError
         return kind(explain(error, self.name, self.address))
 
-    async def info(self, timeout: float = 3.0, calibrate: LoadSpec | None = None) -> StageInfo:
-        """What the stage has; with `calibrate`, also its read speed in that spec's dtype and quantization."""
+    async def info(self, timeout: float = 3.0, calibrate: Precision | None = None) -> StageInfo:
+        """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision."""
         request = pb.InfoRequest()
         if calibrate is not None:
             request = pb.InfoRequest(
@@ -67,6 +91,34 @@ class StageClient:
             raise self._error(error) from None
         return decode_info(reply)
 
+    async def echo(self, payload: bytes = b"", echo_payload: bool = False, timeout: float = 30.0) -> None:
+        request = pb.EchoRequest(payload=payload, echo_payload=echo_payload)
+        try:
+            await self._stub.Echo(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+
+    async def measure_link(self, rounds: int = LINK_ROUNDS, payload_bytes: int = LINK_PAYLOAD) -> Link:
+        """This process's link to the stage: the median empty round trip, and one-way bandwidth."""
+        return await time_link(self, rounds, payload_bytes)
+
+    async def probe(
+        self,
+        address: str,
+        rounds: int = LINK_ROUNDS,
+        payload_bytes: int = LINK_PAYLOAD,
+        timeout: float = 60.0,
+    ) -> Link:
+        """The stage's own link to the stage at `address` (the next one in a chain), measured there."""
+        request = pb.ProbeRequest(address=address, rounds=rounds, payload_bytes=payload_bytes)
+        try:
+            reply = await self._stub.Probe(request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._error(error) from None
+        if reply.error:
+            raise StageError(reply.error)
+        return Link(reply.round_trip, reply.bandwidth)
+
     async def health(self, timeout: float = 1.0) -> Health:
         try:
             reply = await self._stub.Health(pb.HealthRequest(), metadata=self._metadata, timeout=timeout)
@@ -74,8 +126,9 @@ class StageClient:
             raise self._error(error) from None
         return Health(model=reply.model, message=reply.message)
 
-    async def load(self, spec: LoadSpec, next_stage: str, on_progress: Callable[[str], None]) -> None:
-        """Load `spec` there; `next_stage` is the address its output goes to ("" when it is last)."""
+    async def load(self, spec: LoadSpec, next_stage: str, on_progress: Callable[[LoadUpdate], None]) -> str:
+        """Load `spec` there; `next_stage` is the address its output goes to ("" when it is last).
+        Returns the stage's line on what the load took."""
         request = pb.LoadRequest(
             model=spec.model,
             layer_start=spec.layer_range.start,
@@ -85,14 +138,28 @@ class StageClient:
             engine=spec.engine or "",
             quantize=spec.quantize or "",
             group_size=spec.group_size,
+            weights_from=spec.weights.address if spec.weights else "",
+            weights_key=spec.weights.key if spec.weights else "",
         )
+        summary = ""
         try:
             async for progress in self._stub.Load(request, metadata=self._metadata):
                 if progress.error:
                     raise StageError(f"{self.describe()} failed to load: {progress.error}")
-                on_progress(progress.message)
+                update = LoadUpdate(
+                    message=progress.message,
+                    phase=progress.phase or "load",
+                    fraction=progress.fraction,
+                    bytes_done=progress.bytes_done,
+                    bytes_total=progress.bytes_total,
+                    done=progress.done,
+                )
+                on_progress(update)
+                if progress.done:
+                    summary = progress.message
         except grpc.aio.AioRpcError as error:
             raise self._error(error) from None
+        return summary
 
     async def release(self, seq_ids: list[int], timeout: float = 5.0) -> int:
         """Drop these sequences' caches there; returns the sequences still live on it."""
@@ -177,6 +244,8 @@ class ForwardChain:
                 await call.write(request)
         except Exception as error:  # the stream broke: AioRpcError, or "RPC already finished"
             self._pending.pop(request.step_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader failed it already; the error raised below tells it
             if self._call is call:
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
@@ -185,10 +254,12 @@ class ForwardChain:
             return await asyncio.wait_for(future, self.step_timeout)
         except asyncio.TimeoutError:
             self._pending.pop(request.step_id, None)
+            lost = StageLost(
+                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
+            )
+            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
             await self.reset()
-            raise StageLost(
-                f"step timed out after {self.step_timeout:.0f} s in the chain from {self.first.describe()}"
-            ) from None
+            raise lost from None
 
     async def reset(self) -> None:
         """Close the stream; in-flight steps fail, the next step opens a new one."""

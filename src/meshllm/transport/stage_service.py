@@ -17,12 +17,15 @@ from typing import Any, TypeVar
 import grpc
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.step import LayerRange, StepResult
+from meshllm.devices import Precision
+from meshllm.errors import StageError
+from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import SERVER_OPTIONS, VERSION, insecure_channel, token_metadata, token_problem
-from meshllm.transport.stage import LoadSpec, StageHost
+from meshllm.transport.stage import LoadSpec, StageHost, WeightsFrom
+from meshllm.transport.stage_client import StageClient, time_link
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,8 @@ class StageService(pbg.StageServicer):
         reply = encode_info(self.host.info())
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
-            reply.read_bandwidth = await self._run(self.host.calibrate, request.dtype, quantize, group_size)
+            precision = Precision(request.dtype, quantize, group_size)
+            reply.read_bandwidth, reply.flop_rate = await self._run(self.host.calibrate, precision)
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
@@ -68,6 +72,7 @@ class StageService(pbg.StageServicer):
     ) -> AsyncIterator[pb.LoadProgress]:
         await self._authorize(context)
         layer_range = LayerRange(request.layer_start, request.layer_end)  # checked by the host's engine
+        weights = WeightsFrom(request.weights_from, request.weights_key) if request.weights_from else None
         spec = LoadSpec(
             request.model,
             layer_range,
@@ -75,32 +80,44 @@ class StageService(pbg.StageServicer):
             request.engine or None,
             request.quantize or None,
             request.group_size or DEFAULT_GROUP_SIZE,
+            weights,
         )
         async with self._load_lock:
-            yield pb.LoadProgress(fraction=0.0, message=f"loading layers {layer_range} of {spec.model}")
+            source = f"weights from {weights.address}" if weights else spec.model
+            yield pb.LoadProgress(fraction=0.0, message=f"loading layers {layer_range} of {source}")
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            fractions: asyncio.Queue[float] = asyncio.Queue()
+            updates: asyncio.Queue[pb.LoadProgress] = asyncio.Queue()
 
             def report(fraction: float) -> None:  # called on the compute thread
-                loop.call_soon_threadsafe(fractions.put_nowait, fraction)
+                update = pb.LoadProgress(
+                    phase="load", fraction=fraction, message=f"{fraction:.0%} of the layers' tensors read"
+                )
+                loop.call_soon_threadsafe(updates.put_nowait, update)
 
-            loading = asyncio.ensure_future(self._run(self.host.load, spec, report))
-            reported = 0.0
+            def received(done: int, total: int) -> None:  # called on the compute thread
+                update = pb.LoadProgress(
+                    phase="fetch",
+                    fraction=done / total if total else 1.0,
+                    bytes_done=done,
+                    bytes_total=total,
+                    message=f"{done / 1e6:.1f} of {total / 1e6:.1f} MB of weights received",
+                )
+                loop.call_soon_threadsafe(updates.put_nowait, update)
+
+            loading = asyncio.ensure_future(self._run(self.host.load, spec, report, received))
+            shown = _Throttle()
             while not loading.done():
-                waiter = asyncio.ensure_future(fractions.get())
+                waiter = asyncio.ensure_future(updates.get())
                 await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
                 if not waiter.done():
                     waiter.cancel()
                     continue
-                fraction = waiter.result()
-                if fraction >= reported + 0.1 or fraction >= 1.0:  # at most about ten messages
-                    reported = fraction
-                    yield pb.LoadProgress(
-                        fraction=fraction, message=f"{fraction:.0%} of the layers' tensors read"
-                    )
+                update = waiter.result()
+                if shown.due(update):
+                    yield update
             try:
-                loading.result()
+                summary = loading.result()
             except Exception as error:  # any failure goes back to the coordinator, named
                 log.exception("load failed")
                 yield pb.LoadProgress(error=f"worker {self.name}: {error}", done=True)
@@ -117,7 +134,23 @@ class StageService(pbg.StageServicer):
                 time.perf_counter() - started,
                 request.next_stage or "none (last)",
             )
-            yield pb.LoadProgress(fraction=1.0, message="loaded", done=True)
+            yield pb.LoadProgress(fraction=1.0, message=summary or "loaded", done=True)
+
+    async def Echo(self, request: pb.EchoRequest, context: grpc.aio.ServicerContext) -> pb.EchoReply:
+        await self._authorize(context)
+        return pb.EchoReply(payload=request.payload if request.echo_payload else b"")
+
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeReply:
+        """Time this stage's link to another (it calls Echo there, with this cluster's token)."""
+        await self._authorize(context)
+        other = StageClient(request.address, request.address, self.token)
+        try:
+            link = await time_link(other, request.rounds, request.payload_bytes)
+        except StageError as error:
+            return pb.ProbeReply(error=f"worker {self.name} to {request.address}: {error}")
+        finally:
+            await other.close()
+        return pb.ProbeReply(round_trip=link.round_trip, bandwidth=link.bandwidth)
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         await self._authorize(context)
@@ -151,6 +184,13 @@ class StageService(pbg.StageServicer):
                     started = time.perf_counter()
                     try:
                         output = await self._run(self._step, request)
+                    except MalformedStep as error:  # refused before any cache changed: no traceback
+                        named = str(error)
+                        if not named.startswith(f"worker {self.name}:"):
+                            named = f"worker {self.name}: {named}"
+                        log.warning("refused a malformed step: %s", named)
+                        await results.put(pb.StepResult(step_id=request.step_id, error=named))
+                        continue
                     except Exception as error:
                         log.exception("step %d failed", request.step_id)
                         await results.put(
@@ -211,6 +251,22 @@ class StageService(pbg.StageServicer):
             await self._next_channel.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
         self.host.close()
+
+
+class _Throttle:
+    """Lets through the first and last update of each phase, and others at most every 0.2 s."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.last: dict[str, float] = {}
+
+    def due(self, update: pb.LoadProgress) -> bool:
+        now = time.monotonic()
+        previous = self.last.get(update.phase)
+        if previous is not None and now - previous < self.interval and update.fraction < 1.0:
+            return False
+        self.last[update.phase] = now
+        return True
 
 
 async def serve_stage(host: StageHost, address: str, token: str | None = None) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.engines.base import Progress, stage_bounds
+from meshllm.devices import Calibration, Precision
+from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
@@ -170,6 +171,9 @@ class GgmlStage:
 
     def weight_bytes(self) -> int:
         return self.weights.nbytes
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.layer_range, 4)  # float32 caches
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
@@ -571,50 +575,60 @@ def load_stage(
     return stage
 
 
-def read_bandwidth(dtype: str, quantize: str | None) -> float:
-    """Bytes of weights read per second by one-token mat-vecs in ggml, in `dtype` or quantized as asked
-    (eight 2048×2048 matrices, each computed six times; the median of the last five)."""
+def calibrate(precision: Precision, device: str | None = None) -> Calibration:
+    """Read speed from one-token mat-vecs and compute rate from 32-token mat-muls in ggml, at `precision`
+    (eight 2048×2048 matrices; the median of the last five of six passes), as the other engines measure."""
     import time
 
-    size, count = 2048, 8
+    if device not in (None, "auto", "cpu"):
+        raise ConfigError(f"device {device!r}: the ggml engine runs on the CPU here")
+    size, count, batch = 2048, 8, 32
     rng = np.random.default_rng(0)
     arrays = {f"m{i}": rng.standard_normal((size, size), dtype=np.float32) for i in range(count)}
     g = ggml_module()
-    kind = weight_type(g, dtype, quantize)
-    stage = GgmlStage.__new__(GgmlStage)
-    stage.g = g  # only the weight upload of a stage: no model around it
-    stage._buffers = []
+    stage = GgmlStage.__new__(GgmlStage)  # only the weight upload of a stage: no model around it
+    stage.g, stage._buffers = g, []
     stage.backend = g.ggml_backend_cpu_init()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     g.ggml_backend_cpu_set_n_threads(stage.backend, threads)
-    weights = stage._upload(arrays, kind)
-    n_nodes = 4 * count + 8
-    ctx = g.ggml_init(
-        g.ggml_init_params(
-            mem_size=g.ggml_tensor_overhead() * n_nodes + g.ggml_graph_overhead_custom(n_nodes, False),
-            mem_buffer=None,
-            no_alloc=True,
-        )
-    )
     try:
-        x = g.ggml_new_tensor_1d(ctx, g.GGML_TYPE_F32, size)
-        g.ggml_set_input(x)
-        graph = g.ggml_new_graph_custom(ctx, n_nodes, False)
-        for i in range(count):
-            out = g.ggml_mul_mat(ctx, weights.tensors[f"m{i}"], x)
-            g.ggml_set_output(out)
-            g.ggml_build_forward_expand(graph, out)
-        allocator = g.ggml_gallocr_new(g.ggml_backend_get_default_buffer_type(stage.backend))
-        g.ggml_gallocr_alloc_graph(allocator, graph)
-        vector = rng.standard_normal(size, dtype=np.float32)
-        g.ggml_backend_tensor_set(x, vector.ctypes.data_as(ctypes.c_void_p), 0, vector.nbytes)
-        passes = []
-        for _ in range(6):
-            started = time.perf_counter()
-            g.ggml_backend_graph_compute(stage.backend, graph)
-            passes.append(time.perf_counter() - started)
-        g.ggml_gallocr_free(allocator)
+        weights = stage._upload(arrays, weight_type(g, precision.dtype, precision.quantize))
+
+        def seconds(tokens: int) -> float:
+            n_nodes = 4 * count + 8
+            ctx = g.ggml_init(
+                g.ggml_init_params(
+                    mem_size=g.ggml_tensor_overhead() * n_nodes
+                    + g.ggml_graph_overhead_custom(n_nodes, False),
+                    mem_buffer=None,
+                    no_alloc=True,
+                )
+            )
+            allocator = g.ggml_gallocr_new(g.ggml_backend_get_default_buffer_type(stage.backend))
+            try:
+                x = g.ggml_new_tensor_2d(ctx, g.GGML_TYPE_F32, size, tokens)
+                g.ggml_set_input(x)
+                graph = g.ggml_new_graph_custom(ctx, n_nodes, False)
+                for i in range(count):
+                    out = g.ggml_mul_mat(ctx, weights.tensors[f"m{i}"], x)
+                    g.ggml_set_output(out)
+                    g.ggml_build_forward_expand(graph, out)
+                if not g.ggml_gallocr_alloc_graph(allocator, graph):
+                    raise StageError("ggml: could not allocate the calibration graph")
+                vector = rng.standard_normal((tokens, size), dtype=np.float32)
+                g.ggml_backend_tensor_set(x, vector.ctypes.data_as(ctypes.c_void_p), 0, vector.nbytes)
+                passes = []
+                for _ in range(6):
+                    started = time.perf_counter()
+                    g.ggml_backend_graph_compute(stage.backend, graph)
+                    passes.append(time.perf_counter() - started)
+                return sorted(passes[1:])[2]
+            finally:
+                g.ggml_gallocr_free(allocator)
+                g.ggml_free(ctx)
+
+        one, many = seconds(1), seconds(batch)
     finally:
-        g.ggml_free(ctx)
         stage.close()
-    return weights.nbytes / sorted(passes[1:])[2]
+    arithmetic = max(many - one, many * 0.1)
+    return Calibration(weights.nbytes / one, 2 * (batch - 1) * size * size * count / arithmetic)

@@ -21,7 +21,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.engines.base import Progress, stage_bounds
+from meshllm.devices import Calibration, Precision
+from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -86,6 +87,9 @@ class MlxStage:
 
     def weight_bytes(self) -> int:
         return sum(array.nbytes for _, array in flat_parameters(self.model))
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.size)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
@@ -221,25 +225,33 @@ def load_stage(
     return stage
 
 
-def read_bandwidth(dtype: str, quantize: str | None, group_size: int, device: str | None = None) -> float:
-    """Bytes of weights read per second by one-token matmuls, in `dtype` (quantized by MLX when asked)."""
+def calibrate(precision: Precision, device: str | None = None) -> Calibration:
+    """Read speed from one-token matmuls, compute rate from batch ones, at `precision` (MLX-quantized when
+    asked); as the torch engine measures them."""
     import time
 
     _use_device(device)
-    size, count = 2048, 8
+    size, count, batch = 2048, 8, 32
     layers = []
     for seed in range(count):
         layer = nn.Linear(size, size, bias=False)
-        layer.weight = mx.random.normal((size, size), key=mx.random.key(seed)).astype(DTYPES[dtype])
-        if quantize is not None:
-            layer = nn.QuantizedLinear.from_linear(layer, group_size, {"int8": 8, "int4": 4}[quantize])
+        layer.weight = mx.random.normal((size, size), key=mx.random.key(seed)).astype(DTYPES[precision.dtype])
+        if precision.quantize is not None:
+            bits = {"int8": 8, "int4": 4}[precision.quantize]
+            layer = nn.QuantizedLinear.from_linear(layer, precision.group_size, bits)
         layers.append(layer)
     mx.eval([layer.parameters() for layer in layers])
     held = sum(array.nbytes for layer in layers for _, array in flat_parameters(layer))
-    x = mx.random.normal((1, size)).astype(DTYPES[dtype])
-    passes = []
-    for _ in range(6):
-        started = time.perf_counter()
-        mx.eval([layer(x) for layer in layers])
-        passes.append(time.perf_counter() - started)
-    return held / sorted(passes[1:])[2]
+
+    def seconds(tokens: int) -> float:
+        x = mx.random.normal((tokens, size)).astype(DTYPES[precision.dtype])
+        passes = []
+        for _ in range(6):
+            started = time.perf_counter()
+            mx.eval([layer(x) for layer in layers])
+            passes.append(time.perf_counter() - started)
+        return sorted(passes[1:])[2]
+
+    one, many = seconds(1), seconds(batch)
+    arithmetic = max(many - one, many * 0.1)
+    return Calibration(held / one, 2 * (batch - 1) * size * size * count / arithmetic)

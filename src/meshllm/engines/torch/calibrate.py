@@ -1,5 +1,6 @@
-"""How fast this device reads weights the way decode does: one-token matmuls over layers too big to stay
-in a cache, in the stage's dtype and quantization. The planner divides each stage's bytes per token by it."""
+"""How fast this device runs decode's costs, in the stage's dtype and quantization: reading weights
+(one-token matmuls over layers too big to stay in a cache) and arithmetic (the same layers over a batch of
+tokens). The planner divides each stage's bytes per token by the first; predictions use both."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import time
 
 import torch
 
+from meshllm.devices import Calibration, Precision
 from meshllm.engines.torch.qlinear import QuantizedLinear, make_linear
 from meshllm.engines.torch.stage import DTYPES, pick_device
 
 LAYERS = 8  # distinct [SIZE, SIZE] matrices, read in turn: 64 MB in bfloat16, beyond a CPU's caches
 SIZE = 2048
 REPEATS = 5
+BATCH = 32  # tokens in the arithmetic pass: a prompt chunk, or a step of many streams
 
 
 def _bytes(layer: torch.nn.Module) -> int:
@@ -22,18 +25,30 @@ def _bytes(layer: torch.nn.Module) -> int:
 
 
 @torch.inference_mode()
-def read_bandwidth(dtype: str, quantize: str | None, group_size: int, device: str | None = None) -> float:
-    """Bytes of weights read per second by one-token matmuls (the median of a few passes)."""
-    target, torch_dtype = pick_device(device), DTYPES[dtype]
+def calibrate(precision: Precision, device: str | None = None) -> Calibration:
+    """Read speed from one-token matmuls and compute rate from BATCH-token ones (medians of a few passes)."""
+    target, torch_dtype = pick_device(device), DTYPES[precision.dtype]
     generator = torch.Generator().manual_seed(0)
     layers = [
         make_linear(
-            torch.randn(SIZE, SIZE, generator=generator), None, quantize, group_size, torch_dtype, target
+            torch.randn(SIZE, SIZE, generator=generator),
+            None,
+            precision.quantize,
+            precision.group_size,
+            torch_dtype,
+            target,
         )
         for _ in range(LAYERS)
     ]
     held = sum(_bytes(layer) for layer in layers)
-    x = torch.randn(1, SIZE, generator=generator).to(target, torch_dtype)
+    one = _seconds(layers, torch.randn(1, SIZE, generator=generator).to(target, torch_dtype), target)
+    batch = _seconds(layers, torch.randn(BATCH, SIZE, generator=generator).to(target, torch_dtype), target)
+    # The batch pass reads the weights too: what it takes beyond the one-token pass is its arithmetic.
+    arithmetic = max(batch - one, batch * 0.1)
+    return Calibration(held / one, 2 * (BATCH - 1) * SIZE * SIZE * LAYERS / arithmetic)
+
+
+def _seconds(layers: list[torch.nn.Module], x: torch.Tensor, target: torch.device) -> float:
     passes = []
     for _ in range(REPEATS + 1):  # the first pass warms up
         started = time.perf_counter()
@@ -42,5 +57,4 @@ def read_bandwidth(dtype: str, quantize: str | None, group_size: int, device: st
         if target.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.perf_counter() - started)
-    seconds = sorted(passes[1:])[len(passes[1:]) // 2]
-    return held / seconds
+    return sorted(passes[1:])[len(passes[1:]) // 2]

@@ -1,4 +1,4 @@
-"""MLX-quantized checkpoints in the PyTorch engine: packed weights are dequantized at load time.
+"""MLX-quantized checkpoints in the PyTorch engine: the packed format, and dequantizing it.
 
 mlx-lm's converter ("affine" mode) stores a quantized layer as three tensors next to each other:
 `{prefix}.weight` `[out, in * bits / 32]` uint32, each word holding `32 / bits` values, the first in the
@@ -9,13 +9,11 @@ checkpoint's float dtype. A weight is `q * scale + bias` with the scale and bias
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from meshllm.errors import ConfigError
-from meshllm.models.checkpoint import Checkpoint
 
 SUPPORTED_BITS = (2, 4, 8)  # widths that tile a byte; mlx's 3, 5 and 6 bits pack across bytes
 
@@ -57,38 +55,3 @@ def layer_bits(quantization: dict[str, Any], prefix: str) -> int:
             )
         return int(settings["bits"])
     return int(quantization["bits"])
-
-
-def dequantize_stage_tensors(
-    checkpoint: Checkpoint,
-    names: list[str],
-    dtype: torch.dtype,
-    read: Callable[[Checkpoint, list[str], torch.dtype], dict[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    """Read `names`; for a quantized checkpoint, turn packed weights into `dtype` weights.
-
-    The `.scales` and `.biases` of packed weights are consumed here: the result holds a dense `.weight`
-    under the packed weight's name instead.
-    """
-    quantization = checkpoint.config.quantization
-    prefixes = quantized_prefixes(names)
-    if not quantization or not prefixes:
-        return read(checkpoint, names, dtype)
-    mode = quantization.get("mode", "affine")
-    if mode != "affine":
-        raise ConfigError(
-            f"{checkpoint.path}: quantization mode {mode!r} is not supported by the torch engine (affine only)"
-        )
-    packed_names = {f"{prefix}.{part}" for prefix in prefixes for part in ("weight", "scales", "biases")}
-    tensors = read(checkpoint, [name for name in names if name not in packed_names], dtype)
-    # Scales and biases in float32: rounding them to a 16-bit dtype before use would add error.
-    packed = read(checkpoint, sorted(packed_names), torch.float32)
-    for prefix in prefixes:
-        weight = dequantize(
-            packed[f"{prefix}.weight"],
-            packed[f"{prefix}.scales"],
-            packed[f"{prefix}.biases"],
-            layer_bits(quantization, prefix),
-        )
-        tensors[f"{prefix}.weight"] = weight.to(dtype)
-    return tensors

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.engines.base import Progress, stage_bounds
+from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
 from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
@@ -57,6 +57,9 @@ class TorchStage:
         unique = {id(p): p for p in self.model.parameters()}
         packed = sum(m.weight_bytes() for m in self.model.modules() if isinstance(m, QuantizedLinear))
         return sum(p.numel() * p.element_size() for p in unique.values()) + packed
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.itemsize)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
@@ -161,11 +164,9 @@ def load_stage(
         )
         model.eval()
         return _loaded(TorchStage(model, bounds.layer_range, is_first, is_last), checkpoint, dtype, quantize)
-    from meshllm.engines.torch.quantized import dequantize_stage_tensors
-
     tensors: dict[str, torch.Tensor] = {}
     for index, group in enumerate(groups):
-        tensors.update(dequantize_stage_tensors(checkpoint, group, torch_dtype, read_tensors))
+        tensors.update(read_tensors(checkpoint, group, torch_dtype))
         if progress is not None:
             progress((index + 1) / len(groups))
     state = {names[name]: tensor for name, tensor in tensors.items() if name in names}

@@ -101,7 +101,7 @@ class InfoRequest(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,9 @@ class InfoReply(_message.Message):
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     READ_BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    FLOP_RATE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_MEMORY_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -134,10 +137,13 @@ class InfoReply(_message.Message):
     device_name: str
     quantize: str
     read_bandwidth: float
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ...) -> None: ...
+    flop_rate: float
+    kv_bytes_per_token: int
+    kv_memory: int
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size")
+    __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size", "weights_from", "weights_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +152,8 @@ class LoadRequest(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FROM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_KEY_FIELD_NUMBER: _ClassVar[int]
     model: str
     layer_start: int
     layer_end: int
@@ -154,19 +162,27 @@ class LoadRequest(_message.Message):
     engine: str
     quantize: str
     group_size: int
-    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ...) -> None: ...
+    weights_from: str
+    weights_key: str
+    def __init__(self, model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., next_stage: _Optional[str] = ..., engine: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ..., weights_from: _Optional[str] = ..., weights_key: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("fraction", "message", "done", "error")
+    __slots__ = ("fraction", "message", "done", "error", "phase", "bytes_done", "bytes_total")
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     fraction: float
     message: str
     done: bool
     error: str
-    def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., error: _Optional[str] = ..., phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)
@@ -191,3 +207,81 @@ class HealthReply(_message.Message):
     model: str
     message: str
     def __init__(self, model: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EchoRequest(_message.Message):
+    __slots__ = ("payload", "echo_payload")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ECHO_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    echo_payload: bool
+    def __init__(self, payload: _Optional[bytes] = ..., echo_payload: _Optional[bool] = ...) -> None: ...
+
+class EchoReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("address", "rounds", "payload_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    rounds: int
+    payload_bytes: int
+    def __init__(self, address: _Optional[str] = ..., rounds: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("round_trip", "bandwidth", "error")
+    ROUND_TRIP_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    round_trip: float
+    bandwidth: float
+    error: str
+    def __init__(self, round_trip: _Optional[float] = ..., bandwidth: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ShareRequest(_message.Message):
+    __slots__ = ("key", "layer_start", "layer_end")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    layer_start: int
+    layer_end: int
+    def __init__(self, key: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class ShareFile(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ShareReply(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[ShareFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[ShareFile, _Mapping]]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("key", "layer_start", "layer_end", "name")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    layer_start: int
+    layer_end: int
+    name: str
+    def __init__(self, key: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("data", "sha256")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    sha256: str
+    def __init__(self, data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...

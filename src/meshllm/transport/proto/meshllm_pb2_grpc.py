@@ -59,6 +59,16 @@ class StageStub:
                 request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.SerializeToString,
                 response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/meshllm.Stage/Echo',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/meshllm.Stage/Probe',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -94,6 +104,20 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Echo(self, request, context):
+        """a link's round trip and bandwidth, measured from the caller
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """the same, measured from this stage to another
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +145,16 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.FromString,
                     response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +292,178 @@ class Stage:
             '/meshllm.Stage/Health',
             meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthRequest.SerializeToString,
             meshllm_dot_transport_dot_proto_dot_meshllm__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.Stage/Echo',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.Stage/Probe',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class WeightsStub:
+    """Served by the coordinator (or any stage holding the checkpoint) for workers without their own copy.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Share = channel.unary_unary(
+                '/meshllm.Weights/Share',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareReply.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/meshllm.Weights/Fetch',
+                request_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FetchRequest.SerializeToString,
+                response_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FileChunk.FromString,
+                _registered_method=True)
+
+
+class WeightsServicer:
+    """Served by the coordinator (or any stage holding the checkpoint) for workers without their own copy.
+    """
+
+    def Share(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WeightsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Share': grpc.unary_unary_rpc_method_handler(
+                    servicer.Share,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareReply.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FetchRequest.FromString,
+                    response_serializer=meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FileChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshllm.Weights', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshllm.Weights', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Weights:
+    """Served by the coordinator (or any stage holding the checkpoint) for workers without their own copy.
+    """
+
+    @staticmethod
+    def Share(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.Weights/Share',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.ShareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshllm.Weights/Fetch',
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FetchRequest.SerializeToString,
+            meshllm_dot_transport_dot_proto_dot_meshllm__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,

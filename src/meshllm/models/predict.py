@@ -1,0 +1,151 @@
+"""What a plan should give: decode tokens/s for one stream and for many, from measured figures.
+
+A stage's step over `b` tokens costs two things: reading every weight it holds once (bytes over the
+device's read speed, measured as decode reads them) and the arithmetic of `b` tokens (two operations per
+weight per token, over the device's measured compute rate). A token of one stream passes every stage and
+every link in turn; many streams keep one micro-batch per stage in flight, so the slowest stage sets the
+pace once there are enough of them. Prefill is arithmetic: every prompt token through every stage.
+
+The figures leave out what the measurements do not see (attention over long contexts, the sampler, the
+HTTP server); the prediction is a ceiling the measured speed should come within a fair margin of.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshllm.devices import Calibration, Link
+from meshllm.models.checkpoint import Checkpoint
+from meshllm.models.plan import HEADROOM, StagePlan, model_costs, model_weights, quantized_sizes, tensor_bytes
+from meshllm.step import LayerRange
+
+
+@dataclass(frozen=True)
+class StageCost:
+    device: str
+    read_bytes: int  # weights read per decode step (the layers, and the lm_head on the last stage)
+    weights: int  # multiply-adds per token: the weight elements a token passes through
+    head_weights: int  # of which the lm_head's (prefill needs it for a prompt's last token only)
+    read_bandwidth: float  # bytes/s
+    flop_rate: float  # floating-point operations/s at a batch of tokens
+
+    def step_seconds(self, tokens: int, head_tokens: int | None = None) -> float:
+        """One step over `tokens` tokens, `head_tokens` of which need logits (all, unless told)."""
+        head_tokens = tokens if head_tokens is None else head_tokens
+        arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
+        return self.read_bytes / self.read_bandwidth + arithmetic / self.flop_rate
+
+
+@dataclass(frozen=True)
+class Prediction:
+    one_stream: float  # decode tokens/s of a lone stream
+    streams: int
+    many_streams: float  # total decode tokens/s of `streams` streams together
+    many_streams_total: float  # the same with their prefill counted (prompt_tokens each)
+    prompt_tokens: int
+    new_tokens: int
+
+
+def predict(
+    stages: list[StageCost],
+    links: list[Link],  # between consecutive stages, in chain order
+    activation_bytes: int,  # a token's hidden state on the wire
+    streams: int,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+) -> Prediction:
+    if not stages or streams < 1:
+        raise ValueError("a prediction needs at least one stage and one stream")
+
+    def hops(tokens: int) -> float:
+        return sum(link.seconds(tokens * activation_bytes) for link in links)
+
+    def cycle(batch: int, in_flight: int) -> float:
+        """Seconds for every one of the streams to gain a token."""
+        times = [stage.step_seconds(batch) for stage in stages]
+        return max(sum(times) + hops(batch), in_flight * max(times))
+
+    one = 1.0 / cycle(1, 1)
+    in_flight = min(len(stages), streams)
+    batch = math.ceil(streams / in_flight)
+    decode_cycle = cycle(batch, in_flight)
+    prefill = [stage.step_seconds(prompt_tokens * streams, head_tokens=streams) for stage in stages]
+    # Prompts follow each other through the stages: the slowest stage's share, plus the rest once.
+    prefill_seconds = max(prefill) + (sum(prefill) - max(prefill)) / streams + hops(prompt_tokens)
+    total = streams * new_tokens / (prefill_seconds + new_tokens * decode_cycle)
+    return Prediction(one, streams, streams / decode_cycle, total, prompt_tokens, new_tokens)
+
+
+def stage_costs(
+    checkpoint: Checkpoint,
+    plan: list[StagePlan],
+    dtype: str,
+    quantize: dict[str, str | None],  # by device
+    group_size: int,
+    calibrations: dict[str, Calibration],  # by device
+) -> list[StageCost]:
+    """Each planned stage's costs on its device."""
+    sizes, weights = tensor_bytes(checkpoint, dtype), model_weights(checkpoint)
+    costs = []
+    for stage in plan:
+        held = model_costs(
+            sizes, checkpoint, quantized_sizes(checkpoint, dtype, quantize.get(stage.device), group_size)
+        )
+        start, end = stage.layer_range
+        last = end == len(weights.layers)
+        calibration = calibrations[stage.device]
+        costs.append(
+            StageCost(
+                stage.device,
+                held.read(start, end),
+                weights.read(start, end),
+                weights.head if last else 0,
+                calibration.read_bandwidth,
+                calibration.flop_rate,
+            )
+        )
+    return costs
+
+
+def best_alone(
+    checkpoint: Checkpoint,
+    devices: list[tuple[str, int]],  # (name, bytes of memory available)
+    dtype: str,
+    quantize: dict[str, str | None],
+    group_size: int,
+    calibrations: dict[str, Calibration],
+    streams: int,
+) -> tuple[str, Prediction] | None:
+    """The device that would serve fastest holding the whole model by itself; None when none can."""
+    n_layers = checkpoint.config.num_hidden_layers
+    best: tuple[str, Prediction] | None = None
+    for name, memory in devices:
+        sizes = tensor_bytes(checkpoint, dtype)
+        held = model_costs(
+            sizes, checkpoint, quantized_sizes(checkpoint, dtype, quantize.get(name), group_size)
+        )
+        if held.held(0, n_layers) * HEADROOM > memory:
+            continue
+        plan = [StagePlan(name, LayerRange(0, n_layers), held.held(0, n_layers))]
+        (cost,) = stage_costs(checkpoint, plan, dtype, quantize, group_size, calibrations)
+        prediction = predict([cost], [], 0, streams)
+        if best is None or prediction.one_stream > best[1].one_stream:
+            best = (name, prediction)
+    return best
+
+
+def describe(prediction: Prediction, alone: tuple[str, Prediction] | None, stages: int) -> str:
+    """The prediction in a sentence, with the best single device beside it when there are several."""
+    text = (
+        f"predicted decode: {prediction.one_stream:.1f} tok/s for one stream, "
+        f"{prediction.many_streams:.1f} tok/s total for {prediction.streams} streams "
+        f"({prediction.many_streams_total:.1f} counting their {prediction.prompt_tokens}-token prompts)"
+    )
+    if stages < 2 or alone is None:
+        return text
+    name, single = alone
+    text += f"; {name} alone: {single.one_stream:.1f} and {single.many_streams:.1f} tok/s"
+    if single.one_stream > prediction.one_stream and single.many_streams > prediction.many_streams:
+        text += f" (one device alone would be faster: serve the model on {name} only)"
+    return text

@@ -1,0 +1,72 @@
+"""The speed prediction: a step's cost from bytes read and arithmetic, pipelining over many streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meshllm.devices import Calibration, Link
+from meshllm.models.checkpoint import Checkpoint
+from meshllm.models.plan import make_plan, model_weights
+from meshllm.models.predict import StageCost, best_alone, describe, predict, stage_costs
+
+GB = 1e9
+
+
+def stage(
+    read_gb: float, weights: float = 0.0, bandwidth: float = 10 * GB, flops: float = 100 * GB
+) -> StageCost:
+    return StageCost("d", int(read_gb * GB), int(weights), 0, bandwidth, flops)
+
+
+def test_one_stream_reads_every_weight_once_per_token() -> None:
+    prediction = predict([stage(1.0)], [], 0, streams=1)
+    assert prediction.one_stream == pytest.approx(10.0)  # 1 GB at 10 GB/s: 0.1 s a token
+
+
+def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:
+    whole = predict([stage(1.0, weights=5e7)], [], 0, streams=16)
+    halves = predict([stage(0.5, weights=2.5e7)] * 2, [Link(0.001, 1 * GB)], 2048, streams=16)
+    assert halves.one_stream == pytest.approx(
+        1 / (2 * (0.05 + 2 * 2.5e7 / (100 * GB)) + 0.001 + 2048 / GB), rel=1e-6
+    )
+    assert halves.one_stream < whole.one_stream
+    # Two micro-batches of 8 keep both halves busy; as long as reading weights dominates, each device
+    # reads its half once per micro-batch, so the total stays near the whole model's batch of 16.
+    assert 0.9 * whole.many_streams < halves.many_streams < 1.2 * whole.many_streams
+    assert halves.many_streams > 10 * halves.one_stream
+    assert halves.many_streams_total < halves.many_streams  # the prompts' prefill takes its time
+
+
+def test_arithmetic_grows_with_the_batch_and_prefill_skips_the_head_for_all_but_the_last_token() -> None:
+    cost = StageCost("d", 0, 1000, 400, 1.0, 2000.0)
+    assert cost.step_seconds(1) == pytest.approx(1.0)
+    assert cost.step_seconds(10) == pytest.approx(10.0)
+    assert cost.step_seconds(10, head_tokens=1) == pytest.approx((600 * 10 + 400) * 2 / 2000)
+
+
+def test_stage_costs_follow_the_plan_and_the_lone_device_is_named(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    checkpoint = Checkpoint.open(tiny_checkpoint(layers=4))
+    devices = [("a", 10**10), ("b", 10**10)]
+    plan = make_plan(checkpoint, devices, "float32")
+    calibrations = {"a": Calibration(10 * GB, 100 * GB), "b": Calibration(10 * GB, 100 * GB)}
+    costs = stage_costs(checkpoint, plan, "float32", {}, 64, calibrations)
+    weights = model_weights(checkpoint)
+    assert sum(cost.weights for cost in costs) == weights.read(0, 4)
+    assert costs[-1].head_weights == weights.head and costs[0].head_weights == 0
+    assert costs[0].read_bytes == 4 * weights.read(*plan[0].layer_range)  # float32 weights: 4 bytes each
+    prediction = predict(costs, [Link(0.01, GB)], 256, streams=16)
+    alone = best_alone(checkpoint, devices, "float32", {}, 64, calibrations, 16)
+    assert alone is not None and alone[1].one_stream > prediction.one_stream
+    text = describe(prediction, alone, len(plan))
+    assert text.startswith("predicted decode: ") and "a alone:" in text
+
+
+def test_no_device_alone_when_none_holds_the_whole_model(tiny_checkpoint: Callable[..., Path]) -> None:
+    checkpoint = Checkpoint.open(tiny_checkpoint(layers=4))
+    calibrations = {"a": Calibration(GB, GB)}
+    assert best_alone(checkpoint, [("a", 1000)], "float32", {}, 64, calibrations, 4) is None
