@@ -152,3 +152,15 @@ def test_bad_steps_are_clear_errors_and_the_stage_goes_on(checkpoints):
     prompt = make_prompt(first.config.vocab_size, 5)
     logits = pipeline_logits([first, second], [Segment(8, 0, 5, sample=True)], prompt)
     assert logits.shape == (1, first.config.vocab_size) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_calibrate_measures_read_speed_and_compute_rate(quantize):
+    from meshllm.devices import Precision
+    from meshllm.engines import calibrate
+
+    measured = calibrate("ggml", Precision("float32", quantize))
+    assert measured.read_bandwidth > 1e8 and measured.flop_rate > 1e8  # well above nothing, finite
+    assert np.isfinite([measured.read_bandwidth, measured.flop_rate]).all()
+    with pytest.raises(ConfigError, match="CPU"):
+        calibrate("ggml", Precision("float32"), device="cuda")
