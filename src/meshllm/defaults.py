@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-ENGINES = ("torch", "mlx")
+ENGINES = ("torch", "mlx", "ggml")
 DTYPES = ("float32", "bfloat16", "float16")
-EngineName = Literal["torch", "mlx"]
+EngineName = Literal["torch", "mlx", "ggml"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
 # Weights held quantized: int8 per output channel, int4 in groups of DEFAULT_GROUP_SIZE inputs.
 QUANTIZE_MODES = ("int8", "int4")

@@ -1,4 +1,4 @@
-"""One pipeline, two engines: torch and MLX stages exchange engine-neutral wire tensors."""
+"""One pipeline, several engines: torch, ggml and MLX stages exchange engine-neutral wire tensors."""
 
 from __future__ import annotations
 
@@ -40,4 +40,16 @@ def test_mlx_then_torch_then_mlx_gives_the_single_engine_tokens(tiny_checkpoint,
     workers = [WorkerAddress(w.name, w.address) for w in (torch_worker, mlx_worker)]
     tokens, engines = asyncio.run(greedy(path, "mlx", workers, 10))
     assert engines == ["mlx", "torch", "mlx"]
+    assert tokens == reference_greedy(path, PROMPT, 10)
+
+
+def test_torch_then_ggml_then_mlx_gives_the_single_engine_tokens(tiny_checkpoint, start_workers):
+    """A ggml stage between a torch and an MLX stage, each in its own process, over gRPC."""
+    pytest.importorskip("ggml")
+    path = tiny_checkpoint("qwen3")
+    (ggml_worker,) = start_workers(1, engine="ggml", prefix="ggml")
+    (mlx_worker,) = start_workers(1, engine="mlx", prefix="mlx")
+    workers = [WorkerAddress(w.name, w.address) for w in (ggml_worker, mlx_worker)]
+    tokens, engines = asyncio.run(greedy(path, "torch", workers, 10))
+    assert engines == ["torch", "ggml", "mlx"]
     assert tokens == reference_greedy(path, PROMPT, 10)

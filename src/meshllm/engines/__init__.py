@@ -25,7 +25,7 @@ def default_engine() -> str:
 
 
 def engine_loader(engine: str) -> LoadStage:
-    """The `load_stage` of `engine` ('torch' or 'mlx'); a ConfigError naming the fix when it is missing."""
+    """The `load_stage` of `engine` ('torch', 'mlx' or 'ggml'); a ConfigError naming the fix when it is missing."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     try:
@@ -70,6 +70,10 @@ def calibrate(engine: str, precision: Precision, device: str | None = None) -> C
 
         return torch_calibrate(precision, device)
     engine_loader(engine)  # a clear error when the engine is missing
+    if engine == "ggml":
+        from meshllm.engines.ggml.stage import calibrate as ggml_calibrate
+
+        return ggml_calibrate(precision, device)
     from meshllm.engines.mlx.stage import calibrate as mlx_calibrate
 
     return mlx_calibrate(precision, device)
@@ -79,6 +83,8 @@ def guess_device_type(engine: str, device: str | None) -> str:
     """The device type a stage of `engine` would compute on, asked before any stage is loaded."""
     if engine == "mlx":
         return "metal" if default_engine() == "mlx" else "cpu"
+    if engine == "ggml":
+        return "cpu"
     if device and device != "auto":
         return device.split(":")[0]
     from meshllm.engines.torch.stage import pick_device

@@ -23,7 +23,7 @@ Progress = Callable[[float], None]  # fraction of the stage's tensors read so fa
 class Stage(Protocol):
     """Layers `[start, end)` of one checkpoint, with a KV cache per live sequence."""
 
-    engine: str  # "torch" | "mlx"
+    engine: str  # "torch" | "mlx" | "ggml"
     config: ModelConfig  # of the whole model
     layer_range: LayerRange
     is_first: bool

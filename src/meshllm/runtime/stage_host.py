@@ -93,7 +93,8 @@ class LocalStageHost:
 
     @property
     def framework(self) -> str:
-        return self.engine
+        """The array type this stage takes hidden states in: the ggml engine's are numpy arrays."""
+        return "numpy" if self.engine == "ggml" else self.engine
 
     @property
     def loaded(self) -> bool:
