@@ -169,8 +169,10 @@ class Cluster:
         """`meshllm serve` in namespace 0, its API on the clean link."""
         serve = Serve.__new__(Serve)
         serve.process = subprocess.Popen(
+            # The workers read the checkpoint themselves: each namespace reaches only its neighbours
+            # in the chain, not the coordinator's weights port.
             ["ip", "netns", "exec", self.namespaces[0], sys.executable, "-m", "meshllm", "serve",
-             "--host", self.api_host, *self.tls_flags(0), *args],
+             "--host", self.api_host, "--weights", "own", *self.tls_flags(0), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         serve.lines = []
