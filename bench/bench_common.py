@@ -78,8 +78,13 @@ def shape_checkpoint(shape: str) -> Path:
 
 
 def llamacpp_commit(llamacpp: Path) -> str:
+    """The commit of a llama.cpp checkout; for a tree exported without git, what its COMMIT file says."""
     command = ["git", "-C", str(llamacpp), "log", "-1", "--format=%h"]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(command, capture_output=True, text=True)
+    if found.returncode == 0 and found.stdout.strip():
+        return found.stdout.strip()
+    marker = llamacpp / "COMMIT"
+    return marker.read_text().strip() if marker.exists() else "unknown (no git checkout, no COMMIT file)"
 
 
 def llamacpp_binary(llamacpp: Path, name: str) -> Path:
