@@ -32,6 +32,7 @@ from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
+from meshllm.models.rope import inverse_frequencies
 from meshllm.step import LayerRange, Segment, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
@@ -69,28 +70,7 @@ def weight_type(g: Any, dtype: str, quantize: str | None) -> int:
 def rope_freq_factors(config: ModelConfig) -> np.ndarray:
     """ggml's RoPE takes per-frequency divisors of the default angles: the default inverse frequencies
     over the checkpoint's (with its `rope_scaling`), `[head_dim / 2]`."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        scaled = inv_freq
-    elif rope_type == "linear":
-        scaled = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        original = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        lowered = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * lowered / factor + smooth * lowered
-        medium = (wavelen >= original / high) & (wavelen <= original / low)
-        scaled = np.where(medium, smoothed, lowered)
-    else:
-        raise ConfigError(
-            f"config.json: rope_scaling type {rope_type!r} is not supported (default, linear, llama3)"
-        )
+    inv_freq, scaled = inverse_frequencies(config)
     return (inv_freq / scaled).astype(np.float32)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
+from meshllm.models.rope import inverse_frequencies
 from meshllm.step import Segment
 
 LM_HEAD_CHUNK_ROWS = 32768  # vocabulary rows per lm_head matmul on a CPU
@@ -87,27 +88,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with the checkpoint's `rope_scaling` applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return inv_freq.float()
-    if rope_type == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        original = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= original / high) & (wavelen <= original / low)
-        return torch.where(medium, smoothed, scaled).float()
-    raise ConfigError(
-        f"config.json: rope_scaling type {rope_type!r} is not supported (default, linear, llama3)"
-    )
+    _, scaled = inverse_frequencies(config)
+    return torch.from_numpy(scaled).float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
