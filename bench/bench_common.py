@@ -8,7 +8,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from meshllm.models.tiny import TinySpec, make_checkpoint
 from meshllm.runtime.local_workers import free_ports
@@ -23,6 +26,23 @@ SPEC = TinySpec(
     head_dim=64,
     vocab_size=1024,
 )
+
+
+def health_problem(process: subprocess.Popen, url: str, timeout: float, interval: float = 0.3) -> str | None:
+    """Wait until the server at `url` answers /health with 200: None, or why it did not (it exited, or the
+    time ran out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            return f"the server for {url} exited during start (exit code {process.returncode})"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return f"{url} did not become healthy in {timeout:.0f} s"
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import SPEC, free_port, machine_load
+from bench_common import SPEC, free_port, health_problem, machine_load
 
 from meshllm.models.tiny import make_checkpoint
 
@@ -124,18 +124,9 @@ def serve_and_measure(path: Path, stages: int, tokens: int, levels: list[int]) -
     serve = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if serve.poll() is not None:
-                raise SystemExit("meshllm serve exited during start")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("meshllm serve did not become healthy in 120 s")
-            time.sleep(0.3)
+        problem = health_problem(serve, url, 120)
+        if problem:
+            raise SystemExit(f"meshllm serve: {problem}")
         return {str(level): asyncio.run(measure(url, tokens, level)) for level in levels}
     finally:
         serve.send_signal(signal.SIGINT)

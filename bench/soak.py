@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port
+from bench_common import free_port, health_problem
 
 from meshllm.models.tiny import make_checkpoint
 
@@ -90,18 +90,9 @@ def main() -> int:
         serve = subprocess.Popen([*command, "--stages", "2"], stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if serve.poll() is not None:
-                    raise SystemExit("meshllm serve exited during start:\n" + Path(log.name).read_text())
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("meshllm serve did not become healthy in 120 s")
-                time.sleep(0.3)
+            problem = health_problem(serve, url, 120)
+            if problem:
+                raise SystemExit(f"meshllm serve: {problem}:\n" + Path(log.name).read_text())
             pids = {"coordinator": serve.pid}
             for name, pid in re.findall(
                 r"started (worker\d+) on \S+ \(pid (\d+)", Path(log.name).read_text()

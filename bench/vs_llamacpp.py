@@ -39,6 +39,7 @@ from bench_common import (
     SHAPES,
     free_port,
     gguf_file,
+    health_problem,
     llamacpp_binary,
     llamacpp_commit,
     machine_load,
@@ -118,16 +119,9 @@ def wait_port(server: Server, process: subprocess.Popen, port: int, timeout: flo
 
 
 def wait_healthy(server: Server, process: subprocess.Popen, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise server.failure(f"the server for {url} exited during start (exit code {process.returncode})")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise server.failure(f"{url} did not become healthy in {timeout:.0f} s")
-        time.sleep(0.5)
+    problem = health_problem(process, url, timeout, interval=0.5)
+    if problem:
+        raise server.failure(problem)
 
 
 @contextlib.contextmanager
