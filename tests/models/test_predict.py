@@ -10,7 +10,7 @@ import pytest
 from meshllm.devices import Calibration, Link
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import make_plan, model_weights
-from meshllm.models.predict import StageCost, best_alone, describe, predict, stage_costs
+from meshllm.models.predict import CostModel, StageCost, describe, predict
 
 GB = 1e9
 
@@ -54,13 +54,14 @@ def test_stage_costs_follow_the_plan_and_the_lone_device_is_named(
     devices = [("a", 10**10), ("b", 10**10)]
     plan = make_plan(checkpoint, devices, "float32")
     calibrations = {"a": Calibration(10 * GB, 100 * GB), "b": Calibration(10 * GB, 100 * GB)}
-    costs = stage_costs(checkpoint, plan, "float32", {}, 64, calibrations)
+    model = CostModel(checkpoint, "float32", 64)
+    costs = model.stage_costs(plan, {}, calibrations)
     weights = model_weights(checkpoint)
     assert sum(cost.weights for cost in costs) == weights.read(0, 4)
     assert costs[-1].head_weights == weights.head and costs[0].head_weights == 0
     assert costs[0].read_bytes == 4 * weights.read(*plan[0].layer_range)  # float32 weights: 4 bytes each
     prediction = predict(costs, [Link(0.01, GB)], 256, streams=16)
-    alone = best_alone(checkpoint, devices, "float32", {}, 64, calibrations, 16)
+    alone = model.best_alone(devices, {}, calibrations, 16)
     assert alone is not None and alone[1].one_stream > prediction.one_stream
     text = describe(prediction, alone, len(plan))
     assert text.startswith("predicted decode: ") and "a alone:" in text
@@ -69,4 +70,4 @@ def test_stage_costs_follow_the_plan_and_the_lone_device_is_named(
 def test_no_device_alone_when_none_holds_the_whole_model(tiny_checkpoint: Callable[..., Path]) -> None:
     checkpoint = Checkpoint.open(tiny_checkpoint(layers=4))
     calibrations = {"a": Calibration(GB, GB)}
-    assert best_alone(checkpoint, [("a", 1000)], "float32", {}, 64, calibrations, 4) is None
+    assert CostModel(checkpoint, "float32", 64).best_alone([("a", 1000)], {}, calibrations, 4) is None

@@ -48,7 +48,7 @@ def load_stage(
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Stage:
-    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch' or 'mlx'), its linear layers held
+    """Load layers `[start, end)` of `checkpoint` on `engine` ('torch', 'mlx' or 'ggml'), its linear layers held
     quantized when `quantize` is 'int8' or 'int4'."""
     loader = engine_loader(engine)
     return loader(

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from meshllm.devices import Calibration, Link
+from meshllm.models.balance import ModelCosts
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import HEADROOM, StagePlan, model_costs, model_weights, quantized_sizes, tensor_bytes
 from meshllm.step import LayerRange
@@ -77,62 +78,68 @@ def predict(
     return Prediction(one, streams, streams / decode_cycle, total, prompt_tokens, new_tokens)
 
 
-def stage_costs(
-    checkpoint: Checkpoint,
-    plan: list[StagePlan],
-    dtype: str,
-    quantize: dict[str, str | None],  # by device
-    group_size: int,
-    calibrations: dict[str, Calibration],  # by device
-) -> list[StageCost]:
-    """Each planned stage's costs on its device."""
-    sizes, weights = tensor_bytes(checkpoint, dtype), model_weights(checkpoint)
-    costs = []
-    for stage in plan:
-        held = model_costs(
-            sizes, checkpoint, quantized_sizes(checkpoint, dtype, quantize.get(stage.device), group_size)
+class CostModel:
+    """A checkpoint's costs as the devices would hold it: its file headers read once, each quantization's
+    sizes worked out once."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str, group_size: int):
+        self.checkpoint, self.dtype, self.group_size = checkpoint, dtype, group_size
+        self.sizes = tensor_bytes(checkpoint, dtype)
+        self.weights = model_weights(checkpoint)
+        self._held: dict[str | None, ModelCosts] = {}
+
+    def held(self, quantize: str | None) -> ModelCosts:
+        """Bytes of each part as a device holding its linear layers as `quantize` holds them."""
+        if quantize not in self._held:
+            quantized = quantized_sizes(self.checkpoint, self.dtype, quantize, self.group_size)
+            self._held[quantize] = model_costs(self.sizes, self.checkpoint, quantized)
+        return self._held[quantize]
+
+    def cost(
+        self, device: str, layers: LayerRange, quantize: str | None, calibration: Calibration
+    ) -> StageCost:
+        start, end = layers
+        last = end == len(self.weights.layers)
+        return StageCost(
+            device,
+            self.held(quantize).read(start, end),
+            self.weights.read(start, end),
+            self.weights.head if last else 0,
+            calibration.read_bandwidth,
+            calibration.flop_rate,
         )
-        start, end = stage.layer_range
-        last = end == len(weights.layers)
-        calibration = calibrations[stage.device]
-        costs.append(
-            StageCost(
-                stage.device,
-                held.read(start, end),
-                weights.read(start, end),
-                weights.head if last else 0,
-                calibration.read_bandwidth,
-                calibration.flop_rate,
+
+    def stage_costs(
+        self,
+        plan: list[StagePlan],
+        quantize: dict[str, str | None],  # by device
+        calibrations: dict[str, Calibration],  # by device
+    ) -> list[StageCost]:
+        """Each planned stage's costs on its device."""
+        return [
+            self.cost(stage.device, stage.layer_range, quantize.get(stage.device), calibrations[stage.device])
+            for stage in plan
+        ]
+
+    def best_alone(
+        self,
+        devices: list[tuple[str, int]],  # (name, bytes of memory available)
+        quantize: dict[str, str | None],
+        calibrations: dict[str, Calibration],
+        streams: int,
+    ) -> tuple[str, Prediction] | None:
+        """The device that would serve fastest holding the whole model by itself; None when none can."""
+        whole = LayerRange(0, len(self.weights.layers))
+        best: tuple[str, Prediction] | None = None
+        for name, memory in devices:
+            if self.held(quantize.get(name)).held(*whole) * HEADROOM > memory:
+                continue
+            prediction = predict(
+                [self.cost(name, whole, quantize.get(name), calibrations[name])], [], 0, streams
             )
-        )
-    return costs
-
-
-def best_alone(
-    checkpoint: Checkpoint,
-    devices: list[tuple[str, int]],  # (name, bytes of memory available)
-    dtype: str,
-    quantize: dict[str, str | None],
-    group_size: int,
-    calibrations: dict[str, Calibration],
-    streams: int,
-) -> tuple[str, Prediction] | None:
-    """The device that would serve fastest holding the whole model by itself; None when none can."""
-    n_layers = checkpoint.config.num_hidden_layers
-    best: tuple[str, Prediction] | None = None
-    for name, memory in devices:
-        sizes = tensor_bytes(checkpoint, dtype)
-        held = model_costs(
-            sizes, checkpoint, quantized_sizes(checkpoint, dtype, quantize.get(name), group_size)
-        )
-        if held.held(0, n_layers) * HEADROOM > memory:
-            continue
-        plan = [StagePlan(name, LayerRange(0, n_layers), held.held(0, n_layers))]
-        (cost,) = stage_costs(checkpoint, plan, dtype, quantize, group_size, calibrations)
-        prediction = predict([cost], [], 0, streams)
-        if best is None or prediction.one_stream > best[1].one_stream:
-            best = (name, prediction)
-    return best
+            if best is None or prediction.one_stream > best[1].one_stream:
+                best = (name, prediction)
+        return best
 
 
 def describe(prediction: Prediction, alone: tuple[str, Prediction] | None, stages: int) -> str:

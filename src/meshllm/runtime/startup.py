@@ -20,7 +20,7 @@ from meshllm.engines import calibrate, default_engine, guess_device_type, load_s
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
-from meshllm.models.predict import best_alone, describe, predict, stage_costs
+from meshllm.models.predict import CostModel, describe, predict
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -338,12 +338,12 @@ async def _predict(
             f"link {first.device} -> {second.device}: {link.round_trip * 1e3:.2f} ms round trip, "
             f"{link.bandwidth / 1e6:.0f} MB/s"
         )
-    costs = stage_costs(checkpoint, plan, config.dtype, quantize, config.group_size, calibrations)
+    model = CostModel(checkpoint, config.dtype, config.group_size)
     activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
-    prediction = predict(costs, links, activation, PREDICTED_STREAMS)
-    alone = best_alone(
-        checkpoint, devices, config.dtype, quantize, config.group_size, calibrations, PREDICTED_STREAMS
+    prediction = predict(
+        model.stage_costs(plan, quantize, calibrations), links, activation, PREDICTED_STREAMS
     )
+    alone = model.best_alone(devices, quantize, calibrations, PREDICTED_STREAMS)
     return [*lines, describe(prediction, alone, len(plan))]
 
 
