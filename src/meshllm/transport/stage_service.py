@@ -290,11 +290,9 @@ async def serve_stage(
     service = StageService(host, token=token, tls=tls)
     pbg.add_StageServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     try:
-        port = add_port(server, address, tls)
-    except RuntimeError as error:
+        add_port(server, address, tls)
+    except OSError as error:
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {address} (is the port in use?)")
     await server.start()
     log.info(
         "meshllm worker %s listening on %s (engine %s, version %s, %s)",

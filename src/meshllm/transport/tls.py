@@ -96,7 +96,15 @@ def blocking_channel(address: str, tls: TlsFiles | None, options: list[tuple[str
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TlsFiles | None) -> int:
-    """Listen on `address` (TLS with `tls`); the port bound, 0 when it could not be bound."""
-    if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, server_credentials(tls))
+    """Listen on `address` (TLS with `tls`); the port bound. OSError saying why when it cannot be bound
+    (gRPC says so by raising or by answering 0, depending on the case)."""
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError as error:
+        raise OSError(str(error)) from None
+    if port == 0:
+        raise OSError("bind failed")
+    return port

@@ -124,14 +124,11 @@ class WeightsServer:
         self._service = WeightsService(self.source, self.token, self.name)
         pbg.add_WeightsServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
         try:
-            bound = add_port(server, self.address, self.tls)
-        except RuntimeError as error:
-            bound = 0
-            problem = str(error)
-        else:
-            problem = "the port is in use"
-        if not bound:
-            raise OSError(f"cannot listen on {self.address} for weights: {problem}")
+            add_port(server, self.address, self.tls)
+        except OSError as error:
+            raise OSError(
+                f"cannot listen on {self.address} for weights: {error} (is the port in use?)"
+            ) from None
         await server.start()
         self._server = server
         log.info("serving the weights of checkpoint %s on %s", self.source.key[:12], self.address)

@@ -105,15 +105,12 @@ class Links:
         server = grpc.server(workers, options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((CommServicer(self).handler(),))
         try:
-            port = add_port(server, address, self.tls)
-            reason = "bind failed"
-        except RuntimeError as error:
-            port, reason = 0, str(error)
-        if port == 0:
+            add_port(server, address, self.tls)
+        except OSError as error:
             raise CommError(
-                f"rank {self.rank} cannot listen on {address} ({reason}): is the port already in use, "
+                f"rank {self.rank} cannot listen on {address} ({error}): is the port already in use, "
                 "or is the host not an address of this machine?"
-            )
+            ) from None
         server.start()
         self._server = server
         deadline = time.monotonic() + timeout
