@@ -11,15 +11,15 @@ per-frequency factors), a sliding window (mistral).
 ggml tensors list their dimensions fastest first: a `[T, hidden]` numpy array is a `[hidden, T]` ggml
 tensor over the same memory, and a checkpoint's `[out, in]` weight is a `[in, out]` ggml matrix.
 
-KV caches are float32 numpy arrays, one pair per sequence and layer; each step passes a sequence's
-cached keys and values in as graph inputs and appends the step's new ones after the compute.
+Each sequence's KV cache lives in a ggml backend buffer (`cache.py`), float32 for a float32 stage and
+float16 otherwise (as llama.cpp holds it); the step graphs (`graph.py`) write and read it themselves, and
+are kept between steps of the same shape, so a decode step only sets its inputs and computes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,17 +29,18 @@ import numpy as np
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
 from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
+from meshllm.engines.ggml.cache import SequenceCache
+from meshllm.engines.ggml.graph import GraphPool
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
 from meshllm.models.rope import inverse_frequencies
-from meshllm.step import LayerRange, Segment, StepInput, StepOutput
+from meshllm.step import LayerRange, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANT_BLOCK = 32  # weights per q8_0 / q4_0 block: the row length must be a multiple of it
-ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate the two halves of a head, as Hugging Face's rotate_half
 LOG_WARN = 3  # GGML_LOG_LEVEL_WARN
 
 
@@ -82,26 +83,6 @@ def as_numpy(array: Any) -> np.ndarray:
 
 
 @dataclass
-class SequenceCache:
-    """One sequence's keys and values for each layer of the stage, `[capacity, H_kv, D]` float32."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    offset: int = 0
-
-    def append(self, layer: int, keys: np.ndarray, values: np.ndarray, start: int) -> None:
-        end = start + keys.shape[0]
-        if end > self.keys[layer].shape[0]:
-            capacity = max(end, 2 * self.keys[layer].shape[0], 64)
-            for store in (self.keys, self.values):
-                grown = np.empty((capacity, *store[layer].shape[1:]), dtype=np.float32)
-                grown[:start] = store[layer][:start]
-                store[layer] = grown
-        self.keys[layer][start:end] = keys
-        self.values[layer][start:end] = values
-
-
-@dataclass
 class Weights:
     """The stage's ggml tensors by stage parameter name (`layers.{i}.…`, `embed_tokens.weight`, …)."""
 
@@ -141,6 +122,9 @@ class GgmlStage:
         self.freq_factors = rope_freq_factors(config)
         self.weights = self._upload(arrays, weight_type(g, dtype, quantize))
         self._caches: dict[int, SequenceCache] = {}
+        # float32 caches for a float32 stage (equality with the reference); float16, as llama.cpp's, else
+        self.kv_type = int(g.GGML_TYPE_F32 if dtype == "float32" and quantize is None else g.GGML_TYPE_F16)
+        self.graphs = GraphPool()
 
     @property
     def device_type(self) -> str:
@@ -153,14 +137,24 @@ class GgmlStage:
         return self.weights.nbytes
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.layer_range, 4)  # float32 caches
+        return kv_bytes_per_token(
+            self.config, self.layer_range, 4 if self.kv_type == self.g.GGML_TYPE_F32 else 2
+        )
 
     def release(self, seq_ids: list[int]) -> None:
+        self.graphs.forget(set(seq_ids))
         for seq_id in seq_ids:
-            self._caches.pop(seq_id, None)
+            cache = self._caches.pop(seq_id, None)
+            if cache is not None:
+                cache.free()
 
     def close(self) -> None:
         g = self.g
+        if getattr(self, "graphs", None) is not None:
+            self.graphs.clear()
+        for cache in getattr(self, "_caches", {}).values():
+            cache.free()
+        self._caches = {}
         for ctx, buffer in self._buffers:
             g.ggml_backend_buffer_free(buffer)
             g.ggml_free(ctx)
@@ -277,23 +271,24 @@ class GgmlStage:
         )
         return data
 
-    def _cache(self, seq_id: int, start_pos: int) -> SequenceCache:
+    def _cache(self, seq_id: int, start_pos: int, n_tokens: int) -> SequenceCache:
+        """The sequence's cache, with room for the segment; a step may restart from an earlier position."""
         cache = self._caches.get(seq_id)
         if cache is None:
             if start_pos != 0:
                 raise StageError(f"sequence {seq_id}: first step starts at position {start_pos}, not 0")
-            shape = (0, self.config.num_key_value_heads, self.config.head_dim)
-            layers = self.layer_range.size
-            cache = SequenceCache(
-                [np.empty(shape, np.float32) for _ in range(layers)],
-                [np.empty(shape, np.float32) for _ in range(layers)],
-            )
+            row = self.config.num_key_value_heads * self.config.head_dim
+            cache = SequenceCache(self.g, self.backend, self.layer_range.size, row, self.kv_type)
             self._caches[seq_id] = cache
         if start_pos > cache.offset:
             raise StageError(
                 f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}"
             )
-        cache.offset = start_pos  # a step may restart from an earlier position
+        generation = cache.generation
+        cache.offset = min(cache.offset, start_pos)  # a restart: what follows start_pos is stale
+        cache.reserve(start_pos + n_tokens)
+        if cache.generation != generation:  # a new buffer: the graphs over the old one are of no use
+            self.graphs.forget({seq_id})
         return cache
 
     def forward(self, step: StepInput) -> StepOutput:
@@ -314,190 +309,15 @@ class GgmlStage:
                 raise StageError(f"step {step.step_id}: hidden states of shape {inputs.shape}")
         if inputs.shape[0] != n_tokens:
             raise StageError(f"step {step.step_id}: {inputs.shape[0]} inputs for {n_tokens} tokens")
-        caches = [self._cache(s.seq_id, s.start_pos) for s in segments]
         if len({s.seq_id for s in segments}) != len(segments):
             raise StageError(f"step {step.step_id}: a sequence in more than one segment")
-        result, new_kv = StepGraph(self, segments, caches, inputs).run()
-        offset = 0
+        caches = [self._cache(s.seq_id, s.start_pos, s.n_tokens) for s in segments]
+        result = self.graphs.run(self, segments, caches, inputs)
         for segment, cache in zip(segments, caches, strict=True):
-            span = slice(offset, offset + segment.n_tokens)
-            for layer, (keys, values) in enumerate(new_kv):
-                cache.append(layer, keys[span], values[span], segment.start_pos)
             cache.offset = segment.start_pos + segment.n_tokens
-            offset += segment.n_tokens
         if not self.is_last:
             return StepOutput(step.step_id, segments, hidden_states=result)
         return StepOutput(step.step_id, segments, logits=result)
-
-
-class StepGraph:
-    """One step as one ggml graph: built, allocated, given its inputs, computed and read, then freed."""
-
-    def __init__(
-        self, stage: GgmlStage, segments: list[Segment], caches: list[SequenceCache], inputs: np.ndarray
-    ):
-        self.stage, self.g = stage, stage.g
-        self.segments, self.caches = segments, caches
-        self.config = stage.config
-        g = self.g
-        n_nodes = 256 + stage.layer_range.size * (64 + 32 * len(segments))
-        self.ctx = g.ggml_init(
-            g.ggml_init_params(
-                mem_size=g.ggml_tensor_overhead() * n_nodes + g.ggml_graph_overhead_custom(n_nodes, False),
-                mem_buffer=None,
-                no_alloc=True,
-            )
-        )
-        self.n_nodes = n_nodes
-        self.feeds: list[tuple[Any, np.ndarray]] = []  # graph inputs and the arrays they are set from
-        self.inputs = inputs
-
-    def input(self, array: np.ndarray) -> Any:
-        """A graph input holding `array` (float32 or int32, C order: its last axis is ggml's ne0)."""
-        g = self.g
-        kind = g.GGML_TYPE_I32 if array.dtype == np.int32 else g.GGML_TYPE_F32
-        array = np.ascontiguousarray(array)
-        ne = list(reversed(array.shape))
-        if len(ne) == 1:
-            tensor = g.ggml_new_tensor_1d(self.ctx, kind, ne[0])
-        elif len(ne) == 2:
-            tensor = g.ggml_new_tensor_2d(self.ctx, kind, ne[0], ne[1])
-        else:
-            tensor = g.ggml_new_tensor_3d(self.ctx, kind, ne[0], ne[1], ne[2])
-        g.ggml_set_input(tensor)
-        self.feeds.append((tensor, array))
-        return tensor
-
-    def weight(self, name: str) -> Any:
-        return self.stage.weights.tensors[name]
-
-    def linear(self, x: Any, prefix: str) -> Any:
-        g, tensors = self.g, self.stage.weights.tensors
-        y = g.ggml_mul_mat(self.ctx, tensors[f"{prefix}.weight"], x)
-        bias = tensors.get(f"{prefix}.bias")
-        return y if bias is None else g.ggml_add(self.ctx, y, bias)
-
-    def norm(self, x: Any, name: str) -> Any:
-        g = self.g
-        return g.ggml_mul(self.ctx, g.ggml_rms_norm(self.ctx, x, self.config.rms_norm_eps), self.weight(name))
-
-    def mask(self, segment: Segment) -> np.ndarray:
-        """`[n, start_pos + n]` additive mask: query i (at start_pos + i) sees keys up to itself (and the
-        window)."""
-        n, start = segment.n_tokens, segment.start_pos
-        query = np.arange(start, start + n)[:, None]
-        key = np.arange(start + n)[None, :]
-        seen = key <= query
-        window = self.config.sliding_window
-        if window is not None:
-            seen &= key > query - window
-        return np.where(seen, 0.0, -np.inf).astype(np.float32)
-
-    def attention(self, layer: int, local: int, x: Any, positions: Any, factors: Any) -> tuple[Any, Any, Any]:
-        """The attention block's output `[H * D, T]`, and the step's new keys and values `[D, H_kv, T]`."""
-        g, ctx, config = self.g, self.ctx, self.config
-        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        n_total = self.inputs.shape[0]
-        prefix = f"layers.{layer}.self_attn"
-        q = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.q_proj"), dim, heads, n_total)
-        k = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.k_proj"), dim, kv_heads, n_total)
-        v = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.v_proj"), dim, kv_heads, n_total)
-        if config.qk_norm:
-            q, k = self.norm(q, f"{prefix}.q_norm.weight"), self.norm(k, f"{prefix}.k_norm.weight")
-        rope = (dim, ROPE_NEOX, 0, config.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)
-        q = g.ggml_rope_ext(ctx, q, positions, factors, *rope)
-        k = g.ggml_cont(ctx, g.ggml_rope_ext(ctx, k, positions, factors, *rope))
-        v = g.ggml_cont(ctx, v)
-        g.ggml_set_output(k)
-        g.ggml_set_output(v)
-        outputs = None
-        offset = 0
-        for segment, cache in zip(self.segments, self.caches, strict=True):
-            n = segment.n_tokens
-            qs = g.ggml_view_3d(
-                ctx, q, dim, heads, n, q.contents.nb[1], q.contents.nb[2], offset * q.contents.nb[2]
-            )
-            ks = g.ggml_view_3d(
-                ctx, k, dim, kv_heads, n, k.contents.nb[1], k.contents.nb[2], offset * k.contents.nb[2]
-            )
-            vs = g.ggml_view_3d(
-                ctx, v, dim, kv_heads, n, v.contents.nb[1], v.contents.nb[2], offset * v.contents.nb[2]
-            )
-            past = segment.start_pos
-            if past:
-                ks = g.ggml_concat(ctx, self.input(cache.keys[local][:past]), ks, 2)
-                vs = g.ggml_concat(ctx, self.input(cache.values[local][:past]), vs, 2)
-            keys = g.ggml_cont(ctx, g.ggml_permute(ctx, ks, 0, 2, 1, 3))  # [D, L, H_kv]
-            values = g.ggml_cont(ctx, g.ggml_permute(ctx, vs, 1, 2, 0, 3))  # [L, D, H_kv]
-            queries = g.ggml_cont(ctx, g.ggml_permute(ctx, qs, 0, 2, 1, 3))  # [D, n, H]
-            scores = g.ggml_mul_mat(ctx, keys, queries)  # [L, n, H]; query head h reads kv head h // group
-            weights = g.ggml_soft_max_ext(
-                ctx, scores, self.input(self.mask(segment)), 1.0 / math.sqrt(dim), 0.0
-            )
-            out = g.ggml_mul_mat(ctx, values, weights)  # [D, n, H]
-            out = g.ggml_reshape_2d(
-                ctx, g.ggml_cont(ctx, g.ggml_permute(ctx, out, 0, 2, 1, 3)), dim * heads, n
-            )
-            outputs = out if outputs is None else g.ggml_concat(ctx, outputs, out, 1)
-            offset += n
-        return outputs, k, v
-
-    def run(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        g, ctx, config, stage = self.g, self.ctx, self.config, self.stage
-        n_total = self.inputs.shape[0]
-        if stage.is_first:
-            x = g.ggml_get_rows(ctx, self.weight("embed_tokens.weight"), self.input(self.inputs))
-        else:
-            x = self.input(self.inputs)
-        positions = self.input(
-            np.concatenate([np.arange(s.start_pos, s.start_pos + s.n_tokens) for s in self.segments]).astype(
-                np.int32
-            )
-        )
-        factors = self.input(stage.freq_factors)
-        new_kv = []
-        start, end = stage.layer_range
-        for layer in range(start, end):
-            prefix = f"layers.{layer}"
-            attended, k, v = self.attention(
-                layer, layer - start, self.norm(x, f"{prefix}.input_layernorm.weight"), positions, factors
-            )
-            new_kv.append((k, v))
-            x = g.ggml_add(ctx, x, self.linear(attended, f"{prefix}.self_attn.o_proj"))
-            h = self.norm(x, f"{prefix}.post_attention_layernorm.weight")
-            gate = g.ggml_silu(ctx, self.linear(h, f"{prefix}.mlp.gate_proj"))
-            up = self.linear(h, f"{prefix}.mlp.up_proj")
-            x = g.ggml_add(ctx, x, self.linear(g.ggml_mul(ctx, gate, up), f"{prefix}.mlp.down_proj"))
-        if stage.is_last:
-            last = np.cumsum([s.n_tokens for s in self.segments]).astype(np.int32) - 1
-            x = g.ggml_get_rows(ctx, x, self.input(last))
-            x = g.ggml_mul_mat(ctx, self.weight("lm_head.weight"), self.norm(x, "norm.weight"))
-            rows, width = len(self.segments), config.vocab_size
-        else:
-            rows, width = n_total, config.hidden_size
-        g.ggml_set_output(x)
-        graph = g.ggml_new_graph_custom(ctx, self.n_nodes, False)
-        g.ggml_build_forward_expand(graph, x)
-        allocator = g.ggml_gallocr_new(g.ggml_backend_get_default_buffer_type(stage.backend))
-        try:
-            if not g.ggml_gallocr_alloc_graph(allocator, graph):
-                raise StageError("ggml: could not allocate the step's graph")
-            for tensor, array in self.feeds:
-                g.ggml_backend_tensor_set(tensor, array.ctypes.data_as(ctypes.c_void_p), 0, array.nbytes)
-            if g.ggml_backend_graph_compute(stage.backend, graph) != 0:
-                raise StageError("ggml: the step's graph failed")
-            result = self.read(x, (rows, width))
-            shape = (n_total, config.num_key_value_heads, config.head_dim)
-            kv = [(self.read(k, shape), self.read(v, shape)) for k, v in new_kv]
-        finally:
-            g.ggml_gallocr_free(allocator)
-            g.ggml_free(ctx)
-        return result, kv
-
-    def read(self, tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
-        out = np.empty(shape, dtype=np.float32)
-        self.g.ggml_backend_tensor_get(tensor, out.ctypes.data_as(ctypes.c_void_p), 0, out.nbytes)
-        return out
 
 
 def load_stage(
