@@ -116,7 +116,8 @@ def llamacpp_binary(llamacpp: Path, name: str) -> Path:
 
 def gguf_file(checkpoint: Path, llamacpp: Path, kind: str) -> Path:
     """A GGUF of `checkpoint` in `kind` (bf16, q8_0, q4_0), made once next to it: bf16 by make_gguf.py,
-    the others from that by llama-quantize."""
+    the others from that by llama-quantize. A `-pure` kind (`q4_0-pure`) holds every matrix in that type
+    (llama-quantize --pure), the tied embedding too, where the default mixture keeps it in q6_K."""
     path = checkpoint.with_name(f"{checkpoint.name}-{kind}.gguf")
     if path.exists():
         return path
@@ -132,7 +133,9 @@ def gguf_file(checkpoint: Path, llamacpp: Path, kind: str) -> Path:
         return path
     source = gguf_file(checkpoint, llamacpp, "bf16")
     partial = path.with_name(path.name + ".partial")
-    command = [str(llamacpp_binary(llamacpp, "llama-quantize")), str(source), str(partial), kind.upper(), "2"]
+    base, _, variant = kind.partition("-")
+    command = [str(llamacpp_binary(llamacpp, "llama-quantize"))] + (["--pure"] if variant == "pure" else [])
+    command += [str(source), str(partial), base.upper(), "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"llama-quantize to {kind} failed:\n{done.stderr[-2000:]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -219,7 +220,10 @@ class StepGraph:
         for tensor, array in feeds:
             array = np.ascontiguousarray(array)
             g.ggml_backend_tensor_set(tensor, array.ctypes.data_as(ctypes.c_void_p), 0, array.nbytes)
-        if g.ggml_backend_graph_compute(stage.backend, self.graph) != 0:
+        started = time.perf_counter()
+        failed = g.ggml_backend_graph_compute(stage.backend, self.graph) != 0
+        stage.graphs.compute_seconds += time.perf_counter() - started
+        if failed:
             raise StageError("ggml: the step's graph failed")
         out = np.empty(self.out_shape, dtype=np.float32)
         g.ggml_backend_tensor_get(self.output, out.ctypes.data_as(ctypes.c_void_p), 0, out.nbytes)
@@ -241,6 +245,7 @@ class GraphPool:
     def __init__(self) -> None:
         self.graphs: OrderedDict[GraphKey, StepGraph] = OrderedDict()
         self.built = 0  # graphs built so far (a decode that reuses its graph does not add to it)
+        self.compute_seconds = 0.0  # spent inside ggml's graph compute, all steps together
 
     def run(
         self, stage: GgmlStage, segments: list[Segment], caches: list[SequenceCache], inputs: np.ndarray
