@@ -285,3 +285,70 @@ def test_serve_measures_the_devices_and_links_and_predicts_its_speed(
     )
     assert found and 0 < float(found.group(1)) < float(found.group(2)), output
     assert re.search(r"; (coordinator|worker\d) alone: [\d.]+ and [\d.]+ tok/s", output), output
+
+
+def _greedy_chat(url: str, model: str) -> str:
+    reply = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "Tell me about the river and the sea."}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 16
+    return str(reply.json()["choices"][0]["message"]["content"])
+
+
+def test_a_gguf_file_is_served_by_ggml_stages_with_the_checkpoints_reply(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`serve --model FILE.gguf --engine ggml --stages 2`: the tokenizer, chat template and weights come
+    from the file, the local worker runs ggml too, and the greedy reply equals the checkpoint's."""
+    pytest.importorskip("ggml")
+    from meshllm.models.gguf import write_gguf
+
+    checkpoint = tiny_checkpoint(arch="llama", layers=4)
+    gguf_file = write_gguf(checkpoint, tmp_path / "tiny-llama.gguf")
+    replies = []
+    for args in (
+        ["--model", str(checkpoint), "--stages", "1"],
+        ["--model", str(gguf_file), "--engine", "ggml", "--stages", "2"],
+    ):
+        serve = Serve(*args, "--port", str(free_port()))
+        try:
+            url = serve.wait_ready()
+            models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+            replies.append(_greedy_chat(url, models[0]["id"]))
+            if "--engine" in args:
+                assert models[0]["id"] == "tiny-llama"
+                engines = {
+                    device["engine"] for device in httpx.get(f"{url}/distributed/gpu-info").json()["devices"]
+                }
+                assert engines == {"ggml"}
+            assert serve.stop(signal.SIGINT) == 0, serve.output
+        finally:
+            serve.kill()
+    assert replies[0] == replies[1]
+
+
+def test_a_gguf_file_on_another_engine_is_refused_naming_the_ggml_engine(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("gguf")
+    from meshllm.models.gguf import write_gguf
+
+    gguf_file = write_gguf(tiny_checkpoint(arch="qwen3", layers=4), tmp_path / "tiny.gguf")
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", "serve", "--model", str(gguf_file), "--engine", "torch"]
+        + ["--stages", "1", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "only the ggml engine reads: pass --engine ggml" in result.stderr + result.stdout

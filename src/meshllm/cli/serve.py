@@ -316,7 +316,9 @@ def run(args: argparse.Namespace) -> int:
     local_workers = LocalWorkers()
     try:
         if n_local_workers:
-            workers = local_workers.spawn(n_local_workers, token=token, threads=threads, kv_memory=kv_memory)
+            workers = local_workers.spawn(
+                n_local_workers, token=token, threads=threads, kv_memory=kv_memory, engine=args.engine
+            )
         import asyncio
 
         args.kv_memory = kv_memory  # the local stage's, as the local workers'

@@ -82,13 +82,16 @@ def stage_bounds(
     dtype: str,
     dtypes: Iterable[str],
     quantize: str | None = None,
+    reads_gguf: bool = False,
 ) -> StageBounds:
-    """Open `checkpoint` (a Checkpoint or a reference), check the range, the dtype an engine offers and
-    the quantization mode."""
+    """Open `checkpoint` (a Checkpoint or a reference), check the range, the dtype an engine offers, the
+    quantization mode, and that the engine reads the checkpoint's format."""
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ConfigError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_MODES)}")
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
+    if checkpoint.gguf is not None and not reads_gguf:
+        raise ConfigError(f"{checkpoint.path}: a GGUF file is read by the ggml engine only (--engine ggml)")
     num_layers = checkpoint.config.num_hidden_layers
     checked = LayerRange.checked(layer_range, num_layers)
     dtypes = list(dtypes)

@@ -8,9 +8,13 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from meshllm.models.gguf import GgufModel
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +27,18 @@ def cache_dir() -> Path:
 
 
 def resolve_model(reference: str) -> Path:
-    """A local folder, 'demo', or a Hugging Face hub id (downloaded, with a progress bar, when not cached)."""
+    """A local folder, a GGUF file, 'demo', or a Hugging Face hub id (downloaded, with a progress bar, when
+    not cached)."""
     if reference == DEMO_MODEL:
         from meshllm.models.tiny import demo_checkpoint
 
         return demo_checkpoint()
     path = Path(reference).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"model {reference!r}: a checkpoint is a folder, not a file")
+        if not path.is_dir() and path.suffix != ".gguf":
+            raise ConfigError(
+                f"model {reference!r}: a checkpoint is a folder (Hugging Face layout) or a .gguf file"
+            )
         return path.resolve()
     if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
         raise ConfigError(f"model {reference!r}: no such folder (and not a hub id of the form 'org/name')")
@@ -54,7 +61,8 @@ def _download(repo_id: str) -> Path:
 
 @dataclass
 class Checkpoint:
-    """A checkpoint folder in Hugging Face layout: config.json, *.safetensors (one or sharded), tokenizer."""
+    """A checkpoint folder in Hugging Face layout: config.json, *.safetensors (one or sharded), tokenizer;
+    or one GGUF file (llama.cpp's format: config, tokenizer and tensors in one), read by the ggml engine."""
 
     path: Path
 
@@ -65,12 +73,23 @@ class Checkpoint:
         return checkpoint
 
     @cached_property
+    def gguf(self) -> GgufModel | None:
+        """The GGUF file this checkpoint is, opened memory-mapped; None for a Hugging Face folder."""
+        from meshllm.models.gguf import GgufModel
+
+        return GgufModel(self.path) if self.path.suffix == ".gguf" and self.path.is_file() else None
+
+    @cached_property
     def config(self) -> ModelConfig:
+        if self.gguf is not None:
+            return self.gguf.config
         return ModelConfig.from_file(self.path / "config.json")
 
     @cached_property
     def weight_map(self) -> dict[str, Path]:
-        """Tensor name -> the safetensors file that holds it."""
+        """Tensor name (Hugging Face's, for a GGUF file too) -> the file that holds it."""
+        if self.gguf is not None:
+            return dict.fromkeys(self.gguf.weight_names, self.path)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             mapping = json.loads(index.read_text())["weight_map"]

@@ -69,6 +69,11 @@ def tensor_bytes(checkpoint: Checkpoint, dtype: str | None = None) -> dict[str, 
 def _tensor_sizes(checkpoint: Checkpoint, dtype: str | None) -> dict[str, tuple[int, list[int]]]:
     """(bytes as stored or as `dtype`, shape) of every tensor, from the file headers."""
     sizes: dict[str, tuple[int, list[int]]] = {}
+    if checkpoint.gguf is not None:  # held as stored, whatever the dtype
+        return {
+            name: (checkpoint.gguf.tensors[name].nbytes, list(checkpoint.gguf.tensors[name].shape))
+            for name in checkpoint.gguf.weight_names
+        }
     for file in sorted(set(checkpoint.weight_map.values())):
         for name, info in _header(file).items():
             if name == "__metadata__":
@@ -170,8 +175,8 @@ def quantized_sizes(
     checkpoint: Checkpoint, dtype: str, quantize: str | None, group_size: int
 ) -> dict[str, int]:
     """Bytes of each weight that `quantize` holds quantized (the lm_head under its own name even when tied)."""
-    if quantize is None or checkpoint.config.quantization:  # a packed checkpoint is held as it is
-        return {}
+    if quantize is None or checkpoint.config.quantization or checkpoint.gguf is not None:
+        return {}  # a packed checkpoint, or a GGUF file, is counted as stored
     scale_bytes = _TARGET_BYTES[dtype]
     sizes = {}
     for name, (_, shape) in _tensor_sizes(checkpoint, dtype).items():

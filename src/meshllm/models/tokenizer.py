@@ -9,9 +9,15 @@ from meshllm.errors import ConfigError
 
 
 def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a checkpoint folder, or of a GGUF file (its `tokenizer.ggml.*` vocabulary and chat
+    template, converted by transformers)."""
     from transformers import AutoTokenizer
 
     try:
+        if path.suffix == ".gguf" and path.is_file():
+            from meshllm.models.gguf import GgufModel, gguf_tokenizer
+
+            return gguf_tokenizer(GgufModel(path))
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:
         raise ConfigError(f"{path}: could not load the tokenizer ({str(error).splitlines()[0]})") from None

@@ -145,13 +145,22 @@ class LocalWorkers:
         host: str = "127.0.0.1",
         output: int | None = None,
         kv_memory: int | float | None = None,
+        engine: str | None = None,
     ) -> list[WorkerAddress]:
-        """Start `count` workers (worker1, worker2, …) on free ports of `host`; their addresses in chain order."""
+        """Start `count` workers (worker1, worker2, …) on free ports of `host`, on `engine` (None: the
+        platform's default); their addresses in chain order."""
         first = len(self.workers) + 1
         ports = free_ports(count, host)
         started = [
             self.start(
-                f"worker{first + index}", port, token, threads, host, output=output, kv_memory=kv_memory
+                f"worker{first + index}",
+                port,
+                token,
+                threads,
+                host,
+                engine=engine,
+                output=output,
+                kv_memory=kv_memory,
             )
             for index, port in enumerate(ports)
         ]

@@ -82,6 +82,10 @@ async def _start(
 ) -> Coordinator:
     engine = config.engine or default_engine()
     checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    if checkpoint.gguf is not None and config.local_stage and engine != "ggml":
+        raise ConfigError(
+            f"model {config.model!r} is a GGUF file, which only the ggml engine reads: pass --engine ggml"
+        )
     if any(config.weights_of(client.name) for client in clients):
         weights.append(await _serve_weights(config, checkpoint))
     weights_key = weights[0].source.key if weights else ""
@@ -391,7 +395,7 @@ def _served_name(reference: str, checkpoint: Checkpoint) -> str:
     if reference == DEMO_MODEL:
         return DEMO_MODEL
     if Path(reference).expanduser().exists():
-        return checkpoint.path.name
+        return checkpoint.path.stem if checkpoint.gguf is not None else checkpoint.path.name
     return reference
 
 

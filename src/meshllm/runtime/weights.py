@@ -45,6 +45,11 @@ class CheckpointWeights:
     """A local checkpoint handed out in shares (what the coordinator's Weights service serves)."""
 
     def __init__(self, checkpoint: Checkpoint):
+        if checkpoint.gguf is not None:
+            raise ConfigError(
+                f"{checkpoint.path}: a GGUF model is not handed out over the cluster; give each worker its "
+                "own copy of the file (model_path in the cluster file, or serve --weights own)"
+            )
         self.checkpoint = checkpoint
         self.key = content_key(checkpoint)
         self._shares: dict[LayerRange, dict[str, ShareFile]] = {}

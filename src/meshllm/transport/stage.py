@@ -68,10 +68,11 @@ class StageHost(Protocol):
     arrival order, so a host needs no locks."""
 
     name: str
+    engine: str  # the engine it loads layers on: 'torch', 'mlx' or 'ggml'
 
     @property
     def framework(self) -> str:
-        """The tensor framework of its hidden states: 'torch' or 'mlx'."""
+        """The tensor framework of its hidden states: 'torch', 'mlx' or 'numpy' (ggml)."""
         ...
 
     @property

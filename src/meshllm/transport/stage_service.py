@@ -298,7 +298,7 @@ async def serve_stage(
         "meshllm worker %s listening on %s (engine %s, version %s, %s)",
         host.name,
         address,
-        host.framework,
+        host.engine,
         VERSION,
         "mutual TLS" if tls else "plaintext",
     )

@@ -27,7 +27,6 @@ from meshllm.step import Segment
 if TYPE_CHECKING:
     from meshllm.engines.ggml.stage import GgmlStage
 
-ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate the two halves of a head, as Hugging Face's rotate_half
 MASK_ROWS = 32  # GGML_KQ_MASK_PAD: flash attention's mask has its query rows padded to a multiple of it
 KEPT_GRAPHS = 4  # graphs of recent step shapes kept allocated (pipelined micro-batches alternate)
 KEPT_TOKENS = 64  # steps of more tokens (prefills) get a graph for that step only
@@ -155,7 +154,7 @@ class StepGraph:
         v = self.linear(x, f"{prefix}.v_proj")  # [H_kv * D, T]
         if config.qk_norm:
             q, k = self.norm(q, f"{prefix}.q_norm.weight"), self.norm(k, f"{prefix}.k_norm.weight")
-        rope = (dim, ROPE_NEOX, 0, config.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)
+        rope = (dim, self.stage.rope_mode, 0, config.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)
         q = g.ggml_rope_ext(ctx, q, self.positions, self.factors, *rope)
         k = g.ggml_rope_ext(ctx, k, self.positions, self.factors, *rope)
         k = g.ggml_reshape_2d(ctx, k, dim * kv_heads, n_total)  # [H_kv * D, T]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +35,17 @@ from meshllm.engines.ggml.graph import GraphPool
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.config import ModelConfig
+from meshllm.models.gguf import GgufTensor, rope_freq_divisors
 from meshllm.models.rope import inverse_frequencies
 from meshllm.step import LayerRange, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")
+GGUF_FLOATS = ("F32", "F16", "BF16")
 QUANT_BLOCK = 32  # weights per q8_0 / q4_0 block: the row length must be a multiple of it
 LOG_WARN = 3  # GGML_LOG_LEVEL_WARN
+ROPE_NORMAL, ROPE_NEOX = 0, 2  # GGML_ROPE_TYPE_*: rotate adjacent pairs, or the two halves of a head
 
 
 def ggml_module() -> Any:
@@ -103,10 +107,12 @@ class GgmlStage:
         layer_range: LayerRange,
         is_first: bool,
         is_last: bool,
-        arrays: dict[str, np.ndarray],  # stage parameter name -> float32 array, as in the checkpoint
+        arrays: dict[str, np.ndarray | GgufTensor],  # stage parameter name -> float32 array, or as stored
         dtype: str,
         quantize: str | None,
         threads: int | None = None,
+        interleaved_rope: bool = False,  # a GGUF Llama's q/k rows: RoPE over adjacent pairs
+        freq_factors: np.ndarray | None = None,  # per-frequency divisors (a GGUF's rope_freqs)
     ):
         self.g = g = ggml_module()
         self.config = config
@@ -119,7 +125,8 @@ class GgmlStage:
         if not self.backend:
             raise StageError("ggml: the CPU backend did not start")
         g.ggml_backend_cpu_set_n_threads(self.backend, self.threads)
-        self.freq_factors = rope_freq_factors(config)
+        self.freq_factors = rope_freq_factors(config) if freq_factors is None else freq_factors
+        self.rope_mode = ROPE_NORMAL if interleaved_rope else ROPE_NEOX
         self.weights = self._upload(arrays, weight_type(g, dtype, quantize))
         self._caches: dict[int, SequenceCache] = {}
         # float32 caches for a float32 stage (equality with the reference); float16, as llama.cpp's, else
@@ -201,30 +208,36 @@ class GgmlStage:
             g.ggml_backend_buffer_free(probe)
             g.ggml_free(ctx)
 
-    def _upload(self, arrays: dict[str, np.ndarray], matrix_type: int) -> Weights:
-        """Every parameter into backend buffers: matrices in `matrix_type`, vectors in float32. Quantized
+    def _upload(self, arrays: Mapping[str, np.ndarray | GgufTensor], matrix_type: int) -> Weights:
+        """Every parameter into backend buffers: float32 matrices in `matrix_type`, vectors in float32, a
+        GGUF's tensors as stored (its float matrices in `matrix_type` when that is a block format). Block
         matrices go, as in llama.cpp, into the first extra buffer type that takes their mat-mul (the AMX
         or repacked layouts), except the embedding table, which is looked up (get_rows), not multiplied."""
         g = self.g
-        blocked = g.ggml_blck_size(matrix_type) > 1
         plain = g.ggml_backend_get_default_buffer_type(self.backend)
         # not AMX's: its kernels crashed on this engine's graphs (a mat-mul over several tokens, tiny rows)
-        extra = (
-            [b for b in self.extra_buffer_types() if g.ggml_backend_buft_name(b) != b"AMX"] if blocked else []
-        )
-        placed: dict[int, tuple[Any, list[tuple[str, np.ndarray, int]]]] = {}
+        extra = [b for b in self.extra_buffer_types() if g.ggml_backend_buft_name(b) != b"AMX"]
+        placed: dict[int, tuple[Any, list[tuple[str, np.ndarray | GgufTensor, int]]]] = {}
         for name, array in arrays.items():
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            kind = matrix_type if array.ndim == 2 else int(g.GGML_TYPE_F32)
-            buft = plain
-            if kind != g.GGML_TYPE_F32 and blocked:
-                if array.shape[1] % QUANT_BLOCK:
+            if isinstance(array, GgufTensor) and (
+                len(array.shape) == 1
+                or array.type_name not in GGUF_FLOATS
+                or g.ggml_blck_size(matrix_type) == 1
+            ):
+                kind = array.ggml_type  # as stored
+            else:
+                if isinstance(array, GgufTensor):
+                    array = array.float32()  # a float matrix of a GGUF, quantized at load as asked
+                array = np.ascontiguousarray(array, dtype=np.float32)
+                kind = matrix_type if array.ndim == 2 else int(g.GGML_TYPE_F32)
+                if g.ggml_blck_size(kind) > 1 and array.shape[1] % QUANT_BLOCK:
                     raise ConfigError(
                         f"{name}: rows of {array.shape[1]} weights cannot be held in ggml blocks of {QUANT_BLOCK}"
                     )
-                if name != "embed_tokens.weight":
-                    rows, columns = array.shape
-                    buft = next((b for b in extra if self._takes(b, kind, columns, rows)), plain)
+            buft = plain
+            if len(array.shape) == 2 and g.ggml_blck_size(kind) > 1 and name != "embed_tokens.weight":
+                rows, columns = array.shape
+                buft = next((b for b in extra if self._takes(b, kind, columns, rows)), plain)
             placed.setdefault(int(buft), (buft, []))[1].append((name, array, kind))
         weights = Weights()
         for buft, members in placed.values():
@@ -235,7 +248,7 @@ class GgmlStage:
             )
             tensors = []
             for name, array, kind in members:
-                if array.ndim == 2:
+                if len(array.shape) == 2:
                     tensor = g.ggml_new_tensor_2d(ctx, kind, array.shape[1], array.shape[0])
                 else:
                     tensor = g.ggml_new_tensor_1d(ctx, kind, array.shape[0])
@@ -250,7 +263,12 @@ class GgmlStage:
             g.ggml_backend_buffer_set_usage(buffer, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
             weights.placement[g.ggml_backend_buft_name(buft).decode()] = len(members)
             for tensor, (_, array, kind) in zip(tensors, members, strict=True):
-                data = array if kind == g.GGML_TYPE_F32 else self._encode(array, kind)
+                if isinstance(array, GgufTensor):
+                    data = np.ascontiguousarray(array.data)  # read from the file here, and only here
+                elif kind == g.GGML_TYPE_F32:
+                    data = array
+                else:
+                    data = self._encode(array, kind)
                 g.ggml_backend_tensor_set(tensor, data.ctypes.data_as(ctypes.c_void_p), 0, data.nbytes)
                 weights.nbytes += data.nbytes
         return weights
@@ -342,26 +360,39 @@ def load_stage(
 
     if device not in (None, "auto", "cpu"):
         raise ConfigError(f"device {device!r}: the ggml engine runs on the CPU here")
-    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize)
+    bounds = stage_bounds(checkpoint, layer_range, dtype, DTYPES, quantize, reads_gguf=True)
     checkpoint, config = bounds.checkpoint, bounds.checkpoint.config
     if config.quantization:
         raise ConfigError(
             f"{checkpoint.path}: a pre-quantized checkpoint cannot be loaded on the ggml engine"
         )
     names = stage_tensor_names(checkpoint, bounds.layer_range, bounds.is_first, bounds.is_last)
-    groups = _group_by_layer(list(names))
-    arrays: dict[str, np.ndarray] = {}
-    for index, group in enumerate(groups):
-        for name, tensor in read_tensors(checkpoint, group, torch.float32).items():
-            arrays[names[name]] = tensor.numpy()
-        if progress is not None:
-            progress((index + 1) / len(groups))
+    arrays: dict[str, np.ndarray | GgufTensor] = {}
+    extra: dict[str, Any] = {}
+    if checkpoint.gguf is not None:  # the range's tensors as stored; their bytes are read at upload
+        checkpoint.require(list(names))
+        arrays = {stage_name: checkpoint.gguf.tensors[name] for name, stage_name in names.items()}
+        extra = {
+            "interleaved_rope": checkpoint.gguf.interleaved_rope,
+            "freq_factors": rope_freq_divisors(checkpoint.gguf),
+        }
+    else:
+        groups = _group_by_layer(list(names))
+        for index, group in enumerate(groups):
+            for name, tensor in read_tensors(checkpoint, group, torch.float32).items():
+                arrays[names[name]] = tensor.numpy()
+            if progress is not None:
+                progress((index + 1) / len(groups))
     if bounds.is_last and config.tie_word_embeddings:
         embedding = arrays["embed_tokens.weight"] if bounds.is_first else arrays.pop("embed_tokens.weight")
         arrays["lm_head.weight"] = embedding
     if bounds.is_last and "lm_head.weight" not in arrays:
         raise ConfigError(f"{checkpoint.path}: tensor 'lm_head.weight' missing from the checkpoint")
-    stage = GgmlStage(config, bounds.layer_range, bounds.is_first, bounds.is_last, arrays, dtype, quantize)
+    stage = GgmlStage(
+        config, bounds.layer_range, bounds.is_first, bounds.is_last, arrays, dtype, quantize, **extra
+    )
+    if progress is not None and checkpoint.gguf is not None:
+        progress(1.0)
     held = f"{dtype}, linear layers {quantize}" if quantize else dtype
     log.info(
         "loaded layers %s of %s on ggml: %.1f MB (%s, %d threads; tensors per buffer type %s)",
