@@ -8,6 +8,7 @@ TORCH ?= torch==2.13.0
 MODEL ?= demo
 STAGES ?= 2
 PORT ?= 8100
+ENGINE ?=
 
 .PHONY: setup serve test lint proto clean
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/meshllm serve --model $(MODEL) --stages $(STAGES) --port $(PORT)
+	$(BIN)/meshllm serve --model $(MODEL) --stages $(STAGES) --port $(PORT) $(if $(ENGINE),--engine $(ENGINE))
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

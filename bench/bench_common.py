@@ -66,7 +66,6 @@ QWEN3_1_7B = dataclasses.replace(QWEN3_0_6B, hidden_size=2048, intermediate_size
 SHAPES = {"0.6b": QWEN3_0_6B, "1.7b": QWEN3_1_7B}
 
 BENCH_CACHE = Path.home() / ".cache" / "meshllm-bench"  # made checkpoints and GGUFs, kept between runs
-GGUF_PYTHON = Path.home() / ".cache" / "gguf-venv" / "bin" / "python"  # numpy + gguf, for make_gguf.py
 GGUF_TYPES = ("bf16", "q8_0", "q4_0")
 
 
@@ -115,21 +114,18 @@ def llamacpp_binary(llamacpp: Path, name: str) -> Path:
 
 
 def gguf_file(checkpoint: Path, llamacpp: Path, kind: str) -> Path:
-    """A GGUF of `checkpoint` in `kind` (bf16, q8_0, q4_0), made once next to it: bf16 by make_gguf.py,
-    the others from that by llama-quantize. A `-pure` kind (`q4_0-pure`) holds every matrix in that type
+    """A GGUF of `checkpoint` in `kind` (bf16, q8_0, q4_0), made once next to it: bf16 by
+    `meshllm.models.gguf.write_gguf` (as bench/make_gguf.py), the others from that by llama-quantize. A `-pure` kind (`q4_0-pure`) holds every matrix in that type
     (llama-quantize --pure), the tied embedding too, where the default mixture keeps it in q6_K."""
     path = checkpoint.with_name(f"{checkpoint.name}-{kind}.gguf")
     if path.exists():
         return path
     if kind == "bf16":
-        python = Path(os.environ.get("MESHLLM_BENCH_GGUF_PYTHON", GGUF_PYTHON))
-        if not python.exists():
-            raise SystemExit(
-                f"{python} not found: python3 -m venv ~/.cache/gguf-venv && "
-                "~/.cache/gguf-venv/bin/pip install gguf (or set MESHLLM_BENCH_GGUF_PYTHON)"
-            )
-        script = Path(__file__).with_name("make_gguf.py")
-        subprocess.run([str(python), str(script), str(checkpoint), str(path)], check=True, timeout=1800)
+        from meshllm.models.gguf import write_gguf
+
+        partial = path.with_name(path.name + ".partial")
+        write_gguf(checkpoint, partial, "BF16")
+        partial.rename(path)
         return path
     source = gguf_file(checkpoint, llamacpp, "bf16")
     partial = path.with_name(path.name + ".partial")

@@ -16,7 +16,10 @@ llama-bench's tg decodes one sequence from an empty context (64 tokens), so --co
 Each decode row also gives the share of the step spent inside ggml's graph compute (the rest is Python:
 checks, inputs, the graph lookup, reading the output).
 
-    .venv/bin/python bench/ggml_decode.py [--llamacpp ~/.cache/llama.cpp] [--modes int8,int4]
+With --from-gguf the engine loads the very GGUF files llama-bench reads (as stored: q8_0, q4_0, bf16)
+rather than quantizing the checkpoint at load.
+
+    .venv/bin/python bench/ggml_decode.py [--llamacpp ~/.cache/llama.cpp] [--from-gguf] [--modes int8,int4]
         [--threads 1,2] [--context 32] [--steps 32] [--batch 16] [--rounds 3] [--json]
 """
 
@@ -95,6 +98,12 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llamacpp", type=Path, default=None, help="a llama.cpp tree built in DIR/build")
+    parser.add_argument(
+        "--from-gguf",
+        action="store_true",
+        help="the engine loads the very GGUF files llama-bench reads (needs --llamacpp), instead of the "
+        "checkpoint quantized at load",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     threads = [int(n) for n in args.threads.split(",")]
@@ -102,6 +111,8 @@ def main() -> int:
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         parser.error(f"--modes: {unknown[0]!r} is not one of {', '.join(MODES)}")
+    if args.from_gguf and args.llamacpp is None:
+        parser.error("--from-gguf needs --llamacpp (llama-quantize makes the quantized GGUFs)")
 
     from meshllm.engines import load_stage
 
@@ -116,9 +127,12 @@ def main() -> int:
     weight_bytes = {}
     for mode in modes:
         dtype, quantize = MODES[mode]
-        stage = load_stage(
-            "ggml", str(checkpoint), (0, spec.num_hidden_layers), dtype=dtype, quantize=quantize
-        )
+        if args.from_gguf:  # the file as stored: its types are the mode's
+            stage = load_stage("ggml", str(models[mode]), (0, spec.num_hidden_layers), dtype=dtype)
+        else:
+            stage = load_stage(
+                "ggml", str(checkpoint), (0, spec.num_hidden_layers), dtype=dtype, quantize=quantize
+            )
         weight_bytes[mode] = stage.weight_bytes()
         driver = Driver(stage, args.context, args.batch)
         for round_ in range(args.rounds):
@@ -142,7 +156,8 @@ def main() -> int:
     print(
         f"checkpoint: qwen3-{args.shape} shape, random weights, {spec.num_hidden_layers} layers, "
         f"vocab {spec.vocab_size}; context {args.context}, {args.steps} steps a measurement, "
-        f"{args.rounds} rounds, median (min–max)"
+        f"{args.rounds} rounds, median (min–max); the engine "
+        + ("loads the same GGUF files" if args.from_gguf else "quantizes the checkpoint at load")
     )
     print(f"machine: {load_start} at the start, {load_end.split(', ')[-1]} at the end")
     if commit is not None:
@@ -180,6 +195,7 @@ def main() -> int:
             "bench": "ggml_decode",
             "shape": args.shape,
             "context": args.context,
+            "from_gguf": args.from_gguf,
             "llamacpp_commit": commit,
             "load_start": load_start,
             "load_end": load_end,

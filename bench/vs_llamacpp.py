@@ -9,10 +9,13 @@ first token; each level is repeated --repeats times and the table gives medians 
 Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.cache/meshllm-bench/):
   meshllm serve --stages 1 and --stages 2 (its default thread split: 2 threads, or 1 + 1), and
   with --quantize Q the same with `--quantize Q` (skipped with a note when serve has no such option);
+  with --engine E on that engine (ggml: llama.cpp's kernels), and with --gguf (ggml) serving the very
+  GGUF files llama.cpp serves, the quantized rows the quantized file as stored;
   with --llamacpp DIR: llama-server single-process with 2 threads, and llama-server --rpc over two
   rpc-servers of 1 thread each (every layer on them: -ngl 99), on GGUFs in bf16 and q8_0.
 
-    .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--json] [--plot FILE.png]
+    .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--engine ggml [--gguf]]
+        [--only LABELS] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -255,31 +258,27 @@ def serve_has_option(option: str) -> bool:
 
 def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[ServerSpec], list[str]]:
     notes: list[str] = []
-    meshllm = [sys.executable, "-m", "meshllm", "serve", "--model", str(checkpoint), "--dtype", "bfloat16"]
-    meshllm += ["--served-model-name", "bench"]
-    specs = [
-        ServerSpec(
-            f"meshllm {n} stage{'s' if n > 1 else ''} bf16",
-            "meshllm",
-            "bf16",
-            f"{n} stage",
-            meshllm + ["--stages", str(n)],
-        )
-        for n in (1, 2)
-    ]
+    engine = [] if args.engine is None else ["--engine", args.engine]
+    prefix = "meshllm" if args.engine is None else f"meshllm {args.engine}"
+
+    def meshllm(n: int, weights: str, model: Path, extra: list[str]) -> ServerSpec:
+        command = [sys.executable, "-m", "meshllm", "serve", "--model", str(model), "--dtype", "bfloat16"]
+        command += ["--served-model-name", "bench", "--stages", str(n), *engine, *extra]
+        label = f"{prefix} {n} stage{'s' if n > 1 else ''} {weights}"
+        return ServerSpec(label, "meshllm", weights, f"{n} stage", command)
+
+    def model_of(kind: str) -> Path:
+        """What meshllm serves: the checkpoint, or with --gguf the very GGUF llama.cpp serves."""
+        return gguf_file(checkpoint, args.llamacpp, kind) if args.gguf else checkpoint
+
+    specs = [meshllm(n, "bf16", model_of("bf16"), []) for n in (1, 2)]
     kinds = ["bf16", "q8_0"]
     if args.quantize:
-        if serve_has_option("--quantize"):
-            specs += [
-                ServerSpec(
-                    f"meshllm {n} stage{'s' if n > 1 else ''} {args.quantize}",
-                    "meshllm",
-                    args.quantize,
-                    f"{n} stage",
-                    meshllm + ["--stages", str(n), "--quantize", args.quantize],
-                )
-                for n in (1, 2)
-            ]
+        if args.gguf:  # the quantized GGUF as stored
+            quantized = model_of(GGUF_OF_QUANTIZE[args.quantize])
+            specs += [meshllm(n, args.quantize, quantized, []) for n in (1, 2)]
+        elif serve_has_option("--quantize"):
+            specs += [meshllm(n, args.quantize, checkpoint, ["--quantize", args.quantize]) for n in (1, 2)]
         else:
             notes.append(f"meshllm serve has no --quantize option yet: the {args.quantize} rows are skipped")
         if GGUF_OF_QUANTIZE[args.quantize] not in kinds:
@@ -328,6 +327,14 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of parallel streams")
     parser.add_argument("--quantize", choices=sorted(GGUF_OF_QUANTIZE), default=None)
     parser.add_argument("--llamacpp", type=Path, default=None, help="a llama.cpp checkout built in DIR/build")
+    parser.add_argument(
+        "--engine", default=None, help="meshllm's engine (torch, ggml, mlx; default: serve's)"
+    )
+    parser.add_argument(
+        "--gguf",
+        action="store_true",
+        help="meshllm serves the same GGUF files as llama.cpp (needs --engine ggml and --llamacpp)",
+    )
     parser.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument(
@@ -335,6 +342,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.levels = [int(level) for level in args.concurrency.split(",")]
+    if args.gguf and (args.engine != "ggml" or args.llamacpp is None):
+        parser.error("--gguf needs --engine ggml and --llamacpp (only the ggml engine reads GGUF files)")
 
     checkpoint = shape_checkpoint(args.shape)
     specs, notes = server_specs(args, checkpoint)
@@ -395,6 +404,8 @@ def main() -> int:
         "tokens": args.tokens,
         "machine": [load_before, machine_load()],
         "llamacpp_commit": commit,
+        "engine": args.engine,
+        "gguf": args.gguf,
         "servers": results,
         "ratios": ratios,
         "notes": notes,
