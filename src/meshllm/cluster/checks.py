@@ -111,7 +111,7 @@ def problems(
         found.append(
             f"device {name!r}: {model['path']} is not a checkpoint folder (no config.json); "
             f"point {'[cluster] model' if device.is_coordinator else 'model_path'} at a Hugging Face "
-            "checkpoint folder or hub id"
+            "checkpoint folder, a hub id or a .gguf file"
         )
     return found
 
@@ -184,7 +184,7 @@ def _readable_checkpoint(cluster: Cluster) -> Any:
 
             return Checkpoint(demo_checkpoint())
         path = Path(coordinator.workdir).expanduser() / Path(model).expanduser()
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file()):
             return Checkpoint(path)
         if model.count("/") == 1 and not model.startswith((".", "/", "~")):
             from huggingface_hub import snapshot_download

@@ -69,12 +69,14 @@ def _find_spec(util, name):
 
 
 def model_state(model, workdir):
-    """Whether `model` is a folder here (relative to workdir), a hub id, or the built-in demo."""
+    """Whether `model` is a folder (or a GGUF file) here, relative to workdir, a hub id, or the built-in demo."""
     if model == "demo":
         return {"kind": "demo"}
     path = os.path.join(workdir, os.path.expanduser(model))
     if os.path.exists(path):
-        is_checkpoint = os.path.isfile(os.path.join(path, "config.json"))
+        is_checkpoint = os.path.isfile(os.path.join(path, "config.json")) or (
+            path.endswith(".gguf") and os.path.isfile(path)
+        )
         return {"kind": "folder", "path": os.path.abspath(path), "exists": True, "checkpoint": is_checkpoint}
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         return {"kind": "folder", "path": os.path.abspath(path), "exists": False, "checkpoint": False}
