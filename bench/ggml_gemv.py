@@ -25,7 +25,7 @@ range over the rounds, and the ratio is llama.cpp's per-token time over ggml's (
 Run it where ggml-python is installed (the project's dev extra, or a venv of its own):
 
     .venv/bin/python bench/ggml_gemv.py --llamacpp ~/.cache/llama.cpp [--types bf16,q8_0,q4_0]
-        [--threads 1,2] [--rounds 3] [--tokens 64] [--no-extra] [--json]
+        [--threads 1,2] [--rounds 3] [--tokens 64] [--no-extra] [--no-amx] [--json]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def gguf_weights(path: Path) -> tuple[list[Weight], Weight]:
 class GemvGraph:
     """The decode mat-vecs of one GGUF as one ggml graph on the CPU backend, built and allocated once."""
 
-    def __init__(self, layers: list[Weight], head: Weight, use_extra: bool) -> None:
+    def __init__(self, layers: list[Weight], head: Weight, use_extra: bool, use_amx: bool = True) -> None:
         g = ggml_module()
         self.g = g
         self.backend = g.ggml_backend_cpu_init()
@@ -134,6 +134,8 @@ class GemvGraph:
             tensors.append(tensor)
 
         extra = self.extra_buffer_types() if use_extra else []
+        if not use_amx:
+            extra = [b for b in extra if g.ggml_backend_buft_name(b) != b"AMX"]
         # the backend's own buffer type, not ggml_backend_cpu_buffer_type(): the bindings declare that
         # one's result as a C int, which cuts the pointer to 32 bits
         plain = g.ggml_backend_get_default_buffer_type(self.backend)
@@ -298,6 +300,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of ggml and llama-bench")
     parser.add_argument("--tokens", type=int, default=64, help="tokens a measurement (llama-bench -n)")
     parser.add_argument("--no-extra", action="store_true", help="ggml weights in plain CPU buffers only")
+    parser.add_argument(
+        "--no-amx",
+        action="store_true",
+        help="leave out the AMX buffer type, as the ggml engine does (compare with a llama.cpp built without AMX)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object last")
     args = parser.parse_args()
     kinds = [kind.strip() for kind in args.types.split(",") if kind.strip()]
@@ -310,7 +317,7 @@ def main() -> int:
     rows: dict[tuple[str, int], Row] = {(k, t): Row(k, t) for k in kinds for t in threads}
     for kind in kinds:
         layers, head = gguf_weights(models[kind])
-        graph = GemvGraph(layers, head, use_extra)
+        graph = GemvGraph(layers, head, use_extra, use_amx=not args.no_amx)
         for t in threads:
             rows[kind, t].weight_bytes = sum(w.data.nbytes for w in [*layers, head])
             rows[kind, t].placement = graph.placement
@@ -331,6 +338,7 @@ def main() -> int:
     info = ggml_build_info()
     print(
         f"ggml-python {info['version']}; llama.cpp {commit}; extra buffer types: {'on' if use_extra else 'off'}"
+        + (" (no AMX)" if args.no_amx else "")
     )
     print(f"machine: {load_start} at the start, {load_end.split(', ')[-1]} at the end")
     print(
@@ -366,6 +374,7 @@ def main() -> int:
             "llamacpp_commit": commit,
             "ggml": info,
             "extra_buffer_types": use_extra,
+            "amx": not args.no_amx,
             "tokens": args.tokens,
             "rounds": args.rounds,
             "load_start": load_start,

@@ -124,9 +124,12 @@ class StepGraph:
             attended = self.attention(layer, layer - start, h, segments, caches)
             x = g.ggml_add(ctx, x, self.linear(attended, f"{prefix}.self_attn.o_proj"))
             h = self.norm(x, f"{prefix}.post_attention_layernorm.weight")
-            gate = g.ggml_silu(ctx, self.linear(h, f"{prefix}.mlp.gate_proj"))
-            up = self.linear(h, f"{prefix}.mlp.up_proj")
-            x = g.ggml_add(ctx, x, self.linear(g.ggml_mul(ctx, gate, up), f"{prefix}.mlp.down_proj"))
+            if f"{prefix}.mlp.gate_up_proj.weight" in stage.weights.tensors:  # [2 * I, T]: gate, then up
+                activated = g.ggml_swiglu(ctx, self.linear(h, f"{prefix}.mlp.gate_up_proj"))
+            else:
+                gate = self.linear(h, f"{prefix}.mlp.gate_proj")
+                activated = g.ggml_swiglu_split(ctx, gate, self.linear(h, f"{prefix}.mlp.up_proj"))
+            x = g.ggml_add(ctx, x, self.linear(activated, f"{prefix}.mlp.down_proj"))
         if stage.is_last:
             self.last = self.new_input(g.GGML_TYPE_I32, len(segments))  # each segment's last token's row
             x = g.ggml_get_rows(ctx, x, self.last)
@@ -149,9 +152,16 @@ class StepGraph:
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         n_total = self.n_total
         prefix = f"layers.{layer}.self_attn"
-        q = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.q_proj"), dim, heads, n_total)
-        k = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.k_proj"), dim, kv_heads, n_total)
-        v = self.linear(x, f"{prefix}.v_proj")  # [H_kv * D, T]
+        if f"{prefix}.qkv_proj.weight" in self.stage.weights.tensors:
+            qkv = self.linear(x, f"{prefix}.qkv_proj")  # [(H + 2 * H_kv) * D, T]: q, k, v rows
+            row, element = qkv.contents.nb[1], qkv.contents.nb[0]
+            q = g.ggml_view_3d(ctx, qkv, dim, heads, n_total, dim * element, row, 0)
+            k = g.ggml_view_3d(ctx, qkv, dim, kv_heads, n_total, dim * element, row, heads * dim * element)
+            v = g.ggml_view_2d(ctx, qkv, kv_heads * dim, n_total, row, (heads + kv_heads) * dim * element)
+        else:
+            q = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.q_proj"), dim, heads, n_total)
+            k = g.ggml_reshape_3d(ctx, self.linear(x, f"{prefix}.k_proj"), dim, kv_heads, n_total)
+            v = self.linear(x, f"{prefix}.v_proj")  # [H_kv * D, T]
         if config.qk_norm:
             q, k = self.norm(q, f"{prefix}.q_norm.weight"), self.norm(k, f"{prefix}.k_norm.weight")
         rope = (dim, self.stage.rope_mode, 0, config.rope_theta, 1.0, 0.0, 1.0, 0.0, 0.0)

@@ -31,6 +31,7 @@ from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
 from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
 from meshllm.engines.ggml.cache import SequenceCache
+from meshllm.engines.ggml.fused import fuse_projections
 from meshllm.engines.ggml.graph import GraphPool
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -127,6 +128,8 @@ class GgmlStage:
         g.ggml_backend_cpu_set_n_threads(self.backend, self.threads)
         self.freq_factors = rope_freq_factors(config) if freq_factors is None else freq_factors
         self.rope_mode = ROPE_NORMAL if interleaved_rope else ROPE_NEOX
+        arrays = dict(arrays)
+        fuse_projections(arrays, range(*layer_range))
         self.weights = self._upload(arrays, weight_type(g, dtype, quantize))
         self._caches: dict[int, SequenceCache] = {}
         # float32 caches for a float32 stage (equality with the reference); float16, as llama.cpp's, else
