@@ -15,7 +15,7 @@ Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.c
   rpc-servers of 1 thread each (every layer on them: -ngl 99), on GGUFs in bf16 and q8_0.
 
     .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--engine ggml [--gguf]]
-        [--only LABELS] [--json] [--plot FILE.png]
+        [--serve-args ARGS] [--only LABELS] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import shlex
 import signal
 import socket
 import statistics
@@ -264,7 +265,9 @@ def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[Serve
     def meshllm(n: int, weights: str, model: Path, extra: list[str]) -> ServerSpec:
         command = [sys.executable, "-m", "meshllm", "serve", "--model", str(model), "--dtype", "bfloat16"]
         command += ["--served-model-name", "bench", "--stages", str(n), *engine, *extra]
+        command += shlex.split(args.serve_args)
         label = f"{prefix} {n} stage{'s' if n > 1 else ''} {weights}"
+        label += f" ({args.serve_args})" if args.serve_args else ""
         return ServerSpec(label, "meshllm", weights, f"{n} stage", command)
 
     def model_of(kind: str) -> Path:
@@ -334,6 +337,9 @@ def main() -> int:
         "--gguf",
         action="store_true",
         help="meshllm serves the same GGUF files as llama.cpp (needs --engine ggml and --llamacpp)",
+    )
+    parser.add_argument(
+        "--serve-args", default="", help="more arguments for every meshllm serve (e.g. '--threads 2')"
     )
     parser.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pipeline stages on this machine: this process plus N-1 local workers it starts (default 2)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of each stage on this machine (default: its cores divided between them); "
+        "more threads than cores in all makes idle threads sleep rather than spin (OMP_WAIT_POLICY=passive)",
+    )
+    parser.add_argument(
         "--workers",
         default=None,
         metavar="NAME=HOST:PORT,...",
@@ -280,6 +287,18 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def stage_threads(requested: int | None, stages_here: int, cores: int) -> tuple[int, bool]:
+    """Compute threads of each stage on this machine (`--threads`, else the cores divided between the
+    stages), and whether they outnumber the cores in all."""
+    from meshllm.errors import ConfigError
+
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--threads must be at least 1, got {requested}")
+    stages_here = max(1, stages_here)
+    threads = requested or max(1, cores // stages_here)
+    return threads, threads * stages_here > cores
+
+
 def run(args: argparse.Namespace) -> int:
     from meshllm.cli.worker import read_token
     from meshllm.errors import ConfigError
@@ -305,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
         import secrets
 
         token = secrets.token_urlsafe(16)  # local workers still refuse callers that are not this process
-    threads = max(1, _cores() // max(1, n_local_workers + int(local_stage)))
+    threads, oversubscribed = stage_threads(args.threads, n_local_workers + int(local_stage), _cores())
+    if oversubscribed:
+        # the stages' threads outnumber the cores: one waiting for work must give its core to another
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     kv_memory = args.kv_memory if args.kv_memory is not None else kv_share(n_local_workers + int(local_stage))
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))

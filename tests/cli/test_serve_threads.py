@@ -1,0 +1,24 @@
+"""`meshllm serve --threads`: the compute threads of the stages on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshllm.cli.serve import stage_threads
+from meshllm.errors import ConfigError
+
+
+def test_by_default_the_stages_share_the_cores() -> None:
+    assert stage_threads(None, stages_here=2, cores=2) == (1, False)
+    assert stage_threads(None, stages_here=1, cores=8) == (8, False)
+    assert stage_threads(None, stages_here=3, cores=2) == (1, True)  # at least one thread each
+
+
+def test_more_threads_than_cores_in_all_is_said() -> None:
+    assert stage_threads(2, stages_here=2, cores=2) == (2, True)
+    assert stage_threads(2, stages_here=1, cores=2) == (2, False)
+
+
+def test_a_thread_count_below_one_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
+        stage_threads(0, stages_here=2, cores=2)
