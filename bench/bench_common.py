@@ -114,9 +114,10 @@ def llamacpp_binary(llamacpp: Path, name: str) -> Path:
 
 
 def gguf_file(checkpoint: Path, llamacpp: Path, kind: str) -> Path:
-    """A GGUF of `checkpoint` in `kind` (bf16, q8_0, q4_0), made once next to it: bf16 by
-    `meshllm.models.gguf.write_gguf` (as bench/make_gguf.py), the others from that by llama-quantize. A `-pure` kind (`q4_0-pure`) holds every matrix in that type
-    (llama-quantize --pure), the tied embedding too, where the default mixture keeps it in q6_K."""
+    """A GGUF of `checkpoint` in `kind` (bf16, q8_0, q4_0, q4_k, ...), made once next to it: bf16 by
+    `meshllm.models.gguf.write_gguf` (as bench/make_gguf.py), the others from that by llama-quantize. A
+    `-pure` kind (`q4_k-pure`) holds every matrix in that type (llama-quantize --pure), the tied embedding
+    too, where the default mixtures keep some in q6_K."""
     path = checkpoint.with_name(f"{checkpoint.name}-{kind}.gguf")
     if path.exists():
         return path

@@ -3,20 +3,20 @@
 One ggml stage holds every layer of the random-weight Qwen3 checkpoint (made once under
 ~/.cache/meshllm-bench/) and is driven directly with steps, no scheduler, no server: decode of one
 sequence and of --batch sequences per step, each from a context of --context tokens, for each weight mode
-(int8 → q8_0, int4 → q4_0, bfloat16) and thread count. Each round runs, per mode and thread count, the
+(int8 → q8_0, int4 → q4_K, bfloat16) and thread count. Each round runs, per mode and thread count, the
 engine's decode and then `llama-bench -p 0 -n 64 -r 1 -t T` on a GGUF of the same checkpoint in the same
 types, so load from other work on the machine falls on both alike; the figures are the median and range
 over the rounds, and the ratio is the engine's tokens/s over llama.cpp's.
 
 The same types: the int8 stage holds every matrix in q8_0, as llama-quantize's Q8_0 does; the int4 stage
-holds every matrix in q4_0, the tied embedding's lm_head too, so it is compared with a GGUF quantized with
-`llama-quantize --pure` (the default Q4_0 mixture keeps that matrix in q6_K: 40 MB more read per token).
+holds every matrix in q4_K, the tied embedding's lm_head too, so it is compared with a GGUF quantized with
+`llama-quantize --pure` to Q4_K (the default mixtures keep some matrices in q6_K).
 llama-bench's tg decodes one sequence from an empty context (64 tokens), so --context 32 matches its mean.
 
 Each decode row also gives the share of the step spent inside ggml's graph compute (the rest is Python:
 checks, inputs, the graph lookup, reading the output).
 
-With --from-gguf the engine loads the very GGUF files llama-bench reads (as stored: q8_0, q4_0, bf16)
+With --from-gguf the engine loads the very GGUF files llama-bench reads (as stored: q8_0, q4_K, bf16)
 rather than quantizing the checkpoint at load.
 
     .venv/bin/python bench/ggml_decode.py [--llamacpp ~/.cache/llama.cpp] [--from-gguf] [--modes int8,int4]
@@ -40,7 +40,7 @@ from ggml_gemv import llama_bench
 from meshllm.step import Segment, StepInput
 
 MODES = {"int8": ("float32", "int8"), "int4": ("float32", "int4"), "bfloat16": ("bfloat16", None)}
-GGUF_OF_MODE = {"int8": "q8_0", "int4": "q4_0-pure", "bfloat16": "bf16"}
+GGUF_OF_MODE = {"int8": "q8_0", "int4": "q4_k-pure", "bfloat16": "bf16"}
 
 
 @dataclass

@@ -164,3 +164,32 @@ def test_calibrate_measures_read_speed_and_compute_rate(quantize):
     assert np.isfinite([measured.read_bandwidth, measured.flop_rate]).all()
     with pytest.raises(ConfigError, match="CPU"):
         calibrate("ggml", Precision("float32"), device="cuda")
+
+
+def test_int4_holds_rows_of_whole_256s_in_q4_k_and_shorter_ones_in_q4_0(tmp_path):
+    import ggml
+
+    from meshllm.models.tiny import TinySpec, make_checkpoint
+
+    spec = TinySpec(
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64, num_hidden_layers=2
+    )
+    path = make_checkpoint(tmp_path / "wide", arch="qwen3", spec=spec)
+    full = load_stage("ggml", path, (0, 2))
+    stage = load_stage("ggml", path, (0, 2), quantize="int4")
+    kinds = {name: tensor.contents.type for name, tensor in stage.weights.tensors.items()}
+    assert kinds["layers.0.mlp.gate_up_proj.weight"] == ggml.GGML_TYPE_Q4_K  # rows of 256
+    assert kinds["layers.0.mlp.down_proj.weight"] == ggml.GGML_TYPE_Q4_K  # rows of 512
+    assert kinds["layers.0.self_attn.qkv_proj.weight"] == ggml.GGML_TYPE_Q4_K
+    assert kinds["layers.0.input_layernorm.weight"] == ggml.GGML_TYPE_F32
+    prompt = make_prompt(full.config.vocab_size, 9)
+    segment = [Segment(0, 0, len(prompt), sample=True)]
+    expected = pipeline_logits([full], segment, prompt)[0]
+    logits = pipeline_logits([stage], segment, prompt)[0]
+    assert np.corrcoef(logits, expected)[0, 1] > 0.95
+    assert stage.weight_bytes() < full.weight_bytes() / 5
+    int8 = load_stage("ggml", path, (0, 2), quantize="int8")
+    assert {tensor.contents.type for tensor in int8.weights.tensors.values()} == {
+        ggml.GGML_TYPE_Q8_0,
+        ggml.GGML_TYPE_F32,
+    }
