@@ -103,3 +103,41 @@ def test_the_content_key_follows_the_tensor_values_not_the_folder(
     data[-1] ^= 1  # one bit of the last tensor: same header, other content
     weights.write_bytes(bytes(data))
     assert content_key(Checkpoint.open(copy)) != key
+
+
+def test_the_share_of_a_gguf_model_is_one_gguf_file_of_its_range(tiny_checkpoint, tmp_path) -> None:
+    pytest.importorskip("gguf")
+    from meshllm.models.gguf import write_gguf
+    from meshllm.models.share import GgufShareFile, plan_share
+
+    for arch, tied in (("qwen3", True), ("qwen2", False)):
+        model = write_gguf(tiny_checkpoint(arch), tmp_path / f"{arch}.gguf", "Q8_0")
+        whole = Checkpoint.open(model)
+        for layer_range in (LayerRange(0, 2), LayerRange(1, 3), LayerRange(3, 4)):
+            [share] = plan_share(whole, layer_range)
+            assert isinstance(share, GgufShareFile) and share.name == "model.gguf"
+            folder = tmp_path / f"{arch}-{layer_range.start}-{layer_range.end}"
+            folder.mkdir()
+            (folder / share.name).write_bytes(b"".join(share.chunks(chunk_bytes=1000)))
+            assert (folder / share.name).stat().st_size == share.size
+            part = Checkpoint.open(folder)  # a folder of one GGUF file is that file
+            assert part.gguf is not None and whole.gguf is not None
+            assert part.config == whole.config and part.config.tie_word_embeddings is tied
+            expected = [name for name in whole.gguf.tensors if name not in ("rope_freqs.weight",)]
+            expected = [
+                name
+                for name in expected
+                if (
+                    name.startswith("model.layers.")
+                    and layer_range.start <= int(name.split(".")[2]) < layer_range.end
+                )
+                or (
+                    name == "model.embed_tokens.weight"
+                    and (layer_range.start == 0 or (layer_range.end == 4 and tied))
+                )
+                or (name in ("model.norm.weight", "lm_head.weight") and layer_range.end == 4)
+            ]
+            assert sorted(part.weight_map) == sorted(expected)
+            for name in expected:
+                assert np.array_equal(part.gguf.tensors[name].data, whole.gguf.tensors[name].data), name
+            assert share.size < model.stat().st_size

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from meshllm.models.share import read_header
@@ -324,3 +325,46 @@ def test_a_model_path_for_a_device_that_is_no_worker_is_refused_by_name() -> Non
         model="demo", workers=workers, weights_listen="127.0.0.1:2", device_models={"w1": "/m"}
     )
     assert (own.weights_of("w1"), own.model_of("w1")) == (None, "/m")
+
+
+def test_workers_without_a_gguf_file_take_their_ranges_of_it_from_the_coordinator(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A GGUF model over the cluster: each ggml worker receives one GGUF file of its own range (metadata,
+    tokenizer and its tensors as stored) and the reply is the single-process one."""
+    pytest.importorskip("ggml")
+    from meshllm.models.checkpoint import Checkpoint
+    from meshllm.models.gguf import write_gguf
+
+    model = write_gguf(tiny_checkpoint("llama", layers=6), tmp_path / "tiny-llama.gguf", "Q8_0")
+    args = ["--model", str(model), "--engine", "ggml", "--stages", "1", "--port", str(free_port())]
+    with serving(args, {"MESHLLM_CACHE": str(tmp_path / "reference-cache")}) as (_, url):
+        expected = chat(url)
+    workers = [
+        WorkerProcess(name, TOKEN, engine="ggml", env=worker_env(tmp_path, name), cwd=str(tmp_path))
+        for name in ("w1", "w2")
+    ]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        args = ["--model", str(model), "--engine", "ggml", "--port", str(free_port())]
+        args += ["--weights-port", str(free_port()), "--token", TOKEN]
+        args += ["--workers", ",".join(f"{w.name}={w.address}" for w in workers)]
+        args += ["--memory", "coordinator=1,w1=1,w2=1"]
+        with serving(args, {"MESHLLM_CACHE": str(tmp_path / "coordinator-cache")}) as (_, url):
+            assert chat(url) == expected
+        whole = Checkpoint.open(model).gguf
+        assert whole is not None
+        for worker in workers:
+            [share] = (tmp_path / f"{worker.name}-home" / "weights").glob("*/layers-*/model.gguf")
+            start, end = (int(n) for n in share.parent.name.removeprefix("layers-").split("-"))
+            assert received(worker) == [share.stat().st_size] and share.stat().st_size < model.stat().st_size
+            part = Checkpoint.open(share.parent).gguf
+            assert part is not None and part.config == whole.config  # untied, said by the share itself
+            layers = {name.split(".")[2] for name in part.weight_names if name.startswith("model.layers.")}
+            assert layers == {str(index) for index in range(start, end)}
+            for name in part.weight_names:  # as stored, byte for byte
+                assert np.array_equal(part.tensors[name].data, whole.tensors[name].data), name
+    finally:
+        for worker in workers:
+            worker.kill()

@@ -34,6 +34,10 @@ def resolve_model(reference: str) -> Path:
 
         return demo_checkpoint()
     path = Path(reference).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:  # a folder with one GGUF file (a worker's share of one) is that file
+            return found[0].resolve()
     if path.exists():
         if not path.is_dir() and path.suffix != ".gguf":
             raise ConfigError(

@@ -17,6 +17,7 @@ Llama 3's frequency scaling travels as a tensor of per-frequency divisors (`rope
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +51,10 @@ MODEL_NAMES = {
     "lm_head.weight": "output.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3 scaling: per-frequency divisors of the default angles
+# in a file made of a layer range's tensors (a worker's share), whether the whole model ties its lm_head to
+# the embedding: there the absence of `output.weight` no longer tells
+TIED_KEY = "meshllm.tie_word_embeddings"
+_BOOL = 7  # GGUFValueType.BOOL
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp converts Mistral models as "llama"
 
 
@@ -181,7 +186,7 @@ class GgufModel:
             "rms_norm_eps": float(f"{self.value(f'{self.arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
             "rope_theta": float(self.value(f"{self.arch}.rope.freq_base", 10000.0)),
             "max_position_embeddings": int(self.value(f"{self.arch}.context_length", 4096)),
-            "tie_word_embeddings": "lm_head.weight" not in self.tensors,
+            "tie_word_embeddings": bool(self.value(TIED_KEY, "lm_head.weight" not in self.tensors)),
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self.tensors,
             "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
@@ -199,6 +204,55 @@ class GgufModel:
     @property
     def chat_template(self) -> str | None:
         return self.value("tokenizer.chat_template")
+
+    def range_names(self, start: int, end: int) -> list[str]:
+        """The GGUF names of the tensors layers `[start, end)` read: their blocks, the embedding when
+        first (or last with tied embeddings), the final norm and lm_head when last, RoPE's divisors."""
+        config = self.config
+        is_first, is_last = start == 0, end == config.num_hidden_layers
+        wanted = []
+        for name, tensor in self.tensors.items():
+            layer = name.split(".")[2] if name.startswith("model.layers.") else None
+            if layer is not None:
+                keep = start <= int(layer) < end
+            elif name == "model.embed_tokens.weight":
+                keep = is_first or (is_last and config.tie_word_embeddings)
+            else:  # the final norm, the lm_head, RoPE's divisors
+                keep = is_last or name == ROPE_FREQS
+            if keep:
+                wanted.append(tensor.name)
+        return wanted
+
+    def range_file(self, names: list[str]) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """A GGUF file of this one's metadata (and `TIED_KEY`) and only the tensors `names`: its bytes
+        before the tensor data, and per tensor (offset in this file, bytes, zero bytes after it)."""
+        reader = self.reader
+        if reader.byte_order != "I":
+            raise ConfigError(f"{self.path}: a big-endian GGUF file cannot be shared")
+        by_name = {tensor.name: tensor for tensor in reader.tensors}
+        kv_end = min(tensor.field.offset for tensor in reader.tensors)
+        metadata = bytes(reader.data[24:kv_end])  # magic, version, counts: 24 bytes; then the keys
+        n_kv = int(reader.fields["GGUF.kv_count"].parts[0][0])
+        if reader.get_field(TIED_KEY) is None:
+            key = TIED_KEY.encode()
+            metadata += (
+                struct.pack("<Q", len(key)) + key + struct.pack("<IB", _BOOL, self.config.tie_word_embeddings)
+            )
+            n_kv += 1
+        align = reader.alignment
+        infos, pieces, offset = b"", [], 0
+        for name in names:
+            tensor = by_name[name]
+            encoded = name.encode()
+            dims = [int(dim) for dim in tensor.shape.tolist()]
+            infos += struct.pack("<Q", len(encoded)) + encoded + struct.pack("<I", len(dims))
+            infos += struct.pack(f"<{len(dims)}QIQ", *dims, int(tensor.tensor_type), offset)
+            padding = -tensor.n_bytes % align
+            pieces.append((int(tensor.data_offset), int(tensor.n_bytes), padding))
+            offset += tensor.n_bytes + padding
+        version = int(reader.fields["GGUF.version"].parts[0][0])
+        header = b"GGUF" + struct.pack("<IQQ", version, len(names), n_kv) + metadata + infos
+        return header + b"\0" * (-len(header) % align), pieces
 
 
 # the split before byte-level BPE, by `tokenizer.ggml.pre` (llama.cpp's names); others split as GPT-2 does

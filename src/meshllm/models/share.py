@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +38,7 @@ SMALL_FILE_LIMIT = 64 * 1024 * 1024  # a tokenizer is a few MB; anything larger 
 _INDEX = "model.safetensors.index.json"  # a share has its own files; the source's index would mislead
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+GGUF_SHARE = "model.gguf"  # the one file of a GGUF model's share
 
 
 @dataclass(frozen=True)
@@ -94,23 +95,54 @@ class ShareFile:
                     yield chunk
             return
         yield self.header
-        handles: dict[Path, BinaryIO] = {}
-        try:
-            for tensor in self.tensors:
-                handle = handles.get(tensor.path)
-                if handle is None:
-                    handle = handles[tensor.path] = open(tensor.path, "rb")  # noqa: SIM115
-                handle.seek(tensor.offset)
-                left = tensor.nbytes
-                while left:
-                    chunk = handle.read(min(chunk_bytes, left))
-                    if not chunk:
-                        raise ConfigError(f"{tensor.path}: ends inside tensor {tensor.name}")
-                    left -= len(chunk)
-                    yield chunk
-        finally:
-            for handle in handles.values():
-                handle.close()
+        yield from _spans([(t.path, t.offset, t.nbytes, t.name, 0) for t in self.tensors], chunk_bytes)
+
+
+@dataclass(frozen=True)
+class GgufShareFile:
+    """The share of a GGUF model: one GGUF file of the source's metadata and the range's tensors, their
+    bytes as stored (quantized blocks included)."""
+
+    name: str
+    source: Path
+    header: bytes  # everything before the tensor data (`GgufModel.range_file`)
+    pieces: tuple[tuple[int, int, int], ...]  # per tensor: (offset in the source, bytes, zero bytes after)
+    copy_of: None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(nbytes + padding for _, nbytes, padding in self.pieces)
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        yield self.header
+        spans = [
+            (self.source, offset, nbytes, f"a tensor at {offset}", padding)
+            for offset, nbytes, padding in self.pieces
+        ]
+        yield from _spans(spans, chunk_bytes)
+
+
+def _spans(spans: list[tuple[Path, int, int, str, int]], chunk_bytes: int) -> Iterator[bytes]:
+    """The bytes of each (file, offset, length, what, zero bytes after), a chunk at a time."""
+    handles: dict[Path, BinaryIO] = {}
+    try:
+        for path, offset, nbytes, what, padding in spans:
+            handle = handles.get(path)
+            if handle is None:
+                handle = handles[path] = open(path, "rb")  # noqa: SIM115
+            handle.seek(offset)
+            left = nbytes
+            while left:
+                chunk = handle.read(min(chunk_bytes, left))
+                if not chunk:
+                    raise ConfigError(f"{path}: ends inside {what}")
+                left -= len(chunk)
+                yield chunk
+            if padding:
+                yield bytes(padding)
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -138,13 +170,17 @@ def _part_of(name: str, layer_range: LayerRange, num_layers: int, tied: bool) ->
     return None  # e.g. rotary frequencies some checkpoints store: no engine reads them
 
 
-def plan_share(checkpoint: Checkpoint, layer_range: LayerRange) -> list[ShareFile]:
-    """The files of the share of `layer_range`, small files first, then by name."""
+def plan_share(checkpoint: Checkpoint, layer_range: LayerRange) -> Sequence[ShareFile | GgufShareFile]:
+    """The files of the share of `layer_range`, small files first, then by name (a GGUF model's: one
+    GGUF file, `model.gguf`, holding the tokenizer too)."""
     config = checkpoint.config
     if not 0 <= layer_range.start < layer_range.end <= config.num_hidden_layers:
         raise ConfigError(
             f"layers {layer_range} are not within the checkpoint's {config.num_hidden_layers} layers"
         )
+    if checkpoint.gguf is not None:
+        before_data, pieces = checkpoint.gguf.range_file(checkpoint.gguf.range_names(*layer_range))
+        return [GgufShareFile(GGUF_SHARE, checkpoint.path, before_data, tuple(pieces))]
     parts: dict[str, list[TensorSource]] = {}
     metadata: dict[str, str] = {}
     for path in sorted(set(checkpoint.weight_map.values())):
@@ -183,8 +219,12 @@ def share_bytes(checkpoint: Checkpoint, layer_range: LayerRange) -> int:
 def content_key(checkpoint: Checkpoint) -> str:
     """The checkpoint's content key (64 hex digits): config, and every safetensors file's header and sha256."""
     digest = hashlib.sha256()
-    digest.update(hashlib.sha256((checkpoint.path / "config.json").read_bytes()).digest())
     hashes = FileHashes(cache_dir() / "file-hashes.json")
+    if checkpoint.gguf is not None:  # one file: its metadata, tokenizer and tensors
+        digest.update(b"gguf\0" + bytes.fromhex(hashes.sha256(checkpoint.path)))
+        hashes.save()
+        return digest.hexdigest()
+    digest.update(hashlib.sha256((checkpoint.path / "config.json").read_bytes()).digest())
     for path in sorted(set(checkpoint.weight_map.values())):
         data_start, _ = read_header(path)
         with open(path, "rb") as handle:

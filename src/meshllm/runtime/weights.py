@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint, cache_dir
-from meshllm.models.share import ShareFile, content_key, plan_share, sha256_file
+from meshllm.models.share import GgufShareFile, ShareFile, content_key, plan_share, sha256_file
 from meshllm.step import LayerRange
 from meshllm.transport.weights import ShareEntry, WeightsClient
 
@@ -45,16 +45,11 @@ class CheckpointWeights:
     """A local checkpoint handed out in shares (what the coordinator's Weights service serves)."""
 
     def __init__(self, checkpoint: Checkpoint):
-        if checkpoint.gguf is not None:
-            raise ConfigError(
-                f"{checkpoint.path}: a GGUF model is not handed out over the cluster; give each worker its "
-                "own copy of the file (model_path in the cluster file, or serve --weights own)"
-            )
         self.checkpoint = checkpoint
         self.key = content_key(checkpoint)
-        self._shares: dict[LayerRange, dict[str, ShareFile]] = {}
+        self._shares: dict[LayerRange, dict[str, ShareFile | GgufShareFile]] = {}
 
-    def _share(self, layer_range: LayerRange) -> dict[str, ShareFile]:
+    def _share(self, layer_range: LayerRange) -> dict[str, ShareFile | GgufShareFile]:
         if layer_range not in self._shares:
             self._shares[layer_range] = {file.name: file for file in plan_share(self.checkpoint, layer_range)}
         return self._shares[layer_range]
