@@ -62,6 +62,12 @@ def ggml_module() -> Any:
         callback = ggml.ggml_log_callback(write)
         ggml.ggml_log_set(callback, None)
         ggml_module.callback = callback  # type: ignore[attr-defined]
+        if not ggml.ggml_cpu_has_llamafile():
+            log.warning(
+                "ggml-python was built without GGML_LLAMAFILE: prompts run 2-3x slower on the ggml engine; "
+                "rebuild it with CMAKE_ARGS=-DGGML_LLAMAFILE=ON pip install --force-reinstall --no-deps "
+                "--no-cache-dir ggml-python (make setup does)"
+            )
     return ggml
 
 
