@@ -19,7 +19,10 @@ from meshllm.step import Segment  # noqa: E402
 from tests.engines.stage_helpers import greedy_decode, make_prompt, pipeline_logits  # noqa: E402
 
 F32_ATOL = 1e-4  # float32 ggml against float32 torch, as in test_ggml_stage.py
-SAME_ATOL = 1e-5  # the same float32 stage computing the same rows in another step
+# the same float32 stage computing the same rows in another step: with llamafile's tiled mat-muls, a step
+# of several rows sums in another order than a one-row step (seen: 1.0e-5 on logits of order 1); a stale or
+# misplaced cache row is off by O(1)
+SAME_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")

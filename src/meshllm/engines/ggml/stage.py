@@ -3,7 +3,8 @@
 ggml (the tensor library under llama.cpp) is driven through its Python bindings, `ggml-python`. The
 stage holds its weights in ggml backend buffers, in float32, float16 or bfloat16, or quantized at
 load to ggml's block formats (`quantize="int8"` → q8_0: blocks of 32 weights with one scale each;
-`"int4"` → q4_K: super-blocks of 256, or q4_0 for rows that are not whole 256s). A step is one graph: every linear layer runs once over the `T` tokens of the step; attention runs
+`"int4"` → q4_K: super-blocks of 256, or q4_0 for rows that are not whole 256s), or as a GGUF file stores
+them. A step is one graph: every linear layer runs once over the `T` tokens of the step; attention runs
 per segment, against that sequence's cache. The variants are fields of `ModelConfig`, as in the torch
 engine: q/k/v bias (qwen2), per-head q/k RMSNorm (qwen3), tied embeddings, RoPE scaling (as ggml's
 per-frequency factors), a sliding window (mistral).
@@ -234,7 +235,8 @@ class GgmlStage:
         or repacked layouts), except the embedding table, which is looked up (get_rows), not multiplied."""
         g = self.g
         plain = g.ggml_backend_get_default_buffer_type(self.backend)
-        # not AMX's: its kernels crashed on this engine's graphs (a mat-mul over several tokens, tiny rows)
+        # not AMX's: its mat-mul over several tokens stops the process (a segfault, or SIGILL as llama.cpp's
+        # own does) on the machines measured, at the tests' shapes and at Qwen3-0.6B's alike
         extra = [b for b in self.extra_buffer_types() if g.ggml_backend_buft_name(b) != b"AMX"]
         placed: dict[int, tuple[Any, list[tuple[str, np.ndarray | GgufTensor, int]]]] = {}
         for name, array in arrays.items():
