@@ -174,6 +174,7 @@ def check_memory_fit(cluster: Cluster, memory_available: dict[str, int | None]) 
 def _readable_checkpoint(cluster: Cluster) -> Any:
     """The model's checkpoint when this machine can read it without downloading anything, else None."""
     from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
+    from meshllm.models.gguf import is_gguf
 
     model, coordinator = cluster.cluster.model, cluster.coordinator
     if coordinator.is_remote:
@@ -184,7 +185,7 @@ def _readable_checkpoint(cluster: Cluster) -> Any:
 
             return Checkpoint(demo_checkpoint())
         path = Path(coordinator.workdir).expanduser() / Path(model).expanduser()
-        if (path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file()):
+        if (path / "config.json").is_file() or is_gguf(path):
             return Checkpoint(path)
         if model.count("/") == 1 and not model.startswith((".", "/", "~")):
             from huggingface_hub import snapshot_download

@@ -79,9 +79,9 @@ class Checkpoint:
     @cached_property
     def gguf(self) -> GgufModel | None:
         """The GGUF file this checkpoint is, opened memory-mapped; None for a Hugging Face folder."""
-        from meshllm.models.gguf import GgufModel
+        from meshllm.models.gguf import GgufModel, is_gguf
 
-        return GgufModel(self.path) if self.path.suffix == ".gguf" and self.path.is_file() else None
+        return GgufModel(self.path) if is_gguf(self.path) else None
 
     @cached_property
     def config(self) -> ModelConfig:

@@ -205,24 +205,6 @@ class GgufModel:
     def chat_template(self) -> str | None:
         return self.value("tokenizer.chat_template")
 
-    def range_names(self, start: int, end: int) -> list[str]:
-        """The GGUF names of the tensors layers `[start, end)` read: their blocks, the embedding when
-        first (or last with tied embeddings), the final norm and lm_head when last, RoPE's divisors."""
-        config = self.config
-        is_first, is_last = start == 0, end == config.num_hidden_layers
-        wanted = []
-        for name, tensor in self.tensors.items():
-            layer = name.split(".")[2] if name.startswith("model.layers.") else None
-            if layer is not None:
-                keep = start <= int(layer) < end
-            elif name == "model.embed_tokens.weight":
-                keep = is_first or (is_last and config.tie_word_embeddings)
-            else:  # the final norm, the lm_head, RoPE's divisors
-                keep = is_last or name == ROPE_FREQS
-            if keep:
-                wanted.append(tensor.name)
-        return wanted
-
     def range_file(self, names: list[str]) -> tuple[bytes, list[tuple[int, int, int]]]:
         """A GGUF file of this one's metadata (and `TIED_KEY`) and only the tensors `names`: its bytes
         before the tensor data, and per tensor (offset in this file, bytes, zero bytes after it)."""

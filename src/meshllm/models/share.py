@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint, cache_dir
+from meshllm.models.gguf import ROPE_FREQS
 from meshllm.step import LayerRange
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,13 @@ def plan_share(checkpoint: Checkpoint, layer_range: LayerRange) -> Sequence[Shar
             f"layers {layer_range} are not within the checkpoint's {config.num_hidden_layers} layers"
         )
     if checkpoint.gguf is not None:
-        before_data, pieces = checkpoint.gguf.range_file(checkpoint.gguf.range_names(*layer_range))
+        tied, num_layers = config.tie_word_embeddings, config.num_hidden_layers
+        names = [  # the tensors the range reads, as the safetensors shares pick them, and RoPE's divisors
+            tensor.name
+            for name, tensor in checkpoint.gguf.tensors.items()
+            if name == ROPE_FREQS or _part_of(name, layer_range, num_layers, tied) is not None
+        ]
+        before_data, pieces = checkpoint.gguf.range_file(names)
         return [GgufShareFile(GGUF_SHARE, checkpoint.path, before_data, tuple(pieces))]
     parts: dict[str, list[TensorSource]] = {}
     metadata: dict[str, str] = {}

@@ -10,13 +10,13 @@ from meshllm.errors import ConfigError
 
 def load_tokenizer(path: Path) -> Any:
     """The tokenizer of a checkpoint folder, or of a GGUF file (its `tokenizer.ggml.*` vocabulary and chat
-    template, converted by transformers)."""
+    template, `gguf_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    try:
-        if path.suffix == ".gguf" and path.is_file():
-            from meshllm.models.gguf import GgufModel, gguf_tokenizer
+    from meshllm.models.gguf import GgufModel, gguf_tokenizer, is_gguf
 
+    try:
+        if is_gguf(path):
             return gguf_tokenizer(GgufModel(path))
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:
