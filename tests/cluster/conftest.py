@@ -70,7 +70,7 @@ def running_cluster(module_cluster_files: ClusterFiles) -> Path:
     test file; stopped after its last test)."""
     path = module_cluster_files.local(workers=2, name="running")
     result = meshllm("cluster", "start", "-c", path)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     return path
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_plan_measures_devices_and_links_and_start_then_uses_its_workers(cluster_files) -> None:
     path = cluster_files.local(workers=2, name="planned")
     result = meshllm("cluster", "plan", "-c", path, env={"MESHLLM_PREDICT": "1"})
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     out = result.stdout
     assert "workers w1, w2 started" in out
     assert re.search(
@@ -30,7 +30,7 @@ def test_plan_measures_devices_and_links_and_start_then_uses_its_workers(cluster
     )
     # The workers wait, unloaded, for the start that follows.
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     assert "checking w1" not in started.stdout  # they already run: only the coordinator starts
     rows = status_rows(path)
     assert all(rows[name][4] == "healthy" for name in ("coordinator", "w1", "w2")), rows

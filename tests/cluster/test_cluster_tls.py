@@ -61,7 +61,7 @@ def test_a_tls_cluster_over_ssh_serves_a_chat_request(cluster_files, sshd: SshSe
     ]
     path = cluster_files.write(devices, name="tlsc", tls=True)
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
 
     cluster = load_cluster(path)
     tls_dir = cluster.cluster.state_dir / "tls"
@@ -79,7 +79,7 @@ def test_a_tls_cluster_over_ssh_serves_a_chat_request(cluster_files, sshd: SshSe
     assert "--tls-ca" in command_line(pid_record(path, "coordinator")["pid"])
 
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert chat.returncode == 0, chat
+    assert chat.returncode == 0, str(chat)
     rows = status_rows(path)  # status asks every worker's Info over TLS
     assert rows["w1"][4] == "healthy" and rows["remote"][4] == "healthy", rows
 
@@ -135,12 +135,12 @@ def test_the_file_s_own_certificates_are_used_and_checked(cluster_files, tmp_pat
         tls_ca=str(own / "ca.pem"),
     )
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     argv = command_line(pid_record(path, "w1")["pid"])
     assert argv[argv.index("--tls-cert") + 1] == str(own / "w1.pem")
     assert not (load_cluster(path).cluster.state_dir / "tls").exists()  # nothing made: the file's are used
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert chat.returncode == 0, chat
+    assert chat.returncode == 0, str(chat)
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_the_file_s_own_certificates_are_used_and_checked(cluster_files, tmp_pat
 def test_insecure_starts_in_plaintext_and_warns(cluster_files) -> None:
     path = cluster_files.write([coordinator_device()], name="insecure", insecure=True)
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     assert (
         "warning: " in started.stdout
         and "insecure = true: the links between the stages are plaintext" in (started.stdout)
@@ -206,7 +206,7 @@ def test_serve_and_worker_refuse_plaintext_beyond_loopback(tmp_path: Path) -> No
 def test_plan_measures_every_link_over_tls(cluster_files) -> None:
     path = cluster_files.local(workers=2, name="tlsplan", tls=True)
     result = meshllm("cluster", "plan", "-c", path, env={"MESHLLM_PREDICT": "1"})
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert re.search(r"^link coordinator -> w1: [\d.]+ ms round trip, \d+ MB/s$", result.stdout, re.M), result
     assert re.search(r"^link w1 -> w2: [\d.]+ ms round trip", result.stdout, re.M), result  # w1 dials w2
 
@@ -218,14 +218,14 @@ def test_turning_tls_on_makes_the_running_processes_stale_and_force_restarts_the
     api_port = free_port()
     path = cluster_files.write(devices, name="upgrade", api_port=api_port)
     first = meshllm("cluster", "start", "-c", path)
-    assert first.returncode == 0, first
+    assert first.returncode == 0, str(first)
     cluster_files.write(devices, name="upgrade", api_port=api_port, tls=True)  # the same file, TLS on
 
     error = start_fails(path)
     assert "device 'w1': pid" in error and "without TLS, but the file now asks for the links with it" in error
     assert "device 'coordinator': pid" in error and "--force" in error
     forced = meshllm("cluster", "start", "-c", path, "--force")
-    assert forced.returncode == 0, forced
+    assert forced.returncode == 0, str(forced)
     assert "--tls-cert" in command_line(pid_record(path, "w1")["pid"])
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert chat.returncode == 0, chat
+    assert chat.returncode == 0, str(chat)

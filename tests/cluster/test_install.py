@@ -54,7 +54,7 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     venv = workdir / ".meshllm" / "venv"
 
     first = install(path)
-    assert first.returncode == 0, first
+    assert first.returncode == 0, str(first)
     assert f"coordinator: meshllm {__version__} is there" in first.stdout
     assert f"remote: meshllm {__version__} installed in {venv} (python " in first.stdout
     version = subprocess.run([venv / "bin/python", "-c", "import meshllm; print(meshllm.__version__)"],
@@ -66,7 +66,7 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
         sorted(p.name for p in (venv / "lib").rglob("*.dist-info")),
     )
     second = install(path)
-    assert second.returncode == 0, second
+    assert second.returncode == 0, str(second)
     assert f"remote: meshllm {__version__} is there ({venv}/bin/python)" in second.stdout
     assert "installed" not in second.stdout
     assert touched == (
@@ -85,18 +85,18 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     other = remote_worker(sshd, workdir, name="other", python=str(wrapper), venv=str(venv))
     other_path = cluster_files.write([coordinator_device(), other], name="inst-other")
     third = install(other_path)
-    assert third.returncode == 0, third
+    assert third.returncode == 0, str(third)
     assert f"other: meshllm {__version__} is there ({venv}/bin/python)" in third.stdout
     assert (older / "__init__.py").read_text() == '__version__ = "0.0.1"\n'
     recorded = json.loads(next(other_path.parent.glob(".meshllm/inst-other/installs/other.json")).read_text())
     assert recorded["python"] == str(venv / "bin" / "python") and recorded["base"] == str(wrapper)
 
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     record = pid_record(path, "remote")
     assert record["machine"]["python"] == str(venv / "bin" / "python")
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert chat.returncode == 0, chat
+    assert chat.returncode == 0, str(chat)
     assert meshllm("cluster", "stop", "-c", path).returncode == 0
     assert not is_running(record["pid"])
 
@@ -104,7 +104,7 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
 def test_start_install_leaves_devices_that_run_this_version_alone_and_starts(cluster_files) -> None:
     path = cluster_files.local(workers=1, name="startinstall")
     result = meshllm("cluster", "start", "--install", "-c", path)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert f"coordinator: meshllm {__version__} is there ({sys.executable})" in result.stdout
     assert f"w1: meshllm {__version__} is there ({sys.executable})" in result.stdout
     assert not (path.parent / ".meshllm" / "startinstall" / "installs").exists()

@@ -101,7 +101,7 @@ def test_a_worker_over_ssh_starts_serves_and_stops(cluster_files, sshd: SshServe
     workdir = tmp_path / "remote-home"
     path = cluster_files.write([coordinator_device(), ssh_worker(sshd, workdir)], name="viassh")
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     assert "checking remote … ssh ok · python" in started.stdout
 
     record = pid_record(path, "remote")
@@ -110,9 +110,9 @@ def test_a_worker_over_ssh_starts_serves_and_stops(cluster_files, sshd: SshServe
     assert is_running(record["pid"])  # the sshd is on this machine, so its processes are visible here
 
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert chat.returncode == 0, chat
+    assert chat.returncode == 0, str(chat)
     status = meshllm("cluster", "status", "-c", path)
-    assert status.returncode == 0, status
+    assert status.returncode == 0, str(status)
     remote_row = next(line.split() for line in status.stdout.splitlines() if line.startswith("remote"))
     assert remote_row[4] == "healthy"
     logs = meshllm("cluster", "logs", "remote", "-c", path, "-n", "3")  # read over ssh
@@ -129,7 +129,7 @@ def test_a_worker_over_ssh_starts_serves_and_stops(cluster_files, sshd: SshServe
     assert "device 'remote': the worker exited once, last with signal SIGKILL" in again.stdout, again
 
     stopped = meshllm("cluster", "stop", "-c", path)
-    assert stopped.returncode == 0, stopped
+    assert stopped.returncode == 0, str(stopped)
     assert not is_running(record["pid"])
     assert port_is_free(load_cluster(path).get("remote").port)
     assert port_is_free(load_cluster(path).cluster.api_port)

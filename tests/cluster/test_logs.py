@@ -29,7 +29,7 @@ def test_logs_prefix_each_line_with_its_device_when_showing_several(cluster_file
     path = cluster_files.local(workers=2)
     write_logs(path)
     result = meshllm("cluster", "logs", "-c", path, "-n", "2")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("coordinator | (no log at ")
     assert [line.split(" | ")[0].strip() for line in lines[1:]] == ["w1", "w1", "w2", "w2"]
@@ -72,7 +72,7 @@ def test_logs_of_a_cluster_never_started_say_there_is_no_log(cluster_files) -> N
 @pytest.mark.slow
 def test_logs_show_every_device_with_time_host_and_role(running_cluster: Path) -> None:
     result = meshllm("cluster", "logs", "-c", running_cluster, "-n", "5")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert any(
         line.startswith("w1          | ") and "[worker w1] INFO" in line
         for line in result.stdout.splitlines()

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_test_sends_one_chat_completion_and_reports_tokens_per_second(running_cluster: Path) -> None:
     result = meshllm("cluster", "test", "-c", running_cluster, "--max-tokens", "8")
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert result.stdout.rstrip().endswith("tok/s")
     assert " · 8 tokens · " in result.stdout
 

@@ -40,7 +40,7 @@ def started(module_cluster_files) -> tuple[Path, CliResult]:
 @pytest.fixture(scope="module")
 def cluster_file(started: tuple[Path, CliResult]) -> Path:
     path, result = started
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     return path
 
 
@@ -59,7 +59,7 @@ def gpu_info(path: Path) -> dict[str, dict]:
 
 def test_start_checks_every_device_then_prints_the_plan_and_the_api_url(started) -> None:
     path, result = started
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     url = load_cluster(path).api_url
     for name in ("coordinator", "w1", "w2"):
         assert f"checking {name} … python" in result.stdout
@@ -72,7 +72,7 @@ def test_start_checks_every_device_then_prints_the_plan_and_the_api_url(started)
 def test_start_again_says_it_is_already_running(cluster_file: Path) -> None:
     pids = {name: pid_record(cluster_file, name)["pid"] for name in ("coordinator", "w1", "w2")}
     result = meshllm("cluster", "start", "-c", cluster_file)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert "is already running" in result.stdout
     assert {name: pid_record(cluster_file, name)["pid"] for name in pids} == pids
 
@@ -86,7 +86,7 @@ def test_a_killed_worker_shows_down_and_start_brings_back_just_that_worker(clust
     wait_until(lambda: gpu_info(cluster_file)["w2"]["status"] != "healthy")
 
     result = meshllm("cluster", "start", "-c", cluster_file)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert "checking w2" in result.stdout and "checking w1" not in result.stdout
     assert pid_record(cluster_file, "w2")["pid"] != w2
     assert (pid_record(cluster_file, "coordinator")["pid"], pid_record(cluster_file, "w1")["pid"]) == (
@@ -111,7 +111,7 @@ def test_a_hung_worker_is_reported_and_start_force_replaces_it(cluster_file: Pat
         assert f"run `meshllm cluster stop -c {cluster_file}` or add --force" in refused.error
 
         forced = meshllm("cluster", "start", "-c", cluster_file, "--force")
-        assert forced.returncode == 0, forced
+        assert forced.returncode == 0, str(forced)
         assert f"stopping stale worker w1 (pid {supervisor})" in forced.stdout
         assert not is_running(hung)
         assert meshllm("cluster", "test", "-c", cluster_file, "--max-tokens", "4").returncode == 0
@@ -158,12 +158,12 @@ def test_the_cluster_file_s_quantization_reaches_every_device(cluster_files) -> 
     ]
     path = cluster_files.write(devices, name="quantized", quantize="int8", dtype="bfloat16")
     result = meshllm("cluster", "start", "-c", path)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     port = next(line for line in path.read_text().splitlines() if line.startswith("api_port")).split("=")[1]
     info = httpx.get(f"http://127.0.0.1:{port.strip()}/distributed/gpu-info", timeout=30).json()
     assert [(d["name"], d["quantize"]) for d in info["devices"]] == [("coordinator", "int8"), ("w1", "int4")]
     smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert smoke.returncode == 0, smoke
+    assert smoke.returncode == 0, str(smoke)
 
 
 def test_a_worker_without_the_model_takes_its_weights_and_one_with_model_path_reads_its_own(
@@ -188,14 +188,14 @@ def test_a_worker_without_the_model_takes_its_weights_and_one_with_model_path_re
     ]
     path = cluster_files.write(devices, name="shared", model="./model")
     result = meshllm("cluster", "start", "-c", path)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert re.search(
         r"  w1: layers \[\d+, \d+\) loaded in [\d.]+ s; weights of layers .*: [1-9]\d* bytes received",
         result.stdout,
     )
     assert re.search(r"  w2: layers \[\d+, \d+\) loaded in [\d.]+ s\n", result.stdout), result.stdout
     smoke = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
-    assert smoke.returncode == 0, smoke
+    assert smoke.returncode == 0, str(smoke)
     cached = list((tmp_path / "w1-weights").glob("*/layers-*/*.safetensors"))
     assert cached and not (tmp_path / "w2-weights").exists()
     log = meshllm("cluster", "logs", "-c", path, "coordinator", "-n", "400").stdout

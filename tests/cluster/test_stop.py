@@ -16,7 +16,7 @@ def test_stop_ends_every_process_frees_every_port_and_can_run_twice(running_clus
     cluster = load_cluster(running_cluster)
     pids = [pid_record(running_cluster, device.name)["pid"] for device in cluster.device]
     result = meshllm("cluster", "stop", "-c", running_cluster)
-    assert result.returncode == 0, result
+    assert result.returncode == 0, str(result)
     assert result.stdout.splitlines()[0].startswith("coordinator coordinator")  # the coordinator first
     assert not any(is_running(pid) for pid in pids)
     assert port_is_free(cluster.cluster.api_port)

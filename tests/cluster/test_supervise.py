@@ -41,7 +41,7 @@ def kill_worker(path: Path, device: str) -> int:
 def test_a_killed_worker_comes_back_by_itself_and_one_that_keeps_dying_is_shown(cluster_files) -> None:
     path = cluster_files.local(workers=1, name="supervised")
     started = meshllm("cluster", "start", "-c", path)
-    assert started.returncode == 0, started
+    assert started.returncode == 0, str(started)
     supervisor = pid_record(path, "w1")["pid"]
 
     first = kill_worker(path, "w1")
@@ -64,12 +64,12 @@ def test_a_killed_worker_comes_back_by_itself_and_one_that_keeps_dying_is_shown(
 
     status_file, worker = Path(pid_record(path, "w1")["status_file"]), report(path, "w1")["worker_pid"]
     stopped = meshllm("cluster", "stop", "-c", path)
-    assert stopped.returncode == 0, stopped
+    assert stopped.returncode == 0, str(stopped)
     assert not is_running(supervisor) and not is_running(worker)
     assert json.loads(status_file.read_text())["state"] == "stopped"
 
     # The next start is not confused by the old supervisor's report of three exits.
     again = meshllm("cluster", "start", "-c", path)
-    assert again.returncode == 0, again
+    assert again.returncode == 0, str(again)
     assert report(path, "w1")["exits"] == 0
     assert "exited" not in meshllm("cluster", "status", "-c", path).stdout

@@ -199,17 +199,16 @@ def test_workers_without_the_model_serve_the_single_process_reply_and_restart_fr
             # A damaged file in w2's cache is found, discarded and fetched again: just that file.
             share = next((tmp_path / "w2-home" / "weights").glob("*/layers-*"))
             damaged = sorted(share.glob("layer-*.safetensors"))[0]
+            size = damaged.stat().st_size  # the file is gone while the worker fetches it again
             with open(damaged, "r+b") as handle:
-                handle.seek(damaged.stat().st_size - 16)
+                handle.seek(size - 16)
                 handle.write(b"\xff" * 16)
             w2 = workers[1]
             w2.process.kill()
             w2.process.wait(timeout=10)
             workers[1] = worker_process(tmp_path, w2.name, w2.port)
             workers[1].wait_ready()
-            wait_for(
-                lambda: received(workers[1]) == [damaged.stat().st_size], 120, "the damaged file fetched"
-            )
+            wait_for(lambda: received(workers[1]) == [size], 120, "the damaged file fetched")
             log_text = Path(workers[1].log.name).read_text()
             assert "is damaged or changed; discarded, fetching it again" in log_text
             assert "1 damaged files discarded and fetched again" in log_text
