@@ -1,10 +1,18 @@
-"""What a pipeline hop costs: the same checkpoint as 1 in-process stage, then 2 and 4 stages over loopback gRPC.
+"""What a pipeline hop costs: the same checkpoint as 1 in-process stage, then 2 and 4 stages over loopback.
 
-Decode of one sequence is latency-bound, so every extra hop adds its transport time to every token:
-overhead per hop = (ms per token with N stages - ms per token with 1 stage) / (N - 1).
-Also reports decode throughput with 8 concurrent sequences, where steps of different sequences overlap.
+Two figures per hop:
+- transport per hop: for every decode step, the time the coordinator waited on the remote chain minus
+  the compute time each remote stage reports for it, divided by the remote stages (each one adds a link
+  down and a relay back up); the median over the steps. Compute noise does not enter it.
+- by difference: (ms per token with N stages - ms per token with 1 stage) / (N - 1), which also counts
+  any change in the stages' compute; noisy where a token costs far more than a hop.
+Both are measured with step links (plain TCP, the default) and with gRPC's Forward stream
+(`MESHLLM_STEP_LINKS=0`), and decode throughput with 8 concurrent sequences is reported beside them.
 
-    .venv/bin/python bench/hop_overhead.py [--tokens 64] [--json] [--plot FILE.png]
+    .venv/bin/python bench/hop_overhead.py [--shape bench|0.6b] [--tokens 64] [--json] [--plot FILE.png]
+
+`--shape 0.6b` measures the Qwen3-0.6B shape (hidden 1024, bfloat16, the whole model: slow on two cores,
+so the by-difference figure is mostly noise there; the transport figure is what to read).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench_common import SPEC
+from bench_common import SPEC, shape_checkpoint
 
 from meshllm.models.tiny import make_checkpoint  # noqa: E402
 from meshllm.runtime.coordinator import Coordinator  # noqa: E402
@@ -29,10 +38,25 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress 
 from meshllm.runtime.engine_client import GenerateRequest  # noqa: E402
 from meshllm.runtime.local_workers import LocalWorkers  # noqa: E402
 from meshllm.step import SamplingParams  # noqa: E402
+from meshllm.transport.step_link import LINKS_ENV  # noqa: E402
+
+TRANSPORTS = {"link": "1", "grpc": "0"}  # MESHLLM_STEP_LINKS for each
 
 
-async def measure(path: Path, workers: list[WorkerAddress], tokens: int) -> dict[str, float]:
-    coordinator = await Coordinator.start(CoordinatorConfig(model=str(path), workers=tuple(workers)))
+async def measure(path: Path, workers: list[WorkerAddress], tokens: int, dtype: str) -> dict[str, float]:
+    coordinator = await Coordinator.start(
+        CoordinatorConfig(model=str(path), workers=tuple(workers), dtype=dtype)
+    )
+    names = {worker.name for worker in workers}
+    steps: list[list[float]] = []  # [remote chain seconds, remote compute seconds] per step
+
+    def listener(stage: str, seconds: float) -> None:
+        if stage == "remote chain":
+            steps.append([seconds, 0.0])
+        elif stage in names and steps:
+            steps[-1][1] += seconds
+
+    coordinator.add_step_listener(listener)
     prompt = list(range(3, 35))
     try:
 
@@ -42,25 +66,31 @@ async def measure(path: Path, workers: list[WorkerAddress], tokens: int) -> dict
                 pass
 
         await decode(8)  # warm up every stage
+        steps.clear()
         started = time.perf_counter()
         await decode(tokens)
         single = time.perf_counter() - started
+        transport = [chain - compute for chain, compute in steps[2:]]  # decode steps, not the prompt
         started = time.perf_counter()
         await asyncio.gather(*(decode(tokens) for _ in range(8)))
         batched = time.perf_counter() - started
     finally:
         await coordinator.close()
-    return {
+    figures = {
         "ms_per_token": single / tokens * 1000,
         "tokens_per_s": tokens / single,
         "batch8_tokens_per_s": 8 * tokens / batched,
     }
+    if workers and transport:
+        figures["transport_per_hop_ms"] = statistics.median(transport) * 1000 / len(workers)
+    return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--shape", choices=("bench", "0.6b"), default="bench", help="the checkpoint measured")
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument(
@@ -71,33 +101,53 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in TRANSPORTS}
     workers = LocalWorkers()
+    dtype = "bfloat16" if args.shape == "0.6b" else "float32"
     with tempfile.TemporaryDirectory() as folder:
-        path = make_checkpoint(Path(folder) / "bench", arch="qwen3", spec=SPEC)
+        if args.shape == "0.6b":
+            path = shape_checkpoint("0.6b")
+            described = "Qwen3-0.6B shape (28 layers, hidden 1024, vocab 151936), bfloat16"
+        else:
+            path = make_checkpoint(Path(folder) / "bench", arch="qwen3", spec=SPEC)
+            described = f"qwen3-shaped, {SPEC.num_hidden_layers} layers, hidden {SPEC.hidden_size}, float32"
         try:
             addresses = workers.spawn(3, token=None, threads=1, output=subprocess.DEVNULL)
             asyncio.run(workers.wait_healthy(token=None))
             for n_stages in (1, 2, 4):
-                results[str(n_stages)] = asyncio.run(measure(path, addresses[: n_stages - 1], args.tokens))
+                for transport, switch in TRANSPORTS.items():
+                    if n_stages == 1 and transport == "grpc":
+                        results[transport]["1"] = results["link"]["1"]  # no hop: the same run
+                        continue
+                    os.environ[LINKS_ENV] = switch
+                    chain = addresses[: n_stages - 1]
+                    results[transport][str(n_stages)] = asyncio.run(measure(path, chain, args.tokens, dtype))
         finally:
             workers.stop()
 
-    base = results["1"]["ms_per_token"]
-    overhead = {n: (results[n]["ms_per_token"] - base) / (int(n) - 1) for n in ("2", "4")}
+    print(f"checkpoint: {described}, 1 thread a stage")
     print(
-        f"checkpoint: qwen3-shaped, {SPEC.num_hidden_layers} layers, hidden {SPEC.hidden_size}, float32, 1 thread a stage"
+        f"{'transport':>9}  {'stages':>6}  {'ms/token':>9}  {'tokens/s':>9}  {'8 seqs tokens/s':>16}  "
+        f"{'transport/hop ms':>17}  {'by difference ms':>17}"
     )
-    print(
-        f"{'stages':>6}  {'ms/token':>9}  {'tokens/s':>9}  {'8 seqs tokens/s':>16}  {'overhead/hop ms':>16}"
-    )
-    for n, figures in results.items():
-        hop = f"{overhead[n]:.2f}" if n in overhead else "-"
-        print(
-            f"{n:>6}  {figures['ms_per_token']:>9.2f}  {figures['tokens_per_s']:>9.1f}  "
-            f"{figures['batch8_tokens_per_s']:>16.1f}  {hop:>16}"
-        )
-    report = {"stages": results, "overhead_per_hop_ms": overhead}
+    report: dict[str, object] = {"shape": args.shape, "transports": results}
+    for transport, rows in results.items():
+        base = rows["1"]["ms_per_token"]
+        difference = {n: (rows[n]["ms_per_token"] - base) / (int(n) - 1) for n in ("2", "4")}
+        report[f"{transport}_overhead_per_hop_ms"] = {
+            n: rows[n]["transport_per_hop_ms"] for n in ("2", "4")
+        }
+        report[f"{transport}_by_difference_ms"] = difference
+        for n, figures in rows.items():
+            hop = f"{figures['transport_per_hop_ms']:.3f}" if "transport_per_hop_ms" in figures else "-"
+            by_difference = f"{difference[n]:.2f}" if n in difference else "-"
+            print(
+                f"{transport:>9}  {n:>6}  {figures['ms_per_token']:>9.2f}  {figures['tokens_per_s']:>9.1f}  "
+                f"{figures['batch8_tokens_per_s']:>16.1f}  {hop:>17}  {by_difference:>17}"
+            )
+    # The figure the targets name: a hop over the default transport.
+    report["overhead_per_hop_ms"] = report["link_overhead_per_hop_ms"]
+    report["stages"] = results["link"]
     if args.json:
         print(json.dumps(report))
     if args.plot:

@@ -144,7 +144,7 @@ def plot_hop_overhead(report: Report, path: str | Path) -> Path:
         hop = report.get("overhead_per_hop_ms", {}).get(n)
         if hop is not None:
             latency.annotate(
-                f"+{hop:.1f} ms/hop", (str(n), by_stage[n]["ms_per_token"]), ha="center", va="bottom"
+                f"+{hop:.2f} ms/hop", (str(n), by_stage[n]["ms_per_token"]), ha="center", va="bottom"
             )
     latency.set_ylim(0, max(by_stage[n]["ms_per_token"] for n in stages) * 1.15)  # room for the labels
     latency.set_xlabel("stages")
@@ -157,7 +157,7 @@ def plot_hop_overhead(report: Report, path: str | Path) -> Path:
     rate.set_ylabel("decode tokens/s")
     rate.grid(True, alpha=0.3)
     rate.legend()
-    return _save(figure, path, "What a pipeline hop costs (loopback gRPC)", _machine_note(report))
+    return _save(figure, path, "What a pipeline hop costs (loopback, step links)", _machine_note(report))
 
 
 def plot_engine_decode(report: Report, path: str | Path) -> Path:

@@ -118,6 +118,7 @@ class StageInfo:
     flop_rate: float = 0.0  # floating-point operations/s over a batch of tokens, when measured
     kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
+    step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
 
 
 def system_memory() -> tuple[int, int]:

@@ -23,6 +23,7 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
 from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.step import SamplingParams, Segment, StepInput
 from meshllm.transport.stage_client import StageClient
+from meshllm.transport.step_link import LINKS_ENV
 from meshllm.transport.tls import TlsFiles
 from tests.capture_proxy import CaptureProxy, pieces_found
 from tests.conftest import WorkerProcess
@@ -78,7 +79,12 @@ def run_through_proxy(path: Path, worker: WorkerProcess, tls: TlsFiles | None) -
 
 
 @pytest.mark.timeout(240)
-def test_a_stage_link_carries_no_plaintext_activation_or_token(tiny_checkpoint, tmp_path: Path) -> None:
+def test_a_stage_link_carries_no_plaintext_activation_or_token(
+    tiny_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In plaintext, steps would take the worker's step link, which the proxy does not stand in front
+    # of: on gRPC, both runs put their steps through the proxy.
+    monkeypatch.setenv(LINKS_ENV, "0")
     path = tiny_checkpoint("qwen3")
     activations = first_stage_activations(path)
     pieces = len(activations) // WINDOW

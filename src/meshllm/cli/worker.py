@@ -21,6 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_STAGE_PORT,
         help=f"port to listen on (default {DEFAULT_STAGE_PORT})",
     )
+    parser.add_argument(
+        "--step-port",
+        type=parse_step_port,
+        default=0,
+        metavar="PORT",
+        help="port of the same host taking step links, the fast path of activations between stages "
+        "(default: any free port; give one to open it in a firewall; 'off': steps go over --port's gRPC; "
+        "over mutual TLS they always do)",
+    )
     parser.add_argument("--name", default=None, help="device name in logs and errors (default: host:port)")
     parser.add_argument(
         "--token",
@@ -48,6 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: $MESHLLM_WEIGHTS_CACHE, else ~/.cache/meshllm/weights)",
     )
     add_kv_memory_argument(parser)
+
+
+def parse_step_port(value: str) -> int | None:
+    """--step-port: a port number, 0 for any free port, or "off" (None)."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535) or 'off'")
+    return port
 
 
 def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
         weights_cache=weights_cache,
     )
     try:
-        asyncio.run(serve_stage(host, f"{args.host}:{args.port}", token=token, tls=tls))
+        asyncio.run(
+            serve_stage(host, f"{args.host}:{args.port}", token=token, tls=tls, step_port=args.step_port)
+        )
     except OSError as error:
         raise ConfigError(f"worker {name}: {error}") from None
     except KeyboardInterrupt:

@@ -15,15 +15,14 @@ from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import PipelineError, SampledToken, StepInput
-from meshllm.transport.stage_client import ForwardChain, PreparedStep, prepare_step
+from meshllm.transport.stage_client import PreparedStep, prepare_step
+from meshllm.transport.step_link import Chain
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(
-        self, local: list[LocalStageHost], remote: ForwardChain | None, local_name: str = "coordinator"
-    ):
+    def __init__(self, local: list[LocalStageHost], remote: Chain | None, local_name: str = "coordinator"):
         if not local and remote is None:
             raise ValueError("a pipeline needs at least one stage")
         self.local = local
@@ -100,7 +99,7 @@ class Pipeline:
                 if isinstance(outcome, Exception):
                     log.debug("release on %s failed: %s", stage.name, outcome)
 
-    async def rebuild(self, local: list[LocalStageHost], remote: ForwardChain | None) -> None:
+    async def rebuild(self, local: list[LocalStageHost], remote: Chain | None) -> None:
         """Run over other stages from now on (the layers were planned again); the old stream is closed.
         Only while no step is in flight."""
         if not local and remote is None:

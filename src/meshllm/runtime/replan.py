@@ -25,7 +25,8 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import LayerRange
 from meshllm.transport.stage import LoadSpec
-from meshllm.transport.stage_client import ForwardChain, StageClient
+from meshllm.transport.stage_client import StageClient
+from meshllm.transport.step_link import StepChain
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Replanner:
             await asyncio.gather(*loads)
             self._loaded.update(placements)
             chain = [self.clients[stage.device] for stage in plan if stage.device in self.clients]
-            remote = ForwardChain(chain, config.step_timeout) if chain else None
+            remote = StepChain(chain, config.step_timeout) if chain else None
             await self.loop.pipeline.rebuild(self.local, remote)
             self.loop.scheduler.max_in_flight = self.loop.pipeline.depth
             self.plan = list(plan)

@@ -35,7 +35,8 @@ from meshllm.runtime.weights import CheckpointWeights
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
 from meshllm.transport.stage import LoadSpec, LoadUpdate, WeightsFrom
-from meshllm.transport.stage_client import ForwardChain, StageClient
+from meshllm.transport.stage_client import StageClient
+from meshllm.transport.step_link import StepChain
 from meshllm.transport.weights import WeightsServer
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ async def _start(
         for line in await _predict(config, checkpoint, survey, clients):
             log.info("%s", line)
 
-    remote = ForwardChain(clients, config.step_timeout) if clients else None
+    remote = StepChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name)
     kv_budgets = await _kv_budgets(local_hosts, clients)
     scheduler = Scheduler(

@@ -238,4 +238,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         flop_rate=reply.flop_rate,
         kv_bytes_per_token=reply.kv_bytes_per_token,
         kv_memory=reply.kv_memory,
+        step_port=reply.step_port,
     )

@@ -70,6 +70,7 @@ class StageClient:
         self.name = name
         self.address = address
         self.secure = tls is not None
+        self.token = token
         self._metadata = token_metadata(token)
         self.channel = channel(address, tls)
         self._stub = pbg.StageStub(self.channel)  # type: ignore[no-untyped-call]

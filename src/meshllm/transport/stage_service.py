@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from meshllm.transport.rpc import (
 )
 from meshllm.transport.stage import LoadSpec, StageHost, WeightsFrom
 from meshllm.transport.stage_client import StageClient, time_link
+from meshllm.transport.step_link import StepLinkError, StepLinkServer
 from meshllm.transport.tls import TlsFiles, add_port
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class StageService(pbg.StageServicer):
         self.next_stage = ""  # "host:port" of the next stage; empty when this one is last
         self._next_channel: grpc.aio.Channel | None = None
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Held by whatever runs on the stage: the compute thread's work and the step links' threads.
+        self.compute_lock = threading.Lock()
+        self.step_port = 0  # where step links are taken (0: none)
         self._load_lock = asyncio.Lock()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
@@ -60,11 +65,16 @@ class StageService(pbg.StageServicer):
             )
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.compute, self._locked, function, *args)
+
+    def _locked(self, function: Callable[..., T], *args: Any) -> T:
+        with self.compute_lock:
+            return function(*args)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         await self._authorize(context)
         reply = encode_info(self.host.info())
+        reply.step_port = self.step_port
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
             precision = Precision(request.dtype, quantize, group_size)
@@ -173,6 +183,33 @@ class StageService(pbg.StageServicer):
             return encode_result(StepResult(request.step_id, outcome.tokens))
         return forward_step(request, outcome.hidden_states)
 
+    def step_failure(self, request: pb.StepRequest, error: Exception) -> pb.StepResult:
+        """The answer to a step that failed, naming this worker (logged: a traceback unless the step
+        was malformed, which is refused before any cache changed)."""
+        if isinstance(error, MalformedStep):
+            named = str(error)
+            if not named.startswith(f"worker {self.name}:"):
+                named = f"worker {self.name}: {named}"
+            log.warning("refused a malformed step: %s", named)
+            return pb.StepResult(step_id=request.step_id, error=named)
+        log.error("step %d failed", request.step_id, exc_info=error)
+        return pb.StepResult(step_id=request.step_id, error=f"worker {self.name}: {error}")
+
+    async def next_step_address(self) -> str:
+        """Where the next stage takes step links ("" when it takes none)."""
+        if self._next_channel is None:
+            return ""
+        stub = pbg.StageStub(self._next_channel)  # type: ignore[no-untyped-call]
+        try:
+            reply = await stub.Info(pb.InfoRequest(), metadata=token_metadata(self.token), timeout=5.0)
+        except grpc.aio.AioRpcError as error:
+            details = error.details() or error.code().name
+            raise StepLinkError(f"the next stage {self.next_stage} does not answer: {details}") from None
+        if not reply.step_port:
+            return ""
+        host = self.next_stage.rpartition(":")[0]
+        return f"{host}:{reply.step_port}"
+
     async def Forward(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepResult]:
@@ -193,18 +230,8 @@ class StageService(pbg.StageServicer):
                     started = time.perf_counter()
                     try:
                         output = await self._run(self._step, request)
-                    except MalformedStep as error:  # refused before any cache changed: no traceback
-                        named = str(error)
-                        if not named.startswith(f"worker {self.name}:"):
-                            named = f"worker {self.name}: {named}"
-                        log.warning("refused a malformed step: %s", named)
-                        await results.put(pb.StepResult(step_id=request.step_id, error=named))
-                        continue
                     except Exception as error:
-                        log.exception("step %d failed", request.step_id)
-                        await results.put(
-                            pb.StepResult(step_id=request.step_id, error=f"worker {self.name}: {error}")
-                        )
+                        await results.put(self.step_failure(request, error))
                         continue
                     timing = pb.StageTiming(stage=self.name, seconds=time.perf_counter() - started)
                     if isinstance(output, pb.StepResult):
@@ -282,10 +309,15 @@ class _Throttle:
 
 
 async def serve_stage(
-    host: StageHost, address: str, token: str | None = None, tls: TlsFiles | None = None
+    host: StageHost,
+    address: str,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+    step_port: int | None = 0,
 ) -> None:
     """Serve `host` on `address` ("host:port") until cancelled: mutual TLS with `tls` (callers need a
-    certificate of the same CA), plaintext without. OSError when the port cannot be bound."""
+    certificate of the same CA), plaintext without. Step links are taken on `step_port` of the same
+    host (0: any free port; None: none, nor over TLS). OSError when a port cannot be bound."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     service = StageService(host, token=token, tls=tls)
     pbg.add_StageServicer_to_server(service, server)  # type: ignore[no-untyped-call]
@@ -293,17 +325,35 @@ async def serve_stage(
         add_port(server, address, tls)
     except OSError as error:
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
+    links = None
+    if step_port is not None and tls is None:
+        loop = asyncio.get_running_loop()
+
+        def next_address() -> str:  # on a link's thread
+            return asyncio.run_coroutine_threadsafe(service.next_step_address(), loop).result(timeout=10.0)
+
+        links = StepLinkServer(service, next_address)
+        listen_host = address.rpartition(":")[0].strip("[]")
+        try:
+            service.step_port = links.start(listen_host, step_port)
+        except OSError as error:
+            raise OSError(
+                f"cannot take step links on {listen_host}:{step_port}: {error} (is the port in use?)"
+            ) from None
     await server.start()
     log.info(
-        "meshllm worker %s listening on %s (engine %s, version %s, %s)",
+        "meshllm worker %s listening on %s (engine %s, version %s, %s%s)",
         host.name,
         address,
         host.engine,
         VERSION,
         "mutual TLS" if tls else "plaintext",
+        f"; step links on port {service.step_port}" if service.step_port else "",
     )
     try:
         await server.wait_for_termination()
     finally:
+        if links is not None:
+            links.close()
         await server.stop(grace=1.0)
         await service.close()

@@ -1,0 +1,468 @@
+"""Step links: the Forward chain over plain TCP, read and written by the compute threads themselves.
+
+A round trip on a gRPC stream from Python costs about 0.25 ms on loopback, and each hand-off between a
+process's event loop and its compute thread about 0.1 ms more; a hop of the gRPC chain paid one round
+trip and four hand-offs. A step link is one TCP connection per hop carrying the very messages the gRPC
+Forward stream carries (`StepRequest` down, `StepResult` up, so the codec and its checks are the same),
+each framed by its length and kind. On a worker, the connection's own thread reads a step, runs it
+under the compute lock (the lock every other use of the stage takes too), and writes the output to the
+next stage's link, or the sampled tokens back up; a second thread relays the results coming back from
+the next stage. Nothing on the way touches an event loop.
+
+A worker listens for step links on a second port (`meshllm worker --step-port`, any free port by
+default; `Info` says which). A chain is linked hop by hop: the coordinator dials the first worker, which
+dials the next stage before it answers, so READY means the whole chain is linked. Where a link cannot be
+made (the port is firewalled, a worker of an older version, mutual TLS, `MESHLLM_STEP_LINKS=0`) the chain
+runs on the gRPC Forward stream instead, with a warning saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import DecodeError
+
+from meshllm.errors import StageError
+from meshllm.step import PipelineError, StageLost, StepResult
+from meshllm.transport.codec import decode_result
+from meshllm.transport.proto import meshllm_pb2 as pb
+from meshllm.transport.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, token_problem
+from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient
+
+if TYPE_CHECKING:
+    from meshllm.transport.stage_service import StageService
+
+log = logging.getLogger(__name__)
+
+LINKS_ENV = "MESHLLM_STEP_LINKS"  # "0": every chain runs on gRPC's Forward stream
+
+_HEADER = struct.Struct("<IB")  # the body's length, the frame's kind
+HELLO, READY, STEP, RESULT, ABORT = 1, 2, 3, 4, 5
+_OPEN_TIMEOUT = 30.0  # seconds a link may take to open, the chain behind it included
+
+
+class StepLinkError(Exception):
+    """A step link could not be opened (the chain then runs on gRPC)."""
+
+
+def links_enabled() -> bool:
+    return os.environ.get(LINKS_ENV, "1") != "0"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" (an IPv6 host may be in brackets)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Link:
+    """One framed TCP connection; writes from several threads are serialised, reads come from one."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._write_lock = threading.Lock()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):  # a vanished peer is noticed in seconds (Linux names)
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+    def send(self, kind: int, body: bytes) -> None:
+        header = _HEADER.pack(len(body), kind)
+        with self._write_lock:
+            if len(body) < 65536:
+                self.sock.sendall(header + body)
+            else:  # no copy of a large body
+                self.sock.sendall(header)
+                self.sock.sendall(body)
+
+    def read(self) -> tuple[int, bytes] | None:
+        """The next frame, or None when the peer closed the connection."""
+        header = self._exactly(_HEADER.size)
+        if header is None:
+            return None
+        length, kind = _HEADER.unpack(header)
+        if length > MAX_MESSAGE_BYTES:
+            raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
+        body = self._exactly(length) if length else b""
+        if body is None:
+            return None
+        return kind, bytes(body)
+
+    def _exactly(self, size: int) -> bytearray | None:
+        buffer = bytearray(size)
+        view, received = memoryview(buffer), 0
+        while received < size:
+            count = self.sock.recv_into(view[received:], size - received)
+            if count == 0:
+                return None
+            received += count
+        return buffer
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def dial(address: str, token: str | None, timeout: float = _OPEN_TIMEOUT) -> Link:
+    """Open a step link to the stage listening at `address` ("host:port"); it answers READY once its own
+    link onwards is open. StepLinkError says why it could not be opened."""
+    try:
+        sock = socket.create_connection(split_address(address), timeout=timeout)
+    except (OSError, ValueError) as error:
+        raise StepLinkError(f"cannot connect to {address}: {error}") from None
+    link = Link(sock)
+    try:
+        link.send(HELLO, json.dumps({"token": token or ""}).encode())
+        frame = link.read()
+        if frame is None or frame[0] != READY:
+            raise StepLinkError(f"{address} closed the link before it was ready")
+        problem = json.loads(frame[1] or b"{}").get("error")
+        if problem:
+            raise StepLinkError(problem)
+        sock.settimeout(None)
+    except (OSError, ValueError) as error:
+        link.close()
+        raise StepLinkError(f"{address}: {error}") from None
+    except StepLinkError:
+        link.close()
+        raise
+    return link
+
+
+# ---- a worker's side ------------------------------------------------------------------------------
+
+
+class StepLinkServer:
+    """Accepts step links for one worker's stage and serves each on its own threads."""
+
+    def __init__(self, service: StageService, next_address: Callable[[], str]):
+        self.service = service
+        self.next_address = next_address  # the next stage's step link address ("" when last); blocking
+        self._listener: socket.socket | None = None
+        self._links: set[Link] = set()
+        self._closed = False
+
+    def start(self, host: str, port: int) -> int:
+        """Listen on (host, port) (0: any free port); the port bound. OSError when it cannot be bound."""
+        self._listener = socket.create_server((host, port), family=_family(host))
+        threading.Thread(target=self._accept, name="step-links", daemon=True).start()
+        return int(self._listener.getsockname()[1])
+
+    def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
+            self._listener.close()
+        for link in list(self._links):
+            link.close()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), name="step-link", daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        upstream, downstream = Link(sock), None
+        self._links.add(upstream)
+        try:
+            sock.settimeout(_OPEN_TIMEOUT)
+            opened = self._open(upstream)
+            if opened is None:
+                return
+            if isinstance(opened, Link):
+                downstream = opened
+                self._links.add(downstream)
+            sock.settimeout(None)
+            _Hop(self.service, upstream, downstream).run()
+        except (OSError, ValueError) as error:
+            log.debug("a step link ended: %s", error)
+        finally:
+            for link in (upstream, downstream):
+                if link is not None:
+                    self._links.discard(link)
+                    link.close()
+
+    def _open(self, upstream: Link) -> Link | bool | None:
+        """Check the caller's hello and open the link onwards; answer READY. The link to the next stage
+        (True when this stage is last), or None when the link was refused."""
+        service = self.service
+        frame = upstream.read()
+        if frame is None or frame[0] != HELLO:
+            return None
+        presented = json.loads(frame[1] or b"{}").get("token") or None
+        problem = token_problem(service.token, {TOKEN_METADATA_KEY: presented} if presented else {})
+        refusal = ""
+        if problem:
+            refusal = f"worker {service.name}: the step link carried {problem}"
+        elif not service.host.loaded:
+            refusal = f"worker {service.name}: no layers loaded yet"
+        downstream: Link | bool = True
+        if not refusal and service.next_stage:
+            try:
+                address = self.next_address()
+                if not address:
+                    raise StepLinkError(f"the next stage {service.next_stage} takes no step links")
+                downstream = dial(address, service.token)
+            except (StepLinkError, OSError, TimeoutError) as error:
+                refusal = f"worker {service.name}: no step link to the next stage: {error}"
+        upstream.send(READY, json.dumps({"error": refusal}).encode())
+        return None if refusal else downstream
+
+
+class _Hop:
+    """One upstream link of a worker: steps in, run under the compute lock, sent on or answered."""
+
+    def __init__(self, service: StageService, upstream: Link, downstream: Link | None):
+        self.service = service
+        self.upstream = upstream
+        self.downstream = downstream
+        self.timings: dict[int, pb.StageTiming] = {}  # steps sent on -> this stage's compute time
+
+    def run(self) -> None:
+        if self.downstream is not None:
+            threading.Thread(target=self._relay, name="step-relay", daemon=True).start()
+        service = self.service
+        while True:
+            frame = self.upstream.read()
+            if frame is None:
+                return
+            kind, body = frame
+            if kind != STEP:
+                raise OSError(f"an unexpected frame of kind {kind}")
+            try:
+                request = pb.StepRequest.FromString(body)
+            except DecodeError:
+                self._abort("a step that is not a StepRequest")
+                return
+            started = time.perf_counter()
+            try:
+                with service.compute_lock:
+                    output = service._step(request)
+            except Exception as error:
+                self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
+                continue
+            timing = pb.StageTiming(stage=service.name, seconds=time.perf_counter() - started)
+            if isinstance(output, pb.StepResult):
+                output.timings.insert(0, timing)
+                self.upstream.send(RESULT, output.SerializeToString())
+            elif self.downstream is None:
+                failure = pb.StepResult(
+                    step_id=request.step_id, error=f"worker {service.name}: no next stage to send to"
+                )
+                self.upstream.send(RESULT, failure.SerializeToString())
+            else:
+                self.timings[request.step_id] = timing
+                try:
+                    self.downstream.send(STEP, output.SerializeToString())
+                except OSError as error:
+                    self._abort(f"the link to the next stage {service.next_stage} broke: {error}")
+                    return
+
+    def _relay(self) -> None:
+        """Results from the next stage, with this stage's timing added, back up."""
+        assert self.downstream is not None
+        problem = f"the next stage {self.service.next_stage} closed its step link"
+        try:
+            while True:
+                frame = self.downstream.read()
+                if frame is None:
+                    break
+                kind, body = frame
+                if kind == ABORT:
+                    self.upstream.send(ABORT, body)  # names the stage that failed
+                    self.upstream.close()
+                    return
+                result = pb.StepResult.FromString(body)
+                timing = self.timings.pop(result.step_id, None)
+                if timing is not None:
+                    result.timings.insert(0, timing)  # upstream stages first
+                self.upstream.send(RESULT, result.SerializeToString())
+        except (OSError, DecodeError) as error:
+            problem = f"the link to the next stage {self.service.next_stage} failed: {error}"
+        self._abort(problem)
+
+    def _abort(self, problem: str) -> None:
+        try:
+            self.upstream.send(ABORT, f"worker {self.service.name}: {problem}".encode())
+        except OSError:
+            pass
+        self.upstream.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+# ---- the coordinator's side -----------------------------------------------------------------------
+
+
+class _Results(asyncio.Protocol):
+    """The coordinator's end of a step link, on its event loop: frames parsed as the bytes come."""
+
+    def __init__(self, chain: StepChain):
+        self.chain = chain
+        self.transport: asyncio.Transport | None = None
+        self.problem = "ended unexpectedly"
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(buffer)
+            if len(buffer) < _HEADER.size + length:
+                return
+            body = bytes(buffer[_HEADER.size : _HEADER.size + length])
+            del buffer[: _HEADER.size + length]
+            if kind == ABORT:
+                self.problem = f"failed: {body.decode(errors='replace')}"
+                self.close()
+                return
+            try:
+                result = pb.StepResult.FromString(body)
+            except DecodeError as error:
+                self.problem = f"sent a result that is not a StepResult: {error}"
+                self.close()
+                return
+            self.chain._deliver(result)
+
+    def send(self, body: bytes) -> None:
+        assert self.transport is not None
+        header = _HEADER.pack(len(body), STEP)
+        if len(body) < 65536:
+            self.transport.write(header + body)
+        else:
+            self.transport.writelines([header, body])
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if error is not None and self.problem == "ended unexpectedly":
+            self.problem = f"failed: {error}"
+        self.chain._lost(self)
+
+
+class StepChain:
+    """`ForwardChain`'s interface over a step link to the first remote stage, or over gRPC's Forward
+    stream where no link can be made. Results are matched to steps by id."""
+
+    def __init__(self, stages: list[StageClient], step_timeout: float):
+        self.stages = stages
+        self.step_timeout = step_timeout
+        self._grpc = ForwardChain(stages, step_timeout)
+        self._link: _Results | None = None
+        self._on_grpc = not self._linkable()
+        self._pending: dict[int, asyncio.Future[StepResult]] = {}
+        self._open_lock = asyncio.Lock()
+        self._warned = ""
+
+    @property
+    def first(self) -> StageClient:
+        return self.stages[0]
+
+    @property
+    def linked(self) -> bool:
+        """Whether steps go over a step link now (else over gRPC, or nothing is open yet)."""
+        return self._link is not None
+
+    def _linkable(self) -> bool:
+        return links_enabled() and not any(stage.secure for stage in self.stages)
+
+    async def submit(self, request: PreparedStep) -> StepResult:
+        link = self._link or await self._open()
+        if link is None:
+            return await self._grpc.submit(request)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._pending[request.step_id] = future
+        link.send(request.SerializeToString())  # buffered by the transport: never blocks the loop
+        try:
+            return await asyncio.wait_for(future, self.step_timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(request.step_id, None)
+            lost = StageLost(
+                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
+            )
+            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
+            await self.reset()
+            raise lost from None
+
+    async def _open(self) -> _Results | None:
+        async with self._open_lock:
+            if self._link is None and not self._on_grpc:
+                try:
+                    info = await self.first.info(timeout=5.0)
+                    if not info.step_port:
+                        raise StepLinkError(f"{self.first.describe()} takes no step links (an older meshllm)")
+                    host, _ = split_address(self.first.address)
+                    address = f"[{host}]:{info.step_port}" if ":" in host else f"{host}:{info.step_port}"
+                    opened = await asyncio.to_thread(dial, address, self.first.token)
+                except (StageError, StepLinkError) as error:
+                    self._on_grpc = True
+                    if str(error) != self._warned:
+                        log.warning("steps go over gRPC's Forward stream (slower): %s", error)
+                        self._warned = str(error)
+                else:
+                    opened.sock.setblocking(False)
+                    loop = asyncio.get_running_loop()
+                    _, protocol = await loop.create_connection(lambda: _Results(self), sock=opened.sock)
+                    self._link = protocol
+            return self._link
+
+    def _deliver(self, result: pb.StepResult) -> None:
+        future = self._pending.pop(result.step_id, None)
+        if future is None or future.done():
+            return
+        if result.error:
+            future.set_exception(PipelineError(result.error))
+        else:
+            future.set_result(decode_result(result))
+
+    def _lost(self, link: _Results) -> None:
+        if self._link is not link:
+            return  # a link closed on purpose: its steps were failed then
+        self._link = None
+        self._fail_all(StageLost(f"the step link to {self.first.describe()} {link.problem}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def reset(self) -> None:
+        """Close the link (and the gRPC stream); in-flight steps fail, the next step opens a new one."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        self._fail_all(StageLost("the pipeline was reset"))
+        await self._grpc.reset()
+        self._on_grpc = not self._linkable()
+
+
+Chain = ForwardChain | StepChain  # what a pipeline sends its steps to

@@ -1,0 +1,157 @@
+"""Step links over real TCP on 127.0.0.1: stage services started by `serve_stage` in this process, a
+`StepChain` in front of them, and raw frames where the test speaks for a misbehaving peer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from meshllm.errors import StageError
+from meshllm.runtime.local_workers import free_ports
+from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange, SamplingParams, Segment, StageLost, StepInput
+from meshllm.transport.proto import meshllm_pb2 as pb
+from meshllm.transport.stage import LoadSpec
+from meshllm.transport.stage_client import ForwardChain, StageClient, prepare_step
+from meshllm.transport.stage_service import serve_stage
+from meshllm.transport.step_link import ABORT, RESULT, STEP, StepChain, StepLinkError, dial
+
+TOKEN = "s3cret"
+
+
+@contextlib.asynccontextmanager
+async def chain_of_two(
+    path: str, second_step_port: int | None = 0
+) -> AsyncIterator[tuple[list[StageClient], list[asyncio.Task[None]]]]:
+    """Two stage services with the tiny checkpoint's layers [0, 2) and [2, 4) loaded, the first sending
+    on to the second; the second takes step links on `second_step_port` (None: none)."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    servers = [
+        asyncio.create_task(
+            serve_stage(LocalStageHost(f"s{i}", engine="torch"), address, TOKEN, step_port=port)
+        )
+        for i, (address, port) in enumerate(zip(addresses, (0, second_step_port), strict=True))
+    ]
+    clients = [StageClient(f"s{i}", address, TOKEN) for i, address in enumerate(addresses)]
+    try:
+        for client in clients:
+            for _ in range(100):
+                with contextlib.suppress(StageError):
+                    await client.health(timeout=0.5)
+                    break
+                await asyncio.sleep(0.05)
+        await clients[1].load(LoadSpec(path, LayerRange(2, 4), "float32"), "", lambda _: None)
+        await clients[0].load(LoadSpec(path, LayerRange(0, 2), "float32"), addresses[1], lambda _: None)
+        yield clients, servers
+    finally:
+        for client in clients:
+            await client.close()
+        for server in servers:
+            server.cancel()
+        await asyncio.gather(*servers, return_exceptions=True)
+
+
+def step(step_id: int, seq_id: int, tokens: list[int]) -> pb.StepRequest:
+    segments = [Segment(seq_id, 0, len(tokens), sample=True, sampling=SamplingParams(seed=7))]
+    return prepare_step(StepInput(step_id, segments, token_ids=np.array(tokens)))
+
+
+def test_steps_over_a_link_sample_what_the_grpc_stream_samples_with_every_stage_timed(
+    tiny_checkpoint,
+) -> None:
+    async def run():
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            linked = StepChain(clients, step_timeout=30)
+            over_link = [await linked.submit(step(i, 10 + i, [4, 5, 6 + i])) for i in range(3)]
+            was_linked = linked.linked
+            grpc = ForwardChain(clients, step_timeout=30)
+            over_grpc = [await grpc.submit(step(i, 20 + i, [4, 5, 6 + i])) for i in range(3)]
+            await linked.reset()
+            await grpc.reset()
+            return over_link, over_grpc, was_linked
+
+    over_link, over_grpc, was_linked = asyncio.run(run())
+    assert was_linked
+    assert [r.tokens[0].token_id for r in over_link] == [r.tokens[0].token_id for r in over_grpc]
+    assert all([timing.stage for timing in r.timings] == ["s0", "s1"] for r in over_link)
+
+
+def test_a_stage_without_step_links_leaves_the_chain_on_grpc_with_a_warning(
+    tiny_checkpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run():
+        async with chain_of_two(str(tiny_checkpoint()), second_step_port=None) as (clients, _):
+            chain = StepChain(clients, step_timeout=30)
+            result = await chain.submit(step(1, 5, [4, 5, 6]))
+            linked = chain.linked
+            await chain.reset()
+            return result, linked
+
+    with caplog.at_level(logging.WARNING, logger="meshllm.transport.step_link"):
+        result, linked = asyncio.run(run())
+    assert not linked and len(result.tokens) == 1
+    warnings = [record.getMessage() for record in caplog.records]
+    assert any(
+        "steps go over gRPC's Forward stream (slower): worker s0: no step link to the next stage" in message
+        and "takes no step links" in message
+        for message in warnings
+    ), warnings
+
+
+def test_a_wrong_token_is_refused_at_the_hello_and_a_bad_step_is_answered_by_name(tiny_checkpoint) -> None:
+    async def run():
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            info = await clients[1].info()
+            address = f"127.0.0.1:{info.step_port}"
+            with pytest.raises(StepLinkError, match="worker s1: the step link carried a wrong cluster token"):
+                await asyncio.to_thread(dial, address, "wrong")
+
+            def exchange() -> list[tuple[int, bytes]]:
+                link = dial(address, TOKEN)
+                try:
+                    bad = pb.StepRequest(step_id=3)  # hidden states for layers [2, 4), and there are none
+                    bad.segments.add(seq_id=1, start_pos=0, n_tokens=2, sample=True)
+                    link.send(STEP, bad.SerializeToString())
+                    answers = [link.read()]
+                    link.send(STEP, b"\xff\xfe not a message")
+                    answers.append(link.read())
+                    answers.append(link.read())  # then the worker closes the link
+                    return answers
+                finally:
+                    link.close()
+
+            answers = await asyncio.to_thread(exchange)
+            still_there = await clients[1].health()  # the worker goes on
+            return answers, still_there
+
+    answers, health = asyncio.run(run())
+    kind, body = answers[0]
+    result = pb.StepResult.FromString(body)
+    assert kind == RESULT and result.step_id == 3 and result.error.startswith("worker s1: ")
+    assert answers[1] == (ABORT, b"worker s1: a step that is not a StepRequest")
+    assert answers[2] is None
+    assert health.model
+
+
+def test_a_stage_that_goes_away_fails_the_next_step_with_its_name(
+    tiny_checkpoint,
+) -> None:
+    async def run():
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, servers):
+            chain = StepChain(clients, step_timeout=30)
+            await chain.submit(step(1, 5, [4, 5, 6]))
+            servers[1].cancel()  # the last stage stops: its links close
+            await asyncio.gather(servers[1], return_exceptions=True)
+            with pytest.raises(StageLost) as lost:
+                await chain.submit(step(2, 5, [7]))
+            await chain.reset()
+            return str(lost.value)
+
+    message = asyncio.run(run())
+    # The link closed; opened again, it fails at s0's link onwards, and gRPC's stream names s0 too.
+    assert "worker s0: " in message, message
