@@ -134,9 +134,7 @@ def main() -> int:
     for transport, rows in results.items():
         base = rows["1"]["ms_per_token"]
         difference = {n: (rows[n]["ms_per_token"] - base) / (int(n) - 1) for n in ("2", "4")}
-        report[f"{transport}_overhead_per_hop_ms"] = {
-            n: rows[n]["transport_per_hop_ms"] for n in ("2", "4")
-        }
+        report[f"{transport}_overhead_per_hop_ms"] = {n: rows[n]["transport_per_hop_ms"] for n in ("2", "4")}
         report[f"{transport}_by_difference_ms"] = difference
         for n, figures in rows.items():
             hop = f"{figures['transport_per_hop_ms']:.3f}" if "transport_per_hop_ms" in figures else "-"
