@@ -21,6 +21,7 @@ def test_a_torch_coordinator_and_an_mlx_worker_answer_a_chat_request(tiny_checkp
     port = free_port()
     command = [sys.executable, "-m", "meshllm", "serve", "--model", str(path), "--engine", "torch"]
     command += ["--workers", f"{worker.name}={worker.address}", "--token", "mixed-token", "--port", str(port)]
+    command += ["--weights-port", str(free_port())]  # not the API's + 1, which nothing checked free
     serve = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -45,6 +45,9 @@ class Serve:
     """A `meshllm serve` process whose output is collected line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        if "--workers" in args and "--weights-port" not in args:
+            # The default, the API's port + 1, was not checked free: a worker's step link may hold it.
+            args = (*args, "--weights-port", str(free_port()))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "meshllm", "serve", *args],
             stdout=subprocess.PIPE,
