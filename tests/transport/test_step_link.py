@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from meshllm.cluster import certs
 from meshllm.errors import StageError
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
@@ -20,24 +21,32 @@ from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient, prepare_step
 from meshllm.transport.stage_service import serve_stage
 from meshllm.transport.step_link import ABORT, RESULT, STEP, StepChain, StepLinkError, dial
+from meshllm.transport.tls import TlsFiles
 
 TOKEN = "s3cret"
 
 
+def device_tls(ca: certs.Pem, name: str) -> TlsFiles:
+    issued = certs.make_device_cert(ca, name, ["127.0.0.1"])
+    return TlsFiles(ca.cert, issued.cert, issued.key)
+
+
 @contextlib.asynccontextmanager
 async def chain_of_two(
-    path: str, second_step_port: int | None = 0
+    path: str, second_step_port: int | None = 0, ca: certs.Pem | None = None
 ) -> AsyncIterator[tuple[list[StageClient], list[asyncio.Task[None]]]]:
     """Two stage services with the tiny checkpoint's layers [0, 2) and [2, 4) loaded, the first sending
-    on to the second; the second takes step links on `second_step_port` (None: none)."""
+    on to the second; the second takes step links on `second_step_port` (None: none). With `ca`, every
+    device has a certificate of it (mutual TLS)."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    tls = [device_tls(ca, name) if ca else None for name in ("s0", "s1", "coordinator")]
     servers = [
         asyncio.create_task(
-            serve_stage(LocalStageHost(f"s{i}", engine="torch"), address, TOKEN, step_port=port)
+            serve_stage(LocalStageHost(f"s{i}", engine="torch"), address, TOKEN, tls[i], step_port=port)
         )
         for i, (address, port) in enumerate(zip(addresses, (0, second_step_port), strict=True))
     ]
-    clients = [StageClient(f"s{i}", address, TOKEN) for i, address in enumerate(addresses)]
+    clients = [StageClient(f"s{i}", address, TOKEN, tls[2]) for i, address in enumerate(addresses)]
     try:
         for client in clients:
             for _ in range(100):
@@ -61,11 +70,13 @@ def step(step_id: int, seq_id: int, tokens: list[int]) -> pb.StepRequest:
     return prepare_step(StepInput(step_id, segments, token_ids=np.array(tokens)))
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "mutual-tls"])
 def test_steps_over_a_link_sample_what_the_grpc_stream_samples_with_every_stage_timed(
-    tiny_checkpoint,
+    tiny_checkpoint, secure: bool
 ) -> None:
     async def run():
-        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+        ca = certs.make_ca("links") if secure else None
+        async with chain_of_two(str(tiny_checkpoint()), ca=ca) as (clients, _):
             linked = StepChain(clients, step_timeout=30)
             over_link = [await linked.submit(step(i, 10 + i, [4, 5, 6 + i])) for i in range(3)]
             was_linked = linked.linked
@@ -155,3 +166,24 @@ def test_a_stage_that_goes_away_fails_the_next_step_with_its_name(
     message = asyncio.run(run())
     # The link closed; opened again, it fails at s0's link onwards, and gRPC's stream names s0 too.
     assert "worker s0: " in message, message
+
+
+def test_a_tls_link_refuses_plaintext_and_a_certificate_of_another_ca(tiny_checkpoint) -> None:
+    async def run() -> list[str]:
+        ca = certs.make_ca("links")
+        async with chain_of_two(str(tiny_checkpoint()), ca=ca) as (clients, _):
+            address = f"127.0.0.1:{(await clients[0].info()).step_port}"
+            refusals = []
+            for tls in (None, device_tls(certs.make_ca("another"), "stranger")):
+                with pytest.raises(StepLinkError) as refused:
+                    await asyncio.to_thread(dial, address, TOKEN, tls, 10.0)
+                refusals.append(str(refused.value))
+            linked = StepChain(clients, step_timeout=30)  # and the worker goes on taking links
+            await linked.submit(step(1, 5, [4, 5, 6]))
+            assert linked.linked
+            await linked.reset()
+            return refusals
+
+    plaintext, stranger = asyncio.run(run())
+    assert plaintext.startswith("127.0.0.1:") and "closed the link before it was ready" in plaintext
+    assert "the TLS handshake failed" in stranger and "CERTIFICATE_VERIFY_FAILED" in stranger, stranger

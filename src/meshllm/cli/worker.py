@@ -27,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="PORT",
         help="port of the same host taking step links, the fast path of activations between stages "
-        "(default: any free port; give one to open it in a firewall; 'off': steps go over --port's gRPC; "
-        "over mutual TLS they always do)",
+        "(default: any free port; give one to open it in a firewall; 'off': steps go over --port's gRPC)",
     )
     parser.add_argument("--name", default=None, help="device name in logs and errors (default: host:port)")
     parser.add_argument(

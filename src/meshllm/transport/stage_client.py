@@ -71,6 +71,7 @@ class StageClient:
         self.address = address
         self.secure = tls is not None
         self.token = token
+        self.tls = tls
         self._metadata = token_metadata(token)
         self.channel = channel(address, tls)
         self._stub = pbg.StageStub(self.channel)  # type: ignore[no-untyped-call]

@@ -317,7 +317,7 @@ async def serve_stage(
 ) -> None:
     """Serve `host` on `address` ("host:port") until cancelled: mutual TLS with `tls` (callers need a
     certificate of the same CA), plaintext without. Step links are taken on `step_port` of the same
-    host (0: any free port; None: none, nor over TLS). OSError when a port cannot be bound."""
+    host (0: any free port; None: none), with the same TLS. OSError when a port cannot be bound."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     service = StageService(host, token=token, tls=tls)
     pbg.add_StageServicer_to_server(service, server)  # type: ignore[no-untyped-call]
@@ -326,7 +326,7 @@ async def serve_stage(
     except OSError as error:
         raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from None
     links = None
-    if step_port is not None and tls is None:
+    if step_port is not None:
         loop = asyncio.get_running_loop()
 
         def next_address() -> str:  # on a link's thread

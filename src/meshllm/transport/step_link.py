@@ -12,8 +12,9 @@ the next stage. Nothing on the way touches an event loop.
 A worker listens for step links on a second port (`meshllm worker --step-port`, any free port by
 default; `Info` says which). A chain is linked hop by hop: the coordinator dials the first worker, which
 dials the next stage before it answers, so READY means the whole chain is linked. Where a link cannot be
-made (the port is firewalled, a worker of an older version, mutual TLS, `MESHLLM_STEP_LINKS=0`) the chain
-runs on the gRPC Forward stream instead, with a warning saying why.
+made (the port is firewalled, a worker of an older version, `MESHLLM_STEP_LINKS=0`) the chain runs on
+the gRPC Forward stream instead, with a warning saying why. A cluster with certificates runs its links
+over the same mutual TLS as its gRPC calls (`tls.ssl_context`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -37,6 +39,7 @@ from meshllm.transport.codec import decode_result
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, token_problem
 from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient
+from meshllm.transport.tls import TlsFiles, ssl_context
 
 if TYPE_CHECKING:
     from meshllm.transport.stage_service import StageService
@@ -64,11 +67,62 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class Link:
-    """One framed TCP connection; writes from several threads are serialised, reads come from one."""
+class _Tls:
+    """TLS over a socket that one thread reads and others write: the TLS state lives in memory
+    (`ssl.MemoryBIO`) behind a lock held only while bytes are encrypted or decrypted, never across a
+    socket call, so a reader waiting for bytes does not stop a writer."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, context: ssl.SSLContext, server_side: bool, hostname: str | None = None):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.session = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname
+        )
+        self.lock = threading.Lock()
+
+    def handshake(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                self.session.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = self.outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                if not data:
+                    raise OSError("the peer closed the connection during the TLS handshake") from None
+                self.incoming.write(data)
+        pending = self.outgoing.read()
+        if pending:
+            sock.sendall(pending)
+
+    def encrypt(self, data: bytes) -> bytes:
+        with self.lock:
+            self.session.write(data)
+            return self.outgoing.read()  # with anything a read left to send, in order
+
+    def decrypt(self, size: int) -> bytes | None:
+        """Up to `size` bytes; None when more must be received first, b"" once the peer closed."""
+        with self.lock:
+            try:
+                return self.session.read(size)
+            except ssl.SSLWantReadError:
+                return None
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def feed(self, data: bytes) -> None:
+        with self.lock:
+            self.incoming.write(data)
+
+
+class Link:
+    """One framed TCP connection, in plaintext or mutual TLS; writes from several threads are
+    serialised, reads come from one."""
+
+    def __init__(self, sock: socket.socket, tls: _Tls | None = None):
         self.sock = sock
+        self.tls = tls
         self._write_lock = threading.Lock()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -79,7 +133,9 @@ class Link:
     def send(self, kind: int, body: bytes) -> None:
         header = _HEADER.pack(len(body), kind)
         with self._write_lock:
-            if len(body) < 65536:
+            if self.tls is not None:
+                self.sock.sendall(self.tls.encrypt(header + body))
+            elif len(body) < 65536:
                 self.sock.sendall(header + body)
             else:  # no copy of a large body
                 self.sock.sendall(header)
@@ -102,11 +158,26 @@ class Link:
         buffer = bytearray(size)
         view, received = memoryview(buffer), 0
         while received < size:
-            count = self.sock.recv_into(view[received:], size - received)
+            if self.tls is None:
+                count = self.sock.recv_into(view[received:], size - received)
+            else:
+                count = self._decrypted_into(view[received:], size - received)
             if count == 0:
                 return None
             received += count
         return buffer
+
+    def _decrypted_into(self, view: memoryview, size: int) -> int:
+        assert self.tls is not None
+        while True:
+            plain = self.tls.decrypt(size)
+            if plain is not None:
+                view[: len(plain)] = plain
+                return len(plain)
+            data = self.sock.recv(65536)
+            if not data:
+                return 0
+            self.tls.feed(data)
 
     def close(self) -> None:
         try:
@@ -116,14 +187,25 @@ class Link:
         self.sock.close()
 
 
-def dial(address: str, token: str | None, timeout: float = _OPEN_TIMEOUT) -> Link:
-    """Open a step link to the stage listening at `address` ("host:port"); it answers READY once its own
-    link onwards is open. StepLinkError says why it could not be opened."""
+def dial(
+    address: str, token: str | None, tls: TlsFiles | None = None, timeout: float = _OPEN_TIMEOUT
+) -> Link:
+    """Open a step link to the stage listening at `address` ("host:port"), over mutual TLS with `tls`;
+    it answers READY once its own link onwards is open. StepLinkError says why it could not be opened."""
     try:
-        sock = socket.create_connection(split_address(address), timeout=timeout)
+        host, port = split_address(address)
+        sock = socket.create_connection((host, port), timeout=timeout)
     except (OSError, ValueError) as error:
         raise StepLinkError(f"cannot connect to {address}: {error}") from None
-    link = Link(sock)
+    try:
+        session = None
+        if tls is not None:
+            session = _Tls(ssl_context(tls, server_side=False), server_side=False, hostname=host)
+            session.handshake(sock)
+    except OSError as error:
+        sock.close()
+        raise StepLinkError(f"{address}: the TLS handshake failed: {error}") from None
+    link = Link(sock, session)
     try:
         link.send(HELLO, json.dumps({"token": token or ""}).encode())
         frame = link.read()
@@ -182,10 +264,17 @@ class StepLinkServer:
             threading.Thread(target=self._serve, args=(sock,), name="step-link", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        upstream, downstream = Link(sock), None
-        self._links.add(upstream)
+        tls = self.service.tls
+        upstream: Link | None = None
+        downstream: Link | None = None
         try:
             sock.settimeout(_OPEN_TIMEOUT)
+            session = None
+            if tls is not None:
+                session = _Tls(ssl_context(tls, server_side=True), server_side=True)
+                session.handshake(sock)  # a caller without a certificate of the cluster CA ends here
+            upstream = Link(sock, session)
+            self._links.add(upstream)
             opened = self._open(upstream)
             if opened is None:
                 return
@@ -197,6 +286,8 @@ class StepLinkServer:
         except (OSError, ValueError) as error:
             log.debug("a step link ended: %s", error)
         finally:
+            if upstream is None:
+                sock.close()
             for link in (upstream, downstream):
                 if link is not None:
                     self._links.discard(link)
@@ -222,7 +313,7 @@ class StepLinkServer:
                 address = self.next_address()
                 if not address:
                     raise StepLinkError(f"the next stage {service.next_stage} takes no step links")
-                downstream = dial(address, service.token)
+                downstream = dial(address, service.token, service.tls)
             except (StepLinkError, OSError, TimeoutError) as error:
                 refusal = f"worker {service.name}: no step link to the next stage: {error}"
         upstream.send(READY, json.dumps({"error": refusal}).encode())
@@ -323,11 +414,15 @@ class _Results(asyncio.Protocol):
         self.chain = chain
         self.transport: asyncio.Transport | None = None
         self.problem = "ended unexpectedly"
+        self.ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()  # READY's error
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -342,6 +437,13 @@ class _Results(asyncio.Protocol):
                 self.problem = f"failed: {body.decode(errors='replace')}"
                 self.close()
                 return
+            if not self.ready.done():
+                if kind != READY:
+                    self.ready.set_exception(OSError(f"answered the hello with a frame of kind {kind}"))
+                    self.close()
+                    return
+                self.ready.set_result(str(json.loads(body or b"{}").get("error") or ""))
+                continue
             try:
                 result = pb.StepResult.FromString(body)
             except DecodeError as error:
@@ -350,9 +452,9 @@ class _Results(asyncio.Protocol):
                 return
             self.chain._deliver(result)
 
-    def send(self, body: bytes) -> None:
+    def send(self, body: bytes, kind: int = STEP) -> None:
         assert self.transport is not None
-        header = _HEADER.pack(len(body), STEP)
+        header = _HEADER.pack(len(body), kind)
         if len(body) < 65536:
             self.transport.write(header + body)
         else:
@@ -365,6 +467,8 @@ class _Results(asyncio.Protocol):
     def connection_lost(self, error: Exception | None) -> None:
         if error is not None and self.problem == "ended unexpectedly":
             self.problem = f"failed: {error}"
+        if not self.ready.done():
+            self.ready.set_exception(OSError(f"closed the link before it was ready ({self.problem})"))
         self.chain._lost(self)
 
 
@@ -377,7 +481,7 @@ class StepChain:
         self.step_timeout = step_timeout
         self._grpc = ForwardChain(stages, step_timeout)
         self._link: _Results | None = None
-        self._on_grpc = not self._linkable()
+        self._on_grpc = not links_enabled()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
         self._open_lock = asyncio.Lock()
         self._warned = ""
@@ -390,9 +494,6 @@ class StepChain:
     def linked(self) -> bool:
         """Whether steps go over a step link now (else over gRPC, or nothing is open yet)."""
         return self._link is not None
-
-    def _linkable(self) -> bool:
-        return links_enabled() and not any(stage.secure for stage in self.stages)
 
     async def submit(self, request: PreparedStep) -> StepResult:
         link = self._link or await self._open()
@@ -416,23 +517,52 @@ class StepChain:
         async with self._open_lock:
             if self._link is None and not self._on_grpc:
                 try:
-                    info = await self.first.info(timeout=5.0)
-                    if not info.step_port:
-                        raise StepLinkError(f"{self.first.describe()} takes no step links (an older meshllm)")
-                    host, _ = split_address(self.first.address)
-                    address = f"[{host}]:{info.step_port}" if ":" in host else f"{host}:{info.step_port}"
-                    opened = await asyncio.to_thread(dial, address, self.first.token)
-                except (StageError, StepLinkError) as error:
+                    self._link = await self._dial()
+                except StageError as error:  # the stage does not answer: no transport would do
+                    raise StageLost(str(error)) from None
+                except StepLinkError as error:
                     self._on_grpc = True
                     if str(error) != self._warned:
                         log.warning("steps go over gRPC's Forward stream (slower): %s", error)
                         self._warned = str(error)
-                else:
-                    opened.sock.setblocking(False)
-                    loop = asyncio.get_running_loop()
-                    _, protocol = await loop.create_connection(lambda: _Results(self), sock=opened.sock)
-                    self._link = protocol
             return self._link
+
+    async def _dial(self) -> _Results:
+        """The link to the first stage, READY: the whole chain is linked."""
+        first = self.first
+        limit = min(_OPEN_TIMEOUT, self.step_timeout)  # a cut link must not hold a step longer
+        info = await first.info(timeout=limit)
+        if not info.step_port:
+            raise StepLinkError(
+                f"{first.describe()} takes no step links (an older meshllm, or --step-port off)"
+            )
+        host, _ = split_address(first.address)
+        address = f"[{host}]:{info.step_port}" if ":" in host else f"{host}:{info.step_port}"
+        context = ssl_context(first.tls, server_side=False) if first.tls is not None else None
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Results(self),
+                    host,
+                    info.step_port,
+                    ssl=context,
+                    server_hostname=host if context else None,
+                ),
+                limit,
+            )
+        except (OSError, asyncio.TimeoutError) as error:
+            raise StepLinkError(f"cannot open a link to {address}: {error or 'timed out'}") from None
+        try:
+            protocol.send(json.dumps({"token": first.token or ""}).encode(), HELLO)
+            refusal = await asyncio.wait_for(asyncio.shield(protocol.ready), limit)
+        except (OSError, asyncio.TimeoutError) as error:
+            protocol.close()
+            raise StepLinkError(f"{address}: {error or 'no READY in time'}") from None
+        if refusal:
+            protocol.close()
+            raise StepLinkError(refusal)
+        return protocol
 
     def _deliver(self, result: pb.StepResult) -> None:
         future = self._pending.pop(result.step_id, None)
@@ -462,7 +592,7 @@ class StepChain:
             link.close()
         self._fail_all(StageLost("the pipeline was reset"))
         await self._grpc.reset()
-        self._on_grpc = not self._linkable()
+        self._on_grpc = not links_enabled()
 
 
 Chain = ForwardChain | StepChain  # what a pipeline sends its steps to

@@ -13,7 +13,10 @@ it (`insecure = true`, `--insecure`).
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +82,25 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
     )
+
+
+@functools.cache
+def ssl_context(tls: TlsFiles, server_side: bool) -> ssl.SSLContext:
+    """The same mutual TLS for a plain socket (the step links): a server asks every caller for a
+    certificate the cluster CA signed; a client trusts only that CA, checks that the server's certificate
+    names the host it dialled, and presents this device's certificate."""
+    purpose = ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH
+    context = ssl.create_default_context(purpose, cadata=tls.ca.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if server_side:
+        context.verify_mode = ssl.CERT_REQUIRED
+    # ssl reads a certificate chain from files only: a private folder, gone once they are read.
+    with tempfile.TemporaryDirectory(prefix="meshllm-tls-") as folder:
+        chain = Path(folder) / "device.pem"
+        chain.touch(mode=0o600)
+        chain.write_bytes(tls.cert + b"\n" + tls.key)
+        context.load_cert_chain(chain)
+    return context
 
 
 def aio_channel(address: str, tls: TlsFiles | None, options: list[tuple[str, int]]) -> grpc.aio.Channel:
