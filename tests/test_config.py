@@ -137,6 +137,7 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
             "found 2 ('w2', 'w3')",
         ),
         (('name = "head"', 'name = "head"\nport = 9000'), "device 'head': port is for workers"),
+        (('name = "head"', 'name = "head"\nstep_port = 9000'), "device 'head': step_port is for workers"),
         (('name = "w1"', 'name = "coordinator"'), "that name is the coordinator's own stage"),
         (
             ('model = "demo"', 'model = "demo"\ntoken = "a"\ntoken_file = "t"'),

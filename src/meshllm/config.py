@@ -173,6 +173,7 @@ class Device(_Frozen):
     name: Name
     host: Host  # the address the other machines (and this CLI) dial
     port: Port | None = None  # the worker's gRPC port; None for the coordinator
+    step_port: Port | None = None  # the worker's step links (`--step-port`); None: any free port
     bind: Host | None = None  # the address the process listens on; None: see Device.listen_host
     role: Role
     engine: Engine | None = None
@@ -257,11 +258,12 @@ class Cluster(_Frozen):
                         f"{where}: device {device.name!r}: model_path is for workers; the coordinator reads "
                         "[cluster] model"
                     )
-                if device.port is not None:
-                    raise ConfigError(
-                        f"{where}: device {device.name!r}: port is for workers; the coordinator listens on "
-                        f"[cluster] api_port"
-                    )
+                for key_name in ("port", "step_port"):
+                    if getattr(device, key_name) is not None:
+                        raise ConfigError(
+                            f"{where}: device {device.name!r}: {key_name} is for workers; the coordinator "
+                            "listens on [cluster] api_port"
+                        )
                 key = (device.host, self.cluster.api_port)
             else:
                 assert device.port is not None  # filled in while loading

@@ -30,13 +30,17 @@ class ClusterFiles:
         self.paths.append(path)
         return path
 
-    def local(self, workers: int = 2, name: str = "test", **cluster: Any) -> Path:
-        """A coordinator and `workers` workers on 127.0.0.1, one compute thread each."""
+    def local(self, workers: int = 2, name: str = "test", step_ports: bool = False, **cluster: Any) -> Path:
+        """A coordinator and `workers` workers on 127.0.0.1, one compute thread each (and, with
+        `step_ports`, each worker's step links on a port given in the file)."""
         devices = [{"name": "coordinator", "host": "127.0.0.1", "threads": 1}]
         devices += [
             {"name": f"w{index}", "host": "127.0.0.1", "port": free_port(), "threads": 1}
             for index in range(1, workers + 1)
         ]
+        if step_ports:
+            for device in devices[1:]:
+                device["step_port"] = free_port()
         return self.write(devices, name=name, **cluster)
 
     def stop_all(self) -> None:

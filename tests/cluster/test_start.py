@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def started(module_cluster_files) -> tuple[Path, CliResult]:
-    path = module_cluster_files.local(workers=2, name="lifecycle")
+    path = module_cluster_files.local(workers=2, name="lifecycle", step_ports=True)
     return path, meshllm("cluster", "start", "-c", path)
 
 
@@ -67,6 +67,9 @@ def test_start_checks_every_device_then_prints_the_plan_and_the_api_url(started)
     assert "coordinator coordinator healthy" in result.stdout
     assert "layers [0, " in result.stdout
     assert result.stdout.rstrip().endswith(f"API ready at {url}/v1")
+    for device in load_cluster(path).workers:  # each on the step_port its [[device]] gives
+        log = meshllm("cluster", "logs", "-c", path, device.name).stdout
+        assert f"step links on port {device.step_port}" in log, log
 
 
 def test_start_again_says_it_is_already_running(cluster_file: Path) -> None:

@@ -245,6 +245,7 @@ class Starter:
             str(threads),
         ]
         argv += self.tls_argv(device)
+        argv += ["--step-port", str(device.step_port)] if device.step_port is not None else []
         engine = device.engine or self.cluster.cluster.engine
         argv += ["--engine", engine] if engine else []
         return argv + (["--quantize", device.quantize] if device.quantize else [])
