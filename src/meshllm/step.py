@@ -90,6 +90,9 @@ class StepInput:
     segments: list[Segment]
     token_ids: np.ndarray | None = None  # [T] int64, first stage only
     hidden_states: Any = None  # [T, hidden] engine tensor (torch.Tensor or mx.array)
+    # No other step was in flight when it was sent: a stage sharing its machine with other stages, idle
+    # now, may use the machine's every core for it (`--threads-alone`).
+    alone: bool = False
 
     @property
     def n_tokens(self) -> int:

@@ -108,6 +108,11 @@ def test_serve_answers_a_chat_request_and_stops_cleanly_on_ctrl_c(
             "plan: stage 0 layers [0, 2) on this process · stage 1 layers [2, 4) on worker1" in serve.output
         )
         [worker_pid] = serve.worker_pids()
+        # A step alone in the pipeline may take every core: the worker's share is --threads.
+        command = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1:
+            assert command[command.index(b"--threads-alone") + 1] == str(cores).encode(), command
         reply = httpx.post(
             f"{url}/v1/chat/completions",
             json={

@@ -331,6 +331,11 @@ def run(args: argparse.Namespace) -> int:
     kv_memory = args.kv_memory if args.kv_memory is not None else kv_share(n_local_workers + int(local_stage))
     if local_stage:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # Stages that share this machine split its cores while they all compute; a step alone in the
+    # pipeline (one stream) may take every core, the other stages being idle meanwhile.
+    stages_here = n_local_workers + int(local_stage)
+    alone = _cores() if stages_here > 1 and threads < _cores() else None
+    args.stage_threads, args.threads_alone = threads, alone
 
     # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).
     sock = None if args.plan_only else bind_socket(args.host, args.port)
@@ -339,7 +344,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if n_local_workers:
             workers = local_workers.spawn(
-                n_local_workers, token=token, threads=threads, kv_memory=kv_memory, engine=args.engine
+                n_local_workers,
+                token=token,
+                threads=threads,
+                kv_memory=kv_memory,
+                engine=args.engine,
+                threads_alone=alone,
             )
         import asyncio
 
@@ -415,6 +425,8 @@ def _config(
         replan_after=args.replan_after or None,
         name=args.name,
         kv_memory=args.kv_memory,
+        threads=args.stage_threads,
+        threads_alone=args.threads_alone,
     )
 
 

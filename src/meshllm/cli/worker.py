@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     parser.add_argument(
+        "--threads-alone",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compute threads for a step that is alone in the pipeline, where stages share this machine "
+        "and the others are idle meanwhile (default: --threads; `serve --stages N` gives its own workers "
+        "the machine's cores)",
+    )
+    parser.add_argument(
         "--quantize",
         choices=QUANTIZE_MODES,
         default=None,
@@ -190,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
         tls=tls,
         weights_cache=weights_cache,
     )
+    if args.threads_alone is not None:
+        if args.threads_alone < 1:
+            raise ConfigError(f"--threads-alone must be at least 1, got {args.threads_alone}")
+        host.set_threads(args.threads or os.cpu_count() or 1, args.threads_alone)
     try:
         asyncio.run(
             serve_stage(host, f"{args.host}:{args.port}", token=token, tls=tls, step_port=args.step_port)

@@ -39,6 +39,9 @@ class Stage(Protocol):
     def release(self, seq_ids: list[int]) -> None:
         """Drop the KV caches of these sequences; unknown ids are ignored."""
 
+    def set_threads(self, threads: int) -> None:
+        """Compute the steps that follow with this many CPU threads (where the engine computes on them)."""
+
     def live_sequences(self) -> int: ...
 
     def weight_bytes(self) -> int:

@@ -45,6 +45,10 @@ class CoordinatorConfig:
     # What the local stage's KV caches may take: bytes (an int), a share of the memory free after its
     # weights are loaded (a float), or None: 80% of it.
     kv_memory: int | float | None = None
+    # The local stage's compute threads, and those of a step alone in the pipeline (LocalStageHost.
+    # set_threads); None: as the process was started.
+    threads: int | None = None
+    threads_alone: int | None = None
     # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
     # None: every worker reads `model` itself.
     weights_listen: str | None = None

@@ -146,6 +146,7 @@ class LocalWorkers:
         output: int | None = None,
         kv_memory: int | float | None = None,
         engine: str | None = None,
+        threads_alone: int | None = None,
     ) -> list[WorkerAddress]:
         """Start `count` workers (worker1, worker2, …) on free ports of `host`, on `engine` (None: the
         platform's default); their addresses in chain order."""
@@ -161,6 +162,7 @@ class LocalWorkers:
                 engine=engine,
                 output=output,
                 kv_memory=kv_memory,
+                args=["--threads-alone", str(threads_alone)] if threads_alone else None,
             )
             for index, port in enumerate(ports)
         ]

@@ -61,7 +61,9 @@ class Pipeline:
             )
             if outcome.tokens is not None:
                 return outcome.tokens
-            step = StepInput(step.step_id, step.segments, hidden_states=outcome.hidden_states)
+            step = StepInput(
+                step.step_id, step.segments, hidden_states=outcome.hidden_states, alone=step.alone
+            )
         return prepare_step(step)
 
     async def run_step(self, step: StepInput) -> list[SampledToken]:

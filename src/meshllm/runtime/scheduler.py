@@ -278,7 +278,12 @@ class Scheduler:
             sequence.status = SequenceStatus.IN_FLIGHT
         step = ScheduledStep(
             step_id,
-            StepInput(step_id, segments, token_ids=np.asarray(token_ids, dtype=np.int64)),
+            StepInput(
+                step_id,
+                segments,
+                token_ids=np.asarray(token_ids, dtype=np.int64),
+                alone=not self._in_flight,  # the only step out: the stages may use every core
+            ),
             [s.seq_id for s in members],
         )
         self._in_flight[step_id] = step

@@ -66,6 +66,11 @@ class LocalStageHost:
         self.model = ""
         self.num_layers = 0
         self._guessed_device_type: str | None = None  # before any load (asking imports the engine once)
+        # Compute threads: for a step that shares the machine's cores with other stages' steps, and for
+        # one alone in the pipeline (None: as the process was started). See `set_threads`.
+        self.threads: int | None = None
+        self.threads_alone: int | None = None
+        self._threads_now: int | None = None
         self._calibrations: dict[Precision, Calibration] = {}  # measured once per precision
 
     @classmethod
@@ -178,15 +183,30 @@ class LocalStageHost:
             group_size=spec.group_size,
         )
         self.stage, self.engine, self.model, self.quantize = stage, engine, spec.model, quantize
+        self._threads_now = None  # a new stage: its threads are set again at its first step
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
         self.kv_memory = self._kv_budget(stage)
         summary = f"layers {spec.layer_range} loaded in {time.perf_counter() - started:.1f} s"
         return f"{summary}; {fetched}" if fetched else summary
 
+    def set_threads(self, threads: int | None, alone: int | None = None) -> None:
+        """Compute each step with `threads` CPU threads, or with `alone` when no other step is in flight
+        (stages that share a machine split its cores while they all compute, and the one computing may
+        take them all while the others wait)."""
+        self.threads, self.threads_alone = threads, alone
+        self._threads_now = None
+
+    def _apply_threads(self, stage: Stage, step: StepInput) -> None:
+        wanted = self.threads_alone if step.alone and self.threads_alone else self.threads
+        if wanted and wanted != self._threads_now:
+            stage.set_threads(wanted)
+            self._threads_now = wanted
+
     def step(self, step: StepInput) -> StepOutcome:
         stage = self._loaded_stage()
         self._check(stage, step)
+        self._apply_threads(stage, step)
         try:
             output = stage.forward(step)
         except Exception:

@@ -128,6 +128,7 @@ async def _start(
             kv_memory=config.kv_memory,
         )
         host.device = config.device  # where its layers load again, should the plan change
+        host.set_threads(config.threads, config.threads_alone)
         local_hosts.append(host)
     worker_plan = plan[int(config.local_stage) :]
     next_stages = [*(client.address for client in clients[1:]), ""][: len(clients)]

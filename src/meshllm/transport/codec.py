@@ -75,7 +75,9 @@ def decode_segment(message: pb.Segment) -> Segment:
 
 
 def encode_step(step: StepInput) -> pb.StepRequest:
-    request = pb.StepRequest(step_id=step.step_id, segments=[encode_segment(s) for s in step.segments])
+    request = pb.StepRequest(
+        step_id=step.step_id, segments=[encode_segment(s) for s in step.segments], alone=step.alone
+    )
     if step.token_ids is not None:
         request.token_ids.CopyFrom(tensors.encode(np.asarray(step.token_ids, dtype=np.int64)))
     if step.hidden_states is not None:
@@ -120,7 +122,11 @@ def decode_step(request: pb.StepRequest, framework: str) -> StepInput:
         if n_tokens and int(token_ids.min()) < 0:
             raise MalformedStep(f"{step}: token_ids hold a negative id")
     return StepInput(
-        step_id=request.step_id, segments=segments, token_ids=token_ids, hidden_states=hidden_states
+        step_id=request.step_id,
+        segments=segments,
+        token_ids=token_ids,
+        hidden_states=hidden_states,
+        alone=request.alone,
     )
 
 
@@ -169,7 +175,7 @@ def _checked_segment(message: pb.Segment, name: str) -> Segment:
 def forward_step(request: pb.StepRequest, hidden_states: Any) -> pb.StepRequest:
     """The request for the next stage: the same step and segments (not decoded and encoded again), with
     this stage's output as its hidden states."""
-    forwarded = pb.StepRequest(step_id=request.step_id, segments=request.segments)
+    forwarded = pb.StepRequest(step_id=request.step_id, segments=request.segments, alone=request.alone)
     forwarded.hidden_states.CopyFrom(tensors.encode(hidden_states))
     return forwarded
 

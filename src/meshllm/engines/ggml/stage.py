@@ -168,6 +168,10 @@ class GgmlStage:
             self.config, self.layer_range, 4 if self.kv_type == self.g.GGML_TYPE_F32 else 2
         )
 
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        self.g.ggml_backend_cpu_set_n_threads(self.backend, threads)
+
     def release(self, seq_ids: list[int]) -> None:
         self.graphs.forget(set(seq_ids))
         for seq_id in seq_ids:

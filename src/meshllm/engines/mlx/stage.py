@@ -95,6 +95,9 @@ class MlxStage:
         for seq_id in seq_ids:
             self._caches.pop(seq_id, None)
 
+    def set_threads(self, threads: int) -> None:
+        """MLX chooses its own threads (its GPU, or its CPU build's)."""
+
     def _cache(self, seq_id: int, start_pos: int) -> list[KVCache]:
         caches = self._caches.get(seq_id)
         if caches is None:

@@ -65,6 +65,9 @@ class TorchStage:
         for seq_id in seq_ids:
             self._caches.pop(seq_id, None)
 
+    def set_threads(self, threads: int) -> None:
+        torch.set_num_threads(threads)  # the process's intra-op threads: one stage computes at a time
+
     def _cache(self, seq_id: int, start_pos: int) -> dict[int, KVCache]:
         caches = self._caches.get(seq_id)
         if caches is None:
