@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "more threads than cores in all makes idle threads sleep rather than spin (OMP_WAIT_POLICY=passive)",
     )
     parser.add_argument(
+        "--threads-alone",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compute threads for a step alone in the pipeline (one stream), the other stages idle "
+        "meanwhile (default: the machine's cores when several stages share it, else --threads)",
+    )
+    parser.add_argument(
         "--workers",
         default=None,
         metavar="NAME=HOST:PORT,...",
@@ -334,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
     # Stages that share this machine split its cores while they all compute; a step alone in the
     # pipeline (one stream) may take every core, the other stages being idle meanwhile.
     stages_here = n_local_workers + int(local_stage)
-    alone = _cores() if stages_here > 1 and threads < _cores() else None
+    alone = args.threads_alone or (_cores() if stages_here > 1 and threads < _cores() else None)
+    if alone is not None and alone < 1:
+        raise ConfigError(f"--threads-alone must be at least 1, got {alone}")
     args.stage_threads, args.threads_alone = threads, alone
 
     # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).

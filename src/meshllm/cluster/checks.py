@@ -151,6 +151,13 @@ def threads_for(cluster: Cluster, device: Device, cpu_count: int) -> int:
     return max(1, cpu_count // sharing)
 
 
+def threads_alone_for(cluster: Cluster, device: Device, cpu_count: int) -> int | None:
+    """The threads of a step alone in the pipeline: the machine's cores where the device shares them
+    with other stages (by default), else None (its `threads`)."""
+    sharing = sum(1 for other in cluster.device if other.machine == device.machine)
+    return cpu_count if sharing > 1 and not device.threads and cpu_count > 1 else None
+
+
 def check_memory_fit(cluster: Cluster, memory_available: dict[str, int | None]) -> None:
     """Raise ConfigError (from the layer plan) when the model's weights do not fit in the devices' memory.
 

@@ -191,7 +191,12 @@ class Starter:
     def launch(self, device: Device, facts: dict[str, Any]) -> PidRecord:
         """Start the device's process detached there; its pid file is written at once."""
         threads = checks.threads_for(self.cluster, device, facts["cpu_count"])
-        argv = self.coordinator_argv(device) if device.is_coordinator else self.worker_argv(device, threads)
+        alone = checks.threads_alone_for(self.cluster, device, facts["cpu_count"])
+        if device.is_coordinator:  # its own stage's threads (a worker's are in worker_argv)
+            argv = [*self.coordinator_argv(device), "--threads", str(threads)]
+        else:
+            argv = self.worker_argv(device, threads)
+        argv += ["--threads-alone", str(alone)] if alone else []
         env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env}
         machine = self.machines[device.name]
         status_file = None if device.is_coordinator else self.state.status_path(device)

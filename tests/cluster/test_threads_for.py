@@ -1,0 +1,26 @@
+"""The threads `cluster start` gives each device: its share of the machine's cores, and every core for a
+step alone in the pipeline where devices share the machine."""
+
+from __future__ import annotations
+
+from cluster_helpers import free_port
+
+from meshllm.cluster.checks import threads_alone_for, threads_for
+from meshllm.config import load_cluster
+
+
+def test_devices_sharing_a_machine_split_its_cores_and_take_them_all_for_a_step_alone(cluster_files) -> None:
+    path = cluster_files.write(
+        [
+            {"name": "coordinator", "host": "127.0.0.1"},
+            {"name": "w1", "host": "127.0.0.1", "port": free_port()},
+            {"name": "w2", "host": "127.0.0.1", "port": free_port(), "threads": 1},
+        ]
+    )
+    cluster = load_cluster(path)
+    devices = {device.name: device for device in cluster.device}
+    assert threads_for(cluster, devices["w1"], 8) == 2
+    assert threads_alone_for(cluster, devices["w1"], 8) == 8
+    assert threads_alone_for(cluster, devices["coordinator"], 8) == 8
+    assert threads_alone_for(cluster, devices["w2"], 8) is None  # the threads it was given win
+    assert threads_alone_for(cluster, devices["w1"], 1) is None  # one core: nothing to take
