@@ -83,6 +83,8 @@ class Calibration(NamedTuple):
 
     read_bandwidth: float  # bytes/s of weights read by one-token matmuls
     flop_rate: float  # floating-point operations/s of matmuls over a batch of tokens
+    # The read speed of a step alone in the pipeline, where it takes more threads (0: read_bandwidth).
+    alone_read_bandwidth: float = 0.0
 
 
 class Link(NamedTuple):
@@ -119,6 +121,7 @@ class StageInfo:
     kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
+    read_bandwidth_alone: float = 0.0  # a step alone in the pipeline's read speed, when measured and other
 
 
 def system_memory() -> tuple[int, int]:

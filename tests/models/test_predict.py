@@ -26,6 +26,14 @@ def test_one_stream_reads_every_weight_once_per_token() -> None:
     assert prediction.one_stream == pytest.approx(10.0)  # 1 GB at 10 GB/s: 0.1 s a token
 
 
+def test_one_stream_reads_at_the_speed_of_a_step_alone_and_many_at_the_shared_one() -> None:
+    shared, alone = 5 * GB, 10 * GB  # two stages on one machine: one core each, or both for a lone step
+    halves = [StageCost("d", int(0.5 * GB), 0, 0, shared, 100 * GB, alone)] * 2
+    prediction = predict(halves, [Link(0.0, 1e12)], 0, streams=16)
+    assert prediction.one_stream == pytest.approx(10.0)  # 2 × 0.5 GB at 10 GB/s
+    assert prediction.many_streams == pytest.approx(16 / (2 * 0.1))  # 2 micro-batches, 0.1 s a step
+
+
 def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:
     whole = predict([stage(1.0, weights=5e7)], [], 0, streams=16)
     halves = predict([stage(0.5, weights=2.5e7)] * 2, [Link(0.001, 1 * GB)], 2048, streams=16)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from meshllm.devices import Precision
 from meshllm.engines.ggml import load_stage as load_ggml_stage
 from meshllm.engines.torch import load_stage as load_torch_stage
 from meshllm.runtime.engine_client import GenerateRequest
@@ -58,3 +59,14 @@ def test_the_only_step_in_flight_is_alone_and_those_sent_beside_it_are_not() -> 
     scheduler.abort(b.seq_ids[0])
     c = scheduler.schedule()
     assert c is not None and c.input.alone  # the other sequence ended: this step is alone again
+
+
+def test_a_host_with_threads_for_a_step_alone_measures_its_read_speed_with_them_too() -> None:
+    host = LocalStageHost("s0", engine="torch")
+    before = torch.get_num_threads()
+    host.set_threads(1, 2)
+    calibration = host.calibrate(Precision("float32"))
+    assert calibration.read_bandwidth > 0 and calibration.alone_read_bandwidth > 0
+    assert torch.get_num_threads() == before  # measured with each count, then put back
+    plain = LocalStageHost("s1", engine="torch")
+    assert plain.calibrate(Precision("float32")).alone_read_bandwidth == 0.0  # nothing more to measure

@@ -62,18 +62,21 @@ def load_stage(
     )
 
 
-def calibrate(engine: str, precision: Precision, device: str | None = None) -> Calibration:
+def calibrate(
+    engine: str, precision: Precision, device: str | None = None, threads: int | None = None
+) -> Calibration:
     """How fast this device reads weights as decode does and computes over a batch of tokens, on `engine`
-    at `precision` (a short measurement, about a second)."""
+    at `precision` (a short measurement, about a second), with `threads` CPU threads (None: the
+    process's)."""
     if engine == "torch":
         from meshllm.engines.torch.calibrate import calibrate as torch_calibrate
 
-        return torch_calibrate(precision, device)
+        return torch_calibrate(precision, device, threads)
     engine_loader(engine)  # a clear error when the engine is missing
     if engine == "ggml":
         from meshllm.engines.ggml.stage import calibrate as ggml_calibrate
 
-        return ggml_calibrate(precision, device)
+        return ggml_calibrate(precision, device, threads)
     from meshllm.engines.mlx.stage import calibrate as mlx_calibrate
 
     return mlx_calibrate(precision, device)

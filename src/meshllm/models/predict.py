@@ -30,12 +30,15 @@ class StageCost:
     head_weights: int  # of which the lm_head's (prefill needs it for a prompt's last token only)
     read_bandwidth: float  # bytes/s
     flop_rate: float  # floating-point operations/s at a batch of tokens
+    alone_read_bandwidth: float = 0.0  # bytes/s of a step alone in the pipeline (0: read_bandwidth)
 
-    def step_seconds(self, tokens: int, head_tokens: int | None = None) -> float:
-        """One step over `tokens` tokens, `head_tokens` of which need logits (all, unless told)."""
+    def step_seconds(self, tokens: int, head_tokens: int | None = None, alone: bool = False) -> float:
+        """One step over `tokens` tokens, `head_tokens` of which need logits (all, unless told); `alone`:
+        the only step in flight, which may take more threads."""
         head_tokens = tokens if head_tokens is None else head_tokens
         arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
-        return self.read_bytes / self.read_bandwidth + arithmetic / self.flop_rate
+        bandwidth = (self.alone_read_bandwidth or self.read_bandwidth) if alone else self.read_bandwidth
+        return self.read_bytes / bandwidth + arithmetic / self.flop_rate
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def predict(
 
     def cycle(batch: int, in_flight: int) -> float:
         """Seconds for every one of the streams to gain a token."""
-        times = [stage.step_seconds(batch) for stage in stages]
+        times = [stage.step_seconds(batch, alone=in_flight == 1) for stage in stages]
         return max(sum(times) + hops(batch), in_flight * max(times))
 
     one = 1.0 / cycle(1, 1)
@@ -107,6 +110,7 @@ class CostModel:
             self.weights.head if last else 0,
             calibration.read_bandwidth,
             calibration.flop_rate,
+            calibration.alone_read_bandwidth,
         )
 
     def stage_costs(

@@ -140,7 +140,9 @@ class LocalStageHost:
 
     def calibrate(self, precision: Precision) -> Calibration:
         if precision not in self._calibrations:
-            self._calibrations[precision] = calibrate(self.engine, precision, self.device)
+            self._calibrations[precision] = calibrate_threads(
+                self.engine, precision, self.device, self.threads, self.threads_alone
+            )
         return self._calibrations[precision]
 
     def health(self) -> Health:
@@ -276,3 +278,14 @@ class LocalStageHost:
 
     def close(self) -> None:
         self.stage = None
+
+
+def calibrate_threads(
+    engine: str, precision: Precision, device: str | None, threads: int | None, alone: int | None
+) -> Calibration:
+    """`calibrate` with the stage's threads, and its read speed again with the threads of a step alone
+    when those are more."""
+    measured = calibrate(engine, precision, device, threads)
+    if alone is None or alone == threads:
+        return measured
+    return measured._replace(alone_read_bandwidth=calibrate(engine, precision, device, alone).read_bandwidth)

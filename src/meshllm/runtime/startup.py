@@ -16,7 +16,7 @@ from typing import Any
 
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
-from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
+from meshllm.engines import default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -30,7 +30,7 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.replan import Replanner
 from meshllm.runtime.scheduler import KVBudget, Scheduler
-from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.runtime.stage_host import LocalStageHost, calibrate_threads
 from meshllm.runtime.weights import CheckpointWeights
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
@@ -285,12 +285,14 @@ async def _calibrate(
     if config.local_stage:
         precision = Precision(config.dtype, config.quantize_of(config.name), config.group_size)
         calibrations[config.name] = await asyncio.to_thread(
-            _local_calibration, engine, precision, config.device
+            _local_calibration, engine, precision, config.device, config.threads, config.threads_alone
         )
     for client in clients:
         precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
         info = await client.info(timeout=120.0, calibrate=precision)
-        calibrations[client.name] = Calibration(info.read_bandwidth, info.flop_rate)
+        calibrations[client.name] = Calibration(
+            info.read_bandwidth, info.flop_rate, info.read_bandwidth_alone
+        )
     return calibrations
 
 
@@ -305,9 +307,11 @@ def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
 
 
 @functools.cache
-def _local_calibration(engine: str, precision: Precision, device: str | None) -> Calibration:
+def _local_calibration(
+    engine: str, precision: Precision, device: str | None, threads: int | None, alone: int | None
+) -> Calibration:
     """This process's speeds, measured once per precision."""
-    return calibrate(engine, precision, device)
+    return calibrate_threads(engine, precision, device, threads, alone)
 
 
 PREDICTED_STREAMS = 16
@@ -331,7 +335,9 @@ async def _predict(
     lines = [
         "device speeds: "
         + ", ".join(
-            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s, computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s"
+            + (f" ({found.alone_read_bandwidth / 1e9:.1f} alone)" if found.alone_read_bandwidth else "")
+            + f", computes {found.flop_rate / 1e9:.0f} GFLOP/s"
             for name, found in calibrations.items()
         )
     ]

@@ -245,4 +245,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         kv_bytes_per_token=reply.kv_bytes_per_token,
         kv_memory=reply.kv_memory,
         step_port=reply.step_port,
+        read_bandwidth_alone=reply.read_bandwidth_alone,
     )

@@ -431,7 +431,7 @@ def load_stage(
     return stage
 
 
-def calibrate(precision: Precision, device: str | None = None) -> Calibration:
+def calibrate(precision: Precision, device: str | None = None, threads: int | None = None) -> Calibration:
     """Read speed from one-token mat-vecs and compute rate from 32-token mat-muls in ggml, at `precision`
     (eight 2048×2048 matrices; the median of the last five of six passes), as the other engines measure."""
     import time
@@ -445,7 +445,7 @@ def calibrate(precision: Precision, device: str | None = None) -> Calibration:
     stage = GgmlStage.__new__(GgmlStage)  # only the weight upload of a stage: no model around it
     stage.g, stage._buffers = g, []
     stage.backend = g.ggml_backend_cpu_init()
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     g.ggml_backend_cpu_set_n_threads(stage.backend, threads)
     try:
         weights = stage._upload(arrays, weight_type(g, precision.dtype, precision.quantize))

@@ -24,9 +24,21 @@ def _bytes(layer: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
+def calibrate(precision: Precision, device: str | None = None, threads: int | None = None) -> Calibration:
+    """Read speed from one-token matmuls and compute rate from BATCH-token ones (medians of a few passes),
+    with `threads` intra-op threads (None: the process's)."""
+    if threads is None:
+        return _calibrate(precision, device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _calibrate(precision, device)
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
-def calibrate(precision: Precision, device: str | None = None) -> Calibration:
-    """Read speed from one-token matmuls and compute rate from BATCH-token ones (medians of a few passes)."""
+def _calibrate(precision: Precision, device: str | None) -> Calibration:
     target, torch_dtype = pick_device(device), DTYPES[precision.dtype]
     generator = torch.Generator().manual_seed(0)
     layers = [
