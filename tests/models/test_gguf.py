@@ -68,6 +68,10 @@ def test_tensors_are_known_by_their_hugging_face_names(tiny_checkpoint, tmp_path
     assert sizes["model.layers.0.mlp.up_proj.weight"] == 128 * 64 // 32 * 34
     plan = make_plan(checkpoint, [("a", 10**9), ("b", 10**9)], "float32")
     assert [stage.layer_range for stage in plan][-1].end == 4
+    # calibrated in the type its matrices are stored in
+    assert checkpoint.gguf is not None and checkpoint.gguf.stored_quantize() == "int8"
+    float_file = Checkpoint.open(write_gguf(folder, tmp_path / "qwen2-f32.gguf"))
+    assert float_file.gguf is not None and float_file.gguf.stored_quantize() is None
 
 
 def test_files_meshllm_cannot_read_are_named(tmp_path):

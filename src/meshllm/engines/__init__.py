@@ -63,23 +63,27 @@ def load_stage(
 
 
 def calibrate(
-    engine: str, precision: Precision, device: str | None = None, threads: int | None = None
+    engine: str,
+    precision: Precision,
+    device: str | None = None,
+    threads: int | None = None,
+    volume: int = 0,
 ) -> Calibration:
     """How fast this device reads weights as decode does and computes over a batch of tokens, on `engine`
-    at `precision` (a short measurement, about a second), with `threads` CPU threads (None: the
-    process's)."""
+    at `precision` (a short measurement, a second or two), with `threads` CPU threads (None: the
+    process's); the read speed over about `volume` bytes of weights (at least 8 matrices of 2048²)."""
     if engine == "torch":
         from meshllm.engines.torch.calibrate import calibrate as torch_calibrate
 
-        return torch_calibrate(precision, device, threads)
+        return torch_calibrate(precision, device, threads, volume)
     engine_loader(engine)  # a clear error when the engine is missing
     if engine == "ggml":
         from meshllm.engines.ggml.stage import calibrate as ggml_calibrate
 
-        return ggml_calibrate(precision, device, threads)
+        return ggml_calibrate(precision, device, threads, volume)
     from meshllm.engines.mlx.stage import calibrate as mlx_calibrate
 
-    return mlx_calibrate(precision, device)
+    return mlx_calibrate(precision, device, volume)
 
 
 def guess_device_type(engine: str, device: str | None) -> str:

@@ -106,3 +106,17 @@ def stage_bounds(
 def kv_bytes_per_token(config: ModelConfig, layer_range: LayerRange, itemsize: int) -> int:
     """Keys and values of one token over the layers `[start, end)`, each element `itemsize` bytes."""
     return 2 * layer_range.size * config.num_key_value_heads * config.head_dim * itemsize
+
+
+# Calibration (each engine's `calibrate`): the compute rate is measured over a few matrices that stay in a
+# cache; the read speed over as many bytes as the stages of this machine will hold (`volume`), since a
+# model that fits the last-level cache (480 MB on some servers) reads at its speed, one that does not at
+# the memory's.
+COMPUTE_MATRICES = 8
+MAX_READ_MATRICES = 256
+
+
+def read_matrices(volume: int, matrix_bytes: int) -> int:
+    """How many matrices of `matrix_bytes` the read-speed pass goes over to read about `volume` bytes."""
+    wanted = -(-max(volume, 0) // max(matrix_bytes, 1))
+    return max(COMPUTE_MATRICES, min(MAX_READ_MATRICES, wanted))

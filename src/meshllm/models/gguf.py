@@ -163,6 +163,20 @@ class GgufModel:
         """The Hugging Face names of the model's weights in the file."""
         return [name for name in self.tensors if name != ROPE_FREQS]
 
+    def stored_quantize(self) -> str | None:
+        """The meshllm quantization nearest to how most of the file's matrix bytes are stored (int8 for
+        8-bit blocks, int4 for 4-bit ones), or None for floats: what a calibration should read."""
+        by_type: dict[str, int] = {}
+        for tensor in self.tensors.values():
+            if len(tensor.shape) == 2:
+                by_type[tensor.type_name] = by_type.get(tensor.type_name, 0) + int(np.prod(tensor.shape))
+        main = max(by_type, key=by_type.__getitem__, default="F32")
+        if main.startswith("Q8"):
+            return "int8"
+        if main.startswith(("Q4", "IQ4")):
+            return "int4"
+        return None
+
     @property
     def interleaved_rope(self) -> bool:
         """Whether q and k rows are reordered for RoPE over adjacent pairs (llama.cpp's Llama layout)."""

@@ -71,7 +71,7 @@ class LocalStageHost:
         self.threads: int | None = None
         self.threads_alone: int | None = None
         self._threads_now: int | None = None
-        self._calibrations: dict[Precision, Calibration] = {}  # measured once per precision
+        self._calibrations: dict[tuple[Precision, int], Calibration] = {}  # once per precision and volume
 
     @classmethod
     def of(
@@ -138,12 +138,14 @@ class LocalStageHost:
             kv_memory=self.kv_memory if stage is not None else 0,
         )
 
-    def calibrate(self, precision: Precision) -> Calibration:
-        if precision not in self._calibrations:
-            self._calibrations[precision] = calibrate_threads(
-                self.engine, precision, self.device, self.threads, self.threads_alone
+    def calibrate(self, precision: Precision, volume: int = 0) -> Calibration:
+        """This device's speeds at `precision`, read over about `volume` bytes (measured once each)."""
+        key = (precision, volume)
+        if key not in self._calibrations:
+            self._calibrations[key] = calibrate_threads(
+                self.engine, precision, self.device, self.threads, self.threads_alone, volume
             )
-        return self._calibrations[precision]
+        return self._calibrations[key]
 
     def health(self) -> Health:
         stage = self.stage
@@ -281,11 +283,17 @@ class LocalStageHost:
 
 
 def calibrate_threads(
-    engine: str, precision: Precision, device: str | None, threads: int | None, alone: int | None
+    engine: str,
+    precision: Precision,
+    device: str | None,
+    threads: int | None,
+    alone: int | None,
+    volume: int = 0,
 ) -> Calibration:
     """`calibrate` with the stage's threads, and its read speed again with the threads of a step alone
     when those are more."""
-    measured = calibrate(engine, precision, device, threads)
+    measured = calibrate(engine, precision, device, threads, volume)
     if alone is None or alone == threads:
         return measured
-    return measured._replace(alone_read_bandwidth=calibrate(engine, precision, device, alone).read_bandwidth)
+    alone_speed = calibrate(engine, precision, device, alone, volume).read_bandwidth
+    return measured._replace(alone_read_bandwidth=alone_speed)

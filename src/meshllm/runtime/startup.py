@@ -228,7 +228,7 @@ async def _survey(
     hosts = {info.hostname for info in infos} | ({socket.gethostname()} if config.local_stage else set())
     # Devices of one machine read at one speed: measuring them would only measure each other's noise.
     measure = _plan_needs_speeds(config) and len(hosts) > 1
-    calibrations = await _calibrate(config, engine, clients) if measure or calibrate else {}
+    calibrations = await _calibrate(config, engine, checkpoint, clients) if measure or calibrate else {}
     speeds = _relative_speeds(calibrations) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
@@ -277,19 +277,36 @@ def _plan_needs_speeds(config: CoordinatorConfig) -> bool:
 
 
 async def _calibrate(
-    config: CoordinatorConfig, engine: str, clients: list[StageClient]
+    config: CoordinatorConfig, engine: str, checkpoint: Checkpoint, clients: list[StageClient]
 ) -> dict[str, Calibration]:
     """Every device's speeds in its own dtype and quantization, one device at a time (devices that share
-    a machine would slow each other's measurement)."""
+    a machine would slow each other's measurement); the read speed over the whole model as the device
+    would hold it (up to 512 MB): what the stages of a machine read in turn, beyond a cache or within it."""
     calibrations: dict[str, Calibration] = {}
+    model = CostModel(checkpoint, config.dtype, config.group_size)
+    layers = checkpoint.config.num_hidden_layers
+
+    def volume(quantize: str | None) -> int:
+        return min(model.held(quantize).held(0, layers), CALIBRATION_VOLUME)
+
+    # A GGUF file's blocks are held as stored: measure the speed of reading those.
+    stored = checkpoint.gguf.stored_quantize() if checkpoint.gguf is not None else None
     if config.local_stage:
-        precision = Precision(config.dtype, config.quantize_of(config.name), config.group_size)
+        quantize = config.quantize_of(config.name)
+        precision = Precision(config.dtype, quantize or stored, config.group_size)
         calibrations[config.name] = await asyncio.to_thread(
-            _local_calibration, engine, precision, config.device, config.threads, config.threads_alone
+            _local_calibration,
+            engine,
+            precision,
+            config.device,
+            config.threads,
+            config.threads_alone,
+            volume(quantize),
         )
     for client in clients:
-        precision = Precision(config.dtype, config.quantize_of(client.name), config.group_size)
-        info = await client.info(timeout=120.0, calibrate=precision)
+        quantize = config.quantize_of(client.name)
+        precision = Precision(config.dtype, quantize or stored, config.group_size)
+        info = await client.info(timeout=120.0, calibrate=precision, volume=volume(quantize))
         calibrations[client.name] = Calibration(
             info.read_bandwidth, info.flop_rate, info.read_bandwidth_alone
         )
@@ -308,13 +325,19 @@ def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
 
 @functools.cache
 def _local_calibration(
-    engine: str, precision: Precision, device: str | None, threads: int | None, alone: int | None
+    engine: str,
+    precision: Precision,
+    device: str | None,
+    threads: int | None,
+    alone: int | None,
+    volume: int,
 ) -> Calibration:
     """This process's speeds, measured once per precision."""
-    return calibrate_threads(engine, precision, device, threads, alone)
+    return calibrate_threads(engine, precision, device, threads, alone, volume)
 
 
 PREDICTED_STREAMS = 16
+CALIBRATION_VOLUME = 512 * 1024 * 1024  # the most bytes a calibration reads in its one-token pass
 
 
 async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[Link]:

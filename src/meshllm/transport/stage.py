@@ -80,8 +80,9 @@ class StageHost(Protocol):
 
     def info(self) -> StageInfo: ...
 
-    def calibrate(self, precision: Precision) -> Calibration:
-        """Bytes/s this device reads weights at, in that dtype and quantization (measured once, kept)."""
+    def calibrate(self, precision: Precision, volume: int = 0) -> Calibration:
+        """Bytes/s this device reads weights at, in that dtype and quantization, over about `volume` bytes
+        of them, and its compute rate (measured once, kept)."""
         ...
 
     def health(self) -> Health: ...

@@ -83,12 +83,18 @@ class StageClient:
         kind = TokenRefused if is_refusal(error) else StageError
         return kind(explain(error, self.name, self.address, self.secure))
 
-    async def info(self, timeout: float = 3.0, calibrate: Precision | None = None) -> StageInfo:
-        """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision."""
+    async def info(
+        self, timeout: float = 3.0, calibrate: Precision | None = None, volume: int = 0
+    ) -> StageInfo:
+        """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision, the
+        read speed over about `volume` bytes of weights."""
         request = pb.InfoRequest()
         if calibrate is not None:
             request = pb.InfoRequest(
-                dtype=calibrate.dtype, quantize=calibrate.quantize or "", group_size=calibrate.group_size
+                dtype=calibrate.dtype,
+                quantize=calibrate.quantize or "",
+                group_size=calibrate.group_size,
+                volume=volume,
             )
         try:
             reply = await self._stub.Info(request, metadata=self._metadata, timeout=timeout)

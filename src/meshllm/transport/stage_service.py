@@ -78,7 +78,7 @@ class StageService(pbg.StageServicer):
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
             precision = Precision(request.dtype, quantize, group_size)
-            calibration = await self._run(self.host.calibrate, precision)
+            calibration = await self._run(self.host.calibrate, precision, request.volume)
             reply.read_bandwidth, reply.flop_rate = calibration.read_bandwidth, calibration.flop_rate
             reply.read_bandwidth_alone = calibration.alone_read_bandwidth
         return reply

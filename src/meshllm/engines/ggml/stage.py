@@ -30,7 +30,7 @@ import numpy as np
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
+from meshllm.engines.base import COMPUTE_MATRICES, Progress, kv_bytes_per_token, read_matrices, stage_bounds
 from meshllm.engines.ggml.cache import SequenceCache
 from meshllm.engines.ggml.fused import fuse_projections
 from meshllm.engines.ggml.graph import GraphPool
@@ -431,17 +431,23 @@ def load_stage(
     return stage
 
 
-def calibrate(precision: Precision, device: str | None = None, threads: int | None = None) -> Calibration:
-    """Read speed from one-token mat-vecs and compute rate from 32-token mat-muls in ggml, at `precision`
-    (eight 2048×2048 matrices; the median of the last five of six passes), as the other engines measure."""
+def calibrate(
+    precision: Precision, device: str | None = None, threads: int | None = None, volume: int = 0
+) -> Calibration:
+    """Read speed from one-token mat-vecs over about `volume` bytes of 2048×2048 matrices (at least
+    eight), and compute rate from 32-token mat-muls over eight, in ggml at `precision` (the median of the
+    last five of six passes), as the other engines measure."""
     import time
 
     if device not in (None, "auto", "cpu"):
         raise ConfigError(f"device {device!r}: the ggml engine runs on the CPU here")
-    size, count, batch = 2048, 8, 32
+    size, batch = 2048, 32
     rng = np.random.default_rng(0)
-    arrays = {f"m{i}": rng.standard_normal((size, size), dtype=np.float32) for i in range(count)}
     g = ggml_module()
+    matrix = rng.standard_normal((size, size), dtype=np.float32)
+    matrix_bytes = g.ggml_row_size(weight_type(g, precision.dtype, precision.quantize), size) * size
+    count = read_matrices(volume, matrix_bytes)
+    arrays = {f"m{i}": matrix for i in range(count)}  # one array, uploaded into distinct memory
     stage = GgmlStage.__new__(GgmlStage)  # only the weight upload of a stage: no model around it
     stage.g, stage._buffers = g, []
     stage.backend = g.ggml_backend_cpu_init()
@@ -450,7 +456,7 @@ def calibrate(precision: Precision, device: str | None = None, threads: int | No
     try:
         weights = stage._upload(arrays, weight_type(g, precision.dtype, precision.quantize))
 
-        def seconds(tokens: int) -> float:
+        def seconds(tokens: int, count: int) -> float:
             n_nodes = 4 * count + 8
             ctx = g.ggml_init(
                 g.ggml_init_params(
@@ -483,8 +489,10 @@ def calibrate(precision: Precision, device: str | None = None, threads: int | No
                 g.ggml_gallocr_free(allocator)
                 g.ggml_free(ctx)
 
-        one, many = seconds(1), seconds(batch)
+        read = seconds(1, count)
+        one, many = seconds(1, COMPUTE_MATRICES), seconds(batch, COMPUTE_MATRICES)
     finally:
         stage.close()
     arithmetic = max(many - one, many * 0.1)
-    return Calibration(weights.nbytes / one, 2 * (batch - 1) * size * size * count / arithmetic)
+    flops = 2 * (batch - 1) * size * size * COMPUTE_MATRICES / arithmetic
+    return Calibration(weights.nbytes / read, flops)

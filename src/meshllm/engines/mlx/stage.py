@@ -22,7 +22,7 @@ from mlx_lm.models.cache import KVCache
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
+from meshllm.engines.base import COMPUTE_MATRICES, Progress, kv_bytes_per_token, read_matrices, stage_bounds
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -228,14 +228,16 @@ def load_stage(
     return stage
 
 
-def calibrate(precision: Precision, device: str | None = None) -> Calibration:
-    """Read speed from one-token matmuls, compute rate from batch ones, at `precision` (MLX-quantized when
-    asked); as the torch engine measures them."""
+def calibrate(precision: Precision, device: str | None = None, volume: int = 0) -> Calibration:
+    """Read speed from one-token matmuls over about `volume` bytes, compute rate from batch ones over a
+    few, at `precision` (MLX-quantized when asked); as the torch engine measures them."""
     import time
 
     _use_device(device)
-    size, count, batch = 2048, 8, 32
-    layers = []
+    size, batch = 2048, 32
+    itemsize = {"int8": 1.0, "int4": 0.5}.get(precision.quantize or "", DTYPES[precision.dtype].size)
+    count = read_matrices(volume, int(size * size * itemsize))
+    layers: list[nn.Module] = []
     for seed in range(count):
         layer = nn.Linear(size, size, bias=False)
         layer.weight = mx.random.normal((size, size), key=mx.random.key(seed)).astype(DTYPES[precision.dtype])
@@ -246,7 +248,7 @@ def calibrate(precision: Precision, device: str | None = None) -> Calibration:
     mx.eval([layer.parameters() for layer in layers])
     held = sum(array.nbytes for layer in layers for _, array in flat_parameters(layer))
 
-    def seconds(tokens: int) -> float:
+    def seconds(tokens: int, layers: list[nn.Module]) -> float:
         x = mx.random.normal((tokens, size)).astype(DTYPES[precision.dtype])
         passes = []
         for _ in range(6):
@@ -255,6 +257,7 @@ def calibrate(precision: Precision, device: str | None = None) -> Calibration:
             passes.append(time.perf_counter() - started)
         return sorted(passes[1:])[2]
 
-    one, many = seconds(1), seconds(batch)
+    few = layers[:COMPUTE_MATRICES]
+    read, one, many = seconds(1, layers), seconds(1, few), seconds(batch, few)
     arithmetic = max(many - one, many * 0.1)
-    return Calibration(held / one, 2 * (batch - 1) * size * size * count / arithmetic)
+    return Calibration(held / read, 2 * (batch - 1) * size * size * len(few) / arithmetic)

@@ -1,18 +1,20 @@
 """How fast this device runs decode's costs, in the stage's dtype and quantization: reading weights
-(one-token matmuls over layers too big to stay in a cache) and arithmetic (the same layers over a batch of
-tokens). The planner divides each stage's bytes per token by the first; predictions use both."""
+(one-token matmuls over as many bytes as the stages will hold, at least 64 MB in bfloat16) and arithmetic
+(a few of those layers over a batch of tokens). The planner divides each stage's bytes per token by the
+first; predictions use both."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
 from meshllm.devices import Calibration, Precision
+from meshllm.engines.base import COMPUTE_MATRICES, read_matrices
 from meshllm.engines.torch.qlinear import QuantizedLinear, make_linear
 from meshllm.engines.torch.stage import DTYPES, pick_device
 
-LAYERS = 8  # distinct [SIZE, SIZE] matrices, read in turn: 64 MB in bfloat16, beyond a CPU's caches
 SIZE = 2048
 REPEATS = 5
 BATCH = 32  # tokens in the arithmetic pass: a prompt chunk, or a step of many streams
@@ -24,40 +26,44 @@ def _bytes(layer: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-def calibrate(precision: Precision, device: str | None = None, threads: int | None = None) -> Calibration:
-    """Read speed from one-token matmuls and compute rate from BATCH-token ones (medians of a few passes),
-    with `threads` intra-op threads (None: the process's)."""
+def calibrate(
+    precision: Precision, device: str | None = None, threads: int | None = None, volume: int = 0
+) -> Calibration:
+    """Read speed from one-token matmuls over about `volume` bytes of weights, and compute rate from
+    BATCH-token ones over a few (medians of a few passes), with `threads` intra-op threads (None: the
+    process's)."""
     if threads is None:
-        return _calibrate(precision, device)
+        return _calibrate(precision, device, volume)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _calibrate(precision, device)
+        return _calibrate(precision, device, volume)
     finally:
         torch.set_num_threads(before)
 
 
 @torch.inference_mode()
-def _calibrate(precision: Precision, device: str | None) -> Calibration:
+def _calibrate(precision: Precision, device: str | None, volume: int) -> Calibration:
     target, torch_dtype = pick_device(device), DTYPES[precision.dtype]
     generator = torch.Generator().manual_seed(0)
-    layers = [
-        make_linear(
-            torch.randn(SIZE, SIZE, generator=generator),
-            None,
-            precision.quantize,
-            precision.group_size,
-            torch_dtype,
-            target,
-        )
-        for _ in range(LAYERS)
-    ]
+    first = make_linear(
+        torch.randn(SIZE, SIZE, generator=generator),
+        None,
+        precision.quantize,
+        precision.group_size,
+        torch_dtype,
+        target,
+    )
+    # Copies of one layer: distinct memory to read, made without drawing or quantizing again.
+    layers = [first] + [copy.deepcopy(first) for _ in range(read_matrices(volume, _bytes(first)) - 1)]
     held = sum(_bytes(layer) for layer in layers)
-    one = _seconds(layers, torch.randn(1, SIZE, generator=generator).to(target, torch_dtype), target)
-    batch = _seconds(layers, torch.randn(BATCH, SIZE, generator=generator).to(target, torch_dtype), target)
+    x = torch.randn(BATCH, SIZE, generator=generator).to(target, torch_dtype)
+    read = _seconds(layers, x[:1], target)
+    few = layers[:COMPUTE_MATRICES]
+    one, batch = _seconds(few, x[:1], target), _seconds(few, x, target)
     # The batch pass reads the weights too: what it takes beyond the one-token pass is its arithmetic.
     arithmetic = max(batch - one, batch * 0.1)
-    return Calibration(held / one, 2 * (BATCH - 1) * SIZE * SIZE * LAYERS / arithmetic)
+    return Calibration(held / read, 2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic)
 
 
 def _seconds(layers: list[torch.nn.Module], x: torch.Tensor, target: torch.device) -> float:
