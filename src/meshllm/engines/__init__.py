@@ -68,19 +68,21 @@ def calibrate(
     device: str | None = None,
     threads: int | None = None,
     volume: int = 0,
+    alone: int | None = None,
 ) -> Calibration:
     """How fast this device reads weights as decode does and computes over a batch of tokens, on `engine`
     at `precision` (a short measurement, a second or two), with `threads` CPU threads (None: the
-    process's); the read speed over about `volume` bytes of weights (at least 8 matrices of 2048²)."""
+    process's); the read speed over about `volume` bytes of weights (at least 8 matrices of 2048²), and
+    with `alone` threads too (`alone_read_bandwidth`; MLX chooses its threads itself)."""
     if engine == "torch":
         from meshllm.engines.torch.calibrate import calibrate as torch_calibrate
 
-        return torch_calibrate(precision, device, threads, volume)
+        return torch_calibrate(precision, device, threads, volume, alone)
     engine_loader(engine)  # a clear error when the engine is missing
     if engine == "ggml":
         from meshllm.engines.ggml.stage import calibrate as ggml_calibrate
 
-        return ggml_calibrate(precision, device, threads, volume)
+        return ggml_calibrate(precision, device, threads, volume, alone)
     from meshllm.engines.mlx.stage import calibrate as mlx_calibrate
 
     return mlx_calibrate(precision, device, volume)

@@ -291,9 +291,5 @@ def calibrate_threads(
     volume: int = 0,
 ) -> Calibration:
     """`calibrate` with the stage's threads, and its read speed again with the threads of a step alone
-    when those are more."""
-    measured = calibrate(engine, precision, device, threads, volume)
-    if alone is None or alone == threads:
-        return measured
-    alone_speed = calibrate(engine, precision, device, alone, volume).read_bandwidth
-    return measured._replace(alone_read_bandwidth=alone_speed)
+    when those differ."""
+    return calibrate(engine, precision, device, threads, volume, None if alone == threads else alone)

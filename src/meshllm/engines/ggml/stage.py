@@ -432,11 +432,16 @@ def load_stage(
 
 
 def calibrate(
-    precision: Precision, device: str | None = None, threads: int | None = None, volume: int = 0
+    precision: Precision,
+    device: str | None = None,
+    threads: int | None = None,
+    volume: int = 0,
+    alone: int | None = None,
 ) -> Calibration:
     """Read speed from one-token mat-vecs over about `volume` bytes of 2048×2048 matrices (at least
     eight), and compute rate from 32-token mat-muls over eight, in ggml at `precision` (the median of the
-    last five of six passes), as the other engines measure."""
+    last five of six passes), as the other engines measure; with `alone`, the read speed again with that
+    many threads (the same upload, timed twice)."""
     import time
 
     if device not in (None, "auto", "cpu"):
@@ -491,8 +496,12 @@ def calibrate(
 
         read = seconds(1, count)
         one, many = seconds(1, COMPUTE_MATRICES), seconds(batch, COMPUTE_MATRICES)
+        read_alone = 0.0
+        if alone is not None and alone != threads:
+            g.ggml_backend_cpu_set_n_threads(stage.backend, alone)
+            read_alone = seconds(1, count)
     finally:
         stage.close()
     arithmetic = max(many - one, many * 0.1)
     flops = 2 * (batch - 1) * size * size * COMPUTE_MATRICES / arithmetic
-    return Calibration(weights.nbytes / read, flops)
+    return Calibration(weights.nbytes / read, flops, weights.nbytes / read_alone if read_alone else 0.0)

@@ -27,23 +27,26 @@ def _bytes(layer: torch.nn.Module) -> int:
 
 
 def calibrate(
-    precision: Precision, device: str | None = None, threads: int | None = None, volume: int = 0
+    precision: Precision,
+    device: str | None = None,
+    threads: int | None = None,
+    volume: int = 0,
+    alone: int | None = None,
 ) -> Calibration:
     """Read speed from one-token matmuls over about `volume` bytes of weights, and compute rate from
     BATCH-token ones over a few (medians of a few passes), with `threads` intra-op threads (None: the
-    process's)."""
-    if threads is None:
-        return _calibrate(precision, device, volume)
+    process's); with `alone`, the read speed again with that many (the same weights, timed twice)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        return _calibrate(precision, device, volume)
+        return _calibrate(precision, device, volume, alone)
     finally:
         torch.set_num_threads(before)
 
 
 @torch.inference_mode()
-def _calibrate(precision: Precision, device: str | None, volume: int) -> Calibration:
+def _calibrate(precision: Precision, device: str | None, volume: int, alone: int | None) -> Calibration:
     target, torch_dtype = pick_device(device), DTYPES[precision.dtype]
     generator = torch.Generator().manual_seed(0)
     first = make_linear(
@@ -63,7 +66,11 @@ def _calibrate(precision: Precision, device: str | None, volume: int) -> Calibra
     one, batch = _seconds(few, x[:1], target), _seconds(few, x, target)
     # The batch pass reads the weights too: what it takes beyond the one-token pass is its arithmetic.
     arithmetic = max(batch - one, batch * 0.1)
-    return Calibration(held / read, 2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic)
+    measured = Calibration(held / read, 2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic)
+    if alone is None or alone == torch.get_num_threads():
+        return measured
+    torch.set_num_threads(alone)
+    return measured._replace(alone_read_bandwidth=held / _seconds(layers, x[:1], target))
 
 
 def _seconds(layers: list[torch.nn.Module], x: torch.Tensor, target: torch.device) -> float:
