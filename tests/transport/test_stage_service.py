@@ -33,12 +33,7 @@ async def served(count: int) -> AsyncIterator[list[StageClient]]:
     ]
     clients = [StageClient(f"s{i}", address, TOKEN) for i, address in enumerate(addresses)]
     try:
-        for client in clients:
-            for _ in range(100):
-                with contextlib.suppress(StageError):
-                    await client.health(timeout=0.5)
-                    break
-                await asyncio.sleep(0.05)
+        await answering(clients)
         yield clients
     finally:
         for client in clients:
@@ -46,6 +41,16 @@ async def served(count: int) -> AsyncIterator[list[StageClient]]:
         for server in servers:
             server.cancel()
         await asyncio.gather(*servers, return_exceptions=True)
+
+
+async def answering(clients: list[StageClient]) -> None:
+    """Returns once every client's stage answers Health (or after about five seconds each)."""
+    for client in clients:
+        for _ in range(100):
+            with contextlib.suppress(StageError):
+                await client.health(timeout=0.5)
+                break
+            await asyncio.sleep(0.05)
 
 
 def test_load_streams_progress_and_info_reports_the_range(tiny_checkpoint) -> None:

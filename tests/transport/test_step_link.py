@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from meshllm.cluster import certs
-from meshllm.errors import StageError
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import LayerRange, SamplingParams, Segment, StageLost, StepInput
@@ -22,6 +21,7 @@ from meshllm.transport.stage_client import ForwardChain, StageClient, prepare_st
 from meshllm.transport.stage_service import serve_stage
 from meshllm.transport.step_link import ABORT, RESULT, STEP, StepChain, StepLinkError, dial
 from meshllm.transport.tls import TlsFiles
+from tests.transport.test_stage_service import answering
 
 TOKEN = "s3cret"
 
@@ -48,12 +48,7 @@ async def chain_of_two(
     ]
     clients = [StageClient(f"s{i}", address, TOKEN, tls[2]) for i, address in enumerate(addresses)]
     try:
-        for client in clients:
-            for _ in range(100):
-                with contextlib.suppress(StageError):
-                    await client.health(timeout=0.5)
-                    break
-                await asyncio.sleep(0.05)
+        await answering(clients)
         await clients[1].load(LoadSpec(path, LayerRange(2, 4), "float32"), "", lambda _: None)
         await clients[0].load(LoadSpec(path, LayerRange(0, 2), "float32"), addresses[1], lambda _: None)
         yield clients, servers

@@ -142,8 +142,8 @@ class LocalStageHost:
         """This device's speeds at `precision`, read over about `volume` bytes (measured once each)."""
         key = (precision, volume)
         if key not in self._calibrations:
-            self._calibrations[key] = calibrate_threads(
-                self.engine, precision, self.device, self.threads, self.threads_alone, volume
+            self._calibrations[key] = calibrate(
+                self.engine, precision, self.device, self.threads, volume, self.threads_alone
             )
         return self._calibrations[key]
 
@@ -280,16 +280,3 @@ class LocalStageHost:
 
     def close(self) -> None:
         self.stage = None
-
-
-def calibrate_threads(
-    engine: str,
-    precision: Precision,
-    device: str | None,
-    threads: int | None,
-    alone: int | None,
-    volume: int = 0,
-) -> Calibration:
-    """`calibrate` with the stage's threads, and its read speed again with the threads of a step alone
-    when those differ."""
-    return calibrate(engine, precision, device, threads, volume, None if alone == threads else alone)

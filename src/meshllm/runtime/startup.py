@@ -16,7 +16,7 @@ from typing import Any
 
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
-from meshllm.engines import default_engine, guess_device_type, load_stage
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -30,7 +30,7 @@ from meshllm.runtime.monitor import DeviceMonitor
 from meshllm.runtime.pipeline import Pipeline
 from meshllm.runtime.replan import Replanner
 from meshllm.runtime.scheduler import KVBudget, Scheduler
-from meshllm.runtime.stage_host import LocalStageHost, calibrate_threads
+from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.runtime.weights import CheckpointWeights
 from meshllm.step import LayerRange
 from meshllm.transport.rpc import PROTOCOL_VERSION, VERSION
@@ -333,7 +333,7 @@ def _local_calibration(
     volume: int,
 ) -> Calibration:
     """This process's speeds, measured once per precision."""
-    return calibrate_threads(engine, precision, device, threads, alone, volume)
+    return calibrate(engine, precision, device, threads, volume, alone)
 
 
 PREDICTED_STREAMS = 16

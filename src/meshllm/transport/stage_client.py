@@ -189,21 +189,64 @@ class StageClient:
         await self.channel.close()
 
 
-class ForwardChain:
-    """One long-lived Forward stream to the first remote stage; results are matched to steps by id."""
+class StepsInFlight:
+    """What every chain of remote stages shares: the steps sent and not yet answered, by id, each
+    waiting for its result within the step timeout. A chain sends and reads; `reset` is its own."""
 
     def __init__(self, stages: list[StageClient], step_timeout: float):
         self.stages = stages
         self.step_timeout = step_timeout
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
-        self._open_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()  # a gRPC stream takes one write at a time
 
     @property
     def first(self) -> StageClient:
         return self.stages[0]
+
+    def _expect(self, step_id: int) -> asyncio.Future[StepResult]:
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._pending[step_id] = future
+        return future
+
+    def _deliver(self, result: pb.StepResult) -> None:
+        future = self._pending.pop(result.step_id, None)
+        if future is None or future.done():
+            return
+        if result.error:
+            future.set_exception(PipelineError(result.error))
+        else:
+            future.set_result(decode_result(result))
+
+    def _fail_all(self, error: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
+        try:
+            return await asyncio.wait_for(future, self.step_timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(step_id, None)
+            lost = StageLost(
+                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
+            )
+            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
+            await self.reset()
+            raise lost from None
+
+    async def reset(self) -> None:
+        raise NotImplementedError
+
+
+class ForwardChain(StepsInFlight):
+    """One long-lived Forward stream to the first remote stage; results are matched to steps by id."""
+
+    def __init__(self, stages: list[StageClient], step_timeout: float):
+        super().__init__(stages, step_timeout)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._open_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()  # a gRPC stream takes one write at a time
 
     async def _ensure_open(self) -> grpc.aio.StreamStreamCall:
         async with self._open_lock:
@@ -215,13 +258,7 @@ class ForwardChain:
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             async for result in call:
-                future = self._pending.pop(result.step_id, None)
-                if future is None or future.done():
-                    continue
-                if result.error:
-                    future.set_exception(PipelineError(result.error))
-                else:
-                    future.set_result(decode_result(result))
+                self._deliver(result)
             self._fail_all(StageLost(f"the stream to {self.first.describe()} ended unexpectedly"))
         except grpc.aio.AioRpcError as error:
             self._fail_all(StageLost(self._explain(error)))
@@ -240,16 +277,9 @@ class ForwardChain:
             return explain(error, self.first.name, self.first.address, self.first.secure)
         return f"stage failure ({error.code().name}): {details}"  # a stage further down, named in details
 
-    def _fail_all(self, error: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
-
     async def submit(self, request: PreparedStep) -> StepResult:
         call = await self._ensure_open()
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._pending[request.step_id] = future
+        future = self._expect(request.step_id)
         try:
             async with self._write_lock:
                 await call.write(request)
@@ -261,16 +291,7 @@ class ForwardChain:
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
             raise StageLost(f"the stream to {self.first.describe()} broke: {details}") from None
-        try:
-            return await asyncio.wait_for(future, self.step_timeout)
-        except asyncio.TimeoutError:
-            self._pending.pop(request.step_id, None)
-            lost = StageLost(
-                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
-            )
-            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
-            await self.reset()
-            raise lost from None
+        return await self._result(request.step_id, future)
 
     async def reset(self) -> None:
         """Close the stream; in-flight steps fail, the next step opens a new one."""

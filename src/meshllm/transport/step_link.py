@@ -34,11 +34,10 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import DecodeError
 
 from meshllm.errors import StageError
-from meshllm.step import PipelineError, StageLost, StepResult
-from meshllm.transport.codec import decode_result
+from meshllm.step import StageLost, StepResult
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, token_problem
-from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient
+from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient, StepsInFlight
 from meshllm.transport.tls import TlsFiles, ssl_context
 
 if TYPE_CHECKING:
@@ -275,15 +274,12 @@ class StepLinkServer:
                 session.handshake(sock)  # a caller without a certificate of the cluster CA ends here
             upstream = Link(sock, session)
             self._links.add(upstream)
-            opened = self._open(upstream)
-            if opened is None:
-                return
-            if isinstance(opened, Link):
-                downstream = opened
+            downstream = self._open(upstream)
+            if downstream is not None:
                 self._links.add(downstream)
             sock.settimeout(None)
             _Hop(self.service, upstream, downstream).run()
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, StepLinkError) as error:
             log.debug("a step link ended: %s", error)
         finally:
             if upstream is None:
@@ -293,13 +289,13 @@ class StepLinkServer:
                     self._links.discard(link)
                     link.close()
 
-    def _open(self, upstream: Link) -> Link | bool | None:
+    def _open(self, upstream: Link) -> Link | None:
         """Check the caller's hello and open the link onwards; answer READY. The link to the next stage
-        (True when this stage is last), or None when the link was refused."""
+        (None when this stage is last); StepLinkError when the link was refused."""
         service = self.service
         frame = upstream.read()
         if frame is None or frame[0] != HELLO:
-            return None
+            raise StepLinkError("the caller sent no hello")
         presented = json.loads(frame[1] or b"{}").get("token") or None
         problem = token_problem(service.token, {TOKEN_METADATA_KEY: presented} if presented else {})
         refusal = ""
@@ -307,7 +303,7 @@ class StepLinkServer:
             refusal = f"worker {service.name}: the step link carried {problem}"
         elif not service.host.loaded:
             refusal = f"worker {service.name}: no layers loaded yet"
-        downstream: Link | bool = True
+        downstream = None
         if not refusal and service.next_stage:
             try:
                 address = self.next_address()
@@ -317,7 +313,9 @@ class StepLinkServer:
             except (StepLinkError, OSError, TimeoutError) as error:
                 refusal = f"worker {service.name}: no step link to the next stage: {error}"
         upstream.send(READY, json.dumps({"error": refusal}).encode())
-        return None if refusal else downstream
+        if refusal:
+            raise StepLinkError(refusal)
+        return downstream
 
 
 class _Hop:
@@ -472,23 +470,17 @@ class _Results(asyncio.Protocol):
         self.chain._lost(self)
 
 
-class StepChain:
+class StepChain(StepsInFlight):
     """`ForwardChain`'s interface over a step link to the first remote stage, or over gRPC's Forward
     stream where no link can be made. Results are matched to steps by id."""
 
     def __init__(self, stages: list[StageClient], step_timeout: float):
-        self.stages = stages
-        self.step_timeout = step_timeout
+        super().__init__(stages, step_timeout)
         self._grpc = ForwardChain(stages, step_timeout)
         self._link: _Results | None = None
         self._on_grpc = not links_enabled()
-        self._pending: dict[int, asyncio.Future[StepResult]] = {}
         self._open_lock = asyncio.Lock()
         self._warned = ""
-
-    @property
-    def first(self) -> StageClient:
-        return self.stages[0]
 
     @property
     def linked(self) -> bool:
@@ -499,19 +491,9 @@ class StepChain:
         link = self._link or await self._open()
         if link is None:
             return await self._grpc.submit(request)
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._pending[request.step_id] = future
+        future = self._expect(request.step_id)
         link.send(request.SerializeToString())  # buffered by the transport: never blocks the loop
-        try:
-            return await asyncio.wait_for(future, self.step_timeout)
-        except asyncio.TimeoutError:
-            self._pending.pop(request.step_id, None)
-            lost = StageLost(
-                f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
-            )
-            self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
-            await self.reset()
-            raise lost from None
+        return await self._result(request.step_id, future)
 
     async def _open(self) -> _Results | None:
         async with self._open_lock:
@@ -564,26 +546,11 @@ class StepChain:
             raise StepLinkError(refusal)
         return protocol
 
-    def _deliver(self, result: pb.StepResult) -> None:
-        future = self._pending.pop(result.step_id, None)
-        if future is None or future.done():
-            return
-        if result.error:
-            future.set_exception(PipelineError(result.error))
-        else:
-            future.set_result(decode_result(result))
-
     def _lost(self, link: _Results) -> None:
         if self._link is not link:
             return  # a link closed on purpose: its steps were failed then
         self._link = None
         self._fail_all(StageLost(f"the step link to {self.first.describe()} {link.problem}"))
-
-    def _fail_all(self, error: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
 
     async def reset(self) -> None:
         """Close the link (and the gRPC stream); in-flight steps fail, the next step opens a new one."""
