@@ -45,7 +45,8 @@ async def _generate(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from meshllm.engines import default_engine, load_stage
+    from meshllm.engines import compute, default_engine, load_stage
+    from meshllm.engines.base import Stage
     from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
     from meshllm.models.plan import plan_layers
     from meshllm.models.tokenizer import chat_prompt_ids, load_tokenizer
@@ -62,17 +63,21 @@ async def _generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(checkpoint.path)
     engine = args.engine or default_engine()
     ranges = plan_layers(checkpoint.config.num_hidden_layers, [1.0] * args.stages)
-    stages = [
-        load_stage(
-            engine,
-            checkpoint,
-            layer_range,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            group_size=args.quantize_group,
-        )
-        for layer_range in ranges
-    ]
+
+    def load_stages() -> list[Stage]:
+        return [
+            load_stage(
+                engine,
+                checkpoint,
+                layer_range,
+                dtype=args.dtype,
+                quantize=args.quantize,
+                group_size=args.quantize_group,
+            )
+            for layer_range in ranges
+        ]
+
+    stages = await compute.run_async(load_stages)  # on the thread that computes their steps
     print("stages: " + ", ".join(f"[{start}, {end})" for start, end in ranges), file=sys.stderr)
 
     if args.raw:

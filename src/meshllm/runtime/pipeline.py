@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+from meshllm.engines import compute
 from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost
@@ -28,8 +28,8 @@ class Pipeline:
         self.local = local
         self.remote = remote
         self.local_name = local_name
-        # One thread runs every local forward pass and cache change, in order; the event loop only moves bytes.
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Every local forward pass and cache change runs on the process's compute thread, in order; the
+        # event loop only moves bytes.
         self.listeners: list[StepListener] = []
 
     @classmethod
@@ -67,9 +67,8 @@ class Pipeline:
         return prepare_step(step)
 
     async def run_step(self, step: StepInput) -> list[SampledToken]:
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self.compute, self._run_local, step)
+            result = await compute.run_async(self._run_local, step)
         except Exception as error:
             log.exception("local stage failed")
             raise PipelineError(f"device '{self.local_name}' (local stage): {error}") from error
@@ -93,7 +92,7 @@ class Pipeline:
             for host in self.local:
                 host.release(seq_ids)
 
-        await asyncio.get_running_loop().run_in_executor(self.compute, release_local)
+        await compute.run_async(release_local)
         if self.remote is not None:
             stages = self.remote.stages
             outcomes = await asyncio.gather(*(s.release(seq_ids) for s in stages), return_exceptions=True)
@@ -113,4 +112,3 @@ class Pipeline:
     async def close(self) -> None:
         if self.remote is not None:
             await self.remote.reset()
-        self.compute.shutdown(wait=False, cancel_futures=True)

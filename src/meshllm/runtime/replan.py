@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from meshllm.engines import compute
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -214,8 +215,7 @@ class Replanner:
                         quantize=config.quantize_of(config.name),
                         group_size=config.group_size,
                     )
-                    compute = self.loop.pipeline.compute
-                    loads.append(asyncio.get_running_loop().run_in_executor(compute, host.load, spec))
+                    loads.append(compute.run_async(host.load, spec))
             for name in self.clients:  # unknown until its load succeeds; one left out loads on its return
                 if self._loaded.get(name) != placements.get(name):
                     self._loaded.pop(name, None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
-from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
+from meshllm.engines import calibrate, compute, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
@@ -109,7 +109,7 @@ async def _start(
     if config.local_stage:
         layer_range = plan[0].layer_range
         quantize = config.quantize_of(config.name)
-        stage = await asyncio.to_thread(
+        load_local = functools.partial(
             load_stage,
             engine,
             checkpoint,
@@ -119,6 +119,7 @@ async def _start(
             quantize=quantize,
             group_size=config.group_size,
         )
+        stage = await compute.run_async(load_local)
         host = LocalStageHost.of(
             config.name,
             stage,
@@ -294,7 +295,7 @@ async def _calibrate(
     if config.local_stage:
         quantize = config.quantize_of(config.name)
         precision = Precision(config.dtype, quantize or stored, config.group_size)
-        calibrations[config.name] = await asyncio.to_thread(
+        calibrations[config.name] = await compute.run_async(
             _local_calibration,
             engine,
             precision,

@@ -2,23 +2,23 @@
 
 A stage that is not last opens a Forward stream to the next stage for every Forward stream it serves,
 relays its output there, and passes the sampled tokens that come back up to its own caller. Every forward
-pass and cache change runs on one compute thread, in arrival order; the event loop only moves bytes.
+pass and cache change runs on the process's compute thread (`engines.compute`), in arrival order; the
+event loop only moves bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Precision
+from meshllm.engines import compute
 from meshllm.errors import StageError
 from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
@@ -51,9 +51,6 @@ class StageService(pbg.StageServicer):
         self.tls = tls  # this device's certificates: the next stage is dialled with them too
         self.next_stage = ""  # "host:port" of the next stage; empty when this one is last
         self._next_channel: grpc.aio.Channel | None = None
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        # Held by whatever runs on the stage: the compute thread's work and the step links' threads.
-        self.compute_lock = threading.Lock()
         self.step_port = 0  # where step links are taken (0: none)
         self._load_lock = asyncio.Lock()
 
@@ -65,11 +62,7 @@ class StageService(pbg.StageServicer):
             )
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, self._locked, function, *args)
-
-    def _locked(self, function: Callable[..., T], *args: Any) -> T:
-        with self.compute_lock:
-            return function(*args)
+        return await compute.run_async(function, *args)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         await self._authorize(context)
@@ -290,7 +283,6 @@ class StageService(pbg.StageServicer):
     async def close(self) -> None:
         if self._next_channel is not None:
             await self._next_channel.close()
-        self.compute.shutdown(wait=False, cancel_futures=True)
         self.host.close()
 
 

@@ -1,13 +1,13 @@
-"""Step links: the Forward chain over plain TCP, read and written by the compute threads themselves.
+"""Step links: the Forward chain over plain TCP, read and written by threads of their own.
 
 A round trip on a gRPC stream from Python costs about 0.25 ms on loopback, and each hand-off between a
 process's event loop and its compute thread about 0.1 ms more; a hop of the gRPC chain paid one round
 trip and four hand-offs. A step link is one TCP connection per hop carrying the very messages the gRPC
 Forward stream carries (`StepRequest` down, `StepResult` up, so the codec and its checks are the same),
-each framed by its length and kind. On a worker, the connection's own thread reads a step, runs it
-under the compute lock (the lock every other use of the stage takes too), and writes the output to the
-next stage's link, or the sampled tokens back up; a second thread relays the results coming back from
-the next stage. Nothing on the way touches an event loop.
+each framed by its length and kind. On a worker, the connection's own thread reads a step, has it run
+on the process's compute thread (where every other use of the stage runs too, `engines.compute`; about
+10 µs each way), and writes the output to the next stage's link, or the sampled tokens back up; a second
+thread relays the results coming back from the next stage. Nothing on the way touches an event loop.
 
 A worker listens for step links on a second port (`meshllm worker --step-port`, any free port by
 default; `Info` says which). A chain is linked hop by hop: the coordinator dials the first worker, which
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
+from meshllm.engines import compute
 from meshllm.errors import StageError
 from meshllm.step import StageLost, StepResult
 from meshllm.transport.proto import meshllm_pb2 as pb
@@ -319,7 +320,7 @@ class StepLinkServer:
 
 
 class _Hop:
-    """One upstream link of a worker: steps in, run under the compute lock, sent on or answered."""
+    """One upstream link of a worker: steps in, run on the compute thread, sent on or answered."""
 
     def __init__(self, service: StageService, upstream: Link, downstream: Link | None):
         self.service = service
@@ -345,8 +346,7 @@ class _Hop:
                 return
             started = time.perf_counter()
             try:
-                with service.compute_lock:
-                    output = service._step(request)
+                output = compute.run(service._step, request)
             except Exception as error:
                 self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
                 continue

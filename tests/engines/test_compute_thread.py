@@ -1,0 +1,109 @@
+"""Every engine computation of a process runs on its one compute thread (`engines.compute`): calls from
+other threads wait for it there, calls made on it run at once, and a worker's calibration, load and steps,
+over step links and over gRPC alike, all reach the stage on that thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meshllm.devices import Precision
+from meshllm.engines import compute, load_stage
+from meshllm.runtime.engine_client import GenerateRequest
+from meshllm.runtime.engine_loop import EngineLoop
+from meshllm.runtime.stage_host import LocalStageHost
+from meshllm.step import LayerRange, SamplingParams
+from meshllm.transport.stage_client import ForwardChain
+from meshllm.transport.step_link import StepChain
+from tests.transport.test_step_link import chain_of_two, step
+
+
+def the_compute_thread() -> threading.Thread:
+    return compute.run(threading.current_thread)
+
+
+def test_work_from_other_threads_runs_on_the_one_compute_thread_and_nested_work_runs_at_once() -> None:
+    here = threading.current_thread()
+    thread = the_compute_thread()
+    assert thread is not here and thread.name.startswith("compute")
+    seen: list[threading.Thread] = []
+    others = [threading.Thread(target=lambda: seen.append(the_compute_thread())) for _ in range(3)]
+    for other in others:
+        other.start()
+    for other in others:
+        other.join()
+    assert seen == [thread] * 3
+    # called on the compute thread itself it runs inline: no deadlock waiting for itself
+    assert compute.run(lambda: compute.run(threading.current_thread)) is thread
+    assert asyncio.run(compute.run_async(threading.current_thread)) is thread
+
+
+def test_an_error_on_the_compute_thread_reaches_the_caller_and_the_thread_serves_on() -> None:
+    def fail() -> None:
+        raise ValueError("the stage refused")
+
+    with pytest.raises(ValueError, match="the stage refused"):
+        compute.run(fail)
+    assert compute.run(lambda: 6 * 7) == 42
+
+
+def recording(monkeypatch: pytest.MonkeyPatch, names: list[str]) -> list[tuple[str, threading.Thread]]:
+    """Each call of these `LocalStageHost` methods with the thread it ran on (the methods themselves
+    run as they are)."""
+    calls: list[tuple[str, threading.Thread]] = []
+    for name in names:
+        original: Callable[..., Any] = getattr(LocalStageHost, name)
+
+        def wrapped(self: LocalStageHost, *args: Any, _name: str = name, _original=original, **kwargs: Any):
+            calls.append((_name, threading.current_thread()))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(LocalStageHost, name, wrapped)
+    return calls
+
+
+def test_a_workers_calibration_load_and_steps_over_links_and_grpc_run_on_the_compute_thread(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = recording(monkeypatch, ["calibrate", "load", "step", "release"])
+
+    async def run() -> None:
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            await clients[0].info(timeout=60, calibrate=Precision("float32"), volume=1 << 20)
+            linked = StepChain(clients, step_timeout=30)
+            await linked.submit(step(1, 10, [4, 5, 6]))
+            assert linked.linked
+            await linked.reset()
+            grpc = ForwardChain(clients, step_timeout=30)
+            await grpc.submit(step(2, 11, [4, 5, 6]))
+            await grpc.reset()
+            await clients[0].release([10, 11])
+
+    asyncio.run(run())
+    kinds = {name for name, _ in calls}
+    assert kinds == {"calibrate", "load", "step", "release"}, kinds
+    # two loads, one calibration, two steps on each of the two stages, one release
+    assert len(calls) == 8, calls
+    assert {thread for _, thread in calls} == {the_compute_thread()}
+
+
+def test_a_local_pipeline_steps_on_the_compute_thread(tiny_checkpoint, monkeypatch) -> None:
+    calls = recording(monkeypatch, ["step"])
+    path = tiny_checkpoint()
+    stages = compute.run(
+        lambda: [load_stage("torch", str(path), r) for r in (LayerRange(0, 2), LayerRange(2, 4))]
+    )
+
+    async def run() -> list[int]:
+        loop = EngineLoop.in_process(stages)
+        request = GenerateRequest([4, 5, 6], SamplingParams(temperature=0.0), max_tokens=3)
+        tokens = [token.token_id async for token in loop.submit(request)]
+        await loop.close()
+        return tokens
+
+    assert len(asyncio.run(run())) == 3
+    assert calls and {thread for _, thread in calls} == {the_compute_thread()}
