@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from meshllm.cli.serve import stage_threads
@@ -22,3 +25,14 @@ def test_more_threads_than_cores_in_all_is_said() -> None:
 def test_a_thread_count_below_one_is_refused_naming_the_flag() -> None:
     with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
         stage_threads(0, stages_here=2, cores=2)
+
+
+def test_threads_alone_below_one_is_refused_naming_the_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshllm", "serve", "--model", "demo", "--threads-alone", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert "--threads-alone must be at least 1, got 0" in result.stderr, result.stderr

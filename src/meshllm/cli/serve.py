@@ -342,9 +342,9 @@ def run(args: argparse.Namespace) -> int:
     # Stages that share this machine split its cores while they all compute; a step alone in the
     # pipeline (one stream) may take every core, the other stages being idle meanwhile.
     stages_here = n_local_workers + int(local_stage)
+    if args.threads_alone is not None and args.threads_alone < 1:
+        raise ConfigError(f"--threads-alone must be at least 1, got {args.threads_alone}")
     alone = args.threads_alone or (_cores() if stages_here > 1 and threads < _cores() else None)
-    if alone is not None and alone < 1:
-        raise ConfigError(f"--threads-alone must be at least 1, got {alone}")
     args.stage_threads, args.threads_alone = threads, alone
 
     # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).
