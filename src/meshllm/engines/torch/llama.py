@@ -5,7 +5,8 @@ tied embeddings, RoPE scaling (llama 3) and a sliding attention window (mistral)
 the Hugging Face checkpoints below the `model.` prefix, with global layer indices.
 
 Tensors inside a step are flat: `T` is the total number of new tokens of all the step's segments, and
-attention is the only operation that looks at segments separately (each against its own KV cache).
+attention is the only operation that looks at segments separately: each reads its own sequence's cache,
+the decode tokens of neighbouring slots of a KV pool in one call (`kv.py`), the others one by one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshllm.engines.torch.kv import StepKV
 from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
 from meshllm.models.rope import inverse_frequencies
@@ -97,34 +99,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-class KVCache:
-    """One sequence's keys and values for one layer; capacity grows by doubling, length is `offset`."""
-
-    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.keys = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)  # [H_kv, capacity, D]
-        self.values = torch.empty_like(self.keys)
-        self.offset = 0
-
-    def truncate(self, length: int) -> None:
-        self.offset = min(self.offset, length)
-
-    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `[H_kv, n, D]` keys and values; return all of them so far, `[H_kv, offset, D]`."""
-        n = keys.shape[1]
-        end = self.offset + n
-        if end > self.keys.shape[1]:
-            capacity = max(end, 2 * self.keys.shape[1], 64)
-            grown_keys = self.keys.new_empty(self.keys.shape[0], capacity, self.keys.shape[2])
-            grown_values = torch.empty_like(grown_keys)
-            grown_keys[:, : self.offset] = self.keys[:, : self.offset]
-            grown_values[:, : self.offset] = self.values[:, : self.offset]
-            self.keys, self.values = grown_keys, grown_values
-        self.keys[:, self.offset : end] = keys
-        self.values[:, self.offset : end] = values
-        self.offset = end
-        return self.keys[:, :end], self.values[:, :end]
-
-
 def attention_mask(start_pos: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """Boolean `[n, start_pos + n]` mask: query i (at start_pos + i) sees keys up to itself (and the window)."""
     if n == 1 and (window is None or start_pos < window):
@@ -165,7 +139,8 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [T, D]
         sin: torch.Tensor,
         segments: list[Segment],
-        caches: list[KVCache],  # one per segment
+        kv: StepKV,
+        layer: int,
     ) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv is not None:
@@ -181,26 +156,46 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        outputs = []
+        out = x.new_empty(T, self.n_heads * self.head_dim)
+        for batch in kv.batches:  # decode tokens of sequences in neighbouring slots of a pool: one call
+            pool_keys, pool_values = batch.pool.keys[layer], batch.pool.values[layer]
+            pool_keys[batch.slots, :, batch.positions] = k[batch.rows]
+            pool_values[batch.slots, :, batch.positions] = v[batch.rows]
+            count, length = batch.mask.shape[0], batch.mask.shape[-1]
+            run = slice(batch.first, batch.first + count)
+            queries = q.new_zeros(count, self.n_heads, 1, self.head_dim)
+            queries[batch.local, :, 0] = q[batch.rows]
+            attended = F.scaled_dot_product_attention(
+                queries,  # [count, H, 1, D]
+                pool_keys[run, :, :length],  # [count, H_kv, length, D]
+                pool_values[run, :, :length],
+                attn_mask=batch.mask,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
+            out[batch.rows] = attended[batch.local, :, 0].reshape(-1, self.n_heads * self.head_dim)
         offset = 0
-        for segment, cache in zip(segments, caches, strict=True):
+        for index, (segment, cache) in enumerate(zip(segments, kv.caches, strict=True)):
             n = segment.n_tokens
             span = slice(offset, offset + n)
-            keys, values = cache.update_and_fetch(k[span].transpose(0, 1), v[span].transpose(0, 1))
+            offset += n
+            if index in kv.batched:
+                continue
+            end = segment.start_pos + n
+            cache.write(layer, k[span].transpose(0, 1), v[span].transpose(0, 1), segment.start_pos)
+            keys, values = cache.view(layer, end)
             mask = attention_mask(segment.start_pos, n, self.window, x.device)
             if n == 1 and mask is None and self._small_matmuls_win(x):
-                outputs.append(self._one_query(q[span][0], keys, values))
+                out[span] = self._one_query(q[span][0], keys, values)
             else:
-                out = F.scaled_dot_product_attention(
+                attended = F.scaled_dot_product_attention(
                     q[span].transpose(0, 1)[None],  # [1, H, n, D]
                     keys[None],  # [1, H_kv, L, D]
                     values[None],
                     attn_mask=mask,
                     enable_gqa=self.n_heads != self.n_kv_heads,
                 )
-                outputs.append(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
-            offset += n
-        return self.o_proj(torch.cat(outputs))
+                out[span] = attended[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
+        return self.o_proj(out)
 
     @staticmethod
     def _small_matmuls_win(x: torch.Tensor) -> bool:
@@ -247,8 +242,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, cos, sin, segments, caches) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches)
+    def forward(self, x, cos, sin, segments, kv: StepKV, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, kv, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -298,13 +293,13 @@ class StageModel(nn.Module):
         hidden_states: torch.Tensor,  # [T, hidden], or [T] token ids on the first stage
         positions: torch.Tensor,  # [T]
         segments: list[Segment],
-        caches: dict[int, list[KVCache]],  # layer index -> one cache per segment
+        kv: StepKV,  # the segments' caches
     ) -> torch.Tensor:
         if self.embed_tokens is not None:
             hidden_states = self.embed_tokens(hidden_states)
         cos, sin = self.rope(positions, hidden_states.dtype)
         for index, layer in self.layers.items():
-            hidden_states = layer(hidden_states, cos, sin, segments, caches[int(index)])
+            hidden_states = layer(hidden_states, cos, sin, segments, kv, int(index))
         return hidden_states
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
-from meshllm.engines.torch.llama import KVCache, StageModel, rope_inv_freq
+from meshllm.engines.torch.kv import KVPools, SequenceKV, step_kv
+from meshllm.engines.torch.llama import StageModel, rope_inv_freq
 from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
 from meshllm.errors import ConfigError, StageError
@@ -43,7 +44,14 @@ class TorchStage:
         self.is_first, self.is_last = is_first, is_last
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self._caches: dict[int, dict[int, KVCache]] = {}  # seq_id -> layer index -> cache
+        self._pools = KVPools(
+            range(*layer_range),
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self._caches: dict[int, SequenceKV] = {}  # seq_id -> its slot in the pools
 
     @property
     def device_type(self) -> str:
@@ -63,29 +71,30 @@ class TorchStage:
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
-            self._caches.pop(seq_id, None)
+            cache = self._caches.pop(seq_id, None)
+            if cache is not None:
+                cache.release()
 
     def set_threads(self, threads: int) -> None:
         torch.set_num_threads(threads)  # the process's intra-op threads: one stage computes at a time
 
-    def _cache(self, seq_id: int, start_pos: int) -> dict[int, KVCache]:
-        caches = self._caches.get(seq_id)
-        if caches is None:
+    def kv_bytes(self) -> int:
+        """What the pools hold now, free slots included."""
+        return self._pools.bytes()
+
+    def _cache(self, seq_id: int, start_pos: int, n_tokens: int) -> SequenceKV:
+        cache = self._caches.get(seq_id)
+        if cache is None:
             if start_pos != 0:
                 raise StageError(f"sequence {seq_id}: first step starts at position {start_pos}, not 0")
-            config = self.config
-            caches = {
-                layer: KVCache(config.num_key_value_heads, config.head_dim, self.dtype, self.device)
-                for layer in range(*self.layer_range)
-            }
-            self._caches[seq_id] = caches
-        for cache in caches.values():
-            if start_pos > cache.offset:
-                raise StageError(
-                    f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}"
-                )
-            cache.truncate(start_pos)  # a step may restart from an earlier position
-        return caches
+            cache = self._caches[seq_id] = SequenceKV(self._pools)
+        if start_pos > cache.offset:
+            raise StageError(
+                f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}"
+            )
+        cache.truncate(start_pos)  # a step may restart from an earlier position
+        cache.reserve(start_pos + n_tokens)
+        return cache
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> StepOutput:
@@ -106,9 +115,11 @@ class TorchStage:
                 f"step {step.step_id}: {hidden_states.shape[0]} inputs for {positions.shape[0]} tokens"
             )
 
-        per_sequence = [self._cache(s.seq_id, s.start_pos) for s in segments]
-        caches = {layer: [c[layer] for c in per_sequence] for layer in range(*self.layer_range)}
-        hidden_states = self.model(hidden_states, positions, segments, caches)
+        caches = [self._cache(s.seq_id, s.start_pos, s.n_tokens) for s in segments]
+        kv = step_kv(segments, caches, self.config.sliding_window)
+        hidden_states = self.model(hidden_states, positions, segments, kv)
+        for segment, cache in zip(segments, caches, strict=True):
+            cache.advance(segment.start_pos + segment.n_tokens)
         if not self.is_last:
             return StepOutput(step.step_id, segments, hidden_states=hidden_states)
         last_tokens = torch.tensor(np.cumsum([s.n_tokens for s in segments]) - 1, device=self.device)
