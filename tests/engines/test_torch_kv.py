@@ -1,6 +1,6 @@
 """A torch stage's KV pools: the decode tokens of many sequences attend in one call per pool and layer,
-and give what each sequence gives alone (one call of its own); sequences move to a bigger pool as they
-grow, slots are reused, and pools with no sequence are dropped."""
+and give what each sequence gives alone (one call of its own); sequences move to a pool of a bigger
+capacity as they grow, slots are reused, and pools with no sequence are freed (but one)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshllm.engines.torch.kv import MIN_CAPACITY, SLOT_CHUNK, step_kv
+from meshllm.engines.torch.kv import MIN_CAPACITY, POOL_POSITIONS, step_kv
 from meshllm.engines.torch.stage import TorchStage, load_stage
 from meshllm.models.tiny import ARCHS
 from meshllm.step import Segment
@@ -46,9 +46,9 @@ def test_decode_tokens_of_many_sequences_in_one_step_equal_each_sequence_alone(
         path = with_window(path, 8, tmp_path / "windowed")
     together, alone = load_stage(path, (0, 4)), load_stage(path, (0, 4))
     vocab = together.config.vocab_size
-    # more sequences than a pool's first slots, of lengths far apart; one crosses into the next pool
-    lengths = {1: 3, 2: 9, 3: 17, 4: MIN_CAPACITY - 3, 5: 5, 6: 30}
-    assert len(lengths) > SLOT_CHUNK
+    # more sequences than a pool has slots, of lengths far apart; one crosses into a bigger capacity
+    lengths = {1: 3, 2: 9, 3: 17, 4: MIN_CAPACITY - 3, 5: 5, 6: 30, 8: 2, 9: 11, 10: 6, 11: 40}
+    assert len(lengths) > POOL_POSITIONS // MIN_CAPACITY
     prompts = {seq: make_prompt(vocab, n, seed=seq) for seq, n in lengths.items()}
     for seq, prompt in prompts.items():
         for stage in (together, alone):
@@ -73,7 +73,8 @@ def test_decode_tokens_of_many_sequences_in_one_step_equal_each_sequence_alone(
         np.testing.assert_allclose(logits, np.stack(expected), rtol=1e-5, atol=1e-4)
         positions = {seq: position + 1 for seq, position in positions.items()}
     assert positions[4] > MIN_CAPACITY  # it grew into the next pool on the way
-    assert sorted(together._pools.by_capacity) == [MIN_CAPACITY, 2 * MIN_CAPACITY]
+    pools = together._pools.by_capacity
+    assert sorted(pools) == [MIN_CAPACITY, 2 * MIN_CAPACITY] and len(pools[MIN_CAPACITY]) == 2
 
 
 def test_a_released_slot_is_taken_again_and_pools_without_sequences_are_dropped(
@@ -92,9 +93,12 @@ def test_a_released_slot_is_taken_again_and_pools_without_sequences_are_dropped(
 
     long_prompt = make_prompt(stage.config.vocab_size, MIN_CAPACITY + 1)
     pipeline_logits([stage], [Segment(10, 0, len(long_prompt))], long_prompt)
-    assert stage.kv_bytes() > held  # a pool of twice the capacity beside the first
+    assert stage.kv_bytes() == 2 * held  # a pool of twice the capacity (half the slots) beside the first
     stage.release([0, 2, 9, 10])
-    assert stage.kv_bytes() == 0 and stage.live_sequences() == 0
+    # every pool freed but the last emptied, kept for the next sequence
+    assert stage.kv_bytes() == held and stage.live_sequences() == 0
+    pipeline_logits([stage], [Segment(11, 0, len(long_prompt))], long_prompt)
+    assert stage.kv_bytes() == held
 
 
 def test_a_micro_batch_attends_over_its_own_run_of_slots_with_the_same_logits(

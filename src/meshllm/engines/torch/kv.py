@@ -1,15 +1,18 @@
 """The KV caches of a torch stage: slots in pools, so the decode tokens of a step attend in one call.
 
-A pool holds the sequences whose caches fit `capacity` positions, per layer in one tensor of
+A pool holds a few sequences whose caches fit `capacity` positions, per layer in one tensor of
 `[slots, H_kv, capacity, D]` (the layout of gpt-fast's and vLLM's caches); a sequence has one slot, the
-same in every layer. The decode tokens of all a step's sequences in one pool then attend in one
-`scaled_dot_product_attention` call over the pool's first slots, each row masked to its own length,
-instead of one call per sequence; a prompt chunk attends on its own, over a view of its slot.
+same in every layer. The decode tokens of a step's sequences in neighbouring slots of a pool then attend
+in one `scaled_dot_product_attention` call, each row masked to its own length, instead of one call per
+sequence; a prompt chunk attends on its own, over a view of its slot.
 
-Capacities are powers of two from `MIN_CAPACITY`: a sequence that outgrows its pool moves to the next
-one up (its rows copied once, as a cache that doubles would copy them), so a slot holds at most twice
-its sequence, and short sequences never pay for a long one's room. A pool grows by `SLOT_CHUNK` slots
-at a time, reuses freed slots, and is dropped once it holds no sequence.
+Capacities are powers of two from `MIN_CAPACITY`: a sequence that outgrows its pool moves to one of the
+next capacity (its rows copied once, as a cache that doubles would copy them), so a slot holds at most
+twice its sequence, and short sequences never pay for a long one's room. A pool has room for
+`POOL_POSITIONS` positions in all (8 slots of 256, 4 of 512 … one slot from 2048 up) and never grows:
+more sequences take more pools, so nothing held is ever copied to make room, and a pool is freed once it
+holds no sequence (the last one of at most `POOL_POSITIONS` is kept for the next sequence: a new pool is
+zeroed, which costs about as much as a 512-token prompt's attention).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from meshllm.step import Segment
 
 MIN_CAPACITY = 256  # positions
-SLOT_CHUNK = 4  # slots a pool grows by
+POOL_POSITIONS = 2048  # a pool's slots times its capacity (at least one slot)
 
 
 def capacity_for(length: int) -> int:
@@ -38,6 +41,7 @@ class KVPool:
     def __init__(
         self,
         layers: range,
+        slots: int,
         capacity: int,
         kv_heads: int,
         head_dim: int,
@@ -45,57 +49,40 @@ class KVPool:
         device: torch.device,
     ):
         self.layers, self.capacity = layers, capacity
-        self.shape = (kv_heads, capacity, head_dim)
-        self.dtype, self.device = dtype, device
-        self.keys = {layer: self._empty(0) for layer in layers}  # layer -> [slots, H_kv, capacity, D]
-        self.values = {layer: self._empty(0) for layer in layers}
-        self.lengths: list[int] = []  # per slot: positions held (0 when free)
-        self.free: list[int] = []
-        self.held = 0  # slots in use
-
-    def _empty(self, slots: int) -> torch.Tensor:
         # zeros, not garbage: a batched attention reads the rows past a slot's length under its mask, and
         # a NaN there would still reach the output (0 * NaN)
-        return torch.zeros(slots, *self.shape, dtype=self.dtype, device=self.device)
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
+        self.values = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in layers}
+        self.device = device
+        self.lengths = [0] * slots  # per slot: positions held (0 when free)
+        self.free = list(range(slots - 1, -1, -1))  # the lowest slot last: taken first
+        self.bytes = 2 * len(layers) * slots * capacity * kv_heads * head_dim * dtype.itemsize
 
     @property
     def slots(self) -> int:
         return len(self.lengths)
 
+    @property
+    def held(self) -> int:
+        return self.slots - len(self.free)
+
     def take(self) -> int:
-        """A free slot, the pool growing by `SLOT_CHUNK` slots when it has none."""
-        if not self.free:
-            old = self.slots
-            grown = old + SLOT_CHUNK
-            for tensors in (self.keys, self.values):
-                for layer in self.layers:
-                    bigger = self._empty(grown)
-                    bigger[:old] = tensors[layer]
-                    tensors[layer] = bigger
-            self.lengths.extend([0] * SLOT_CHUNK)
-            self.free = list(range(grown - 1, old - 1, -1))  # the lowest slot first
-        slot = self.free.pop()
-        self.held += 1
-        return slot
+        return self.free.pop()
 
     def give_back(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.free.append(slot)
-        self.free.sort(reverse=True)  # the lowest first: the slots in use stay at the front
-        self.held -= 1
-
-    def bytes(self) -> int:
-        per_slot = 2 * len(self.layers) * self.shape[0] * self.shape[1] * self.shape[2] * self.dtype.itemsize
-        return self.slots * per_slot
+        self.free.sort(reverse=True)  # the lowest first: the slots in use stay together at the front
 
 
 class SequenceKV:
-    """One sequence's place in the pools: a slot of the pool its length fits, moved up as it grows."""
+    """One sequence's place in the pools: a slot of a pool its length fits, moved up as it grows."""
 
-    def __init__(self, pools: KVPools):
+    def __init__(self, pools: KVPools, length: int):
+        """A slot with room for `length` positions."""
         self.pools = pools
-        self.pool = pools.pool(MIN_CAPACITY)
-        self.slot = self.pool.take()
+        self.pool, self.slot = pools.take(capacity_for(length))
 
     @property
     def offset(self) -> int:
@@ -106,12 +93,12 @@ class SequenceKV:
         self.pool.lengths[self.slot] = min(self.offset, length)
 
     def reserve(self, length: int) -> None:
-        """Room for `length` positions: to a bigger pool if this one is too small, the rows held moved."""
+        """Room for `length` positions: to a pool of a bigger capacity if this one's is too small, the
+        rows held moved."""
         if length <= self.pool.capacity:
             return
         held = self.offset
-        pool = self.pools.pool(capacity_for(length))
-        slot = pool.take()
+        pool, slot = self.pools.take(capacity_for(length))
         for layer in pool.layers:
             pool.keys[layer][slot, :, :held] = self.pool.keys[layer][self.slot, :, :held]
             pool.values[layer][slot, :, :held] = self.pool.values[layer][self.slot, :, :held]
@@ -136,31 +123,48 @@ class SequenceKV:
         )
 
     def release(self) -> None:
-        self.pool.give_back(self.slot)
-        self.pools.drop_if_empty(self.pool)
+        self.pools.give_back(self.pool, self.slot)
 
 
 class KVPools:
-    """A stage's pools by capacity."""
+    """A stage's pools by capacity, and at most one empty pool kept for the next sequence."""
 
     def __init__(self, layers: range, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        self.by_capacity: dict[int, KVPool] = {}
+        self.by_capacity: dict[int, list[KVPool]] = {}
+        self.spare: KVPool | None = None
 
-    def pool(self, capacity: int) -> KVPool:
-        pool = self.by_capacity.get(capacity)
-        if pool is None:
-            pool = KVPool(self.layers, capacity, self.kv_heads, self.head_dim, self.dtype, self.device)
-            self.by_capacity[capacity] = pool
-        return pool
+    def take(self, capacity: int) -> tuple[KVPool, int]:
+        """A free slot of that capacity: in the first pool with one, else in a new pool."""
+        pools = self.by_capacity.setdefault(capacity, [])
+        for pool in pools:
+            if pool.free:
+                return pool, pool.take()
+        if self.spare is not None and self.spare.capacity == capacity:
+            pool, self.spare = self.spare, None
+        else:
+            slots = max(1, POOL_POSITIONS // capacity)
+            args = (self.kv_heads, self.head_dim, self.dtype, self.device)
+            pool = KVPool(self.layers, slots, capacity, *args)
+        pools.append(pool)
+        return pool, pool.take()
 
-    def drop_if_empty(self, pool: KVPool) -> None:
-        if pool.held == 0 and self.by_capacity.get(pool.capacity) is pool:
+    def give_back(self, pool: KVPool, slot: int) -> None:
+        pool.give_back(slot)
+        if pool.held:
+            return
+        pools = self.by_capacity[pool.capacity]
+        pools.remove(pool)
+        if not pools:
             del self.by_capacity[pool.capacity]
+        if pool.slots * pool.capacity <= POOL_POSITIONS:
+            self.spare = pool  # the one before it is freed
 
     def bytes(self) -> int:
-        return sum(pool.bytes() for pool in self.by_capacity.values())
+        """Held in pools, the spare one included."""
+        held = sum(pool.bytes for pools in self.by_capacity.values() for pool in pools)
+        return held + (self.spare.bytes if self.spare is not None else 0)
 
 
 @dataclass
@@ -189,8 +193,8 @@ class StepKV:
 
 def step_kv(segments: list[Segment], caches: list[SequenceKV], window: int | None) -> StepKV:
     """The step's decode tokens grouped by pool, and within a pool into runs of slots of which at least
-    half are the step's (pipelined micro-batches hold alternate runs of slots: each attends over its
-    own); a run of two tokens or more is a batch, a lone token attends on its own."""
+    half are the step's (pipelined micro-batches may hold alternate runs: each attends over its own);
+    a run of two tokens or more is a batch, a lone token attends on its own."""
     by_pool: dict[int, list[int]] = {}
     for index, (segment, cache) in enumerate(zip(segments, caches, strict=True)):
         if segment.n_tokens == 1:

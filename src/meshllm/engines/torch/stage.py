@@ -87,7 +87,7 @@ class TorchStage:
         if cache is None:
             if start_pos != 0:
                 raise StageError(f"sequence {seq_id}: first step starts at position {start_pos}, not 0")
-            cache = self._caches[seq_id] = SequenceKV(self._pools)
+            cache = self._caches[seq_id] = SequenceKV(self._pools, n_tokens)
         if start_pos > cache.offset:
             raise StageError(
                 f"sequence {seq_id}: step at position {start_pos} but the cache holds {cache.offset}"
