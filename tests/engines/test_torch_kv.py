@@ -14,6 +14,7 @@ import pytest
 from meshllm.engines.torch.kv import MIN_CAPACITY, POOL_POSITIONS, step_kv
 from meshllm.engines.torch.stage import TorchStage, load_stage
 from meshllm.models.tiny import ARCHS
+from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import Segment
 from tests.engines.stage_helpers import make_prompt, pipeline_logits
 
@@ -133,3 +134,17 @@ def test_a_micro_batch_attends_over_its_own_run_of_slots_with_the_same_logits(
         np.testing.assert_allclose(logits, np.stack(expected), rtol=1e-5, atol=1e-4)
         for seq in seqs:
             prompts[seq] = np.append(prompts[seq], 0)  # one position more held
+
+
+def test_pools_stay_within_the_kv_memory_the_host_allows(tiny_checkpoint: Callable[..., Path]) -> None:
+    stage = load_stage(tiny_checkpoint(), (0, 4))
+    room = 600 * stage.kv_bytes_per_token()  # 600 positions: two slots of 256 a pool, not eight
+    host = LocalStageHost.of("s0", stage, kv_memory=room)
+    assert host.kv_memory == room
+    prompt = make_prompt(stage.config.vocab_size, 6)
+    for seq in range(2):
+        pipeline_logits([stage], [Segment(seq, 0, 6)], prompt)
+    assert stage.kv_bytes() == 2 * MIN_CAPACITY * stage.kv_bytes_per_token() <= room
+    long_prompt = make_prompt(stage.config.vocab_size, 2 * MIN_CAPACITY + 1)  # 1024 positions: one slot
+    pipeline_logits([stage], [Segment(5, 0, len(long_prompt))], long_prompt)
+    assert len(stage._pools.by_capacity[4 * MIN_CAPACITY]) == 1

@@ -42,6 +42,10 @@ class Stage(Protocol):
     def set_threads(self, threads: int) -> None:
         """Compute the steps that follow with this many CPU threads (where the engine computes on them)."""
 
+    def set_kv_memory(self, nbytes: int) -> None:
+        """What the KV caches may take (the coordinator admits sequences within it): an engine that
+        allocates caches ahead of need keeps that within it too."""
+
     def live_sequences(self) -> int: ...
 
     def weight_bytes(self) -> int:

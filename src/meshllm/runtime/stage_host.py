@@ -87,6 +87,7 @@ class LocalStageHost:
         host = cls(name, engine=stage.engine, kv_memory=kv_memory)
         host.stage, host.model, host.num_layers, host.quantize = stage, model, num_layers, quantize
         host.kv_memory = host._kv_budget(stage)
+        stage.set_kv_memory(host.kv_memory)
         return host
 
     def _kv_budget(self, stage: Stage) -> int:
@@ -191,6 +192,7 @@ class LocalStageHost:
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
         self.kv_memory = self._kv_budget(stage)
+        stage.set_kv_memory(self.kv_memory)
         summary = f"layers {spec.layer_range} loaded in {time.perf_counter() - started:.1f} s"
         return f"{summary}; {fetched}" if fetched else summary
 

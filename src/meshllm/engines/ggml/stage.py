@@ -168,6 +168,9 @@ class GgmlStage:
             self.config, self.layer_range, 4 if self.kv_type == self.g.GGML_TYPE_F32 else 2
         )
 
+    def set_kv_memory(self, nbytes: int) -> None:
+        """Each sequence's cache grows with it (`cache.CHUNK` positions at a time): nothing to bound."""
+
     def set_threads(self, threads: int) -> None:
         self.threads = threads
         self.g.ggml_backend_cpu_set_n_threads(self.backend, threads)

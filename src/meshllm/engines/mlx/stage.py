@@ -95,6 +95,9 @@ class MlxStage:
         for seq_id in seq_ids:
             self._caches.pop(seq_id, None)
 
+    def set_kv_memory(self, nbytes: int) -> None:
+        """mlx-lm's caches grow with their sequence: nothing to bound."""
+
     def set_threads(self, threads: int) -> None:
         """MLX chooses its own threads (its GPU, or its CPU build's)."""
 

@@ -134,6 +134,7 @@ class KVPools:
         self.dtype, self.device = dtype, device
         self.by_capacity: dict[int, list[KVPool]] = {}
         self.spare: KVPool | None = None
+        self.positions = POOL_POSITIONS  # a new pool's slots times its capacity (at least one slot)
 
     def take(self, capacity: int) -> tuple[KVPool, int]:
         """A free slot of that capacity: in the first pool with one, else in a new pool."""
@@ -144,7 +145,7 @@ class KVPools:
         if self.spare is not None and self.spare.capacity == capacity:
             pool, self.spare = self.spare, None
         else:
-            slots = max(1, POOL_POSITIONS // capacity)
+            slots = max(1, self.positions // capacity)
             args = (self.kv_heads, self.head_dim, self.dtype, self.device)
             pool = KVPool(self.layers, slots, capacity, *args)
         pools.append(pool)
@@ -158,7 +159,7 @@ class KVPools:
         pools.remove(pool)
         if not pools:
             del self.by_capacity[pool.capacity]
-        if pool.slots * pool.capacity <= POOL_POSITIONS:
+        if pool.slots * pool.capacity <= self.positions:
             self.spare = pool  # the one before it is freed
 
     def bytes(self) -> int:

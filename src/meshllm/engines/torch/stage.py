@@ -9,7 +9,7 @@ import torch
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
-from meshllm.engines.torch.kv import KVPools, SequenceKV, step_kv
+from meshllm.engines.torch.kv import POOL_POSITIONS, KVPools, SequenceKV, step_kv
 from meshllm.engines.torch.llama import StageModel, rope_inv_freq
 from meshllm.engines.torch.qlinear import QuantizedLinear
 from meshllm.engines.torch.weights import read_tensors, stage_tensor_names
@@ -77,6 +77,10 @@ class TorchStage:
 
     def set_threads(self, threads: int) -> None:
         torch.set_num_threads(threads)  # the process's intra-op threads: one stage computes at a time
+
+    def set_kv_memory(self, nbytes: int) -> None:
+        """A pool holds no more positions than the KV memory allows (at least one slot)."""
+        self._pools.positions = min(POOL_POSITIONS, nbytes // max(1, self.kv_bytes_per_token()))
 
     def kv_bytes(self) -> int:
         """What the pools hold now, free slots included."""
