@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "meshllm"
 
 # The vocabulary every part shares; it imports nothing but itself.
-NEUTRAL = {"meshllm", "errors", "log", "defaults", "step", "devices"}
+NEUTRAL = {"meshllm", "errors", "log", "defaults", "step", "devices", "compute"}
 # Each part, and the parts it may import besides the neutral ones and itself.
 ALLOWED = {
     "models": set(),

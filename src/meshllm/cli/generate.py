@@ -45,7 +45,8 @@ async def _generate(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from meshllm.engines import compute, default_engine, load_stage
+    from meshllm import compute
+    from meshllm.engines import default_engine, load_stage
     from meshllm.engines.base import Stage
     from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
     from meshllm.models.plan import plan_layers

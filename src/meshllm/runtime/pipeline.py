@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from meshllm.engines import compute
+from meshllm import compute
 from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from meshllm.engines import compute
+from meshllm import compute
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import StagePlan, make_plan

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshllm import compute
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
-from meshllm.engines import calibrate, compute, default_engine, guess_device_type, load_stage
+from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan

@@ -2,7 +2,7 @@
 
 A stage that is not last opens a Forward stream to the next stage for every Forward stream it serves,
 relays its output there, and passes the sampled tokens that come back up to its own caller. Every forward
-pass and cache change runs on the process's compute thread (`engines.compute`), in arrival order; the
+pass and cache change runs on the process's compute thread (`meshllm.compute`), in arrival order; the
 event loop only moves bytes.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from meshllm import compute
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Precision
-from meshllm.engines import compute
 from meshllm.errors import StageError
 from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step

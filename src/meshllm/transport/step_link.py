@@ -5,7 +5,7 @@ process's event loop and its compute thread about 0.1 ms more; a hop of the gRPC
 trip and four hand-offs. A step link is one TCP connection per hop carrying the very messages the gRPC
 Forward stream carries (`StepRequest` down, `StepResult` up, so the codec and its checks are the same),
 each framed by its length and kind. On a worker, the connection's own thread reads a step, has it run
-on the process's compute thread (where every other use of the stage runs too, `engines.compute`; about
+on the process's compute thread (where every other use of the stage runs too, `meshllm.compute`; about
 10 µs each way), and writes the output to the next stage's link, or the sampled tokens back up; a second
 thread relays the results coming back from the next stage. Nothing on the way touches an event loop.
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
-from meshllm.engines import compute
+from meshllm import compute
 from meshllm.errors import StageError
 from meshllm.step import StageLost, StepResult
 from meshllm.transport.proto import meshllm_pb2 as pb

@@ -1,4 +1,4 @@
-"""Every engine computation of a process runs on its one compute thread (`engines.compute`): calls from
+"""Every engine computation of a process runs on its one compute thread (`meshllm.compute`): calls from
 other threads wait for it there, calls made on it run at once, and a worker's calibration, load and steps,
 over step links and over gRPC alike, all reach the stage on that thread."""
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from meshllm import compute
 from meshllm.devices import Precision
-from meshllm.engines import compute, load_stage
+from meshllm.engines import load_stage
 from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.runtime.engine_loop import EngineLoop
 from meshllm.runtime.stage_host import LocalStageHost
