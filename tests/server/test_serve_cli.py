@@ -113,6 +113,10 @@ def test_serve_answers_a_chat_request_and_stops_cleanly_on_ctrl_c(
         cores = len(os.sched_getaffinity(0))
         if cores > 1:
             assert command[command.index(b"--threads-alone") + 1] == str(cores).encode(), command
+            # and its idle OpenMP threads give the cores back soon (unless the environment said otherwise)
+            environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
+            if "GOMP_SPINCOUNT" not in os.environ:
+                assert b"GOMP_SPINCOUNT=10000" in environ
         reply = httpx.post(
             f"{url}/v1/chat/completions",
             json={

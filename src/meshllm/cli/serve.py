@@ -13,7 +13,14 @@ import sys
 from typing import TYPE_CHECKING, Literal
 
 from meshllm.cli.worker import add_kv_memory_argument, add_tls_arguments
-from meshllm.defaults import DEFAULT_API_PORT, DEFAULT_GROUP_SIZE, DTYPES, ENGINES, QUANTIZE_MODES
+from meshllm.defaults import (
+    DEFAULT_API_PORT,
+    DEFAULT_GROUP_SIZE,
+    DTYPES,
+    ENGINES,
+    QUANTIZE_MODES,
+    SHARED_CORES_ENV,
+)
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
     import asyncio
@@ -345,6 +352,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads_alone is not None and args.threads_alone < 1:
         raise ConfigError(f"--threads-alone must be at least 1, got {args.threads_alone}")
     alone = args.threads_alone or (_cores() if stages_here > 1 and threads < _cores() else None)
+    if alone and stages_here > 1:  # for this process and the local workers it starts
+        for name, value in SHARED_CORES_ENV.items():
+            os.environ.setdefault(name, value)
     args.stage_threads, args.threads_alone = threads, alone
 
     # Before anything slow: a busy port fails at once (a plan serves nothing, so it takes no port).

@@ -13,6 +13,7 @@ from typing import Any
 
 from meshllm.cluster.launch import Machine
 from meshllm.config import Cluster, Device
+from meshllm.defaults import SHARED_CORES_ENV
 
 MIN_PYTHON = (3, 10)
 
@@ -156,6 +157,15 @@ def threads_alone_for(cluster: Cluster, device: Device, cpu_count: int) -> int |
     with other stages (by default), else None (its `threads`)."""
     sharing = sum(1 for other in cluster.device if other.machine == device.machine)
     return cpu_count if sharing > 1 and not device.threads and cpu_count > 1 else None
+
+
+def compute_env(cluster: Cluster, device: Device, cpu_count: int) -> dict[str, str]:
+    """The environment a device's process computes in: its threads, and where it shares its machine's
+    cores with other stages, idle OpenMP threads that give them back soon (`SHARED_CORES_ENV`)."""
+    env = {"OMP_NUM_THREADS": str(threads_for(cluster, device, cpu_count))}
+    if threads_alone_for(cluster, device, cpu_count):
+        env.update(SHARED_CORES_ENV)
+    return env
 
 
 def check_memory_fit(cluster: Cluster, memory_available: dict[str, int | None]) -> None:

@@ -197,7 +197,11 @@ class Starter:
         else:
             argv = self.worker_argv(device, threads)
         argv += ["--threads-alone", str(alone)] if alone else []
-        env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **device.env}
+        env = {
+            **checks.compute_env(self.cluster, device, facts["cpu_count"]),
+            "PYTHONUNBUFFERED": "1",
+            **device.env,
+        }
         machine = self.machines[device.name]
         status_file = None if device.is_coordinator else self.state.status_path(device)
         if status_file is not None:  # a worker runs under its supervisor, which starts it again when it dies
