@@ -6,11 +6,12 @@ from __future__ import annotations
 from cluster_helpers import free_port
 
 from meshllm.cluster.checks import compute_env, threads_alone_for, threads_for
-from meshllm.config import load_cluster
+from meshllm.config import Cluster, Device, load_cluster
 from meshllm.defaults import SHARED_CORES_ENV
 
 
-def test_devices_sharing_a_machine_split_its_cores_and_take_them_all_for_a_step_alone(cluster_files) -> None:
+def one_machine(cluster_files) -> tuple[Cluster, dict[str, Device]]:
+    """A coordinator and two workers on one machine, w2 with threads of its own."""
     path = cluster_files.write(
         [
             {"name": "coordinator", "host": "127.0.0.1"},
@@ -19,7 +20,11 @@ def test_devices_sharing_a_machine_split_its_cores_and_take_them_all_for_a_step_
         ]
     )
     cluster = load_cluster(path)
-    devices = {device.name: device for device in cluster.device}
+    return cluster, {device.name: device for device in cluster.device}
+
+
+def test_devices_sharing_a_machine_split_its_cores_and_take_them_all_for_a_step_alone(cluster_files) -> None:
+    cluster, devices = one_machine(cluster_files)
     assert threads_for(cluster, devices["w1"], 8) == 2
     assert threads_alone_for(cluster, devices["w1"], 8) == 8
     assert threads_alone_for(cluster, devices["coordinator"], 8) == 8
@@ -28,15 +33,7 @@ def test_devices_sharing_a_machine_split_its_cores_and_take_them_all_for_a_step_
 
 
 def test_devices_sharing_a_machine_compute_with_idle_threads_that_give_the_cores_back(cluster_files) -> None:
-    path = cluster_files.write(
-        [
-            {"name": "coordinator", "host": "127.0.0.1"},
-            {"name": "w1", "host": "127.0.0.1", "port": free_port()},
-            {"name": "w2", "host": "127.0.0.1", "port": free_port(), "threads": 1},
-        ]
-    )
-    cluster = load_cluster(path)
-    devices = {device.name: device for device in cluster.device}
+    cluster, devices = one_machine(cluster_files)
     assert compute_env(cluster, devices["w1"], 8) == {"OMP_NUM_THREADS": "2", **SHARED_CORES_ENV}
     assert compute_env(cluster, devices["w2"], 8) == {"OMP_NUM_THREADS": "1"}  # never takes every core
     assert compute_env(cluster, devices["w1"], 1) == {"OMP_NUM_THREADS": "1"}
