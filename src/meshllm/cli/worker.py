@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="compute threads for a step that is alone in the pipeline, where stages share this machine "
         "and the others are idle meanwhile (default: --threads; `serve --stages N` gives its own workers "
-        "the machine's cores)",
+        "the machine's cores, and starts them with GOMP_SPINCOUNT=10000 so that idle OpenMP threads give "
+        "the cores back soon: do the same for workers started by hand)",
     )
     parser.add_argument(
         "--quantize",
