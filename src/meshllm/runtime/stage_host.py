@@ -86,16 +86,18 @@ class LocalStageHost:
         """A host around a stage loaded already."""
         host = cls(name, engine=stage.engine, kv_memory=kv_memory)
         host.stage, host.model, host.num_layers, host.quantize = stage, model, num_layers, quantize
-        host.kv_memory = host._kv_budget(stage)
-        stage.set_kv_memory(host.kv_memory)
+        host._set_kv_budget(stage)
         return host
 
-    def _kv_budget(self, stage: Stage) -> int:
+    def _set_kv_budget(self, stage: Stage) -> None:
+        """What a freshly loaded stage's KV caches may take, kept here and told to the stage."""
         own = self.own_kv_memory
         if isinstance(own, int):
-            return own
-        share = KV_MEMORY_SHARE if own is None else own
-        return int(describe_host(stage.device_type).memory_available * share)
+            self.kv_memory = own
+        else:
+            share = KV_MEMORY_SHARE if own is None else own
+            self.kv_memory = int(describe_host(stage.device_type).memory_available * share)
+        stage.set_kv_memory(self.kv_memory)
 
     @property
     def framework(self) -> str:
@@ -191,8 +193,7 @@ class LocalStageHost:
         self._threads_now = None  # a new stage: its threads are set again at its first step
         self.num_layers = checkpoint.config.num_hidden_layers
         self.sampler = Sampler()
-        self.kv_memory = self._kv_budget(stage)
-        stage.set_kv_memory(self.kv_memory)
+        self._set_kv_budget(stage)
         summary = f"layers {spec.layer_range} loaded in {time.perf_counter() - started:.1f} s"
         return f"{summary}; {fetched}" if fetched else summary
 

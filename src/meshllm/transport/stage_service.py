@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -39,7 +39,6 @@ from meshllm.transport.tls import TlsFiles, add_port
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _END = object()
 
 
@@ -61,9 +60,6 @@ class StageService(pbg.StageServicer):
                 grpc.StatusCode.UNAUTHENTICATED, f"worker {self.name}: the call carried {problem}"
             )
 
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await compute.run_async(function, *args)
-
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         await self._authorize(context)
         reply = encode_info(self.host.info())
@@ -71,7 +67,7 @@ class StageService(pbg.StageServicer):
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
             precision = Precision(request.dtype, quantize, group_size)
-            calibration = await self._run(self.host.calibrate, precision, request.volume)
+            calibration = await compute.run_async(self.host.calibrate, precision, request.volume)
             reply.read_bandwidth, reply.flop_rate = calibration.read_bandwidth, calibration.flop_rate
             reply.read_bandwidth_alone = calibration.alone_read_bandwidth
         return reply
@@ -119,7 +115,7 @@ class StageService(pbg.StageServicer):
                 )
                 loop.call_soon_threadsafe(updates.put_nowait, update)
 
-            loading = asyncio.ensure_future(self._run(self.host.load, spec, report, received))
+            loading = asyncio.ensure_future(compute.run_async(self.host.load, spec, report, received))
             shown = _Throttle()
             while not loading.done():
                 waiter = asyncio.ensure_future(updates.get())
@@ -168,7 +164,7 @@ class StageService(pbg.StageServicer):
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         await self._authorize(context)
-        live = await self._run(self.host.release, list(request.seq_ids))
+        live = await compute.run_async(self.host.release, list(request.seq_ids))
         return pb.ReleaseReply(live_sequences=live)
 
     def _step(self, request: pb.StepRequest) -> pb.StepRequest | pb.StepResult:
@@ -224,7 +220,7 @@ class StageService(pbg.StageServicer):
                 async for request in request_iterator:
                     started = time.perf_counter()
                     try:
-                        output = await self._run(self._step, request)
+                        output = await compute.run_async(self._step, request)
                     except Exception as error:
                         await results.put(self.step_failure(request, error))
                         continue
