@@ -5,8 +5,11 @@ over step links and over gRPC alike, all reach the stage on that thread."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,3 +111,64 @@ def test_a_local_pipeline_steps_on_the_compute_thread(tiny_checkpoint, monkeypat
 
     assert len(asyncio.run(run())) == 3
     assert calls and {thread for _, thread in calls} == {the_compute_thread()}
+
+
+CLEAN_UPS = """
+import threading
+from meshllm import compute
+
+def report(word):
+    print(word, threading.current_thread().name, flush=True)
+
+compute.at_exit(lambda: report("first"))
+compute.at_exit(lambda: 1 / 0)  # a failing clean-up is logged; the others still run
+compute.at_exit(lambda: report("last"))
+compute.run(lambda: None)
+"""
+
+MLX_STAGE_LEFT_AT_EXIT = """
+import asyncio, sys
+from meshllm import compute
+from meshllm.engines import load_stage
+from meshllm.runtime.engine_client import GenerateRequest
+from meshllm.runtime.engine_loop import EngineLoop
+from meshllm.step import LayerRange, SamplingParams
+
+stages = compute.run(lambda: [load_stage("mlx", sys.argv[1], LayerRange(0, int(sys.argv[2])))])
+
+async def main():
+    loop = EngineLoop.in_process(stages)
+    request = GenerateRequest([4, 5, 6], SamplingParams(temperature=0.0), 3)
+    tokens = [token.token_id async for token in loop.submit(request)]
+    await loop.close()
+    print(len(tokens))
+
+asyncio.run(main())
+"""
+
+
+def run_script(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_clean_ups_given_to_at_exit_run_on_the_compute_thread_as_the_process_ends(tmp_path) -> None:
+    done = run_script(tmp_path, CLEAN_UPS)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    assert words[0::2] == ["first", "last"], done.stdout
+    assert all(name.startswith("compute") for name in words[1::2]), done.stdout
+    assert "ZeroDivisionError" in done.stderr
+
+
+def test_a_process_that_stepped_an_mlx_stage_on_the_compute_thread_exits_cleanly(
+    tmp_path, tiny_checkpoint
+) -> None:
+    """MLX 0.32 aborted such a process at exit three times out of four ("terminate called without an
+    active exception") until the MLX engine dropped its streams on the compute thread before it ended."""
+    pytest.importorskip("mlx.core")
+    checkpoint = tiny_checkpoint(layers=4)
+    for _ in range(3):
+        done = run_script(tmp_path, MLX_STAGE_LEFT_AT_EXIT, str(checkpoint), "4")
+        assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr

@@ -8,11 +8,17 @@ spinning at its barriers and sleeps in the kernel instead, and a decode step pas
 13 tokens/s where the same stage alone decodes 19, because its calibration had run on another thread than
 its steps. So a process computes on this one thread only; the others hand their work to it and wait
 (about 10 µs each way).
+
+An engine whose library keeps state per thread (MLX's streams) registers its clean-up with `at_exit`: it
+runs on the compute thread when the interpreter finishes, before that thread ends. MLX 0.32 otherwise
+aborts the process at exit now and then ("terminate called without an active exception") when the
+thread that made its streams ends before them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +29,9 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _thread: threading.Thread | None = None
+_at_exit: list[Callable[[], object]] = []
+
+log = logging.getLogger(__name__)
 
 
 def executor() -> ThreadPoolExecutor:
@@ -32,12 +41,30 @@ def executor() -> ThreadPoolExecutor:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
             _executor.submit(_mark).result()
+            # Called before concurrent.futures ends its workers: its own hook was registered first, and
+            # the interpreter calls these hooks in reverse order.
+            threading._register_atexit(_finish)  # type: ignore[attr-defined]
         return _executor
 
 
 def _mark() -> None:
     global _thread
     _thread = threading.current_thread()
+
+
+def at_exit(function: Callable[[], object]) -> None:
+    """Call `function` on the compute thread when the interpreter finishes (once, however often given)."""
+    with _lock:
+        if function not in _at_exit:
+            _at_exit.append(function)
+
+
+def _finish() -> None:
+    for function in list(_at_exit):
+        try:
+            run(function)
+        except Exception:  # the process is ending: say so, and go on with the other clean-ups
+            log.exception("clean-up %r failed on the compute thread", function)
 
 
 def on_compute_thread() -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from meshllm import compute
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
 from meshllm.engines.base import COMPUTE_MATRICES, Progress, kv_bytes_per_token, read_matrices, stage_bounds
@@ -32,6 +33,9 @@ from meshllm.step import LayerRange, StepInput, StepOutput
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+if hasattr(mx, "clear_streams"):  # MLX's streams are the thread's that made them: that thread drops them
+    compute.at_exit(mx.clear_streams)
 
 
 def to_mlx(array: Any) -> mx.array:
