@@ -8,6 +8,7 @@ Two figures per hop:
   any change in the stages' compute; noisy where a token costs far more than a hop.
 Both are measured with step links (plain TCP, the default) and with gRPC's Forward stream
 (`MESHLLM_STEP_LINKS=0`), and decode throughput with 8 concurrent sequences is reported beside them.
+The coordinator runs on the event loop `meshllm serve` runs on (uvloop's where installed).
 
     .venv/bin/python bench/hop_overhead.py [--shape bench|0.6b] [--tokens 64] [--json] [--plot FILE.png]
 
@@ -32,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench_common import SPEC, shape_checkpoint
 
+from meshllm.cli import event_loop  # noqa: E402
 from meshllm.models.tiny import make_checkpoint  # noqa: E402
 from meshllm.runtime.coordinator import Coordinator  # noqa: E402
 from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress  # noqa: E402
@@ -121,7 +123,9 @@ def main() -> int:
                         continue
                     os.environ[LINKS_ENV] = switch
                     chain = addresses[: n_stages - 1]
-                    results[transport][str(n_stages)] = asyncio.run(measure(path, chain, args.tokens, dtype))
+                    results[transport][str(n_stages)] = event_loop.run(
+                        measure(path, chain, args.tokens, dtype)
+                    )
         finally:
             workers.stop()
 

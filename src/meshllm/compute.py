@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -76,6 +76,18 @@ def run(function: Callable[..., T], *args: Any) -> T:
     if on_compute_thread():
         return function(*args)
     return executor().submit(function, *args).result()
+
+
+def post(function: Callable[..., object], *args: Any) -> None:
+    """`function(*args)` on the compute thread, not waited for: it answers for itself (an error that
+    escapes it is logged)."""
+    executor().submit(function, *args).add_done_callback(_log_failure)
+
+
+def _log_failure(done: Future[object]) -> None:
+    error = done.exception()
+    if error is not None:
+        log.error("work posted to the compute thread failed", exc_info=error)
 
 
 async def run_async(function: Callable[..., T], *args: Any) -> T:

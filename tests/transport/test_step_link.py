@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from meshllm.cli import event_loop
 from meshllm.cluster import certs
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
@@ -65,10 +66,16 @@ def step(step_id: int, seq_id: int, tokens: list[int]) -> pb.StepRequest:
     return prepare_step(StepInput(step_id, segments, token_ids=np.array(tokens)))
 
 
+@pytest.mark.parametrize("native_loop", [False, True], ids=["asyncio", "uvloop"])
 @pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "mutual-tls"])
 def test_steps_over_a_link_sample_what_the_grpc_stream_samples_with_every_stage_timed(
-    tiny_checkpoint, secure: bool
+    tiny_checkpoint, secure: bool, native_loop: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On asyncio's event loop and on uvloop's, which `meshllm serve` runs on."""
+    monkeypatch.setenv(event_loop.UVLOOP_ENV, "1" if native_loop else "0")
+    if native_loop:
+        pytest.importorskip("uvloop")
+
     async def run():
         ca = certs.make_ca("links") if secure else None
         async with chain_of_two(str(tiny_checkpoint()), ca=ca) as (clients, _):
@@ -81,7 +88,7 @@ def test_steps_over_a_link_sample_what_the_grpc_stream_samples_with_every_stage_
             await grpc.reset()
             return over_link, over_grpc, was_linked
 
-    over_link, over_grpc, was_linked = asyncio.run(run())
+    over_link, over_grpc, was_linked = event_loop.run(run())
     assert was_linked
     assert [r.tokens[0].token_id for r in over_link] == [r.tokens[0].token_id for r in over_grpc]
     assert all([timing.stage for timing in r.timings] == ["s0", "s1"] for r in over_link)

@@ -28,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from meshllm.cli import event_loop
     from meshllm.errors import ConfigError
     from meshllm.log import setup_logging
 
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-tokens must be at least 1")
     if args.stages < 1:
         raise ConfigError("--stages must be at least 1")
-    return asyncio.run(_generate(args))
+    return event_loop.run(_generate(args))
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -371,14 +371,16 @@ def run(args: argparse.Namespace) -> int:
                 engine=args.engine,
                 threads_alone=alone,
             )
-        import asyncio
+        from meshllm.cli import event_loop
 
         args.kv_memory = kv_memory  # the local stage's, as the local workers'
         if sock is None:
-            return asyncio.run(
+            return event_loop.run(
                 _plan_only(args, workers, local_workers, token, tls, memory_overrides, threads)
             )
-        return asyncio.run(_serve(args, sock, workers, local_workers, token, tls, memory_overrides, threads))
+        return event_loop.run(
+            _serve(args, sock, workers, local_workers, token, tls, memory_overrides, threads)
+        )
     except KeyboardInterrupt:
         return 130
     finally:

@@ -169,8 +169,7 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import asyncio
-
+    from meshllm.cli import event_loop
     from meshllm.config import is_loopback
     from meshllm.errors import ConfigError
     from meshllm.log import setup_logging
@@ -205,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads-alone must be at least 1, got {args.threads_alone}")
         host.set_threads(args.threads or os.cpu_count() or 1, args.threads_alone)
     try:
-        asyncio.run(
+        event_loop.run(
             serve_stage(host, f"{args.host}:{args.port}", token=token, tls=tls, step_port=args.step_port)
         )
     except OSError as error:

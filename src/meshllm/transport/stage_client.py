@@ -223,9 +223,12 @@ class StepsInFlight:
                 future.set_exception(error)
 
     async def _result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
+        # A timer on the future itself, not `asyncio.wait_for`: that wraps it in a second future, one
+        # more turn of the event loop between the result's arrival and the step going on.
+        timer = asyncio.get_running_loop().call_later(self.step_timeout, _time_out, future)
         try:
-            return await asyncio.wait_for(future, self.step_timeout)
-        except asyncio.TimeoutError:
+            return await future
+        except _StepTimeout:
             self._pending.pop(step_id, None)
             lost = StageLost(
                 f"step timed out after {self.step_timeout:g} s in the chain from {self.first.describe()}"
@@ -233,9 +236,20 @@ class StepsInFlight:
             self._fail_all(lost)  # the steps behind it are stuck on the same link: they say so too
             await self.reset()
             raise lost from None
+        finally:
+            timer.cancel()
 
     async def reset(self) -> None:
         raise NotImplementedError
+
+
+class _StepTimeout(Exception):
+    """A step's result did not come within the step timeout."""
+
+
+def _time_out(future: asyncio.Future[StepResult]) -> None:
+    if not future.done():
+        future.set_exception(_StepTimeout())
 
 
 class ForwardChain(StepsInFlight):
