@@ -2,7 +2,8 @@
 
 Two figures per hop:
 - transport per hop: for every decode step, the time the coordinator waited on the remote chain minus
-  the compute time each remote stage reports for it, divided by the remote stages (each one adds a link
+  the compute time each remote stage reports for it (timed on the stage's compute thread, so handing the
+  step to that thread and back counts as transport), divided by the remote stages (each one adds a link
   down and a relay back up); the median over the steps. Compute noise does not enter it.
 - by difference: (ms per token with N stages - ms per token with 1 stage) / (N - 1), which also counts
   any change in the stages' compute; noisy where a token costs far more than a hop.

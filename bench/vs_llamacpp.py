@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import shlex
 import signal
 import socket
@@ -129,8 +130,8 @@ def wait_healthy(server: Server, process: subprocess.Popen, url: str, timeout: f
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, log_dir: Path, llamacpp: Path | None) -> Iterator[str]:
-    """Start the processes of `spec` on free loopback ports; yields the API's base URL."""
+def running(spec: ServerSpec, log_dir: Path, llamacpp: Path | None) -> Iterator[tuple[str, Server]]:
+    """Start the processes of `spec` on free loopback ports; yields the API's base URL and the processes."""
     server = Server(log_dir)
     name = spec.label.replace(" ", "-").replace("/", "-")
     try:
@@ -151,9 +152,25 @@ def running(spec: ServerSpec, log_dir: Path, llamacpp: Path | None) -> Iterator[
         url = f"http://127.0.0.1:{port}"
         process = server.start(name, command + ["--port", str(port)])
         wait_healthy(server, process, url, START_TIMEOUT)
-        yield url
+        yield url, server
     finally:
         server.stop()
+
+
+PREDICTED = re.compile(
+    r"predicted decode: ([\d.]+) tok/s for one stream, [\d.]+ tok/s total for (\d+) streams "
+    r"\(([\d.]+) counting"
+)
+
+
+def prediction_in(logs: list[Path]) -> dict[str, float]:
+    """The decode speed `meshllm serve` predicted at its start, by streams: one stream's decode tok/s, and
+    the many streams' total counting their prompts (what this client measures); {} when none was logged."""
+    for log in logs:
+        found = PREDICTED.search(log.read_text(errors="replace"))
+        if found:
+            return {"1": float(found[1]), found[2]: float(found[3])}
+    return {}
 
 
 def rpc_server_binary(llamacpp: Path) -> Path:
@@ -359,12 +376,16 @@ def main() -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    predictions: dict[str, dict[str, float]] = {}  # meshllm's own, from serve's log
     load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as log_dir:
         for spec in specs:
             print(f"running {spec.label}", file=sys.stderr)
-            with running(spec, Path(log_dir), args.llamacpp) as url:
+            with running(spec, Path(log_dir), args.llamacpp) as (url, server):
                 results[spec.label] = asyncio.run(measure(url, args))
+                predicted = prediction_in(server.logs)
+                if predicted:
+                    predictions[spec.label] = predicted
 
     commit = llamacpp_commit(args.llamacpp) if args.llamacpp is not None else None
     prompt_tokens = {
@@ -401,6 +422,17 @@ def main() -> int:
             / headline(results[other.label], str(level))["median"]
             for level in args.levels
         }
+    if predictions:
+        print("meshllm's own prediction (serve's log) against the measured median:")
+        for label, predicted in predictions.items():
+            cells = [
+                f"{level} stream{'s' if level > 1 else ''}: {predicted[str(level)]:.1f} predicted, "
+                f"{headline(results[label], str(level))['median']:.1f} measured "
+                f"({headline(results[label], str(level))['median'] / predicted[str(level)]:.2f}×)"
+                for level in args.levels
+                if str(level) in predicted
+            ]
+            print(f"  {label:<22} " + "; ".join(cells))
     if ratios:
         print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
         for pair, values in ratios.items():
@@ -414,6 +446,7 @@ def main() -> int:
         "gguf": args.gguf,
         "servers": results,
         "ratios": ratios,
+        "predicted": predictions,
         "notes": notes,
     }
     if args.json:

@@ -28,7 +28,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -348,18 +347,18 @@ class _Hop:
             except DecodeError:
                 self._abort("a step that is not a StepRequest")
                 return
-            compute.post(self._compute, request, time.perf_counter())
+            compute.post(self._compute, request)
 
-    def _compute(self, request: pb.StepRequest, received: float) -> None:
+    def _compute(self, request: pb.StepRequest) -> None:
         """On the compute thread: one step, its output sent on or its answer sent back up."""
         service = self.service
         try:
             try:
-                output = service._step(request)
+                output, seconds = service.timed_step(request)
             except Exception as error:
                 self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
                 return
-            timing = pb.StageTiming(stage=service.name, seconds=time.perf_counter() - received)
+            timing = pb.StageTiming(stage=service.name, seconds=seconds)
             if isinstance(output, pb.StepResult):
                 output.timings.insert(0, timing)
                 self.upstream.send(RESULT, output.SerializeToString())
