@@ -85,6 +85,9 @@ class Calibration(NamedTuple):
     flop_rate: float  # floating-point operations/s of matmuls over a batch of tokens
     # The read speed of a step alone in the pipeline, where it takes more threads (0: read_bandwidth).
     alone_read_bandwidth: float = 0.0
+    # Operations/s that a decode step of many streams adds to reading the weights: DECODE_BATCH tokens
+    # over weights streamed from memory, not cached (0: flop_rate). Lower than flop_rate on a CPU.
+    decode_flop_rate: float = 0.0
 
 
 class Link(NamedTuple):
@@ -122,6 +125,7 @@ class StageInfo:
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
     read_bandwidth_alone: float = 0.0  # a step alone in the pipeline's read speed, when measured and other
+    decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds, when measured
 
 
 def system_memory() -> tuple[int, int]:

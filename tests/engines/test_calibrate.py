@@ -22,5 +22,10 @@ def test_the_read_pass_covers_the_volume_asked_within_its_bounds() -> None:
 @pytest.mark.parametrize("engine", ["torch", "ggml"])
 def test_a_calibration_over_a_larger_volume_measures_its_speeds_with_both_thread_counts(engine: str) -> None:
     measured = calibrate(engine, Precision("bfloat16", "int8"), threads=1, volume=24 * MATRIX, alone=2)
-    figures = [measured.read_bandwidth, measured.flop_rate, measured.alone_read_bandwidth]
+    figures = [
+        measured.read_bandwidth,
+        measured.flop_rate,
+        measured.alone_read_bandwidth,
+        measured.decode_flop_rate,  # 16-token steps over the whole volume
+    ]
     assert np.isfinite(figures).all() and min(figures) > 1e8  # the read speed with 2 threads too

@@ -121,6 +121,7 @@ def test_load_quantizes_as_asked_and_info_measures_the_read_speed(tiny_checkpoin
 
     info = asyncio.run(run())
     assert info.quantize == "int8" and info.read_bandwidth > 0 and info.flop_rate > 0
+    assert info.decode_flop_rate > 0  # measured with them, and carried over gRPC
 
 
 def test_links_are_timed_from_the_caller_and_from_a_stage_to_the_next() -> None:

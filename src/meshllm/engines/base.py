@@ -117,7 +117,14 @@ def kv_bytes_per_token(config: ModelConfig, layer_range: LayerRange, itemsize: i
 # model that fits the last-level cache (480 MB on some servers) reads at its speed, one that does not at
 # the memory's.
 COMPUTE_MATRICES = 8
+DECODE_BATCH = 16  # tokens of the decode step the calibration times over the whole volume: 16 streams
 MAX_READ_MATRICES = 256
+
+
+def decode_rate(tokens: int, weights: int, one: float, many: float) -> float:
+    """Operations/s of what a `tokens`-token pass over `weights` weights took beyond a one-token pass
+    over the same (`one` and `many` seconds): the arithmetic a decode step of many streams adds."""
+    return 2 * (tokens - 1) * weights / max(many - one, many * 0.1)
 
 
 def read_matrices(volume: int, matrix_bytes: int) -> int:

@@ -1,8 +1,10 @@
 """What a plan should give: decode tokens/s for one stream and for many, from measured figures.
 
 A stage's step over `b` tokens costs two things: reading every weight it holds once (bytes over the
-device's read speed, measured as decode reads them) and the arithmetic of `b` tokens (two operations per
-weight per token, over the device's measured compute rate). A token of one stream passes every stage and
+device's read speed, measured as decode reads them, one token's arithmetic included) and the arithmetic
+of the other tokens (two operations per weight per token, over the device's measured compute rate: for a
+decode step, the rate measured for many streams' decode over weights streamed from memory; for prompt
+chunks, the rate of a batch of tokens). A token of one stream passes every stage and
 every link in turn; many streams keep one micro-batch per stage in flight, so the slowest stage sets the
 pace once there are enough of them. Prefill is arithmetic: every prompt token through every stage.
 
@@ -31,14 +33,19 @@ class StageCost:
     read_bandwidth: float  # bytes/s
     flop_rate: float  # floating-point operations/s at a batch of tokens
     alone_read_bandwidth: float = 0.0  # bytes/s of a step alone in the pipeline (0: read_bandwidth)
+    decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds (0: flop_rate)
 
     def step_seconds(self, tokens: int, head_tokens: int | None = None, alone: bool = False) -> float:
-        """One step over `tokens` tokens, `head_tokens` of which need logits (all, unless told); `alone`:
-        the only step in flight, which may take more threads."""
-        head_tokens = tokens if head_tokens is None else head_tokens
-        arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
+        """One step over `tokens` tokens, `head_tokens` of which need logits (all: a decode step, whose
+        arithmetic runs at the decode rate; fewer: prompt chunks); `alone`: the only step in flight,
+        which may take more threads."""
         bandwidth = (self.alone_read_bandwidth or self.read_bandwidth) if alone else self.read_bandwidth
-        return self.read_bytes / bandwidth + arithmetic / self.flop_rate
+        # The read speed was measured with one-token matmuls: a one-token step's arithmetic is in it.
+        read = self.read_bytes / bandwidth
+        if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
+            return read + 2 * self.weights * (tokens - 1) / (self.decode_flop_rate or self.flop_rate)
+        arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
+        return read + arithmetic / self.flop_rate
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class CostModel:
             calibration.read_bandwidth,
             calibration.flop_rate,
             calibration.alone_read_bandwidth,
+            calibration.decode_flop_rate,
         )
 
     def stage_costs(

@@ -310,7 +310,7 @@ async def _calibrate(
         precision = Precision(config.dtype, quantize or stored, config.group_size)
         info = await client.info(timeout=120.0, calibrate=precision, volume=volume(quantize))
         calibrations[client.name] = Calibration(
-            info.read_bandwidth, info.flop_rate, info.read_bandwidth_alone
+            info.read_bandwidth, info.flop_rate, info.read_bandwidth_alone, info.decode_flop_rate
         )
     return calibrations
 
@@ -363,6 +363,7 @@ async def _predict(
             f"{name} reads {found.read_bandwidth / 1e9:.1f} GB/s"
             + (f" ({found.alone_read_bandwidth / 1e9:.1f} alone)" if found.alone_read_bandwidth else "")
             + f", computes {found.flop_rate / 1e9:.0f} GFLOP/s"
+            + (f" ({found.decode_flop_rate / 1e9:.0f} decoding)" if found.decode_flop_rate else "")
             for name, found in calibrations.items()
         )
     ]

@@ -246,4 +246,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         kv_memory=reply.kv_memory,
         step_port=reply.step_port,
         read_bandwidth_alone=reply.read_bandwidth_alone,
+        decode_flop_rate=reply.decode_flop_rate,
     )

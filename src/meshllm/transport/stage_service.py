@@ -70,6 +70,7 @@ class StageService(pbg.StageServicer):
             calibration = await compute.run_async(self.host.calibrate, precision, request.volume)
             reply.read_bandwidth, reply.flop_rate = calibration.read_bandwidth, calibration.flop_rate
             reply.read_bandwidth_alone = calibration.alone_read_bandwidth
+            reply.decode_flop_rate = calibration.decode_flop_rate
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:

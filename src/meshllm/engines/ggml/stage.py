@@ -30,7 +30,15 @@ import numpy as np
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import COMPUTE_MATRICES, Progress, kv_bytes_per_token, read_matrices, stage_bounds
+from meshllm.engines.base import (
+    COMPUTE_MATRICES,
+    DECODE_BATCH,
+    Progress,
+    decode_rate,
+    kv_bytes_per_token,
+    read_matrices,
+    stage_bounds,
+)
 from meshllm.engines.ggml.cache import SequenceCache
 from meshllm.engines.ggml.fused import fuse_projections
 from meshllm.engines.ggml.graph import GraphPool
@@ -442,9 +450,10 @@ def calibrate(
     alone: int | None = None,
 ) -> Calibration:
     """Read speed from one-token mat-vecs over about `volume` bytes of 2048×2048 matrices (at least
-    eight), and compute rate from 32-token mat-muls over eight, in ggml at `precision` (the median of the
-    last five of six passes), as the other engines measure; with `alone`, the read speed again with that
-    many threads (the same upload, timed twice)."""
+    eight), compute rate from 32-token mat-muls over eight, and a decode step's from DECODE_BATCH-token
+    mat-muls over the whole volume, in ggml at `precision` (the median of the last five of six passes),
+    as the other engines measure; with `alone`, the read speed again with that many threads (the same
+    upload, timed twice)."""
     import time
 
     if device not in (None, "auto", "cpu"):
@@ -497,7 +506,7 @@ def calibrate(
                 g.ggml_gallocr_free(allocator)
                 g.ggml_free(ctx)
 
-        read = seconds(1, count)
+        read, decode = seconds(1, count), seconds(DECODE_BATCH, count)
         one, many = seconds(1, COMPUTE_MATRICES), seconds(batch, COMPUTE_MATRICES)
         read_alone = 0.0
         if alone is not None and alone != threads:
@@ -507,4 +516,9 @@ def calibrate(
         stage.close()
     arithmetic = max(many - one, many * 0.1)
     flops = 2 * (batch - 1) * size * size * COMPUTE_MATRICES / arithmetic
-    return Calibration(weights.nbytes / read, flops, weights.nbytes / read_alone if read_alone else 0.0)
+    return Calibration(
+        weights.nbytes / read,
+        flops,
+        weights.nbytes / read_alone if read_alone else 0.0,
+        decode_rate(DECODE_BATCH, size * size * count, read, decode),
+    )

@@ -23,7 +23,15 @@ from mlx_lm.models.cache import KVCache
 from meshllm import compute
 from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import COMPUTE_MATRICES, Progress, kv_bytes_per_token, read_matrices, stage_bounds
+from meshllm.engines.base import (
+    COMPUTE_MATRICES,
+    DECODE_BATCH,
+    Progress,
+    decode_rate,
+    kv_bytes_per_token,
+    read_matrices,
+    stage_bounds,
+)
 from meshllm.engines.mlx.loader import build_stage_model, flat_parameters
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import Checkpoint
@@ -267,4 +275,7 @@ def calibrate(precision: Precision, device: str | None = None, volume: int = 0) 
     few = layers[:COMPUTE_MATRICES]
     read, one, many = seconds(1, layers), seconds(1, few), seconds(batch, few)
     arithmetic = max(many - one, many * 0.1)
-    return Calibration(held / read, 2 * (batch - 1) * size * size * len(few) / arithmetic)
+    decode = decode_rate(DECODE_BATCH, size * size * len(layers), read, seconds(DECODE_BATCH, layers))
+    return Calibration(
+        held / read, 2 * (batch - 1) * size * size * len(few) / arithmetic, decode_flop_rate=decode
+    )

@@ -1,7 +1,9 @@
 """How fast this device runs decode's costs, in the stage's dtype and quantization: reading weights
-(one-token matmuls over as many bytes as the stages will hold, at least 64 MB in bfloat16) and arithmetic
-(a few of those layers over a batch of tokens). The planner divides each stage's bytes per token by the
-first; predictions use both."""
+(one-token matmuls over as many bytes as the stages will hold, at least 64 MB in bfloat16), arithmetic
+(a few of those layers over a batch of tokens, as a prompt chunk computes), and the arithmetic a decode
+step of many streams adds (DECODE_BATCH-token matmuls over all of them: weights streamed from memory,
+which leaves a CPU less compute than cached ones). The planner divides each stage's bytes per token by
+the first; predictions use all three."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 import torch
 
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import COMPUTE_MATRICES, read_matrices
+from meshllm.engines.base import COMPUTE_MATRICES, DECODE_BATCH, decode_rate, read_matrices
 from meshllm.engines.torch.qlinear import QuantizedLinear, make_linear
 from meshllm.engines.torch.stage import DTYPES, pick_device
 
@@ -61,12 +63,16 @@ def _calibrate(precision: Precision, device: str | None, volume: int, alone: int
     layers = [first] + [copy.deepcopy(first) for _ in range(read_matrices(volume, _bytes(first)) - 1)]
     held = sum(_bytes(layer) for layer in layers)
     x = torch.randn(BATCH, SIZE, generator=generator).to(target, torch_dtype)
-    read = _seconds(layers, x[:1], target)
+    read, decode = _seconds(layers, x[:1], target), _seconds(layers, x[:DECODE_BATCH], target)
     few = layers[:COMPUTE_MATRICES]
     one, batch = _seconds(few, x[:1], target), _seconds(few, x, target)
     # The batch pass reads the weights too: what it takes beyond the one-token pass is its arithmetic.
     arithmetic = max(batch - one, batch * 0.1)
-    measured = Calibration(held / read, 2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic)
+    measured = Calibration(
+        held / read,
+        2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic,
+        decode_flop_rate=decode_rate(DECODE_BATCH, SIZE * SIZE * len(layers), read, decode),
+    )
     if alone is None or alone == torch.get_num_threads():
         return measured
     torch.set_num_threads(alone)

@@ -105,7 +105,7 @@ class InfoRequest(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ..., volume: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone", "decode_flop_rate")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class InfoReply(_message.Message):
     KV_MEMORY_FIELD_NUMBER: _ClassVar[int]
     STEP_PORT_FIELD_NUMBER: _ClassVar[int]
     READ_BANDWIDTH_ALONE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FLOP_RATE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -148,7 +149,8 @@ class InfoReply(_message.Message):
     kv_memory: int
     step_port: int
     read_bandwidth_alone: float
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ...) -> None: ...
+    decode_flop_rate: float
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ..., decode_flop_rate: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size", "weights_from", "weights_key")
