@@ -5,9 +5,11 @@ over step links and over gRPC alike, all reach the stage on that thread."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,3 +174,54 @@ def test_a_process_that_stepped_an_mlx_stage_on_the_compute_thread_exits_cleanly
     for _ in range(3):
         done = run_script(tmp_path, MLX_STAGE_LEFT_AT_EXIT, str(checkpoint), "4")
         assert (done.returncode, done.stdout.strip()) == (0, "3"), done.stderr
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_compute_thread_reads_the_sockets_it_watches_between_pieces_of_work() -> None:
+    mine, theirs = socket.socketpair()
+    seen: list[tuple[bytes, threading.Thread]] = []
+
+    def reader() -> None:
+        data = mine.recv(100)
+        seen.append((data, threading.current_thread()))
+        if not data:
+            compute.unwatch(mine)
+
+    compute.watch(mine, reader)
+    try:
+        theirs.sendall(b"one")
+        wait_for(lambda: len(seen) == 1)
+        # bytes that come while the thread works are read once that piece of work is done
+        compute.run(lambda: (theirs.sendall(b"two"), time.sleep(0.05)))
+        wait_for(lambda: len(seen) == 2)
+        theirs.close()  # its end is read too, and the reader stops watching
+        wait_for(lambda: len(seen) == 3)
+        assert compute.run(lambda: mine.fileno() in compute.executor()._selector.get_map()) is False
+    finally:
+        mine.close()
+    assert [data for data, _ in seen] == [b"one", b"two", b""]
+    assert {thread for _, thread in seen} == {the_compute_thread()}
+
+
+def test_a_socket_closed_while_watched_does_not_stop_its_descriptor_being_watched_again() -> None:
+    first, _peer = socket.socketpair()
+    compute.watch(first, lambda: None)
+    number = first.fileno()
+    first.close()  # never unwatched: the selector still holds its number
+    mine, theirs = socket.socketpair()
+    try:
+        assert mine.fileno() == number  # Linux gives the lowest free descriptor: the one just closed
+        read: list[bytes] = []
+        compute.watch(mine, lambda: read.append(mine.recv(10)))  # refused before: "already registered"
+        theirs.sendall(b"x")
+        wait_for(lambda: read == [b"x"])
+        compute.unwatch(mine)
+    finally:
+        for sock in (mine, theirs, _peer):
+            sock.close()

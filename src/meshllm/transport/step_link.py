@@ -4,11 +4,10 @@ A round trip on a gRPC stream from Python costs about 0.25 ms on loopback, and e
 process's event loop and its compute thread about 0.1 ms more; a hop of the gRPC chain paid one round
 trip and four hand-offs. A step link is one TCP connection per hop carrying the very messages the gRPC
 Forward stream carries (`StepRequest` down, `StepResult` up, so the codec and its checks are the same),
-each framed by its length and kind. On a worker, the connection's own thread reads and parses a step
-and hands it to the process's compute thread (where every other use of the stage runs too,
-`meshllm.compute`), which runs it and writes the output to the next stage's link, or the sampled tokens
-back up; a second thread relays the results coming back from the next stage. Nothing on the way touches
-an event loop.
+each framed by its length and kind. On a worker, the process's compute thread (where every other use of
+the stage runs too, `meshllm.compute`) reads the link itself, runs each step and writes the output to
+the next stage's link, or the sampled tokens back up; a second thread relays the results coming back
+from the next stage. Nothing on the way touches an event loop or wakes another thread.
 
 A worker listens for step links on a second port (`meshllm worker --step-port`, any free port by
 default; `Info` says which). A chain is linked hop by hop: the coordinator dials the first worker, which
@@ -124,6 +123,7 @@ class Link:
         self.sock = sock
         self.tls = tls
         self._write_lock = threading.Lock()
+        self._received = bytearray()  # bytes of frames not yet whole (`frames_ready`)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
@@ -154,6 +154,36 @@ class Link:
             return None
         return kind, bytes(body)
 
+    def frames_ready(self) -> list[tuple[int, bytes]] | None:
+        """The frames made whole by what the socket holds now, read without waiting for more (call it
+        once the socket is readable); None once the peer closed the connection."""
+        if self.tls is None:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return None
+            self._received += data
+        else:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.tls.feed(data)
+            while (plain := self.tls.decrypt(1 << 20)) is not None:
+                if not plain:
+                    return None  # the peer ended the TLS session
+                self._received += plain
+        frames = []
+        received = self._received
+        while len(received) >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(received)
+            if length > MAX_MESSAGE_BYTES:
+                raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
+            end = _HEADER.size + length
+            if len(received) < end:
+                break
+            frames.append((kind, bytes(received[_HEADER.size : end])))
+            del received[:end]
+        return frames
+
     def _exactly(self, size: int) -> bytearray | None:
         buffer = bytearray(size)
         view, received = memoryview(buffer), 0
@@ -179,11 +209,15 @@ class Link:
                 return 0
             self.tls.feed(data)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """End the connection both ways; whoever reads it sees its end (the socket stays open)."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.shutdown()  # wakes a thread blocked reading it
         self.sock.close()
 
 
@@ -235,6 +269,7 @@ class StepLinkServer:
         self.next_address = next_address  # the next stage's step link address ("" when last); blocking
         self._listener: socket.socket | None = None
         self._links: set[Link] = set()
+        self._hops: set[_Hop] = set()
         self._closed = False
 
     def start(self, host: str, port: int) -> int:
@@ -251,8 +286,10 @@ class StepLinkServer:
             except OSError:
                 pass
             self._listener.close()
+        for hop in list(self._hops):
+            hop.stop()  # the compute thread reading it sees its end, and the hop closes its links
         for link in list(self._links):
-            link.close()
+            link.shutdown()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -279,7 +316,12 @@ class StepLinkServer:
             if downstream is not None:
                 self._links.add(downstream)
             sock.settimeout(None)
-            _Hop(self.service, upstream, downstream).run()
+            hop = _Hop(self.service, upstream, downstream)
+            self._hops.add(hop)
+            try:
+                hop.run()
+            finally:
+                self._hops.discard(hop)
         except (OSError, ValueError, StepLinkError) as error:
             log.debug("a step link ended: %s", error)
         finally:
@@ -322,60 +364,78 @@ class StepLinkServer:
 class _Hop:
     """One upstream link of a worker: steps in, run on the compute thread, sent on or answered.
 
-    This link's thread only reads and parses; the compute thread runs each step and writes its output
-    itself, to the next stage or back up, so no thread waits for another between a step's compute and
-    its send (on a 2-core machine a sleeping thread took 0.1–0.2 ms to wake for that)."""
+    The compute thread reads the link itself (`compute.watch`): a step that arrives is parsed, computed
+    and its output written on by that one thread, with no other thread woken on the way (on a 2-core
+    machine a sleeping thread took 0.1–0.2 ms to wake for each hand-off). The thread that accepted the
+    link waits for its end; a second one relays the results coming back from the next stage."""
 
     def __init__(self, service: StageService, upstream: Link, downstream: Link | None):
         self.service = service
         self.upstream = upstream
         self.downstream = downstream
         self.timings: dict[int, pb.StageTiming] = {}  # steps sent on -> this stage's compute time
+        self.ended = threading.Event()
 
     def run(self) -> None:
+        """Serve the link until it ends."""
         if self.downstream is not None:
             threading.Thread(target=self._relay, name="step-relay", daemon=True).start()
-        while True:
-            frame = self.upstream.read()
-            if frame is None:
+        compute.watch(self.upstream.sock, self._readable)
+        self.ended.wait()
+
+    def stop(self) -> None:
+        """End the link from any thread: the compute thread sees its end and lets `run` return."""
+        self.upstream.shutdown()
+
+    def _readable(self) -> None:
+        """On the compute thread, whenever the link has bytes: every step they complete, in order."""
+        try:
+            frames = self.upstream.frames_ready()
+            if frames is None:
+                self._end()
                 return
-            kind, body = frame
-            if kind != STEP:
-                raise OSError(f"an unexpected frame of kind {kind}")
-            try:
-                request = pb.StepRequest.FromString(body)
-            except DecodeError:
-                self._abort("a step that is not a StepRequest")
-                return
-            compute.post(self._compute, request)
+            for kind, body in frames:
+                if kind != STEP:
+                    raise OSError(f"an unexpected frame of kind {kind}")
+                try:
+                    request = pb.StepRequest.FromString(body)
+                except DecodeError:
+                    self._abort("a step that is not a StepRequest")
+                    self._end()
+                    return
+                self._compute(request)
+        except OSError as error:
+            log.debug("a step link ended: %s", error)
+            self._end()
+
+    def _end(self) -> None:
+        """On the compute thread: stop reading the link; `run` returns and its links are closed."""
+        compute.unwatch(self.upstream.sock)
+        self.ended.set()
 
     def _compute(self, request: pb.StepRequest) -> None:
-        """On the compute thread: one step, its output sent on or its answer sent back up."""
+        """One step, its output sent on or its answer sent back up. OSError: the link up broke."""
         service = self.service
         try:
+            output, seconds = service.timed_step(request)
+        except Exception as error:
+            self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
+            return
+        timing = pb.StageTiming(stage=service.name, seconds=seconds)
+        if isinstance(output, pb.StepResult):
+            output.timings.insert(0, timing)
+            self.upstream.send(RESULT, output.SerializeToString())
+        elif self.downstream is None:
+            failure = pb.StepResult(
+                step_id=request.step_id, error=f"worker {service.name}: no next stage to send to"
+            )
+            self.upstream.send(RESULT, failure.SerializeToString())
+        else:
+            self.timings[request.step_id] = timing
             try:
-                output, seconds = service.timed_step(request)
-            except Exception as error:
-                self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
-                return
-            timing = pb.StageTiming(stage=service.name, seconds=seconds)
-            if isinstance(output, pb.StepResult):
-                output.timings.insert(0, timing)
-                self.upstream.send(RESULT, output.SerializeToString())
-            elif self.downstream is None:
-                failure = pb.StepResult(
-                    step_id=request.step_id, error=f"worker {service.name}: no next stage to send to"
-                )
-                self.upstream.send(RESULT, failure.SerializeToString())
-            else:
-                self.timings[request.step_id] = timing
-                try:
-                    self.downstream.send(STEP, output.SerializeToString())
-                except OSError as error:
-                    self._abort(f"the link to the next stage {service.next_stage} broke: {error}")
-        except OSError as error:  # the link up broke: its reading thread ends the hop
-            log.debug("a step link ended: %s", error)
-            self.upstream.close()
+                self.downstream.send(STEP, output.SerializeToString())
+            except OSError as error:
+                self._abort(f"the link to the next stage {service.next_stage} broke: {error}")
 
     def _relay(self) -> None:
         """Results from the next stage, with this stage's timing added, back up."""
@@ -389,7 +449,7 @@ class _Hop:
                 kind, body = frame
                 if kind == ABORT:
                     self.upstream.send(ABORT, body)  # names the stage that failed
-                    self.upstream.close()
+                    self.upstream.shutdown()
                     return
                 result = pb.StepResult.FromString(body)
                 timing = self.timings.pop(result.step_id, None)
@@ -405,7 +465,7 @@ class _Hop:
             self.upstream.send(ABORT, f"worker {self.service.name}: {problem}".encode())
         except OSError:
             pass
-        self.upstream.close()
+        self.upstream.shutdown()  # the compute thread, reading it, sees its end
 
 
 def _family(host: str) -> socket.AddressFamily:
