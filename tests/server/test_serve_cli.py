@@ -288,10 +288,10 @@ def test_serve_measures_the_devices_and_links_and_predicts_its_speed(
         serve.stop(signal.SIGTERM)
     output = serve.output
     assert re.search(
-        r"device speeds: coordinator reads [\d.]+ GB/s(?: \([\d.]+ alone\))?, computes \d+ GFLOP/s, "
-        r"worker1 reads",
+        r"device speeds: coordinator reads [\d.]+ GB/s(?: \([\d.]+ alone\))?, computes \d+ GFLOP/s "
+        r"\(\d+ decoding\), worker1 reads",
         output,
-    )
+    ), output
     assert re.search(r"link coordinator -> worker1: [\d.]+ ms round trip, \d+ MB/s", output), output
     assert re.search(r"link worker1 -> worker2: [\d.]+ ms round trip", output), output
     found = re.search(
