@@ -75,10 +75,16 @@ class ComputeThread(Executor):
     def watch(self, sock: socket.socket, reader: Callable[[], object]) -> None:
         """Call `reader()` on this thread whenever `sock` has bytes to read (or was closed), until
         `unwatch`. Only this thread touches its selector: called elsewhere, it is queued."""
-        self._on_thread(self._register, sock, reader)
+        self.run(self._register, sock, reader)
 
     def unwatch(self, sock: socket.socket) -> None:
-        self._on_thread(self._unregister, sock)
+        self.run(self._unregister, sock)
+
+    def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` on this thread; the caller waits. Called here, it runs at once."""
+        if threading.current_thread() is self.thread:
+            return function(*args)
+        return self.submit(function, *args).result()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -89,12 +95,6 @@ class ComputeThread(Executor):
         self._wake()
         if wait and threading.current_thread() is not self.thread:
             self.thread.join()
-
-    def _on_thread(self, function: Callable[..., object], *args: Any) -> None:
-        if threading.current_thread() is self.thread:
-            function(*args)
-        else:
-            self.submit(function, *args).result()
 
     def _register(self, sock: socket.socket, reader: Callable[[], object]) -> None:
         fd = sock.fileno()
@@ -190,9 +190,7 @@ def on_compute_thread() -> bool:
 
 def run(function: Callable[..., T], *args: Any) -> T:
     """`function(*args)` on the compute thread; the caller waits. Called there, it runs at once."""
-    if on_compute_thread():
-        return function(*args)
-    return executor().submit(function, *args).result()
+    return executor().run(function, *args)
 
 
 def post(function: Callable[..., object], *args: Any) -> None:

@@ -121,9 +121,10 @@ DECODE_BATCH = 16  # tokens of the decode step the calibration times over the wh
 MAX_READ_MATRICES = 256
 
 
-def decode_rate(tokens: int, weights: int, one: float, many: float) -> float:
+def added_rate(tokens: int, weights: int, one: float, many: float) -> float:
     """Operations/s of what a `tokens`-token pass over `weights` weights took beyond a one-token pass
-    over the same (`one` and `many` seconds): the arithmetic a decode step of many streams adds."""
+    over the same (`one` and `many` seconds): the pass reads the weights too, so what it takes beyond
+    the one-token pass is its further tokens' arithmetic (at least a tenth of it, against noise)."""
     return 2 * (tokens - 1) * weights / max(many - one, many * 0.1)
 
 

@@ -60,6 +60,22 @@ def links_enabled() -> bool:
     return os.environ.get(LINKS_ENV, "1") != "0"
 
 
+def whole_frames(received: bytearray) -> list[tuple[int, bytes]]:
+    """The (kind, body) of every whole frame at the start of `received`, taken out of it; the bytes of
+    a frame not yet whole stay. OSError for a frame longer than any message may be."""
+    frames = []
+    while len(received) >= _HEADER.size:
+        length, kind = _HEADER.unpack_from(received)
+        if length > MAX_MESSAGE_BYTES:
+            raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
+        end = _HEADER.size + length
+        if len(received) < end:
+            break
+        frames.append((kind, bytes(received[_HEADER.size : end])))
+        del received[:end]
+    return frames
+
+
 def split_address(address: str) -> tuple[str, int]:
     """("host", port) of "host:port" (an IPv6 host may be in brackets)."""
     host, _, port = address.rpartition(":")
@@ -171,18 +187,7 @@ class Link:
                 if not plain:
                     return None  # the peer ended the TLS session
                 self._received += plain
-        frames = []
-        received = self._received
-        while len(received) >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(received)
-            if length > MAX_MESSAGE_BYTES:
-                raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
-            end = _HEADER.size + length
-            if len(received) < end:
-                break
-            frames.append((kind, bytes(received[_HEADER.size : end])))
-            del received[:end]
-        return frames
+        return whole_frames(self._received)
 
     def _exactly(self, size: int) -> bytearray | None:
         buffer = bytearray(size)
@@ -492,14 +497,14 @@ class _Results(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(buffer)
-            if len(buffer) < _HEADER.size + length:
-                return
-            body = bytes(buffer[_HEADER.size : _HEADER.size + length])
-            del buffer[: _HEADER.size + length]
+        self._buffer += data
+        try:
+            frames = whole_frames(self._buffer)
+        except OSError as error:
+            self.problem = f"sent {error}"
+            self.close()
+            return
+        for kind, body in frames:
             if kind == ABORT:
                 self.problem = f"failed: {body.decode(errors='replace')}"
                 self.close()

@@ -34,7 +34,7 @@ from meshllm.engines.base import (
     COMPUTE_MATRICES,
     DECODE_BATCH,
     Progress,
-    decode_rate,
+    added_rate,
     kv_bytes_per_token,
     read_matrices,
     stage_bounds,
@@ -514,11 +514,9 @@ def calibrate(
             read_alone = seconds(1, count)
     finally:
         stage.close()
-    arithmetic = max(many - one, many * 0.1)
-    flops = 2 * (batch - 1) * size * size * COMPUTE_MATRICES / arithmetic
     return Calibration(
         weights.nbytes / read,
-        flops,
+        added_rate(batch, size * size * COMPUTE_MATRICES, one, many),
         weights.nbytes / read_alone if read_alone else 0.0,
-        decode_rate(DECODE_BATCH, size * size * count, read, decode),
+        added_rate(DECODE_BATCH, size * size * count, read, decode),
     )

@@ -27,7 +27,7 @@ from meshllm.engines.base import (
     COMPUTE_MATRICES,
     DECODE_BATCH,
     Progress,
-    decode_rate,
+    added_rate,
     kv_bytes_per_token,
     read_matrices,
     stage_bounds,
@@ -274,8 +274,10 @@ def calibrate(precision: Precision, device: str | None = None, volume: int = 0) 
 
     few = layers[:COMPUTE_MATRICES]
     read, one, many = seconds(1, layers), seconds(1, few), seconds(batch, few)
-    arithmetic = max(many - one, many * 0.1)
-    decode = decode_rate(DECODE_BATCH, size * size * len(layers), read, seconds(DECODE_BATCH, layers))
     return Calibration(
-        held / read, 2 * (batch - 1) * size * size * len(few) / arithmetic, decode_flop_rate=decode
+        held / read,
+        added_rate(batch, size * size * len(few), one, many),
+        decode_flop_rate=added_rate(
+            DECODE_BATCH, size * size * len(layers), read, seconds(DECODE_BATCH, layers)
+        ),
     )

@@ -13,7 +13,7 @@ import time
 import torch
 
 from meshllm.devices import Calibration, Precision
-from meshllm.engines.base import COMPUTE_MATRICES, DECODE_BATCH, decode_rate, read_matrices
+from meshllm.engines.base import COMPUTE_MATRICES, DECODE_BATCH, added_rate, read_matrices
 from meshllm.engines.torch.qlinear import QuantizedLinear, make_linear
 from meshllm.engines.torch.stage import DTYPES, pick_device
 
@@ -66,12 +66,10 @@ def _calibrate(precision: Precision, device: str | None, volume: int, alone: int
     read, decode = _seconds(layers, x[:1], target), _seconds(layers, x[:DECODE_BATCH], target)
     few = layers[:COMPUTE_MATRICES]
     one, batch = _seconds(few, x[:1], target), _seconds(few, x, target)
-    # The batch pass reads the weights too: what it takes beyond the one-token pass is its arithmetic.
-    arithmetic = max(batch - one, batch * 0.1)
     measured = Calibration(
         held / read,
-        2 * (BATCH - 1) * SIZE * SIZE * len(few) / arithmetic,
-        decode_flop_rate=decode_rate(DECODE_BATCH, SIZE * SIZE * len(layers), read, decode),
+        added_rate(BATCH, SIZE * SIZE * len(few), one, batch),
+        decode_flop_rate=added_rate(DECODE_BATCH, SIZE * SIZE * len(layers), read, decode),
     )
     if alone is None or alone == torch.get_num_threads():
         return measured
