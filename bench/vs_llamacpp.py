@@ -425,13 +425,13 @@ def main() -> int:
     if predictions:
         print("meshllm's own prediction (serve's log) against the measured median:")
         for label, predicted in predictions.items():
-            cells = [
-                f"{level} stream{'s' if level > 1 else ''}: {predicted[str(level)]:.1f} predicted, "
-                f"{headline(results[label], str(level))['median']:.1f} measured "
-                f"({headline(results[label], str(level))['median'] / predicted[str(level)]:.2f}×)"
-                for level in args.levels
-                if str(level) in predicted
-            ]
+            cells = []
+            for level in (str(level) for level in args.levels if str(level) in predicted):
+                measured = headline(results[label], level)["median"]
+                cells.append(
+                    f"{level} stream{'s' if level != '1' else ''}: {predicted[level]:.1f} predicted, "
+                    f"{measured:.1f} measured ({measured / predicted[level]:.2f}×)"
+                )
             print(f"  {label:<22} " + "; ".join(cells))
     if ratios:
         print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
