@@ -9,12 +9,13 @@ the stage runs too, `meshllm.compute`) reads the link itself, runs each step and
 the next stage's link, or the sampled tokens back up; a second thread relays the results coming back
 from the next stage. Nothing on the way touches an event loop or wakes another thread.
 
-A worker listens for step links on a second port (`meshllm worker --step-port`, any free port by
-default; `Info` says which). A chain is linked hop by hop: the coordinator dials the first worker, which
-dials the next stage before it answers, so READY means the whole chain is linked. Where a link cannot be
-made (the port is firewalled, a worker of an older version, `MESHLLM_STEP_LINKS=0`) the chain runs on
-the gRPC Forward stream instead, with a warning saying why. A cluster with certificates runs its links
-over the same mutual TLS as its gRPC calls (`tls.ssl_context`).
+The framing, the hello and the TLS are frames.py's, shared with the communicator. A worker listens for
+step links on a second port (`meshllm worker --step-port`, any free port by default; `Info` says which).
+A chain is linked hop by hop: the coordinator dials the first worker, which dials the next stage before
+it answers, so READY means the whole chain is linked. Where a link cannot be made (the port is
+firewalled, a worker of an older version, `MESHLLM_STEP_LINKS=0`) the chain runs on the gRPC Forward
+stream instead, with a warning saying why. A cluster with certificates runs its links over the same
+mutual TLS as its gRPC calls (`tls.ssl_context`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import json
 import logging
 import os
 import socket
-import ssl
-import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -35,8 +34,19 @@ from google.protobuf.message import DecodeError
 from meshllm import compute
 from meshllm.errors import StageError
 from meshllm.step import StageLost, StepResult
+from meshllm.transport import frames
+from meshllm.transport.frames import (
+    HEADER,
+    HELLO,
+    OPEN_TIMEOUT,
+    READY,
+    Link,
+    LinkError,
+    split_address,
+    whole_frames,
+)
 from meshllm.transport.proto import meshllm_pb2 as pb
-from meshllm.transport.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, token_problem
+from meshllm.transport.rpc import TOKEN_METADATA_KEY, token_problem
 from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient, StepsInFlight
 from meshllm.transport.tls import TlsFiles, ssl_context
 
@@ -47,12 +57,11 @@ log = logging.getLogger(__name__)
 
 LINKS_ENV = "MESHLLM_STEP_LINKS"  # "0": every chain runs on gRPC's Forward stream
 
-_HEADER = struct.Struct("<IB")  # the body's length, the frame's kind
-HELLO, READY, STEP, RESULT, ABORT = 1, 2, 3, 4, 5
-_OPEN_TIMEOUT = 30.0  # seconds a link may take to open, the chain behind it included
+STEP, RESULT, ABORT = 3, 4, 5  # after HELLO and READY (frames.py)
+PROTOCOL = "steps"  # what a step link's hello says it speaks
 
 
-class StepLinkError(Exception):
+class StepLinkError(LinkError):
     """A step link could not be opened (the chain then runs on gRPC)."""
 
 
@@ -60,206 +69,13 @@ def links_enabled() -> bool:
     return os.environ.get(LINKS_ENV, "1") != "0"
 
 
-def whole_frames(received: bytearray) -> list[tuple[int, bytes]]:
-    """The (kind, body) of every whole frame at the start of `received`, taken out of it; the bytes of
-    a frame not yet whole stay. OSError for a frame longer than any message may be."""
-    frames = []
-    while len(received) >= _HEADER.size:
-        length, kind = _HEADER.unpack_from(received)
-        if length > MAX_MESSAGE_BYTES:
-            raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
-        end = _HEADER.size + length
-        if len(received) < end:
-            break
-        frames.append((kind, bytes(received[_HEADER.size : end])))
-        del received[:end]
-    return frames
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port" (an IPv6 host may be in brackets)."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class _Tls:
-    """TLS over a socket that one thread reads and others write: the TLS state lives in memory
-    (`ssl.MemoryBIO`) behind a lock held only while bytes are encrypted or decrypted, never across a
-    socket call, so a reader waiting for bytes does not stop a writer."""
-
-    def __init__(self, context: ssl.SSLContext, server_side: bool, hostname: str | None = None):
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.session = context.wrap_bio(
-            self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname
-        )
-        self.lock = threading.Lock()
-
-    def handshake(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                self.session.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                pending = self.outgoing.read()
-                if pending:
-                    sock.sendall(pending)
-                data = sock.recv(65536)
-                if not data:
-                    raise OSError("the peer closed the connection during the TLS handshake") from None
-                self.incoming.write(data)
-        pending = self.outgoing.read()
-        if pending:
-            sock.sendall(pending)
-
-    def encrypt(self, data: bytes) -> bytes:
-        with self.lock:
-            self.session.write(data)
-            return self.outgoing.read()  # with anything a read left to send, in order
-
-    def decrypt(self, size: int) -> bytes | None:
-        """Up to `size` bytes; None when more must be received first, b"" once the peer closed."""
-        with self.lock:
-            try:
-                return self.session.read(size)
-            except ssl.SSLWantReadError:
-                return None
-            except ssl.SSLZeroReturnError:
-                return b""
-
-    def feed(self, data: bytes) -> None:
-        with self.lock:
-            self.incoming.write(data)
-
-
-class Link:
-    """One framed TCP connection, in plaintext or mutual TLS; writes from several threads are
-    serialised, reads come from one."""
-
-    def __init__(self, sock: socket.socket, tls: _Tls | None = None):
-        self.sock = sock
-        self.tls = tls
-        self._write_lock = threading.Lock()
-        self._received = bytearray()  # bytes of frames not yet whole (`frames_ready`)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
-            if hasattr(socket, option):  # a vanished peer is noticed in seconds (Linux names)
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-    def send(self, kind: int, body: bytes) -> None:
-        header = _HEADER.pack(len(body), kind)
-        with self._write_lock:
-            if self.tls is not None:
-                self.sock.sendall(self.tls.encrypt(header + body))
-            elif len(body) < 65536:
-                self.sock.sendall(header + body)
-            else:  # no copy of a large body
-                self.sock.sendall(header)
-                self.sock.sendall(body)
-
-    def read(self) -> tuple[int, bytes] | None:
-        """The next frame, or None when the peer closed the connection."""
-        header = self._exactly(_HEADER.size)
-        if header is None:
-            return None
-        length, kind = _HEADER.unpack(header)
-        if length > MAX_MESSAGE_BYTES:
-            raise OSError(f"a frame of {length} bytes (more than {MAX_MESSAGE_BYTES})")
-        body = self._exactly(length) if length else b""
-        if body is None:
-            return None
-        return kind, bytes(body)
-
-    def frames_ready(self) -> list[tuple[int, bytes]] | None:
-        """The frames made whole by what the socket holds now, read without waiting for more (call it
-        once the socket is readable); None once the peer closed the connection."""
-        if self.tls is None:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                return None
-            self._received += data
-        else:
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self.tls.feed(data)
-            while (plain := self.tls.decrypt(1 << 20)) is not None:
-                if not plain:
-                    return None  # the peer ended the TLS session
-                self._received += plain
-        return whole_frames(self._received)
-
-    def _exactly(self, size: int) -> bytearray | None:
-        buffer = bytearray(size)
-        view, received = memoryview(buffer), 0
-        while received < size:
-            if self.tls is None:
-                count = self.sock.recv_into(view[received:], size - received)
-            else:
-                count = self._decrypted_into(view[received:], size - received)
-            if count == 0:
-                return None
-            received += count
-        return buffer
-
-    def _decrypted_into(self, view: memoryview, size: int) -> int:
-        assert self.tls is not None
-        while True:
-            plain = self.tls.decrypt(size)
-            if plain is not None:
-                view[: len(plain)] = plain
-                return len(plain)
-            data = self.sock.recv(65536)
-            if not data:
-                return 0
-            self.tls.feed(data)
-
-    def shutdown(self) -> None:
-        """End the connection both ways; whoever reads it sees its end (the socket stays open)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.shutdown()  # wakes a thread blocked reading it
-        self.sock.close()
-
-
-def dial(
-    address: str, token: str | None, tls: TlsFiles | None = None, timeout: float = _OPEN_TIMEOUT
-) -> Link:
+def dial(address: str, token: str | None, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT) -> Link:
     """Open a step link to the stage listening at `address` ("host:port"), over mutual TLS with `tls`;
     it answers READY once its own link onwards is open. StepLinkError says why it could not be opened."""
     try:
-        host, port = split_address(address)
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except (OSError, ValueError) as error:
-        raise StepLinkError(f"cannot connect to {address}: {error}") from None
-    try:
-        session = None
-        if tls is not None:
-            session = _Tls(ssl_context(tls, server_side=False), server_side=False, hostname=host)
-            session.handshake(sock)
-    except OSError as error:
-        sock.close()
-        raise StepLinkError(f"{address}: the TLS handshake failed: {error}") from None
-    link = Link(sock, session)
-    try:
-        link.send(HELLO, json.dumps({"token": token or ""}).encode())
-        frame = link.read()
-        if frame is None or frame[0] != READY:
-            raise StepLinkError(f"{address} closed the link before it was ready")
-        problem = json.loads(frame[1] or b"{}").get("error")
-        if problem:
-            raise StepLinkError(problem)
-        sock.settimeout(None)
-    except (OSError, ValueError) as error:
-        link.close()
-        raise StepLinkError(f"{address}: {error}") from None
-    except StepLinkError:
-        link.close()
-        raise
+        link, _ = frames.dial(address, {"token": token or "", "protocol": PROTOCOL}, tls, timeout)
+    except LinkError as error:
+        raise StepLinkError(str(error)) from None
     return link
 
 
@@ -279,7 +95,7 @@ class StepLinkServer:
 
     def start(self, host: str, port: int) -> int:
         """Listen on (host, port) (0: any free port); the port bound. OSError when it cannot be bound."""
-        self._listener = socket.create_server((host, port), family=_family(host))
+        self._listener = socket.create_server((host, port), family=frames.family(host))
         threading.Thread(target=self._accept, name="step-links", daemon=True).start()
         return int(self._listener.getsockname()[1])
 
@@ -310,12 +126,7 @@ class StepLinkServer:
         upstream: Link | None = None
         downstream: Link | None = None
         try:
-            sock.settimeout(_OPEN_TIMEOUT)
-            session = None
-            if tls is not None:
-                session = _Tls(ssl_context(tls, server_side=True), server_side=True)
-                session.handshake(sock)  # a caller without a certificate of the cluster CA ends here
-            upstream = Link(sock, session)
+            upstream = frames.accept(sock, tls)  # a caller without a cluster certificate ends here
             self._links.add(upstream)
             downstream = self._open(upstream)
             if downstream is not None:
@@ -327,7 +138,7 @@ class StepLinkServer:
                 hop.run()
             finally:
                 self._hops.discard(hop)
-        except (OSError, ValueError, StepLinkError) as error:
+        except (OSError, ValueError, LinkError) as error:
             log.debug("a step link ended: %s", error)
         finally:
             if upstream is None:
@@ -341,14 +152,14 @@ class StepLinkServer:
         """Check the caller's hello and open the link onwards; answer READY. The link to the next stage
         (None when this stage is last); StepLinkError when the link was refused."""
         service = self.service
-        frame = upstream.read()
-        if frame is None or frame[0] != HELLO:
-            raise StepLinkError("the caller sent no hello")
-        presented = json.loads(frame[1] or b"{}").get("token") or None
+        hello = frames.read_hello(upstream)
+        presented = hello.get("token") or None
         problem = token_problem(service.token, {TOKEN_METADATA_KEY: presented} if presented else {})
         refusal = ""
         if problem:
             refusal = f"worker {service.name}: the step link carried {problem}"
+        elif hello.get("protocol", PROTOCOL) != PROTOCOL:
+            refusal = f"worker {service.name}: this port takes step links, not {hello['protocol']!r} links"
         elif not service.host.loaded:
             refusal = f"worker {service.name}: no layers loaded yet"
         downstream = None
@@ -360,7 +171,7 @@ class StepLinkServer:
                 downstream = dial(address, service.token, service.tls)
             except (StepLinkError, OSError, TimeoutError) as error:
                 refusal = f"worker {service.name}: no step link to the next stage: {error}"
-        upstream.send(READY, json.dumps({"error": refusal}).encode())
+        upstream.send_json(READY, {"error": refusal})
         if refusal:
             raise StepLinkError(refusal)
         return downstream
@@ -473,10 +284,6 @@ class _Hop:
         self.upstream.shutdown()  # the compute thread, reading it, sees its end
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 # ---- the coordinator's side -----------------------------------------------------------------------
 
 
@@ -526,7 +333,7 @@ class _Results(asyncio.Protocol):
 
     def send(self, body: bytes, kind: int = STEP) -> None:
         assert self.transport is not None
-        header = _HEADER.pack(len(body), kind)
+        header = HEADER.pack(len(body), kind)
         if len(body) < 65536:
             self.transport.write(header + body)
         else:
@@ -586,14 +393,14 @@ class StepChain(StepsInFlight):
     async def _dial(self) -> _Results:
         """The link to the first stage, READY: the whole chain is linked."""
         first = self.first
-        limit = min(_OPEN_TIMEOUT, self.step_timeout)  # a cut link must not hold a step longer
+        limit = min(OPEN_TIMEOUT, self.step_timeout)  # a cut link must not hold a step longer
         info = await first.info(timeout=limit)
         if not info.step_port:
             raise StepLinkError(
                 f"{first.describe()} takes no step links (an older meshllm, or --step-port off)"
             )
         host, _ = split_address(first.address)
-        address = f"[{host}]:{info.step_port}" if ":" in host else f"{host}:{info.step_port}"
+        address = frames.join_address(host, info.step_port)
         context = ssl_context(first.tls, server_side=False) if first.tls is not None else None
         loop = asyncio.get_running_loop()
         try:
@@ -610,7 +417,7 @@ class StepChain(StepsInFlight):
         except (OSError, asyncio.TimeoutError) as error:
             raise StepLinkError(f"cannot open a link to {address}: {error or 'timed out'}") from None
         try:
-            protocol.send(json.dumps({"token": first.token or ""}).encode(), HELLO)
+            protocol.send(json.dumps({"token": first.token or "", "protocol": PROTOCOL}).encode(), HELLO)
             refusal = await asyncio.wait_for(asyncio.shield(protocol.ready), limit)
         except (OSError, asyncio.TimeoutError) as error:
             protocol.close()
