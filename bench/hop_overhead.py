@@ -8,7 +8,7 @@ Two figures per hop:
 - by difference: (ms per token with N stages - ms per token with 1 stage) / (N - 1), which also counts
   any change in the stages' compute; noisy where a token costs far more than a hop.
 Both are measured with step links (plain TCP, the default) and with gRPC's Forward stream
-(`MESHLLM_STEP_LINKS=0`), and decode throughput with 8 concurrent sequences is reported beside them.
+(`MESHLLM_LINKS=0`), and decode throughput with 8 concurrent sequences is reported beside them.
 The coordinator runs on the event loop `meshllm serve` runs on (uvloop's where installed).
 
     .venv/bin/python bench/hop_overhead.py [--shape bench|0.6b] [--tokens 64] [--json] [--plot FILE.png]
@@ -41,9 +41,9 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress 
 from meshllm.runtime.engine_client import GenerateRequest  # noqa: E402
 from meshllm.runtime.local_workers import LocalWorkers  # noqa: E402
 from meshllm.step import SamplingParams  # noqa: E402
-from meshllm.transport.step_link import LINKS_ENV  # noqa: E402
+from meshllm.transport.frames import LINKS_ENV  # noqa: E402
 
-TRANSPORTS = {"link": "1", "grpc": "0"}  # MESHLLM_STEP_LINKS for each
+TRANSPORTS = {"link": "1", "grpc": "0"}  # MESHLLM_LINKS for each
 
 
 async def measure(path: Path, workers: list[WorkerAddress], tokens: int, dtype: str) -> dict[str, float]:

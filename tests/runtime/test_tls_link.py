@@ -22,8 +22,8 @@ from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
 from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.step import SamplingParams, Segment, StepInput
+from meshllm.transport.frames import LINKS_ENV
 from meshllm.transport.stage_client import StageClient
-from meshllm.transport.step_link import LINKS_ENV
 from meshllm.transport.tls import TlsFiles
 from tests.capture_proxy import CaptureProxy, pieces_found
 from tests.conftest import WorkerProcess

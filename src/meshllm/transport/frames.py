@@ -18,6 +18,7 @@ as bytes arrive on a socket someone else watches (`frames_ready`). TLS state liv
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import struct
@@ -30,6 +31,11 @@ from meshllm.transport.tls import TlsFiles, ssl_context
 HEADER = struct.Struct("<IB")  # the body's length, the frame's kind
 HELLO, READY = 1, 2  # every protocol's first two kinds; its own start at 3
 OPEN_TIMEOUT = 30.0  # seconds a link may take to open by default
+LINKS_ENV = "MESHLLM_LINKS"  # "0": steps and communicator messages go over gRPC streams instead
+
+
+def links_enabled() -> bool:
+    return os.environ.get(LINKS_ENV, "1") != "0"
 
 
 class LinkError(Exception):

@@ -13,7 +13,7 @@ The framing, the hello and the TLS are frames.py's, shared with the communicator
 step links on a second port (`meshllm worker --step-port`, any free port by default; `Info` says which).
 A chain is linked hop by hop: the coordinator dials the first worker, which dials the next stage before
 it answers, so READY means the whole chain is linked. Where a link cannot be made (the port is
-firewalled, a worker of an older version, `MESHLLM_STEP_LINKS=0`) the chain runs on the gRPC Forward
+firewalled, a worker of an older version, `MESHLLM_LINKS=0`) the chain runs on the gRPC Forward
 stream instead, with a warning saying why. A cluster with certificates runs its links over the same
 mutual TLS as its gRPC calls (`tls.ssl_context`).
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from meshllm.transport.frames import (
     READY,
     Link,
     LinkError,
+    links_enabled,
     split_address,
     whole_frames,
 )
@@ -55,18 +55,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LINKS_ENV = "MESHLLM_STEP_LINKS"  # "0": every chain runs on gRPC's Forward stream
-
 STEP, RESULT, ABORT = 3, 4, 5  # after HELLO and READY (frames.py)
 PROTOCOL = "steps"  # what a step link's hello says it speaks
 
 
 class StepLinkError(LinkError):
     """A step link could not be opened (the chain then runs on gRPC)."""
-
-
-def links_enabled() -> bool:
-    return os.environ.get(LINKS_ENV, "1") != "0"
 
 
 def dial(address: str, token: str | None, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT) -> Link:
