@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from meshllm import compute
@@ -21,10 +22,12 @@ from meshllm.devices import Precision
 from meshllm.engines import load_stage
 from meshllm.runtime.engine_client import GenerateRequest
 from meshllm.runtime.engine_loop import EngineLoop
+from meshllm.runtime.pipeline import Pipeline
+from meshllm.runtime.scheduler import Scheduler
 from meshllm.runtime.stage_host import LocalStageHost
-from meshllm.step import LayerRange, SamplingParams
+from meshllm.step import LayerRange, PipelineError, SamplingParams, Segment, StepInput
 from meshllm.transport.stage_client import ForwardChain
-from meshllm.transport.step_link import StepChain
+from meshllm.transport.step_link import CoordinatorLink, StepChain
 from tests.transport.test_step_link import chain_of_two, step
 
 
@@ -234,3 +237,64 @@ def test_a_socket_closed_while_watched_does_not_stop_its_descriptor_being_watche
     finally:
         for sock in (mine, theirs, _peer):
             sock.close()
+
+
+def test_a_coordinator_writes_its_steps_to_a_link_on_the_compute_thread_and_samples_as_in_process(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local stage [0, 2), then a worker with [2, 4) over a step link: each step leaves from the compute
+    thread the moment the local stage is done, and greedy decoding gives what one process gives."""
+    writers: list[threading.Thread] = []
+    original = CoordinatorLink.send
+
+    def send(self: CoordinatorLink, body: bytes) -> None:
+        writers.append(threading.current_thread())
+        original(self, body)
+
+    monkeypatch.setattr(CoordinatorLink, "send", send)
+    path = tiny_checkpoint()
+    first, second = compute.run(
+        lambda: [load_stage("torch", str(path), r) for r in (LayerRange(0, 2), LayerRange(2, 4))]
+    )
+    request = GenerateRequest([4, 5, 6, 7], SamplingParams(temperature=0.0), max_tokens=5)
+
+    async def generate(loop: EngineLoop) -> list[int]:
+        tokens = [token.token_id async for token in loop.submit(request)]
+        await loop.close()
+        return tokens
+
+    async def run() -> list[int]:
+        async with chain_of_two(str(path)) as (clients, _):
+            chain = StepChain([clients[1]], step_timeout=30)
+            pipeline = Pipeline([LocalStageHost.of("coordinator", first)], chain)
+            return await generate(EngineLoop(Scheduler(pipeline.depth), pipeline))
+
+    linked_tokens = asyncio.run(run())
+    assert len(writers) == 1 + 5 - 1  # the prompt, then a decode step per further token
+    assert set(writers) == {the_compute_thread()}
+    assert linked_tokens == asyncio.run(generate(EngineLoop.in_process([first, second])))
+
+
+def test_a_local_stage_failing_before_its_step_leaves_fails_that_step_only(tiny_checkpoint) -> None:
+    path = tiny_checkpoint()
+    first = compute.run(lambda: load_stage("torch", str(path), LayerRange(0, 2)))
+
+    async def run() -> tuple[str, int, int]:
+        async with chain_of_two(str(path)) as (clients, _):
+            chain = StepChain([clients[1]], step_timeout=30)
+            pipeline = Pipeline([LocalStageHost.of("coordinator", first)], chain)
+            segments = [Segment(3, 0, 3, sample=True, sampling=SamplingParams(seed=1))]
+            good = StepInput(1, segments, token_ids=np.array([4, 5, 6]))
+            await pipeline.run_step(good)
+            # a decode step at a position the sequence has not reached: the local stage refuses it
+            bad = StepInput(2, [Segment(3, 9, 1, sample=True)], token_ids=np.array([7]))
+            with pytest.raises(PipelineError) as failed:
+                await pipeline.run_step(bad)
+            after = await pipeline.run_step(StepInput(3, [Segment(3, 3, 1, sample=True)], np.array([7])))
+            left = len(chain._pending)
+            await pipeline.close()
+            return str(failed.value), len(after), left
+
+    message, tokens_after, pending = asyncio.run(run())
+    assert message.startswith("device 'coordinator' (local stage): "), message
+    assert tokens_after == 1 and pending == 0

@@ -16,9 +16,15 @@ from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import PipelineError, SampledToken, StepInput
 from meshllm.transport.stage_client import PreparedStep, prepare_step
-from meshllm.transport.step_link import Chain
+from meshllm.transport.step_link import Chain, CoordinatorLink, StepChain
 
 log = logging.getLogger(__name__)
+
+
+class _Sent:
+    """When a step left for the remote chain (set on the compute thread, read once its result came)."""
+
+    at = 0.0
 
 
 class Pipeline:
@@ -67,6 +73,44 @@ class Pipeline:
         return prepare_step(step)
 
     async def run_step(self, step: StepInput) -> list[SampledToken]:
+        remote = self.remote
+        if not isinstance(remote, StepChain) or (link := await remote.open_link()) is None:
+            return await self._run_and_submit(step)
+        # Over a step link the compute thread writes the step itself once the local stages are done,
+        # and the event loop wakes only for the result.
+        future = remote.expect(step.step_id)
+        sent = _Sent()
+        compute.post(self._run_and_send, step, remote, link, asyncio.get_running_loop(), sent)
+        reply = await remote.result(step.step_id, future)
+        self._notify("remote chain", time.perf_counter() - sent.at)
+        for timing in reply.timings:
+            self._notify(timing.stage, timing.seconds)
+        return reply.tokens
+
+    def _run_and_send(
+        self,
+        step: StepInput,
+        chain: StepChain,
+        link: CoordinatorLink,
+        loop: asyncio.AbstractEventLoop,
+        sent: _Sent,
+    ) -> None:
+        """On the compute thread: the local stages, then the step written to the first remote stage
+        (or its failure handed to the step's future)."""
+        try:
+            result = self._run_local(step)
+        except Exception as error:
+            log.exception("local stage failed")
+            failure = PipelineError(f"device '{self.local_name}' (local stage): {error}")
+            chain.fail(loop, step.step_id, failure)
+            return
+        if isinstance(result, list):  # cannot happen with a remote chain behind; said, not hidden
+            chain.fail(loop, step.step_id, PipelineError("a local stage sampled before the remote chain"))
+            return
+        sent.at = time.perf_counter()
+        chain.send(link, result)
+
+    async def _run_and_submit(self, step: StepInput) -> list[SampledToken]:
         try:
             result = await compute.run_async(self._run_local, step)
         except Exception as error:

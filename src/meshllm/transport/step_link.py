@@ -21,7 +21,6 @@ mutual TLS as its gRPC calls (`tls.ssl_context`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import threading
@@ -35,20 +34,17 @@ from meshllm.errors import StageError
 from meshllm.step import StageLost, StepResult
 from meshllm.transport import frames
 from meshllm.transport.frames import (
-    HEADER,
-    HELLO,
     OPEN_TIMEOUT,
     READY,
     Link,
     LinkError,
     links_enabled,
     split_address,
-    whole_frames,
 )
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.rpc import TOKEN_METADATA_KEY, token_problem
 from meshllm.transport.stage_client import ForwardChain, PreparedStep, StageClient, StepsInFlight
-from meshllm.transport.tls import TlsFiles, ssl_context
+from meshllm.transport.tls import TlsFiles
 
 if TYPE_CHECKING:
     from meshllm.transport.stage_service import StageService
@@ -281,78 +277,72 @@ class _Hop:
 # ---- the coordinator's side -----------------------------------------------------------------------
 
 
-class _Results(asyncio.Protocol):
-    """The coordinator's end of a step link, on its event loop: frames parsed as the bytes come."""
+class CoordinatorLink:
+    """The coordinator's end of a step link. Steps are written by the thread that has them (the compute
+    thread, straight after the local stages: no hand-back to the event loop before the step leaves);
+    results are read on the event loop as their bytes arrive (`add_reader`), where the steps wait."""
 
-    def __init__(self, chain: StepChain):
+    def __init__(self, chain: StepChain, link: Link, loop: asyncio.AbstractEventLoop):
         self.chain = chain
-        self.transport: asyncio.Transport | None = None
+        self.link = link
+        self.loop = loop
         self.problem = "ended unexpectedly"
-        self.ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()  # READY's error
-        self._buffer = bytearray()
+        self.closed = False
+        self._fd = link.sock.fileno()
+        loop.add_reader(self._fd, self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def send(self, body: bytes) -> None:
+        """Write one step, from any thread; OSError when the link broke or the stage stopped reading
+        within the socket's timeout (the step timeout)."""
+        self.link.send(STEP, body)
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
+    def _readable(self) -> None:
         try:
-            frames = whole_frames(self._buffer)
+            frames = self.link.frames_ready()
         except OSError as error:
-            self.problem = f"sent {error}"
-            self.close()
+            self._end(f"failed: {error}")
+            return
+        if frames is None:
+            self._end(self.problem)
             return
         for kind, body in frames:
             if kind == ABORT:
-                self.problem = f"failed: {body.decode(errors='replace')}"
-                self.close()
+                self._end(f"failed: {body.decode(errors='replace')}")
                 return
-            if not self.ready.done():
-                if kind != READY:
-                    self.ready.set_exception(OSError(f"answered the hello with a frame of kind {kind}"))
-                    self.close()
-                    return
-                self.ready.set_result(str(json.loads(body or b"{}").get("error") or ""))
-                continue
             try:
+                if kind != RESULT:
+                    raise DecodeError(f"a frame of kind {kind}")
                 result = pb.StepResult.FromString(body)
             except DecodeError as error:
-                self.problem = f"sent a result that is not a StepResult: {error}"
-                self.close()
+                self._end(f"sent a result that is not a StepResult: {error}")
                 return
             self.chain._deliver(result)
 
-    def send(self, body: bytes, kind: int = STEP) -> None:
-        assert self.transport is not None
-        header = HEADER.pack(len(body), kind)
-        if len(body) < 65536:
-            self.transport.write(header + body)
-        else:
-            self.transport.writelines([header, body])
-
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """On the event loop: stop reading and close (a write in flight on another thread fails)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self._fd)
+        self.link.close()
 
-    def connection_lost(self, error: Exception | None) -> None:
-        if error is not None and self.problem == "ended unexpectedly":
-            self.problem = f"failed: {error}"
-        if not self.ready.done():
-            self.ready.set_exception(OSError(f"closed the link before it was ready ({self.problem})"))
+    def _end(self, problem: str) -> None:
+        self.problem = problem
+        self.close()
         self.chain._lost(self)
 
 
 class StepChain(StepsInFlight):
     """`ForwardChain`'s interface over a step link to the first remote stage, or over gRPC's Forward
-    stream where no link can be made. Results are matched to steps by id."""
+    stream where no link can be made. Results are matched to steps by id.
+
+    Over a link, a step may be written from the compute thread (`open_link`, `expect`, then `send` there
+    and `result` on the loop), so that it leaves the moment the local stages are done."""
 
     def __init__(self, stages: list[StageClient], step_timeout: float):
         super().__init__(stages, step_timeout)
         self._grpc = ForwardChain(stages, step_timeout)
-        self._link: _Results | None = None
+        self._link: CoordinatorLink | None = None
         self._on_grpc = not links_enabled()
         self._open_lock = asyncio.Lock()
         self._warned = ""
@@ -363,14 +353,50 @@ class StepChain(StepsInFlight):
         return self._link is not None
 
     async def submit(self, request: PreparedStep) -> StepResult:
-        link = self._link or await self._open()
+        link = await self.open_link()
         if link is None:
             return await self._grpc.submit(request)
-        future = self._expect(request.step_id)
-        link.send(request.SerializeToString())  # buffered by the transport: never blocks the loop
-        return await self._result(request.step_id, future)
+        future = self.expect(request.step_id)
+        compute.post(self.send, link, request)  # a blocking write: never on the event loop
+        return await self.result(request.step_id, future)
 
-    async def _open(self) -> _Results | None:
+    def expect(self, step_id: int) -> asyncio.Future[StepResult]:
+        """On the event loop, before the step is sent: the future its result will complete."""
+        return self._expect(step_id)
+
+    async def result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
+        """The result of a step sent over the link, within the step timeout."""
+        return await self._result(step_id, future)
+
+    def send(self, link: CoordinatorLink, request: PreparedStep) -> None:
+        """On any thread but the event loop's: write one step. A link that broke fails the step (and the
+        link, on the loop) with StageLost."""
+        try:
+            link.send(request.SerializeToString())
+        except OSError as error:
+            problem = f"the step link to {self.first.describe()} broke: {error or 'timed out'}"
+            link.loop.call_soon_threadsafe(self._broken, link, request.step_id, problem)
+
+    def fail(self, loop: asyncio.AbstractEventLoop, step_id: int, error: Exception) -> None:
+        """From any thread: the step failed before it was sent (a local stage failed)."""
+        loop.call_soon_threadsafe(self._fail_step, step_id, error)
+
+    def _fail_step(self, step_id: int, error: Exception) -> None:
+        future = self._pending.pop(step_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _broken(self, link: CoordinatorLink, step_id: int, problem: str) -> None:
+        self._fail_step(step_id, StageLost(problem))
+        if self._link is link:
+            link._end(problem.removeprefix(f"the step link to {self.first.describe()} "))
+
+    async def open_link(self) -> CoordinatorLink | None:
+        """The link steps go over, opened (and the whole chain behind it linked) if it is not yet; None
+        when the chain runs on gRPC."""
+        link = self._link
+        if link is not None:
+            return link
         async with self._open_lock:
             if self._link is None and not self._on_grpc:
                 try:
@@ -384,7 +410,7 @@ class StepChain(StepsInFlight):
                         self._warned = str(error)
             return self._link
 
-    async def _dial(self) -> _Results:
+    async def _dial(self) -> CoordinatorLink:
         """The link to the first stage, READY: the whole chain is linked."""
         first = self.first
         limit = min(OPEN_TIMEOUT, self.step_timeout)  # a cut link must not hold a step longer
@@ -395,33 +421,11 @@ class StepChain(StepsInFlight):
             )
         host, _ = split_address(first.address)
         address = frames.join_address(host, info.step_port)
-        context = ssl_context(first.tls, server_side=False) if first.tls is not None else None
-        loop = asyncio.get_running_loop()
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Results(self),
-                    host,
-                    info.step_port,
-                    ssl=context,
-                    server_hostname=host if context else None,
-                ),
-                limit,
-            )
-        except (OSError, asyncio.TimeoutError) as error:
-            raise StepLinkError(f"cannot open a link to {address}: {error or 'timed out'}") from None
-        try:
-            protocol.send(json.dumps({"token": first.token or "", "protocol": PROTOCOL}).encode(), HELLO)
-            refusal = await asyncio.wait_for(asyncio.shield(protocol.ready), limit)
-        except (OSError, asyncio.TimeoutError) as error:
-            protocol.close()
-            raise StepLinkError(f"{address}: {error or 'no READY in time'}") from None
-        if refusal:
-            protocol.close()
-            raise StepLinkError(refusal)
-        return protocol
+        link = await asyncio.to_thread(dial, address, first.token, first.tls, limit)
+        link.sock.settimeout(self.step_timeout)  # a write waits at most this long for the stage to read
+        return CoordinatorLink(self, link, asyncio.get_running_loop())
 
-    def _lost(self, link: _Results) -> None:
+    def _lost(self, link: CoordinatorLink) -> None:
         if self._link is not link:
             return  # a link closed on purpose: its steps were failed then
         self._link = None
