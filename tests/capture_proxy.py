@@ -8,13 +8,14 @@ import threading
 
 
 class CaptureProxy:
-    """Listens on 127.0.0.1:<free port> and relays every connection to `target` ("host:port")."""
+    """Listens on `listen` (default: 127.0.0.1:<free port>) and relays every connection to `target`
+    ("host:port")."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.listener = socket.create_server(listen)
+        self.address = f"{listen[0]}:{self.listener.getsockname()[1]}"
         self._lock = threading.Lock()
         self._captured = bytearray()
         self._sockets: list[socket.socket] = []

@@ -6,6 +6,9 @@
   scenarios on request (one JSON line on stdin per request, one JSON line back on stdout). Every scenario
   checks its own results on its rank (see the worker), and returns what the test compares across ranks.
   conftest.py keeps one cluster per world size for the whole session, so each pays its start-up once.
+
+Messages travel over framed links unless `MESHLLM_LINKS=0` (`Cluster(links=...)` per rank; for ranks as
+threads, the environment of the test process).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from meshllm.runtime.local_workers import free_ports
 from meshllm.transport.comm import Communicator
+from meshllm.transport.frames import LINKS_ENV
 
 WORKER = Path(__file__).with_name("comm_rank_worker.py")
 
@@ -74,11 +78,11 @@ class Cluster:
         tokens: list[str | None] | None = None,
         tls: list[list[str] | None] | None = None,
         wait_ready: bool = True,
+        links: list[bool] | None = None,
     ) -> None:
         self.world_size = world_size
         self.addresses = loopback_addresses(world_size)
         self.logs = logs  # each rank's stderr, shown when it fails
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.processes: list[subprocess.Popen[str]] = []
         self.replies: list[queue.Queue[dict[str, Any]]] = []
         for rank in range(world_size):
@@ -92,6 +96,8 @@ class Cluster:
             files = tls[rank] if tls else None
             if files:  # the rank's CA, certificate and key
                 command += ["--tls-ca", files[0], "--tls-cert", files[1], "--tls-key", files[2]]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+            env[LINKS_ENV] = "1" if links is None or links[rank] else "0"  # "0": this rank takes no links
             stderr = open(self.logs / f"rank{rank}.log", "w")  # noqa: SIM115 (the process owns it)
             process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env

@@ -168,11 +168,11 @@ def scenario_tagged_stream(comm: Any, count: int, tags: int) -> int:
 
 
 def scenario_large(comm: Any, elements: int) -> str:
+    """Each rank sends its large array to the next and checks the previous one's, then all reduce."""
     inputs = [make_array(rank, [elements], "float32") for rank in range(comm.world_size)]
-    if comm.rank == 0:
-        comm.send(inputs[0], 1, tag=5)
-    else:
-        np.testing.assert_array_equal(comm.recv(0, tag=5), inputs[0])
+    right, left = (comm.rank + 1) % comm.world_size, (comm.rank - 1) % comm.world_size
+    comm.send(inputs[comm.rank], right, tag=5)
+    np.testing.assert_array_equal(comm.recv(left, tag=5), inputs[left])
     got = comm.all_reduce(inputs[comm.rank])
     np.testing.assert_allclose(got, np.sum(inputs, axis=0), rtol=1e-5, atol=1e-5)
     return digest(got)
@@ -206,6 +206,13 @@ def scenario_all_reduce_until_failure(comm: Any, elements: int) -> int:
     for _ in range(100_000):
         comm.all_reduce(array)
     return 100_000
+
+
+def scenario_close(comm: Any, timeout: float) -> float:
+    """Close the communicator (the rank then answers nothing more but this); the seconds it took."""
+    started = time.monotonic()
+    comm.close(timeout=timeout)
+    return time.monotonic() - started
 
 
 SCENARIOS = {

@@ -1,6 +1,7 @@
-"""The communicator over mutual TLS: rank processes with certificates of one CA run collectives and
-messages; the bytes between two ranks, read through a proxy the test controls, hold neither the token
-nor the arrays sent; a rank with a certificate of another CA, or none, is refused at the handshake."""
+"""The communicator over mutual TLS, on framed links and on gRPC streams: rank processes with
+certificates of one CA run collectives and messages (large ones too); the bytes between two ranks, read
+through proxies the test controls, hold neither the token nor the arrays sent; a rank with a certificate
+of another CA, or none, is refused at the handshake, on the gRPC port and on the link port alike."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from comm_helpers import Cluster, assert_same_everywhere
 from meshllm.cluster import certs
 from meshllm.runtime.local_workers import free_ports
 from meshllm.transport.comm import CommAuthError, CommError, Communicator
+from meshllm.transport.comm.framed import dial_link, link_hello
+from meshllm.transport.frames import LINKS_ENV, LinkError
 from meshllm.transport.tls import TlsFiles
 from tests.capture_proxy import CaptureProxy, pieces_found
 
@@ -21,9 +24,10 @@ CA = certs.make_ca("comm")
 TOKEN = "comm-token-that-must-never-show-on-the-wire"
 
 
-def rank_tls(name: str, ca: certs.Pem = CA) -> TlsFiles:
-    issued = certs.make_device_cert(ca, name, ["127.0.0.1"])
-    return TlsFiles(ca.cert, issued.cert, issued.key)
+def rank_tls(name: str, ca: certs.Pem = CA, trusted: certs.Pem | None = None) -> TlsFiles:
+    """Certificates for 127.0.0.1 (and 127.0.0.2) issued by `ca`, trusting `trusted` (default: `ca`)."""
+    issued = certs.make_device_cert(ca, name, ["127.0.0.1", "127.0.0.2"])
+    return TlsFiles((trusted or ca).cert, issued.cert, issued.key)
 
 
 def write_tls(folder: Path, name: str) -> list[str]:
@@ -35,30 +39,43 @@ def write_tls(folder: Path, name: str) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_rank_processes_run_collectives_and_messages_over_tls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("links", [True, False], ids=["links", "grpc"])
+def test_rank_processes_run_collectives_and_messages_over_tls(tmp_path: Path, links: bool) -> None:
     tls: list[list[str] | None] = [write_tls(tmp_path, f"rank{rank}") for rank in range(3)]
-    cluster = Cluster(3, tmp_path, tokens=[TOKEN] * 3, tls=tls)
+    cluster = Cluster(3, tmp_path, tokens=[TOKEN] * 3, tls=tls, links=[links] * 3)
     try:
         assert_same_everywhere(cluster.run("all_reduce", op="sum", dtype="float32", shape=[17, 33]))  # ring
         assert_same_everywhere(cluster.run("broadcast", root=1, dtype="int64", shape=[1001]))
         assert cluster.run("ring_send_recv", rounds=5) == [5, 5, 5]
         assert_same_everywhere(cluster.run("all_reduce", op="mean", dtype="float32", shape=[300_000]))
+        assert_same_everywhere(cluster.run("large", elements=(5 << 20) // 4 + 3))  # 5 MiB: in parts
     finally:
         cluster.close()
 
 
 @pytest.mark.timeout(60)
-def test_a_link_between_two_ranks_carries_no_plaintext_array_or_token() -> None:
-    ports = free_ports(2)
-    # Rank 1 reaches rank 0 through the proxy; rank 0 reaches rank 1 directly.
-    proxy = CaptureProxy(f"127.0.0.1:{ports[0]}")
-    views = [[f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"], [proxy.address, f"127.0.0.1:{ports[1]}"]]
+@pytest.mark.parametrize("links", [True, False], ids=["links", "grpc"])
+def test_the_bytes_between_two_ranks_carry_no_plaintext_array_or_token(
+    links: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(LINKS_ENV, "1" if links else "0")
+    grpc_port, link_port, joining_port = free_ports(3)
+    # Rank 1 sees rank 0 at 127.0.0.2, where two proxies relay its gRPC port and its link port to
+    # 127.0.0.1; rank 0 reaches rank 1 directly. Rank 1's messages to rank 0 cross a proxy either way.
+    proxies = [
+        CaptureProxy(f"127.0.0.1:{port}", listen=("127.0.0.2", port)) for port in (grpc_port, link_port)
+    ]
+    addresses = [f"127.0.0.1:{grpc_port}", f"127.0.0.1:{joining_port}"]
+    views = [addresses, [proxies[0].address, addresses[1]]]
     array = np.random.default_rng(7).standard_normal(4096).astype(np.float32)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [
-            pool.submit(Communicator, rank, 2, views[rank], token=TOKEN, timeout=20, tls=rank_tls(f"r{rank}"))
+            pool.submit(
+                Communicator, rank, 2, views[rank], token=TOKEN, timeout=20, tls=rank_tls(f"r{rank}"),
+                link_port=link_port if rank == 0 else 0,
+            )
             for rank in range(2)
-        ]
+        ]  # fmt: skip
         comms = [future.result() for future in futures]
     try:
         comms[1].send(array, 0, tag=3)
@@ -66,11 +83,15 @@ def test_a_link_between_two_ranks_carries_no_plaintext_array_or_token() -> None:
     finally:
         for comm in comms:
             comm.close()
-        proxy.close()
-    captured = proxy.captured
-    assert len(captured) > array.nbytes  # the array crossed the proxy, and the handshake with it
-    assert TOKEN.encode() not in captured
-    assert pieces_found(captured, array.tobytes(), 16) == 0
+        for proxy in proxies:
+            proxy.close()
+    grpc_bytes, link_bytes = (proxy.captured for proxy in proxies)
+    carrier = link_bytes if links else grpc_bytes
+    assert len(carrier) > array.nbytes  # the array crossed this proxy, and the handshake with it
+    assert len(link_bytes) == 0 if not links else len(grpc_bytes) < array.nbytes
+    for captured in (grpc_bytes, link_bytes):
+        assert TOKEN.encode() not in captured
+        assert pieces_found(captured, array.tobytes(), 16) == 0
 
 
 @pytest.mark.timeout(60)
@@ -96,3 +117,25 @@ def test_a_rank_without_the_cluster_certificate_is_refused_at_the_handshake(
         assert "rank 1:" in str(refused.value) and "--tls-" in str(refused.value)
         with pytest.raises(CommError):
             guarded.result()
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_without_the_cluster_certificate_gets_no_link() -> None:
+    with Communicator(0, 1, base_port=free_ports(1)[0], token=TOKEN, tls=rank_tls("r0")) as guarded:
+        address = f"127.0.0.1:{guarded.link_port}"
+        hello = link_hello(1, 1, TOKEN)  # a hello rank 0 would refuse only for its rank
+
+        def dial(tls: TlsFiles | None) -> None:
+            dial_link(address, hello, tls, 5.0, "rank 1: rank 0")
+
+        # A caller that trusts another CA refuses rank 0's certificate itself.
+        with pytest.raises(CommAuthError, match="rank 1: rank 0 failed the TLS handshake"):
+            dial(rank_tls("intruder", ca=certs.make_ca("other")))
+        # One that trusts the cluster CA but holds a certificate of another is cut off by rank 0 before
+        # any READY; so is a caller in plaintext.
+        for tls in [rank_tls("intruder", ca=certs.make_ca("other"), trusted=CA), None]:
+            with pytest.raises(LinkError, match="closed the link before it was ready"):
+                dial(tls)
+        # A certificate of the cluster CA gets through the handshake, to rank 0's own checks.
+        with pytest.raises(CommError, match="rank 1 is not a peer of rank 0"):
+            dial(rank_tls("r1"))

@@ -1,7 +1,10 @@
-"""links.py: starting a rank's server and its streams, and noticing a peer that is gone."""
+"""links.py: starting a rank's server and its links (or streams), falling back to gRPC where a peer takes
+no links, noticing a peer that is gone, and closing while a peer does not answer."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -55,9 +58,10 @@ def test_a_killed_rank_fails_the_others_collective_naming_it(tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(60)
-def test_a_receive_from_a_killed_rank_fails_at_once_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("links", [True, False], ids=["links", "grpc"])
+def test_a_receive_from_a_killed_rank_fails_at_once_naming_it(tmp_path: Path, links: bool) -> None:
     timeout = 15.0
-    cluster = Cluster(2, tmp_path, timeout=timeout)
+    cluster = Cluster(2, tmp_path, timeout=timeout, links=[links] * 2)
     try:
         cluster.start("recv_once", ranks=[0], source=1, tag=3)
         time.sleep(0.5)
@@ -70,3 +74,31 @@ def test_a_receive_from_a_killed_rank_fails_at_once_naming_it(tmp_path: Path) ->
     assert not reply["ok"] and reply["error"].startswith("PeerLostError"), reply
     assert "recv with tag 3" in reply["error"] and "rank 1 " in reply["error"], reply["error"]
     assert elapsed < timeout / 2
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_takes_no_links_is_sent_to_over_grpc_with_one_warning(tmp_path: Path) -> None:
+    cluster = Cluster(2, tmp_path, links=[True, False])
+    try:
+        assert cluster.run("ring_send_recv", rounds=3) == [3, 3]
+    finally:
+        cluster.close()
+    linked, unlinked = ((tmp_path / f"rank{rank}.log").read_text() for rank in range(2))
+    assert linked.count("go over its gRPC stream") == 1
+    assert "messages to rank 1 (127.0.0.1:" in linked and "it takes no links (MESHLLM_LINKS=0 there" in linked
+    assert unlinked.count("MESHLLM_LINKS=0: messages go over gRPC streams") == 1
+
+
+@pytest.mark.timeout(60)
+def test_close_returns_while_a_peer_is_stopped(tmp_path: Path) -> None:
+    cluster = Cluster(2, tmp_path)
+    try:
+        assert cluster.run("ring_send_recv", rounds=2) == [2, 2]
+        os.kill(cluster.processes[1].pid, signal.SIGSTOP)
+        cluster.start("close", ranks=[0], timeout=1.0)
+        (reply,) = cluster.collect([0], 20)
+        os.kill(cluster.processes[1].pid, signal.SIGCONT)
+    finally:
+        cluster.kill(1)
+        cluster.close()
+    assert reply["ok"] and reply["result"] < 5.0, reply

@@ -1,4 +1,5 @@
-"""outbox.py: the queue of messages for one peer: order, completion, back-pressure."""
+"""outbox.py: the queue of messages for one peer: order, completion, back-pressure, and the small
+messages a caller writes itself (`claim`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import pytest
 
 from meshllm.transport.comm.errors import CommError
-from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
+from meshllm.transport.comm.outbox import PART_BYTES, Outbox, OutgoingMessage
 from meshllm.transport.comm.wire import GOODBYE, Payload, parse_part
 
 
@@ -49,3 +50,38 @@ def test_a_broken_stream_fails_every_message_not_yet_written() -> None:
     late = outgoing(8)
     outbox.put(late, 1.0)
     assert isinstance(late.done.exception(), CommError)
+
+
+def test_a_claimed_message_keeps_its_place_and_the_thread_waits_until_it_is_written() -> None:
+    outbox = Outbox(source=0)
+    claimed, queued = outgoing(8), outgoing(8)
+    part = outbox.claim(claimed)
+    assert part is not None and parse_part(part).seq == 0
+    assert outbox.claim(outgoing(8)) is None  # one writer at a time
+    assert outbox.put(queued, 1.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        taken = pool.submit(next, outbox)
+        assert not taken.done() and not claimed.done.done()
+        outbox.release(claimed)
+        assert parse_part(taken.result(5)).seq == 1
+    assert claimed.done.done() and not queued.done.done()
+
+
+def test_only_a_one_part_message_sent_while_nothing_is_queued_is_claimed() -> None:
+    outbox = Outbox(source=0)
+    assert outbox.claim(outgoing(PART_BYTES + 4)) is None
+    assert outbox.put(outgoing(8), 1.0)
+    assert outbox.claim(outgoing(8)) is None  # behind a queued message: it waits its turn
+    next(outbox)  # the thread takes it; it is written once the thread asks again
+    assert outbox.claim(outgoing(8)) is None
+    outbox.end()
+    assert next(outbox) == GOODBYE and outbox.claim(outgoing(8)) is None
+
+
+def test_a_failure_while_a_message_is_claimed_fails_it() -> None:
+    outbox = Outbox(source=0)
+    claimed = outgoing(8)
+    assert outbox.claim(claimed) is not None
+    outbox.fail(lambda: CommError("gone"))
+    outbox.release(claimed)
+    assert isinstance(claimed.done.exception(), CommError)

@@ -1,4 +1,4 @@
-"""The communicator: point-to-point messages and collectives across N ranks over gRPC.
+"""The communicator: point-to-point messages and collectives across N ranks.
 
     from meshllm.transport.comm import Communicator
 
@@ -12,9 +12,11 @@ The modules, from the API down (docs/communicator.md has the whole story):
 - collectives.py: broadcast, all_reduce (direct and ring) and barrier on top of point-to-point messages
 - reduce.py: the reduction arithmetic (working dtype, reduce ops)
 - mailbox.py: where arrived messages wait for their receive; which peers are lost or closed
-- links.py: this rank's gRPC server and its long-lived stream to every peer
-- outbox.py: the queue of messages for one peer, which its stream takes part by part
-- server.py: the `Comm` service: the token check, `Hello`, and the reading of incoming streams
+- links.py: this rank's gRPC server (the rendezvous), and its link or stream to every peer
+- framed.py: the framed TCP/TLS links (transport/frames.py) that carry messages between ranks
+- outbox.py: the queue of messages for one peer, which its link or stream takes part by part
+- server.py: the `Comm` service: the token check, `Hello`, and the reading of incoming gRPC streams
+- incoming.py: one peer's incoming parts, from a link or a stream, joined into messages in the mailbox
 - wire.py: payloads, and `CommMessage` parts written and read as bytes without extra copies
 - errors.py: what the communicator raises
 

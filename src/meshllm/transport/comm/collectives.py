@@ -27,7 +27,7 @@ from meshllm.transport.comm.wire import Payload
 from meshllm.transport.tensors import numpy_dtype
 
 # Payloads up to this size are copied before they are queued; larger ones are sent from where they are,
-# and the collective waits until gRPC has taken them before it returns (the caller may then reuse them).
+# and the collective waits until they were written before it returns (the caller may then reuse them).
 COPY_BYTES = 64 << 10
 
 
@@ -48,7 +48,7 @@ class CollectiveCall(Protocol):
         ...
 
     def wait(self, sends: list[concurrent.futures.Future[None]]) -> None:
-        """Wait until gRPC has taken every message of `sends`."""
+        """Wait until every message of `sends` was written."""
         ...
 
 
@@ -131,7 +131,7 @@ def _all_reduce_ring(call: CollectiveCall, payload: Payload, op: str, elements: 
     working_dtype = values.dtype.name
 
     # Reduce-scatter. Segments go out as views of `values`: a segment sent at one step is never written
-    # again, so it can leave whenever gRPC gets to it.
+    # again, so it can leave whenever its link gets to it.
     for step in range(world_size - 1):
         outgoing, incoming = segments[(rank - step) % world_size], segments[(rank - step - 1) % world_size]
         call.post(right, _segment_payload(values, outgoing, working_dtype))

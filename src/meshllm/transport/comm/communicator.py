@@ -1,13 +1,14 @@
-"""The communicator: point-to-point messages and collectives across N ranks over gRPC.
+"""The communicator: point-to-point messages and collectives across N ranks.
 
     with Communicator(rank, world_size, base_port=50200, token=token) as comm:
         comm.send(hidden_states, dest=rank + 1, tag=step)
         logits = comm.recv(source=rank - 1, tag=step, like="torch")
         total = comm.all_reduce(partial, op="sum")
 
-Every rank runs a `Comm` gRPC server on its own address and keeps one long-lived stream to every other
-rank (see links.py). Messages from one source with one tag arrive in order and exactly once; a
-message may arrive before its `recv` is posted and then waits in the mailbox. Every blocking call gives up
+Every rank runs a `Comm` gRPC server on its own address (the rendezvous) and sends its messages to every
+other rank over one framed TCP link, or over a gRPC stream where no link can be opened (see links.py).
+Messages from one source with one tag arrive in order and exactly once; a message may arrive before its
+`recv` is posted and then waits in the mailbox. Every blocking call gives up
 after `timeout` seconds with a `CommTimeoutError` naming the peer, and fails early with a `PeerLostError`
 naming the peer when a rank it needs dies. The API is blocking and thread-safe for point-to-point calls;
 collectives must be called by every rank in the same order, from one thread at a time. From async code,
@@ -82,8 +83,10 @@ class Communicator:
     peer answered (they may start in any order), or raises after `timeout` seconds.
     token: the cluster token; when set, every call carries it and the server refuses calls without it.
     tls: this rank's certificates (`meshllm.transport.tls.TlsFiles`: the cluster CA, its certificate and
-    key): every link is then mutual TLS and a peer without a certificate of that CA is refused at the
-    handshake; None: plaintext (loopback, or a network you trust).
+    key): every connection (gRPC and links) is then mutual TLS and a peer without a certificate of that
+    CA is refused at the handshake; None: plaintext (loopback, or a network you trust).
+    link_port: where this rank takes its peers' message links, on the host of its address (0: any free
+    port); `Hello` tells the peers.
     framework: what `recv` and a non-root `broadcast` return when given no `like` ("numpy", "torch" or
     "mlx"). Arrays handed in come back in their own framework, dtype (and torch device).
     """
@@ -101,6 +104,7 @@ class Communicator:
         tls: TlsFiles | None = None,
         framework: str = "numpy",
         ring_threshold: int = RING_THRESHOLD,
+        link_port: int = 0,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, not {world_size}")
@@ -114,6 +118,8 @@ class Communicator:
             raise ValueError(f"{len(addresses)} addresses for {world_size} ranks")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
+        if not 0 <= link_port < 65536:
+            raise ValueError(f"link_port {link_port} is not a port (0: any free port)")
         ArrayKind.resolve(framework, framework)  # validates the name
         self.rank = rank
         self.world_size = world_size
@@ -122,7 +128,9 @@ class Communicator:
         self.framework = framework
         self.ring_threshold = ring_threshold
         self._mailbox = Mailbox(rank, self.describe_peer)
-        self._links = Links(rank, self.addresses, token or None, self._mailbox, self.describe_peer, tls)
+        self._links = Links(
+            rank, self.addresses, token or None, self._mailbox, self.describe_peer, tls, link_port
+        )
         self._collective_lock = threading.Lock()
         self._collectives = 0  # collectives started on this rank; numbers the next one
         self._closed = False
@@ -138,6 +146,11 @@ class Communicator:
     @property
     def address(self) -> str:
         return self.addresses[self.rank]
+
+    @property
+    def link_port(self) -> int:
+        """The port this rank takes message links on; 0 when it takes none (`MESHLLM_LINKS=0`)."""
+        return self._links.link_port
 
     def describe_peer(self, peer: int) -> str:
         return f"rank {peer} ({self.addresses[peer]})"
@@ -170,7 +183,8 @@ class Communicator:
     def isend(
         self, array: Any, dest: int, tag: int = 0, *, timeout: float | None = None
     ) -> concurrent.futures.Future[None]:
-        """Like `send`; the future completes once gRPC wrote the whole message, or fails as `send` would."""
+        """Like `send`; the future completes once the whole message was written to its link or stream,
+        or fails as `send` would."""
         dest, tag = self._check_rank(dest, "dest"), self._check_tag(tag)
         what = f"send to rank {dest} with tag {tag}"
         return self._post(dest, POINT_TO_POINT, tag, "", Payload.copy_of(array), what, self._timeout(timeout))
@@ -237,7 +251,7 @@ class Communicator:
     # ---- closing ----
 
     def close(self, timeout: float | None = None) -> None:
-        """Deliver what was sent, then stop the server and drop the streams. Safe to call twice.
+        """Deliver what was sent, then stop the server and drop the links and streams. Safe to call twice.
 
         Peers see this rank as closed, not lost: their receives from it fail at once with a CommError.
         """
@@ -327,7 +341,7 @@ class _CollectiveCall:
         finished, pending = concurrent.futures.wait(sends, self.timeout)
         if pending:
             raise CommTimeoutError(
-                f"rank {self.rank}: {what}: gRPC did not take its messages within {self.timeout:g} s "
+                f"rank {self.rank}: {what}: its messages were not written within {self.timeout:g} s "
                 "(a peer does not read, or the network is stuck)"
             )
         for done in finished:

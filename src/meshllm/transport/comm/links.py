@@ -1,18 +1,23 @@
-"""The communicator's links: this rank's `Comm` server and its gRPC streams to every peer.
+"""The communicator's links: this rank's `Comm` server, and the way its messages reach every peer.
 
-Each peer gets its own channel and one long-lived `Exchange` stream. Messages for a peer go into its
-`Outbox` (outbox.py), the stream's request iterator, from which gRPC's sending thread takes them one
-part at a time, in order. The server (server.py) reads the streams peers keep open to this rank and
-puts whole messages in the mailbox.
+gRPC is the control plane: every rank runs a `Comm` server on its own address and says `Hello` to every
+peer, retrying until the peer answers (the rendezvous, with the token, rank and world-size checks). The
+reply says on which port the peer takes framed links (`link_port`); this rank then dials one link to it
+(framed.py, over transport/frames.py, the framing the stages' step links use too) and sends it every
+message on that link. Where no link can be had (`MESHLLM_LINKS=0` on either side, or the link cannot be
+opened) that peer's messages go over one long-lived gRPC `Exchange` stream instead, with a warning
+saying why; both paths carry the same `CommMessage` parts and are read by the same `IncomingStream`.
 
-The blocking (thread-based) gRPC API is used on purpose: the communicator's own API is blocking, and
-here a bare round trip costs ~0.4 ms through gRPC's threads against ~0.75 ms with grpc.aio on an event
-loop in a background thread (every message then crosses two more thread hand-offs).
+On the gRPC path, messages for a peer go into its `Outbox` (outbox.py), the stream's request iterator,
+from which gRPC's sending thread takes them one part at a time, in order; the server (server.py) reads
+the streams peers keep open to this rank. The blocking (thread-based) gRPC API is used on purpose: a bare
+round trip costs ~0.4 ms through gRPC's threads against ~0.75 ms with grpc.aio on an event loop in a
+background thread.
 
-A peer is known to be gone when its stream to this rank ends without a goodbye (the server sees the
-call cancelled or cut) or when this rank's stream to it breaks (the client sees the call fail). A peer
-that closes its communicator sends a goodbye as the last part of its stream; the other ranks then end
-their streams to it as well, so its server stops without cancelling anything.
+A peer is known to be gone when its stream or link to this rank ends without a goodbye, or when this
+rank's stream or link to it breaks. A peer that closes its communicator sends a goodbye as the last part
+of its stream or link; the other ranks then end theirs to it as well, so it stops without cutting
+anything.
 """
 
 from __future__ import annotations
@@ -26,10 +31,19 @@ from collections.abc import Callable
 import grpc
 
 from meshllm.transport.comm.errors import CommAuthError, CommError, CommTimeoutError, PeerLostError
+from meshllm.transport.comm.framed import LinkListener, LinkSender, dial_link, link_hello
 from meshllm.transport.comm.mailbox import Mailbox
 from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
 from meshllm.transport.comm.server import CommServicer
 from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Payload
+from meshllm.transport.frames import (
+    LINKS_ENV,
+    OPEN_TIMEOUT,
+    LinkError,
+    join_address,
+    links_enabled,
+    split_address,
+)
 from meshllm.transport.proto import comm_pb2, comm_pb2_grpc
 from meshllm.transport.rpc import handshake_problem, token_metadata
 from meshllm.transport.tls import TlsFiles, add_port, blocking_channel
@@ -66,8 +80,82 @@ def describe_rpc_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class StreamSender:
+    """This rank's messages to one peer over a gRPC `Exchange` stream: gRPC's sending thread takes them
+    from the peer's outbox part by part."""
+
+    def __init__(self, links: Links, peer: int, channel: grpc.Channel) -> None:
+        self.links = links
+        self.peer = peer
+        self.outbox = Outbox(links.rank)
+        metadata = (*links.metadata, (RANK_KEY, str(links.rank)))
+        # Parts are bytes already (wire.py), so no serializer: gRPC sends them as they are.
+        exchange = channel.stream_unary(
+            f"/{SERVICE}/Exchange",
+            request_serializer=None,
+            response_deserializer=comm_pb2.CommStreamSummary.FromString,
+        )
+        self.stream = exchange.future(self.outbox, metadata=metadata)
+        self.stream.add_done_callback(self._ended)
+
+    def submit(self, message: OutgoingMessage, timeout: float) -> bool:
+        return self.outbox.put(message, timeout)
+
+    def end(self) -> None:
+        """End the stream after what is queued, with a goodbye."""
+        self.outbox.end()
+
+    def finish(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the stream to end; else cancel it. True when it ended in time."""
+        try:
+            self.stream.result(timeout)
+        except grpc.FutureTimeoutError:
+            self.stream.cancel()
+            return False
+        except Exception as error:
+            log.debug(
+                "rank %d: the stream to rank %d ended: %s",
+                self.links.rank,
+                self.peer,
+                describe_rpc_error(error),
+            )
+        return True
+
+    def close(self) -> None:
+        pass  # the channel is closed with the others
+
+    def _ended(self, call: grpc.Future) -> None:
+        """gRPC's callback when this rank's stream to the peer ended: cleanly after `close`, or broken."""
+        links, peer, outbox = self.links, self.peer, self.outbox
+        error = call.exception() if not call.cancelled() else None
+        if error is None and not call.cancelled():
+            summary = call.result()
+            if summary.messages != outbox.messages:
+                log.warning(
+                    "rank %d: rank %d took %d of %d messages",
+                    links.rank,
+                    peer,
+                    summary.messages,
+                    outbox.messages,
+                )
+            outbox.fail(lambda: CommError(f"rank {links.rank}: the stream to rank {peer} is closed"))
+            return
+        detail = describe_rpc_error(error) if error else "cancelled"
+        reason = f"the stream to it broke ({detail}): the process died, or the network failed"
+        if not links.closing and links.mailbox.mark_lost(peer, reason):
+            log.warning("rank %d: %s is gone: %s", links.rank, links.describe_peer(peer), reason)
+
+        def failure() -> BaseException:
+            return links.mailbox.peer_error(peer, "send") or PeerLostError(
+                f"rank {links.rank}: send: {links.describe_peer(peer)}: {reason}", peer
+            )
+
+        outbox.fail(failure)
+
+
 class Links:
-    """The server and the peer streams of one rank; every method may be called from any thread."""
+    """The server, the link listener and the senders of one rank; every method may be called from any
+    thread."""
 
     def __init__(
         self,
@@ -77,6 +165,7 @@ class Links:
         mailbox: Mailbox,
         describe_peer: Callable[[int], str],
         tls: TlsFiles | None = None,
+        link_port: int = 0,
     ) -> None:
         self.rank = rank
         self.tls = tls
@@ -86,18 +175,35 @@ class Links:
         self.mailbox = mailbox
         self.describe_peer = describe_peer
         self.closing = False
-        self._metadata = token_metadata(token)
+        self.metadata = token_metadata(token)
+        self.link_port = 0  # where this rank takes links, as `Hello` announces it; 0: none
+        self._wanted_link_port = link_port
+        self._timeout = 30.0  # the communicator's, set by `start`
         self._server: grpc.Server | None = None
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._listener: LinkListener | None = None
         self._channels: dict[int, grpc.Channel] = {}
-        self._outboxes: dict[int, Outbox] = {}
-        self._streams: dict[int, grpc.Future] = {}
+        self._senders: dict[int, LinkSender | StreamSender] = {}
         self._incoming = threading.Condition()  # guards _open_incoming
-        self._open_incoming: set[int] = set()  # peers whose stream to this rank is open
+        self._open_incoming: set[int] = set()  # peers whose stream or link to this rank is open
 
     def start(self, timeout: float) -> None:
-        """Listen on this rank's address, then connect to every peer (each must answer `Hello`)."""
+        """Listen on this rank's address (and for links), then connect to every peer (each must answer
+        `Hello`)."""
+        self._timeout = timeout
         address = self.addresses[self.rank]
+        host, _ = split_address(address)
+        if links_enabled():  # before the server: a peer that got `Hello`'s answer finds the links open
+            self._listener = LinkListener(self, self.tls)
+            try:
+                self.link_port = self._listener.start(host, self._wanted_link_port)
+            except OSError as error:
+                raise CommError(
+                    f"rank {self.rank} cannot listen for links on {join_address(host, self._wanted_link_port)} "
+                    f"({error}): is the port already in use (link_port=0 takes any free one)?"
+                ) from None
+        else:
+            log.warning("rank %d: %s=0: messages go over gRPC streams (slower)", self.rank, LINKS_ENV)
         # One thread per incoming stream, plus a few for Hello calls while peers connect.
         workers = self._workers = concurrent.futures.ThreadPoolExecutor(
             self.world_size + 4, f"meshllm-comm-{self.rank}"
@@ -121,20 +227,42 @@ class Links:
     def _connect(self, peer: int, deadline: float, timeout: float) -> None:
         channel = self._channels[peer] = blocking_channel(self.addresses[peer], self.tls, CLIENT_OPTIONS)
         stub = comm_pb2_grpc.CommStub(channel)
-        self._hello(stub, peer, deadline, timeout)
-        outbox = self._outboxes[peer] = Outbox(self.rank)
-        metadata = (*self._metadata, (RANK_KEY, str(self.rank)))
-        # Parts are bytes already (wire.py), so no serializer: gRPC sends them as they are.
-        exchange = channel.stream_unary(
-            f"/{SERVICE}/Exchange",
-            request_serializer=None,
-            response_deserializer=comm_pb2.CommStreamSummary.FromString,
-        )
-        stream = self._streams[peer] = exchange.future(outbox, metadata=metadata)
-        stream.add_done_callback(lambda call: self._stream_ended(peer, call))
-        log.debug("rank %d connected to %s", self.rank, self.describe_peer(peer))
+        reply = self._hello(stub, peer, deadline, timeout)
+        link = self._open_link(peer, reply.link_port, deadline)
+        if link is not None:
+            self._senders[peer] = link
+            log.debug("rank %d linked to %s", self.rank, self.describe_peer(peer))
+        else:
+            self._senders[peer] = StreamSender(self, peer, channel)
+            log.debug("rank %d streams to %s", self.rank, self.describe_peer(peer))
 
-    def _hello(self, stub: comm_pb2_grpc.CommStub, peer: int, deadline: float, timeout: float) -> None:
+    def _open_link(self, peer: int, link_port: int, deadline: float) -> LinkSender | None:
+        """The link to `peer`, or None (after a warning) when its messages must go over gRPC."""
+        if self._listener is None:
+            return None  # links are off here (warned at start)
+        if not link_port:
+            why = f"it takes no links ({LINKS_ENV}=0 there, or an older meshllm)"
+        else:
+            host, _ = split_address(self.addresses[peer])
+            address = join_address(host, link_port)
+            try:
+                limit = min(OPEN_TIMEOUT, max(1.0, deadline - time.monotonic()))
+                hello = link_hello(self.rank, self.world_size, self.token)
+                who = f"rank {self.rank}: {self.describe_peer(peer)}"
+                return LinkSender(self, peer, dial_link(address, hello, self.tls, limit, who), self._timeout)
+            except LinkError as error:
+                why = f"no link to {address}: {error}"
+        log.warning(
+            "rank %d: messages to %s go over its gRPC stream (slower): %s",
+            self.rank,
+            self.describe_peer(peer),
+            why,
+        )
+        return None
+
+    def _hello(
+        self, stub: comm_pb2_grpc.CommStub, peer: int, deadline: float, timeout: float
+    ) -> comm_pb2.CommHelloReply:
         request = comm_pb2.CommHelloRequest(rank=self.rank, world_size=self.world_size)
         while True:
             remaining = deadline - time.monotonic()
@@ -145,7 +273,7 @@ class Links:
                     "is that rank started, and is its address right?"
                 )
             try:
-                reply = stub.Hello(request, metadata=self._metadata, timeout=remaining, wait_for_ready=True)
+                reply = stub.Hello(request, metadata=self.metadata, timeout=remaining, wait_for_ready=True)
                 break
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
@@ -164,13 +292,14 @@ class Links:
                 f"rank {self.rank}: {self.addresses[peer]} answered as rank {reply.rank} of {reply.world_size}, "
                 f"expected rank {peer} of {self.world_size}: check the address list"
             )
+        return reply
 
     def _raise_if_handshake_fails(
         self, stub: comm_pb2_grpc.CommStub, peer: int, request: comm_pb2.CommHelloRequest
     ) -> None:
         """After waiting in vain: one call that fails fast tells whether the TLS handshake is the reason."""
         try:
-            stub.Hello(request, metadata=self._metadata, timeout=2.0)
+            stub.Hello(request, metadata=self.metadata, timeout=2.0)
         except grpc.RpcError as error:
             details = error.details() or ""  # type: ignore[attr-defined]
             problem = handshake_problem(details, secure=self.tls is not None)
@@ -187,12 +316,15 @@ class Links:
         what: str,
         timeout: float,
     ) -> concurrent.futures.Future[None]:
-        """Queue one message for `dest` and return; the future completes once gRPC wrote all of it."""
+        """Send one message to `dest`, or queue it, and return; the future completes once all of it was
+        written."""
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         error = self.mailbox.peer_error(dest, what)
         if error is not None:
             done.set_exception(error)
-        elif not self._outboxes[dest].put(OutgoingMessage(channel, tag, collective, payload, done), timeout):
+        elif not self._senders[dest].submit(
+            OutgoingMessage(channel, tag, collective, payload, done), timeout
+        ):
             done.set_exception(
                 CommTimeoutError(
                     f"rank {self.rank}: {what}: {self.describe_peer(dest)} has not taken what was sent "
@@ -201,86 +333,63 @@ class Links:
             )
         return done
 
-    def _stream_ended(self, peer: int, call: grpc.Future) -> None:
-        """gRPC's callback when this rank's stream to `peer` ended: cleanly after `close`, or broken."""
-        error = call.exception() if not call.cancelled() else None
-        outbox = self._outboxes[peer]
-        if error is None and not call.cancelled():
-            summary = call.result()
-            if summary.messages != outbox.messages:
-                log.warning(
-                    "rank %d: rank %d took %d of %d messages",
-                    self.rank,
-                    peer,
-                    summary.messages,
-                    outbox.messages,
-                )
-            outbox.fail(lambda: CommError(f"rank {self.rank}: the stream to rank {peer} is closed"))
-            return
-        detail = describe_rpc_error(error) if error else "cancelled"
-        reason = f"the stream to it broke ({detail}): the process died, or the network failed"
-        if not self.closing and self.mailbox.mark_lost(peer, reason):
-            log.warning("rank %d: %s is gone: %s", self.rank, self.describe_peer(peer), reason)
-
-        def failure() -> BaseException:
-            return self.mailbox.peer_error(peer, "send") or PeerLostError(
-                f"rank {self.rank}: send: {self.describe_peer(peer)}: {reason}", peer
-            )
-
-        outbox.fail(failure)
-
     def close(self, timeout: float) -> None:
-        """End every stream after what was queued (waiting up to `timeout`), then stop the server."""
+        """End every stream and link after what was queued (waiting up to `timeout`), then stop serving."""
         self.closing = True
-        for outbox in self._outboxes.values():
-            outbox.end()
+        for sender in self._senders.values():
+            sender.end()
         deadline = time.monotonic() + timeout
-        for peer, stream in self._streams.items():
-            try:
-                stream.result(max(0.0, deadline - time.monotonic()))
-            except grpc.FutureTimeoutError:
+        for peer, sender in self._senders.items():
+            if not sender.finish(max(0.0, deadline - time.monotonic())):
                 log.warning(
                     "rank %d: %s did not take the end of its stream", self.rank, self.describe_peer(peer)
                 )
-                stream.cancel()
-            except Exception as error:
-                log.debug(
-                    "rank %d: the stream to rank %d ended: %s", self.rank, peer, describe_rpc_error(error)
-                )
         # Each peer answers the end of this rank's stream by ending its own (see `peer_closed`): wait for
-        # that briefly, so that stopping the server cancels nothing and peers see a clean close.
+        # that briefly, so that stopping cuts nothing and peers see a clean close.
         with self._incoming:
             linger = min(2.0, max(0.0, deadline - time.monotonic()))
             self._incoming.wait_for(lambda: not self._open_incoming, linger)
+        if self._listener is not None:
+            self._listener.close()
         if self._server is not None:
             self._server.stop(grace=1.0).wait(5.0)
         if self._workers is not None:
             self._workers.shutdown(wait=False)
+        for sender in self._senders.values():
+            sender.close()
         for channel in self._channels.values():
             channel.close()
+
+    def has_incoming(self, peer: int) -> bool:
+        with self._incoming:
+            return peer in self._open_incoming
 
     def incoming_opened(self, peer: int) -> None:
         with self._incoming:
             self._open_incoming.add(peer)
 
-    def incoming_ended(self, peer: int, clean: bool) -> None:
-        """`peer`'s stream to this rank ended: cleanly when it closed its communicator, else it is gone."""
+    def incoming_ended(self, peer: int, clean: bool, why: str = "") -> None:
+        """`peer`'s stream or link to this rank ended: cleanly when it closed its communicator, else it is
+        gone (`why`: what was wrong with what it sent)."""
         with self._incoming:
             self._open_incoming.discard(peer)
             self._incoming.notify_all()
         if clean:
             self.peer_closed(peer)
+            return
+        if why:
+            reason = f"what it sent to this rank broke the protocol ({why})"
         else:
             reason = (
                 "its stream to this rank ended without a goodbye: the process died, or the network failed"
             )
-            if not self.closing and self.mailbox.mark_lost(peer, reason):
-                log.warning("rank %d: %s is gone: %s", self.rank, self.describe_peer(peer), reason)
+        if not self.closing and self.mailbox.mark_lost(peer, reason):
+            log.warning("rank %d: %s is gone: %s", self.rank, self.describe_peer(peer), reason)
 
     def peer_closed(self, peer: int) -> None:
         """`peer` closed its communicator: it sends nothing more and takes nothing more, so end the stream
-        to it too (after what is queued), which lets its server stop without cancelling anything."""
+        or link to it too (after what is queued), which lets it stop without cutting anything."""
         self.mailbox.mark_closed(peer)
-        outbox = self._outboxes.get(peer)
-        if outbox is not None:
-            outbox.end()
+        sender = self._senders.get(peer)
+        if sender is not None:
+            sender.end()

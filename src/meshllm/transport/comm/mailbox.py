@@ -1,8 +1,9 @@
 """Where messages wait for their receive, and what this rank knows about its peers.
 
-The gRPC side (the server's threads, server.py) puts whole messages in; the caller's threads take them out, blocking
-until the message is there, its sender is known to be gone, or the timeout passes. Messages are kept per
-(channel, source, tag) in arrival order, so a receive always gets the oldest message of its key.
+The threads reading the peers' links and streams (incoming.py) put whole messages in; the caller's threads
+take them out, blocking until the message is there, its sender is known to be gone, or the timeout
+passes. Messages are kept per (channel, source, tag) in arrival order, so a receive always gets the
+oldest message of its key.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The queue of messages for one peer, and the request iterator of the stream that carries them.
+"""The queue of messages for one peer, taken part by part by whatever carries them.
 
-gRPC's sending thread calls `Outbox.__next__` for one part at a time, and only once the part before was
-written; so when it asks for the part after a message's last part, that message has left, and its
-future completes. Parts are encoded here, on that thread, each as it is needed (wire.py): a large
-message is never copied whole. When the stream ends, its last part is a goodbye.
+A sending thread (gRPC's, for an `Exchange` stream; the link's own, for a framed link) calls
+`Outbox.__next__` for one part at a time, and only once the part before was written; so when it asks for
+the part after a message's last part, that message has left, and its future completes. Parts are
+encoded here, on that thread, each as it is needed (wire.py): a large message is never copied whole.
+When the stream ends, its last part is a goodbye. On a framed link a small message sent while nothing
+is queued skips the thread: its sender `claim`s it and writes it itself.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class OutgoingMessage:
 class Outbox:
     """The messages waiting to go to one peer, in order: the request iterator of the stream to that peer.
 
-    gRPC's sending thread calls `__next__` for one part at a time, and only once the part before was
+    The sending thread calls `__next__` for one part at a time, and only once the part before was
     written; so when it asks for the part after a message's last part, that message has left. Parts are
     encoded here, on that thread, each as it is needed: a large message is never copied whole.
     """
@@ -63,6 +65,7 @@ class Outbox:
         self._current: OutgoingMessage | None = None  # the message whose parts are being taken
         self._offset = 0  # bytes of the current message's data already in parts
         self._written: OutgoingMessage | None = None  # complete once gRPC asks for the next part
+        self._claimed: OutgoingMessage | None = None  # a caller writes it itself (`claim`); the thread waits
         self.messages = 0  # messages started; the seq of the next one
         self._ending = False  # no more messages: the stream ends once the queue is empty
         self._said_goodbye = False
@@ -88,6 +91,30 @@ class Outbox:
             self._condition.notify_all()
         return True
 
+    def claim(self, message: OutgoingMessage) -> bytes | None:
+        """`message` as its one part, numbered next, for the caller to write itself and then `release`,
+        when it fits in one part and nothing is queued or being written; else None (`put` it)."""
+        if message.size > PART_BYTES:
+            return None
+        with self._condition:
+            writing = (self._current, self._written, self._claimed)
+            busy = bool(self._queue) or any(taken is not None for taken in writing)
+            if busy or self._ending or self._failure is not None:
+                return None
+            self._claimed = message  # `fail` settles it, as any message being written
+            seq, self.messages = self.messages, self.messages + 1
+        return self._first_part(message, seq, message.size)
+
+    def release(self, message: OutgoingMessage) -> None:
+        """The claimed `message` was written (or failed, then `fail` settled it): the thread may go on."""
+        with self._condition:
+            written = self._claimed is message  # else `fail` took it
+            if written:
+                self._claimed = None
+            self._condition.notify_all()
+        if written:
+            settle(message.done)
+
     def end(self) -> None:
         """End the stream after everything queued so far."""
         with self._condition:
@@ -98,10 +125,10 @@ class Outbox:
         """The stream broke: fail every message not yet written, and every later one, with `failure()`."""
         with self._condition:
             self._failure = failure
-            unsent = [self._written, self._current, *self._queue]
+            unsent = [self._written, self._current, self._claimed, *self._queue]
             self._queue.clear()
             self._queued_bytes = 0
-            self._written = self._current = None
+            self._written = self._current = self._claimed = None
             self._condition.notify_all()
         for message in unsent:
             if message is not None:
@@ -118,7 +145,7 @@ class Outbox:
         seq: int | None = None  # set when this part starts a message
         with self._condition:
             if self._current is None:
-                while not self._queue and not self._ending and self._failure is None:
+                while (self._claimed is not None or not (self._queue or self._ending)) and not self._failure:
                     self._condition.wait()
                 if self._failure is not None or (not self._queue and self._said_goodbye):
                     raise StopIteration
@@ -132,17 +159,7 @@ class Outbox:
             message = self._current
         if seq is not None:
             head = min(message.size, PART_BYTES)
-            parts = max(1, -(-message.size // PART_BYTES))
-            part = encode_first_part(
-                self._source,
-                message.channel,
-                message.tag,
-                seq,
-                message.collective,
-                parts,
-                message.payload,
-                head,
-            )
+            part = self._first_part(message, seq, head)
             self._offset = head
         else:
             assert message.payload is not None
@@ -154,3 +171,9 @@ class Outbox:
                 if self._current is message:  # not failed meanwhile
                     self._current, self._written = None, message
         return part
+
+    def _first_part(self, message: OutgoingMessage, seq: int, head: int) -> bytes:
+        parts = max(1, -(-message.size // PART_BYTES))
+        return encode_first_part(
+            self._source, message.channel, message.tag, seq, message.collective, parts, message.payload, head
+        )

@@ -1,9 +1,10 @@
-"""The `Comm` service of one rank: answers `Hello`, checks the cluster token, and reads the streams
-that peers keep open to this rank, putting every whole message in the mailbox.
+"""The `Comm` service of one rank: answers `Hello` (the rendezvous, which also says on which port this
+rank takes framed links), checks the cluster token, and reads the `Exchange` streams of peers whose
+messages come over gRPC rather than over a framed link (framed.py).
 
-One server thread per incoming stream reads its parts (wire.py), joins the parts of a large message
-into one buffer as they arrive, and tells the links (links.py) when the stream ends: after a goodbye (the peer
-closed its communicator) or without one (the peer is gone).
+One server thread per incoming stream hands its parts to an `IncomingStream` (incoming.py, shared with
+the framed links), which puts every whole message in the mailbox, and tells the links (links.py) when
+the stream ends: after a goodbye (the peer closed its communicator) or without one (the peer is gone).
 """
 
 from __future__ import annotations
@@ -12,42 +13,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import grpc
-import numpy as np
 
-from meshllm.transport.comm.mailbox import Arrival
-from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Part, Payload, parse_part
+from meshllm.transport.comm.incoming import IncomingStream, StreamError
+from meshllm.transport.comm.wire import RANK_KEY, SERVICE
 from meshllm.transport.proto import comm_pb2
 from meshllm.transport.rpc import TOKEN_METADATA_KEY, token_problem
-from meshllm.transport.tensors import numpy_dtype
 
 if TYPE_CHECKING:
     from meshllm.transport.comm.links import Links
-
-
-class _Assembly:
-    """A message arriving in parts, copied into one buffer as the parts come (each is freed at once)."""
-
-    def __init__(self, first: Part) -> None:
-        itemsize = numpy_dtype(first.dtype).itemsize
-        self.buffer = np.empty(int(np.prod(first.shape, dtype=np.int64)) * itemsize, dtype=np.uint8)
-        self.filled = 0
-        self.parts = 0
-        self.add(first.data)
-
-    def add(self, data: memoryview | None) -> bool:
-        """Append one part's data; False if it does not fit."""
-        size = 0 if data is None else len(data)
-        if self.filled + size > len(self.buffer):
-            return False
-        if data is not None and size:
-            self.buffer[self.filled : self.filled + size] = np.frombuffer(data, dtype=np.uint8)
-        self.filled += size
-        self.parts += 1
-        return True
-
-    @property
-    def complete(self) -> bool:
-        return self.filled == len(self.buffer)
 
 
 class CommServicer:
@@ -95,7 +68,7 @@ class CommServicer:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"rank {request.rank} is not a peer of rank {rank}"
             )
-        return comm_pb2.CommHelloReply(rank=rank, world_size=world_size)
+        return comm_pb2.CommHelloReply(rank=rank, world_size=world_size, link_port=self.links.link_port)
 
     def Exchange(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -107,51 +80,19 @@ class CommServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no valid {RANK_KEY} metadata")
         source = int(source_text)
         links.incoming_opened(source)
-        received = 0  # whole messages
-        first: Part | None = None  # the first part of a message still coming in parts
-        assembly: _Assembly | None = None
-        said_goodbye = False
+        incoming = IncomingStream(source, links.mailbox)
+        broken = ""  # why the stream was refused midway
         try:
             for raw in request_iterator:
-                part = parse_part(raw)
-                if first is None and part.goodbye:
-                    said_goodbye = True
-                elif first is None:
-                    if part.seq != received or part.source != source:
-                        context.abort(
-                            grpc.StatusCode.DATA_LOSS,
-                            f"expected message {received} from rank {source}, "
-                            f"got message {part.seq} from rank {part.source}",
-                        )
-                    received += 1
-                    if part.parts > 1:
-                        first, assembly = part, _Assembly(part)
-                    else:
-                        self._deliver(part, part.data)
-                else:
-                    assert assembly is not None
-                    if not assembly.add(part.data):
-                        context.abort(
-                            grpc.StatusCode.DATA_LOSS,
-                            f"message {received - 1}: more data than its tensor holds",
-                        )
-                    if assembly.parts == first.parts:
-                        if not assembly.complete:
-                            context.abort(
-                                grpc.StatusCode.DATA_LOSS,
-                                f"message {received - 1}: less data than its tensor holds",
-                            )
-                        self._deliver(first, assembly.buffer)
-                        first = assembly = None
+                incoming.feed(raw)
+        except StreamError as error:
+            broken = str(error)
         except grpc.RpcError:
             pass  # the call was cancelled: the peer died, or this server is stopping
         finally:
             # Clean only after a goodbye: when the peer's process dies, gRPC may end the stream as if the
             # peer had closed it before it reports the cancellation.
-            links.incoming_ended(source, clean=said_goodbye and first is None)
-        return comm_pb2.CommStreamSummary(messages=received)
-
-    def _deliver(self, first: Part, data: memoryview | np.ndarray | None) -> None:
-        payload = Payload(data, first.shape, first.dtype) if first.has_tensor and data is not None else None
-        key = (first.channel, first.source, first.tag)
-        self.links.mailbox.put(key, Arrival(first.source, first.collective, payload))
+            links.incoming_ended(source, clean=incoming.clean and not broken, why=broken)
+        if broken:
+            context.abort(grpc.StatusCode.DATA_LOSS, broken)
+        return comm_pb2.CommStreamSummary(messages=incoming.received)

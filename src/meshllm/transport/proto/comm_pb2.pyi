@@ -23,12 +23,14 @@ class CommHelloRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class CommHelloReply(_message.Message):
-    __slots__ = ("rank", "world_size")
+    __slots__ = ("rank", "world_size", "link_port")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    link_port: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., link_port: _Optional[int] = ...) -> None: ...
 
 class CommMessage(_message.Message):
     __slots__ = ("source", "channel", "tag", "seq", "collective", "tensor", "parts", "data", "goodbye")

@@ -57,7 +57,8 @@ class CommServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request_iterator, context):
-        """The one stream from a rank to this server, open for the communicator's whole life.
+        """The one stream from a rank to this server, open for the communicator's whole life, where the two
+        ranks have no framed link between them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
