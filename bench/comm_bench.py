@@ -1,11 +1,14 @@
 """The communicator's round-trip latency and all_reduce bandwidth, next to torch.distributed (gloo).
 
     .venv/bin/python bench/comm_bench.py --world-size 4 [--json] [--sizes 1KiB,1MiB] [--no-gloo]
+        [--transport link|grpc|both]
 
 The driver picks free ports on 127.0.0.1, starts one process per rank (this script again, with `--rank`)
 and reads rank 0's figures, which it writes as JSON to a file. In each rank: round trips between ranks 0
 and 1 (p50, p99), then all_reduce (sum, float32) at every size, first over meshllm, then over gloo in the
-same processes. torch is imported only for the gloo part.
+same processes. torch is imported only for the gloo part. meshllm's messages travel over its framed
+links ("meshllm"), or over gRPC streams ("meshllm-grpc", `MESHLLM_LINKS=0`); `--transport both` starts
+the ranks once for each, links first (gloo runs in the first).
 
 Bandwidth is reported twice, as nccl-tests does: algbw = bytes / time, and busbw = algbw * 2 (N - 1) / N,
 the rate at which each rank's link moves data in a ring all-reduce (comparable across world sizes).
@@ -28,8 +31,10 @@ from typing import Any
 import numpy as np
 
 from meshllm.errors import ConfigError, MeshError
+from meshllm.transport.frames import LINKS_ENV
 
 KIB, MIB = 1 << 10, 1 << 20
+TRANSPORTS = {"link": "meshllm", "grpc": "meshllm-grpc"}  # --transport -> the figures' name for it
 DEFAULT_SIZES = [KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB]
 LATENCY_SIZES = [64, 4 * KIB]
 
@@ -42,6 +47,7 @@ class BenchConfig:
     gloo: bool = True
     timeout: float = 60.0
     threads: int = 1  # torch / OpenMP threads per rank process
+    transports: list[str] = field(default_factory=lambda: ["link"])  # keys of TRANSPORTS, run in order
 
 
 def iterations(size: int) -> int:
@@ -58,12 +64,25 @@ def size_label(size: int) -> str:
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the ranks once per transport; rank 0's figures, meshllm's under each transport's name."""
+    figures: dict[str, Any] = {}
+    for index, transport in enumerate(config.transports):
+        run = _run_ranks(config, transport, gloo=config.gloo and index == 0)
+        figures["world_size"] = run["world_size"]
+        figures[TRANSPORTS[transport]] = run["meshllm"]
+        if "gloo" in run:
+            figures["gloo"] = run["gloo"]
+    return figures
+
+
+def _run_ranks(config: BenchConfig, transport: str, gloo: bool) -> dict[str, Any]:
     """Start the rank processes, wait for them, and return rank 0's figures."""
     from meshllm.runtime.local_workers import free_ports
 
     ports = free_ports(config.world_size + 1, host="127.0.0.1")
     addresses = ",".join(f"127.0.0.1:{port}" for port in ports[:-1])
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
+    env[LINKS_ENV] = "1" if transport == "link" else "0"
     with tempfile.TemporaryDirectory(prefix="meshllm-comm-bench-") as folder:
         out = Path(folder) / "figures.json"
         processes = []
@@ -74,7 +93,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "--sizes", ",".join(map(str, config.sizes)), "--round-trips", str(config.round_trips),
                 "--timeout", str(config.timeout), "--threads", str(config.threads),
                 *(["--out", str(out)] if rank == 0 else []),
-                *([] if config.gloo else ["--no-gloo"]),
+                *([] if gloo else ["--no-gloo"]),
             ]  # fmt: skip
             log_file = open(Path(folder) / f"rank{rank}.log", "wb")  # noqa: SIM115 (closed below)
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -268,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-gloo", action="store_true", help="skip torch.distributed (gloo)")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per rank (default: 1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="the communicator's timeout, in seconds")
+    parser.add_argument(
+        "--transport",
+        choices=["link", "grpc", "both"],
+        default="link",
+        help="meshllm's messages over its framed links (default), over gRPC streams, or both side by side",
+    )
     return parser
 
 
@@ -281,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
         gloo=not args.no_gloo,
         timeout=args.timeout,
         threads=args.threads,
+        transports=["link", "grpc"] if args.transport == "both" else [args.transport],
     )
     figures = run_bench(config)
     print(format_figures(figures, config))
@@ -291,10 +317,11 @@ def run(args: argparse.Namespace) -> int:
 
 def format_figures(figures: dict[str, Any], config: BenchConfig) -> str:
     """The figures as two small tables: round trips, then all_reduce by size (one column group each)."""
-    backends = [name for name in ("meshllm", "gloo") if name in figures]
+    backends = [name for name in (*TRANSPORTS.values(), "gloo") if name in figures]
     lines = [
         f"comm bench: {figures['world_size']} ranks as local processes on 127.0.0.1, "
-        f"{config.threads} thread(s) each; gloo is torch.distributed's gloo backend",
+        f"{config.threads} thread(s) each; meshllm over its framed links, meshllm-grpc over gRPC streams; "
+        "gloo is torch.distributed's gloo backend",
         "",
         f"{'round trip, rank 0 <-> 1':<28}{'p50':>10}{'p99':>10}",
     ]

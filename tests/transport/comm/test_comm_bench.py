@@ -40,7 +40,8 @@ def test_sizes_take_binary_units() -> None:
 def test_bench_arguments() -> None:
     args = comm_bench.build_parser().parse_args(["--world-size", "4", "--json", "--sizes", "1KiB,2MiB"])
     assert (args.world_size, args.json, args.sizes) == (4, True, [1024, 2 << 20])
-    assert not args.no_gloo and args.round_trips == 1000
+    assert not args.no_gloo and args.round_trips == 1000 and args.transport == "link"
+    assert comm_bench.build_parser().parse_args(["--transport", "both"]).transport == "both"
 
 
 def test_a_world_of_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,13 +50,25 @@ def test_a_world_of_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_a_short_bench_prints_a_table_and_json_last(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--world-size", "2", "--json", "--sizes", "1KiB,256KiB", "--round-trips", "30"]
+def test_a_short_bench_of_both_transports_prints_a_table_and_json_last(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [
+        "--world-size",
+        "2",
+        "--json",
+        "--sizes",
+        "1KiB,256KiB",
+        "--round-trips",
+        "30",
+        "--transport",
+        "both",
+    ]
     assert comm_bench.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
     assert figures["world_size"] == 2
-    for backend in ["meshllm", "gloo"]:
+    for backend in ["meshllm", "meshllm-grpc", "gloo"]:
         assert set(figures[backend]["all_reduce"]) == {"1024", "262144"}
         assert figures[backend]["all_reduce"]["262144"]["busbw_gbps"] > 0
         assert figures[backend]["latency"]["4096"]["p50_ms"] > 0
