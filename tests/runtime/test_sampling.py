@@ -129,3 +129,39 @@ def test_logprob_is_the_log_softmax_of_the_unmodified_logits(params: SamplingPar
     token = Sampler().sample([Segment(0, 0, 1, sample=True, sampling=params)], logits)[0]
 
     assert token.logprob == pytest.approx(exact_log_softmax(logits[0])[token.token_id], abs=1e-6)
+
+
+def exact_nucleus(logits: np.ndarray, top_p: float) -> set[int]:
+    """The smallest set of likeliest tokens (ties by id) holding `top_p` of the mass, by a full sort."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits[order].astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+    return set(order[:keep].tolist())
+
+
+def test_top_p_draws_only_from_the_smallest_set_holding_that_mass_over_a_large_vocabulary() -> None:
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal(20_000) * 2.0).astype(np.float32)
+    logits[:300] += rng.uniform(3.0, 9.0, 300).astype(np.float32)  # a head of likely tokens
+    nucleus = exact_nucleus(logits, 0.8)
+    segments = [
+        Segment(i, 0, 1, sample=True, sampling=SamplingParams(temperature=1.0, top_p=0.8, seed=i))
+        for i in range(400)
+    ]
+
+    drawn = {token.token_id for token in Sampler().sample(segments, np.tile(logits, (400, 1)))}
+
+    assert drawn <= nucleus and len(drawn) > 20, (len(drawn), len(nucleus))
+
+
+def test_top_p_over_tied_logits_keeps_the_lowest_ids() -> None:
+    logits = np.zeros((200, VOCAB), dtype=np.float32)  # every token equally likely
+    segments = [
+        Segment(i, 0, 1, sample=True, sampling=SamplingParams(temperature=1.0, top_p=0.5, seed=i))
+        for i in range(200)
+    ]
+
+    drawn = {token.token_id for token in Sampler().sample(segments, logits)}
+
+    assert drawn <= set(range(VOCAB // 2)) and len(drawn) > VOCAB // 4
