@@ -14,6 +14,7 @@ The modules, from the API down (docs/communicator.md has the whole story):
 - mailbox.py: where arrived messages wait for their receive; which peers are lost or closed
 - links.py: this rank's gRPC server (the rendezvous), and its link or stream to every peer
 - framed.py: the framed TCP/TLS links (transport/frames.py) that carry messages between ranks
+- streams.py: a peer's messages over a gRPC `Exchange` stream, where the two ranks have no link
 - outbox.py: the queue of messages for one peer, which its link or stream takes part by part
 - server.py: the `Comm` service: the token check, `Hello`, and the reading of incoming gRPC streams
 - incoming.py: one peer's incoming parts, from a link or a stream, joined into messages in the mailbox

@@ -8,11 +8,10 @@ message on that link. Where no link can be had (`MESHLLM_LINKS=0` on either side
 opened) that peer's messages go over one long-lived gRPC `Exchange` stream instead, with a warning
 saying why; both paths carry the same `CommMessage` parts and are read by the same `IncomingStream`.
 
-On the gRPC path, messages for a peer go into its `Outbox` (outbox.py), the stream's request iterator,
-from which gRPC's sending thread takes them one part at a time, in order; the server (server.py) reads
-the streams peers keep open to this rank. The blocking (thread-based) gRPC API is used on purpose: a bare
-round trip costs ~0.4 ms through gRPC's threads against ~0.75 ms with grpc.aio on an event loop in a
-background thread.
+On the gRPC path (streams.py) gRPC's sending thread takes the peer's `Outbox` (outbox.py) part by part;
+the server (server.py) reads the streams peers keep open to this rank. The blocking (thread-based) gRPC
+API is used on purpose: a bare round trip costs ~0.4 ms through gRPC's threads against ~0.75 ms with
+grpc.aio on an event loop in a background thread.
 
 A peer is known to be gone when its stream or link to this rank ends without a goodbye, or when this
 rank's stream or link to it breaks. A peer that closes its communicator sends a goodbye as the last part
@@ -30,12 +29,13 @@ from collections.abc import Callable
 
 import grpc
 
-from meshllm.transport.comm.errors import CommAuthError, CommError, CommTimeoutError, PeerLostError
+from meshllm.transport.comm.errors import CommAuthError, CommError, CommTimeoutError
 from meshllm.transport.comm.framed import LinkListener, LinkSender, dial_link, link_hello
 from meshllm.transport.comm.mailbox import Mailbox
-from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
+from meshllm.transport.comm.outbox import OutgoingMessage
 from meshllm.transport.comm.server import CommServicer
-from meshllm.transport.comm.wire import RANK_KEY, SERVICE, Payload
+from meshllm.transport.comm.streams import StreamSender, describe_rpc_error
+from meshllm.transport.comm.wire import Payload
 from meshllm.transport.frames import (
     LINKS_ENV,
     OPEN_TIMEOUT,
@@ -72,85 +72,6 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
-
-
-def describe_rpc_error(error: BaseException) -> str:
-    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return f"{error.code().name}: {error.details()}"
-    return f"{type(error).__name__}: {error}"
-
-
-class StreamSender:
-    """This rank's messages to one peer over a gRPC `Exchange` stream: gRPC's sending thread takes them
-    from the peer's outbox part by part."""
-
-    def __init__(self, links: Links, peer: int, channel: grpc.Channel) -> None:
-        self.links = links
-        self.peer = peer
-        self.outbox = Outbox(links.rank)
-        metadata = (*links.metadata, (RANK_KEY, str(links.rank)))
-        # Parts are bytes already (wire.py), so no serializer: gRPC sends them as they are.
-        exchange = channel.stream_unary(
-            f"/{SERVICE}/Exchange",
-            request_serializer=None,
-            response_deserializer=comm_pb2.CommStreamSummary.FromString,
-        )
-        self.stream = exchange.future(self.outbox, metadata=metadata)
-        self.stream.add_done_callback(self._ended)
-
-    def submit(self, message: OutgoingMessage, timeout: float) -> bool:
-        return self.outbox.put(message, timeout)
-
-    def end(self) -> None:
-        """End the stream after what is queued, with a goodbye."""
-        self.outbox.end()
-
-    def finish(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the stream to end; else cancel it. True when it ended in time."""
-        try:
-            self.stream.result(timeout)
-        except grpc.FutureTimeoutError:
-            self.stream.cancel()
-            return False
-        except Exception as error:
-            log.debug(
-                "rank %d: the stream to rank %d ended: %s",
-                self.links.rank,
-                self.peer,
-                describe_rpc_error(error),
-            )
-        return True
-
-    def close(self) -> None:
-        pass  # the channel is closed with the others
-
-    def _ended(self, call: grpc.Future) -> None:
-        """gRPC's callback when this rank's stream to the peer ended: cleanly after `close`, or broken."""
-        links, peer, outbox = self.links, self.peer, self.outbox
-        error = call.exception() if not call.cancelled() else None
-        if error is None and not call.cancelled():
-            summary = call.result()
-            if summary.messages != outbox.messages:
-                log.warning(
-                    "rank %d: rank %d took %d of %d messages",
-                    links.rank,
-                    peer,
-                    summary.messages,
-                    outbox.messages,
-                )
-            outbox.fail(lambda: CommError(f"rank {links.rank}: the stream to rank {peer} is closed"))
-            return
-        detail = describe_rpc_error(error) if error else "cancelled"
-        reason = f"the stream to it broke ({detail}): the process died, or the network failed"
-        if not links.closing and links.mailbox.mark_lost(peer, reason):
-            log.warning("rank %d: %s is gone: %s", links.rank, links.describe_peer(peer), reason)
-
-        def failure() -> BaseException:
-            return links.mailbox.peer_error(peer, "send") or PeerLostError(
-                f"rank {links.rank}: send: {links.describe_peer(peer)}: {reason}", peer
-            )
-
-        outbox.fail(failure)
 
 
 class Links:
