@@ -3,17 +3,21 @@ no links, noticing a peer that is gone, and closing while a peer does not answer
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 import signal
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from comm_helpers import Cluster
 
 from meshllm.runtime.local_workers import free_ports
 from meshllm.transport.comm import CommError, CommTimeoutError, Communicator
+from tests.capture_proxy import CaptureProxy
 
 
 @pytest.mark.timeout(30)
@@ -102,3 +106,32 @@ def test_close_returns_while_a_peer_is_stopped(tmp_path: Path) -> None:
         cluster.kill(1)
         cluster.close()
     assert reply["ok"] and reply["result"] < 5.0, reply
+
+
+@pytest.mark.timeout(30)
+def test_a_link_that_cannot_be_opened_leaves_that_peer_on_grpc_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    grpc_port, joining_port = free_ports(2)
+    # Rank 1 reaches rank 0's gRPC port through a proxy on 127.0.0.2, where nothing takes rank 0's links.
+    proxy = CaptureProxy(f"127.0.0.1:{grpc_port}", listen=("127.0.0.2", grpc_port))
+    addresses = [f"127.0.0.1:{grpc_port}", f"127.0.0.1:{joining_port}"]
+    views = [addresses, [proxy.address, addresses[1]]]
+    array = np.arange(50_000, dtype=np.float32)
+    with caplog.at_level(logging.WARNING), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(Communicator, rank, 2, views[rank], timeout=10.0) for rank in range(2)]
+        comms = [future.result() for future in futures]
+    try:
+        comms[1].send(array, 0, tag=1)
+        comms[0].send(array * 2, 1, tag=1)
+        np.testing.assert_array_equal(comms[0].recv(1, tag=1), array)
+        np.testing.assert_array_equal(comms[1].recv(0, tag=1), array * 2)
+    finally:
+        for comm in comms:
+            comm.close()
+        proxy.close()
+    warnings = [record.getMessage() for record in caplog.records if "gRPC stream" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"rank 1: messages to rank 0 ({proxy.address}) go over its gRPC stream")
+    assert f"no link to 127.0.0.2:{comms[0].link_port}: cannot connect" in warnings[0]
+    assert len(proxy.captured) > array.nbytes  # rank 1's message went over gRPC, through the proxy
