@@ -15,12 +15,12 @@ from meshllm.cli import event_loop
 from meshllm.cluster import certs
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
-from meshllm.step import LayerRange, SamplingParams, Segment, StageLost, StepInput
+from meshllm.step import LayerRange, PipelineError, SamplingParams, Segment, StageLost, StepInput
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient, prepare_step
 from meshllm.transport.stage_service import serve_stage
-from meshllm.transport.step_link import ABORT, RESULT, STEP, StepChain, StepLinkError, dial
+from meshllm.transport.step_link import ABORT, RESULT, RESULTS, STEP, StepChain, StepLinkError, dial
 from meshllm.transport.tls import TlsFiles
 from tests.transport.test_stage_service import answering
 
@@ -189,3 +189,52 @@ def test_a_tls_link_refuses_plaintext_and_a_certificate_of_another_ca(tiny_check
     plaintext, stranger = asyncio.run(run())
     assert plaintext.startswith("127.0.0.1:") and "closed the link before it was ready" in plaintext
     assert "the TLS handshake failed" in stranger and "CERTIFICATE_VERIFY_FAILED" in stranger, stranger
+
+
+def test_the_last_stage_answers_the_coordinator_on_a_link_of_its_own_and_failures_still_come_up(
+    tiny_checkpoint,
+) -> None:
+    """Results of a chain of two workers skip the relay through the first; a step the first refuses
+    still comes back up its link, named."""
+
+    async def run():
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            chain = StepChain(clients, step_timeout=30)
+            results = [await chain.submit(step(i, 10 + i, [4, 5, 6 + i])) for i in range(3)]
+            direct, relayed = chain._results.delivered, chain._link.delivered
+            bad = pb.StepRequest(step_id=9)  # token ids the first stage needs, missing
+            bad.segments.add(seq_id=1, start_pos=0, n_tokens=2, sample=True)
+            with pytest.raises(PipelineError) as refused:
+                await chain.submit(bad)
+            after = await chain.submit(step(10, 20, [4, 5, 6]))
+            counts = (direct, relayed, chain._results.delivered, chain._link.delivered)
+            await chain.reset()
+            return results, counts, str(refused.value), after
+
+    results, counts, refusal, after = asyncio.run(run())
+    assert all([timing.stage for timing in r.timings] == ["s0", "s1"] for r in results)
+    assert counts == (3, 0, 4, 1)  # three results straight from s1, the refusal up through s0, one more
+    assert refusal.startswith("worker s0: "), refusal
+    assert len(after.tokens) == 1
+
+
+def test_a_results_link_is_refused_by_a_stage_that_is_not_last_and_without_the_token(
+    tiny_checkpoint,
+) -> None:
+    async def run() -> list[str]:
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            ports = [(await client.info()).step_port for client in clients]
+            refusals = []
+            for port, token in ((ports[0], TOKEN), (ports[1], "wrong"), (ports[1], TOKEN)):
+                try:
+                    link = await asyncio.to_thread(dial, f"127.0.0.1:{port}", token, None, 10.0, "", RESULTS)
+                    link.close()
+                    refusals.append("")
+                except StepLinkError as error:
+                    refusals.append(str(error))
+            return refusals
+
+    not_last, wrong_token, no_chain = asyncio.run(run())
+    assert "worker s0: not the last stage (it sends on to 127.0.0.1:" in not_last, not_last
+    assert "worker s1: the step link carried a wrong cluster token" in wrong_token, wrong_token
+    assert "worker s1: a results link names no chain" in no_chain, no_chain

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -53,17 +54,28 @@ log = logging.getLogger(__name__)
 
 STEP, RESULT, ABORT = 3, 4, 5  # after HELLO and READY (frames.py)
 PROTOCOL = "steps"  # what a step link's hello says it speaks
+RESULTS = "results"  # a link from the coordinator to the last stage, for that stage's results
 
 
 class StepLinkError(LinkError):
     """A step link could not be opened (the chain then runs on gRPC)."""
 
 
-def dial(address: str, token: str | None, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT) -> Link:
+def dial(
+    address: str,
+    token: str | None,
+    tls: TlsFiles | None = None,
+    timeout: float = OPEN_TIMEOUT,
+    chain: str = "",
+    protocol: str = PROTOCOL,
+) -> Link:
     """Open a step link to the stage listening at `address` ("host:port"), over mutual TLS with `tls`;
-    it answers READY once its own link onwards is open. StepLinkError says why it could not be opened."""
+    it answers READY once its own link onwards is open. `chain` names the chain the link is part of (the
+    coordinator's id for it); with `protocol` RESULTS the link is the one the last stage of that chain
+    answers the coordinator on. StepLinkError says why it could not be opened."""
+    hello = {"token": token or "", "protocol": protocol, "chain": chain}
     try:
-        link, _ = frames.dial(address, {"token": token or "", "protocol": PROTOCOL}, tls, timeout)
+        link, _ = frames.dial(address, hello, tls, timeout)
     except LinkError as error:
         raise StepLinkError(str(error)) from None
     return link
@@ -81,7 +93,13 @@ class StepLinkServer:
         self._listener: socket.socket | None = None
         self._links: set[Link] = set()
         self._hops: set[_Hop] = set()
+        self._results: dict[str, Link] = {}  # chain id -> the link its results go to (on the last stage)
         self._closed = False
+
+    def results_link(self, chain: str) -> Link | None:
+        """Where this (last) stage sends the results of steps of `chain`: the coordinator's own link for
+        them, or None (back up the chain)."""
+        return self._results.get(chain) if chain else None
 
     def start(self, host: str, port: int) -> int:
         """Listen on (host, port) (0: any free port); the port bound. OSError when it cannot be bound."""
@@ -118,11 +136,16 @@ class StepLinkServer:
         try:
             upstream = frames.accept(sock, tls)  # a caller without a cluster certificate ends here
             self._links.add(upstream)
-            downstream = self._open(upstream)
+            hello = frames.read_hello(upstream)
+            chain = str(hello.get("chain") or "")
+            if hello.get("protocol") == RESULTS:
+                self._answer_results(upstream, hello, chain)
+                return
+            downstream = self._open(upstream, hello, chain)
             if downstream is not None:
                 self._links.add(downstream)
             sock.settimeout(None)
-            hop = _Hop(self.service, upstream, downstream)
+            hop = _Hop(self.service, upstream, downstream, chain, self)
             self._hops.add(hop)
             try:
                 hop.run()
@@ -138,33 +161,59 @@ class StepLinkServer:
                     self._links.discard(link)
                     link.close()
 
-    def _open(self, upstream: Link) -> Link | None:
+    def _refusal(self, hello: dict[str, object]) -> str:
+        """Why a link with this hello is refused ("" when it is not)."""
+        service = self.service
+        presented = str(hello.get("token") or "") or None
+        problem = token_problem(service.token, {TOKEN_METADATA_KEY: presented} if presented else {})
+        if problem:
+            return f"worker {service.name}: the step link carried {problem}"
+        protocol = hello.get("protocol", PROTOCOL)
+        if protocol not in (PROTOCOL, RESULTS):
+            return f"worker {service.name}: this port takes step links, not {protocol!r} links"
+        if not service.host.loaded:
+            return f"worker {service.name}: no layers loaded yet"
+        return ""
+
+    def _open(self, upstream: Link, hello: dict[str, object], chain: str) -> Link | None:
         """Check the caller's hello and open the link onwards; answer READY. The link to the next stage
         (None when this stage is last); StepLinkError when the link was refused."""
         service = self.service
-        hello = frames.read_hello(upstream)
-        presented = hello.get("token") or None
-        problem = token_problem(service.token, {TOKEN_METADATA_KEY: presented} if presented else {})
-        refusal = ""
-        if problem:
-            refusal = f"worker {service.name}: the step link carried {problem}"
-        elif hello.get("protocol", PROTOCOL) != PROTOCOL:
-            refusal = f"worker {service.name}: this port takes step links, not {hello['protocol']!r} links"
-        elif not service.host.loaded:
-            refusal = f"worker {service.name}: no layers loaded yet"
+        refusal = self._refusal(hello)
         downstream = None
         if not refusal and service.next_stage:
             try:
                 address = self.next_address()
                 if not address:
                     raise StepLinkError(f"the next stage {service.next_stage} takes no step links")
-                downstream = dial(address, service.token, service.tls)
+                downstream = dial(address, service.token, service.tls, chain=chain)
             except (StepLinkError, OSError, TimeoutError) as error:
                 refusal = f"worker {service.name}: no step link to the next stage: {error}"
         upstream.send_json(READY, {"error": refusal})
         if refusal:
             raise StepLinkError(refusal)
         return downstream
+
+    def _answer_results(self, link: Link, hello: dict[str, object], chain: str) -> None:
+        """A coordinator's link for the results of `chain`, which this stage ends: registered until the
+        coordinator closes it (nothing comes the other way)."""
+        service = self.service
+        refusal = self._refusal(hello)
+        if not refusal and service.next_stage:
+            refusal = f"worker {service.name}: not the last stage (it sends on to {service.next_stage})"
+        elif not refusal and not chain:
+            refusal = f"worker {service.name}: a results link names no chain"
+        link.send_json(READY, {"error": refusal})
+        if refusal:
+            raise StepLinkError(refusal)
+        link.sock.settimeout(None)
+        self._results[chain] = link
+        try:
+            while link.read() is not None:  # the coordinator sends nothing on it: this waits for its end
+                pass
+        finally:
+            if self._results.get(chain) is link:
+                del self._results[chain]
 
 
 class _Hop:
@@ -175,11 +224,19 @@ class _Hop:
     machine a sleeping thread took 0.1–0.2 ms to wake for each hand-off). The thread that accepted the
     link waits for its end; a second one relays the results coming back from the next stage."""
 
-    def __init__(self, service: StageService, upstream: Link, downstream: Link | None):
+    def __init__(
+        self,
+        service: StageService,
+        upstream: Link,
+        downstream: Link | None,
+        chain: str = "",
+        server: StepLinkServer | None = None,
+    ):
         self.service = service
         self.upstream = upstream
         self.downstream = downstream
-        self.timings: dict[int, pb.StageTiming] = {}  # steps sent on -> this stage's compute time
+        self.chain = chain
+        self.server = server
         self.ended = threading.Event()
 
     def run(self) -> None:
@@ -220,31 +277,45 @@ class _Hop:
         self.ended.set()
 
     def _compute(self, request: pb.StepRequest) -> None:
-        """One step, its output sent on or its answer sent back up. OSError: the link up broke."""
+        """One step, its output sent on or its answer sent back. OSError: the link up broke."""
         service = self.service
         try:
             output, seconds = service.timed_step(request)
         except Exception as error:
             self.upstream.send(RESULT, service.step_failure(request, error).SerializeToString())
             return
-        timing = pb.StageTiming(stage=service.name, seconds=seconds)
+        # Every stage's timing travels down with the step, upstream stages first.
+        timings = [*request.timings, pb.StageTiming(stage=service.name, seconds=seconds)]
         if isinstance(output, pb.StepResult):
-            output.timings.insert(0, timing)
-            self.upstream.send(RESULT, output.SerializeToString())
+            output.timings.extend(timings)
+            self._answer(output.SerializeToString())
         elif self.downstream is None:
             failure = pb.StepResult(
                 step_id=request.step_id, error=f"worker {service.name}: no next stage to send to"
             )
             self.upstream.send(RESULT, failure.SerializeToString())
         else:
-            self.timings[request.step_id] = timing
+            output.timings.extend(timings)
             try:
                 self.downstream.send(STEP, output.SerializeToString())
             except OSError as error:
                 self._abort(f"the link to the next stage {service.next_stage} broke: {error}")
 
+    def _answer(self, result: bytes) -> None:
+        """A result of the last stage: straight to the coordinator where it opened a link for them (a
+        relay through every upstream worker wakes a thread in each), else back up the chain."""
+        direct = self.server.results_link(self.chain) if self.server is not None else None
+        if direct is not None:
+            try:
+                direct.send(RESULT, result)
+                return
+            except OSError:  # the coordinator closed it: the way up still leads there
+                pass
+        self.upstream.send(RESULT, result)
+
     def _relay(self) -> None:
-        """Results from the next stage, with this stage's timing added, back up."""
+        """What comes back from the next stage (failures, and results where the last stage answers up
+        the chain), passed up as it came."""
         assert self.downstream is not None
         problem = f"the next stage {self.service.next_stage} closed its step link"
         try:
@@ -253,16 +324,11 @@ class _Hop:
                 if frame is None:
                     break
                 kind, body = frame
-                if kind == ABORT:
-                    self.upstream.send(ABORT, body)  # names the stage that failed
+                self.upstream.send(kind, body)
+                if kind == ABORT:  # names the stage that failed
                     self.upstream.shutdown()
                     return
-                result = pb.StepResult.FromString(body)
-                timing = self.timings.pop(result.step_id, None)
-                if timing is not None:
-                    result.timings.insert(0, timing)  # upstream stages first
-                self.upstream.send(RESULT, result.SerializeToString())
-        except (OSError, DecodeError) as error:
+        except OSError as error:
             problem = f"the link to the next stage {self.service.next_stage} failed: {error}"
         self._abort(problem)
 
@@ -288,6 +354,7 @@ class CoordinatorLink:
         self.loop = loop
         self.problem = "ended unexpectedly"
         self.closed = False
+        self.delivered = 0  # results read from it
         self._fd = link.sock.fileno()
         loop.add_reader(self._fd, self._readable)
 
@@ -316,6 +383,7 @@ class CoordinatorLink:
             except DecodeError as error:
                 self._end(f"sent a result that is not a StepResult: {error}")
                 return
+            self.delivered += 1
             self.chain._deliver(result)
 
     def close(self) -> None:
@@ -343,6 +411,7 @@ class StepChain(StepsInFlight):
         super().__init__(stages, step_timeout)
         self._grpc = ForwardChain(stages, step_timeout)
         self._link: CoordinatorLink | None = None
+        self._results: CoordinatorLink | None = None  # the last stage's link for results, when it has one
         self._on_grpc = not links_enabled()
         self._open_lock = asyncio.Lock()
         self._warned = ""
@@ -411,31 +480,50 @@ class StepChain(StepsInFlight):
             return self._link
 
     async def _dial(self) -> CoordinatorLink:
-        """The link to the first stage, READY: the whole chain is linked."""
-        first = self.first
+        """The link to the first stage, READY: the whole chain is linked. Where the chain has more than
+        one stage, a second link to the last one carries its results straight back."""
         limit = min(OPEN_TIMEOUT, self.step_timeout)  # a cut link must not hold a step longer
-        info = await first.info(timeout=limit)
+        chain = uuid.uuid4().hex
+        link = await self._link_to(self.first, limit, chain, PROTOCOL)
+        link.sock.settimeout(self.step_timeout)  # a write waits at most this long for the stage to read
+        loop = asyncio.get_running_loop()
+        if len(self.stages) > 1:
+            try:
+                results = await self._link_to(self.stages[-1], limit, chain, RESULTS)
+                self._results = CoordinatorLink(self, results, loop)
+            except (StepLinkError, StageError) as error:  # they come back up the chain instead
+                log.info("the last stage's results come back through every stage: %s", error)
+        return CoordinatorLink(self, link, loop)
+
+    async def _link_to(self, stage: StageClient, limit: float, chain: str, protocol: str) -> Link:
+        info = await stage.info(timeout=limit)
         if not info.step_port:
             raise StepLinkError(
-                f"{first.describe()} takes no step links (an older meshllm, or --step-port off)"
+                f"{stage.describe()} takes no step links (an older meshllm, or --step-port off)"
             )
-        host, _ = split_address(first.address)
+        host, _ = split_address(stage.address)
         address = frames.join_address(host, info.step_port)
-        link = await asyncio.to_thread(dial, address, first.token, first.tls, limit)
-        link.sock.settimeout(self.step_timeout)  # a write waits at most this long for the stage to read
-        return CoordinatorLink(self, link, asyncio.get_running_loop())
+        return await asyncio.to_thread(dial, address, stage.token, stage.tls, limit, chain, protocol)
 
     def _lost(self, link: CoordinatorLink) -> None:
-        if self._link is not link:
+        lost: CoordinatorLink | None
+        if link is self._results and self._link is not None:
+            stage, lost = self.stages[-1], self._link
+        elif link is self._link:
+            stage, lost = self.first, self._results
+        else:
             return  # a link closed on purpose: its steps were failed then
-        self._link = None
-        self._fail_all(StageLost(f"the step link to {self.first.describe()} {link.problem}"))
+        self._link = self._results = None
+        if lost is not None:
+            lost.close()
+        self._fail_all(StageLost(f"the step link to {stage.describe()} {link.problem}"))
 
     async def reset(self) -> None:
         """Close the link (and the gRPC stream); in-flight steps fail, the next step opens a new one."""
-        link, self._link = self._link, None
-        if link is not None:
-            link.close()
+        links, self._link, self._results = (self._link, self._results), None, None
+        for link in links:
+            if link is not None:
+                link.close()
         self._fail_all(StageLost("the pipeline was reset"))
         await self._grpc.reset()
         self._on_grpc = not links_enabled()
