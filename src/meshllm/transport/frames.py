@@ -139,7 +139,7 @@ class Link:
             if hasattr(socket, option):  # a vanished peer is noticed in seconds (Linux names)
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
-    def send(self, kind: int, body: bytes | memoryview) -> None:
+    def send(self, kind: int, body: bytes | bytearray | memoryview) -> None:
         header = HEADER.pack(len(body), kind)
         with self._write_lock:
             if self.tls is not None:
@@ -153,8 +153,9 @@ class Link:
     def send_json(self, kind: int, value: dict[str, Any]) -> None:
         self.send(kind, json.dumps(value).encode())
 
-    def read(self) -> tuple[int, bytes] | None:
-        """The next frame, or None when the peer closed the connection."""
+    def read(self) -> tuple[int, bytes | bytearray] | None:
+        """The next frame, or None when the peer closed the connection. The body is the buffer it was
+        received into (not copied again): the caller owns it."""
         header = self._exactly(HEADER.size)
         if header is None:
             return None
@@ -164,7 +165,7 @@ class Link:
         body = self._exactly(length) if length else b""
         if body is None:
             return None
-        return kind, bytes(body)
+        return kind, body
 
     def frames_ready(self) -> list[tuple[int, bytes]] | None:
         """The frames made whole by what the socket holds now, read without waiting for more (call it

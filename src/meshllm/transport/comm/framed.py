@@ -275,7 +275,7 @@ class LinkListener:
                 if kind != PART:
                     broken = f"a frame of kind {kind} on a communicator link"
                     break
-                incoming.feed(body)
+                incoming.feed(memoryview(body).toreadonly())  # arrays made from it copy, as from bytes
         except StreamError as error:
             broken = str(error)
         except OSError as error:

@@ -61,7 +61,7 @@ class IncomingStream:
         """Whether the stream may end here as a clean close: after a goodbye, no message cut short."""
         return self.said_goodbye and self._first is None
 
-    def feed(self, raw: bytes) -> None:
+    def feed(self, raw: bytes | memoryview) -> None:
         """One encoded part (wire.py). StreamError when it breaks the stream's rules."""
         try:
             part = parse_part(raw)

@@ -172,7 +172,7 @@ def _fields(buffer: memoryview):  # type: ignore[no-untyped-def]
         raise ValueError("truncated message")
 
 
-def parse_part(raw: bytes) -> Part:
+def parse_part(raw: bytes | memoryview) -> Part:
     """Read one encoded `CommMessage`, as protobuf would (later fields win, field 6 merges)."""
     part = Part()
     shape: list[int] = []
