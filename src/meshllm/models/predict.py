@@ -8,8 +8,10 @@ chunks, the rate of a batch of tokens). A token of one stream passes every stage
 every link in turn; many streams keep one micro-batch per stage in flight, so the slowest stage sets the
 pace once there are enough of them. Prefill is arithmetic: every prompt token through every stage.
 
-The figures leave out what the measurements do not see (attention over long contexts, the sampler, the
-HTTP server); the prediction is a ceiling the measured speed should come within a fair margin of.
+A decode token's attention also reads its sequence's cached keys and values (the prompt and half the new
+tokens, on average), at the read speed. The figures leave out what the measurements do not see
+(attention's arithmetic, the sampler, the HTTP server); the prediction is a ceiling the measured speed
+should come within a fair margin of.
 """
 
 from __future__ import annotations
@@ -34,16 +36,23 @@ class StageCost:
     flop_rate: float  # floating-point operations/s at a batch of tokens
     alone_read_bandwidth: float = 0.0  # bytes/s of a step alone in the pipeline (0: read_bandwidth)
     decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds (0: flop_rate)
+    cache_bytes: int = 0  # bytes of keys and values this stage's layers hold per token of context
 
-    def step_seconds(self, tokens: int, head_tokens: int | None = None, alone: bool = False) -> float:
+    def step_seconds(
+        self, tokens: int, head_tokens: int | None = None, alone: bool = False, context: int = 0
+    ) -> float:
         """One step over `tokens` tokens, `head_tokens` of which need logits (all: a decode step, whose
         arithmetic runs at the decode rate; fewer: prompt chunks); `alone`: the only step in flight,
-        which may take more threads."""
+        which may take more threads. A decode token's attention reads its sequence's cached keys and
+        values, `context` tokens of them."""
         bandwidth = (self.alone_read_bandwidth or self.read_bandwidth) if alone else self.read_bandwidth
         # The read speed was measured with one-token matmuls: a one-token step's arithmetic is in it.
         read = self.read_bytes / bandwidth
         if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
-            return read + 2 * self.weights * (tokens - 1) / (self.decode_flop_rate or self.flop_rate)
+            attention = tokens * context * self.cache_bytes / bandwidth
+            return (
+                read + attention + 2 * self.weights * (tokens - 1) / (self.decode_flop_rate or self.flop_rate)
+            )
         arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
         return read + arithmetic / self.flop_rate
 
@@ -72,9 +81,11 @@ def predict(
     def hops(tokens: int) -> float:
         return sum(link.seconds(tokens * activation_bytes) for link in links)
 
+    context = prompt_tokens + new_tokens // 2  # a decode token's cache, on average
+
     def cycle(batch: int, in_flight: int) -> float:
         """Seconds for every one of the streams to gain a token."""
-        times = [stage.step_seconds(batch, alone=in_flight == 1) for stage in stages]
+        times = [stage.step_seconds(batch, alone=in_flight == 1, context=context) for stage in stages]
         return max(sum(times) + hops(batch), in_flight * max(times))
 
     one = 1.0 / cycle(1, 1)
@@ -110,6 +121,10 @@ class CostModel:
     ) -> StageCost:
         start, end = layers
         last = end == len(self.weights.layers)
+        config = self.checkpoint.config
+        # keys and values of every layer, in the activations' dtype (16-bit unless float32)
+        element = 4 if self.dtype == "float32" else 2
+        cache = 2 * config.num_key_value_heads * config.head_dim * element * (end - start)
         return StageCost(
             device,
             self.held(quantize).read(start, end),
@@ -119,6 +134,7 @@ class CostModel:
             calibration.flop_rate,
             calibration.alone_read_bandwidth,
             calibration.decode_flop_rate,
+            cache,
         )
 
     def stage_costs(
