@@ -346,7 +346,9 @@ class _Hop:
 class CoordinatorLink:
     """The coordinator's end of a step link. Steps are written by the thread that has them (the compute
     thread, straight after the local stages: no hand-back to the event loop before the step leaves);
-    results are read on the event loop as their bytes arrive (`add_reader`), where the steps wait."""
+    results are read on the event loop as their bytes arrive, where the steps wait: by the loop's own
+    transport over a duplicate of the socket (uvloop reads in C), or, over TLS, by `add_reader` and the
+    link's in-memory TLS session."""
 
     def __init__(self, chain: StepChain, link: Link, loop: asyncio.AbstractEventLoop):
         self.chain = chain
@@ -356,7 +358,25 @@ class CoordinatorLink:
         self.closed = False
         self.delivered = 0  # results read from it
         self._fd = link.sock.fileno()
-        loop.add_reader(self._fd, self._readable)
+        self._transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def open(cls, chain: StepChain, link: Link) -> CoordinatorLink:
+        """Start reading `link` on the running loop."""
+        loop = asyncio.get_running_loop()
+        self = cls(chain, link, loop)
+        if link.tls is None:
+            # The transport owns a duplicate: it closes its own descriptor, never the one a write from
+            # another thread may still be using (whose number could otherwise be reused meanwhile).
+            reader = link.sock.dup()
+            try:
+                self._transport, _ = await loop.connect_accepted_socket(lambda: _Results(self), sock=reader)
+            except BaseException:
+                reader.close()
+                raise
+        else:
+            loop.add_reader(self._fd, self._readable)
+        return self
 
     def send(self, body: bytes) -> None:
         """Write one step, from any thread; OSError when the link broke or the stage stopped reading
@@ -371,7 +391,11 @@ class CoordinatorLink:
             return
         if frames is None:
             self._end(self.problem)
-            return
+        else:
+            self._take(frames)
+
+    def _take(self, frames: list[tuple[int, bytes]]) -> None:
+        """On the event loop: frames as they came, each result delivered to its step."""
         for kind, body in frames:
             if kind == ABORT:
                 self._end(f"failed: {body.decode(errors='replace')}")
@@ -391,13 +415,38 @@ class CoordinatorLink:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self._fd)
+        if self._transport is not None:
+            self._transport.abort()
+        else:
+            self.loop.remove_reader(self._fd)
         self.link.close()
 
     def _end(self, problem: str) -> None:
+        if self.closed:
+            return
         self.problem = problem
         self.close()
         self.chain._lost(self)
+
+
+class _Results(asyncio.Protocol):
+    """The loop's reading of a plaintext coordinator link: frames parsed as the bytes come."""
+
+    def __init__(self, link: CoordinatorLink):
+        self.link = link
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            complete = frames.whole_frames(self._buffer)
+        except OSError as error:
+            self.link._end(f"sent {error}")
+            return
+        self.link._take(complete)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.link._end(f"failed: {error}" if error is not None else self.link.problem)
 
 
 class StepChain(StepsInFlight):
@@ -486,14 +535,13 @@ class StepChain(StepsInFlight):
         chain = uuid.uuid4().hex
         link = await self._link_to(self.first, limit, chain, PROTOCOL)
         link.sock.settimeout(self.step_timeout)  # a write waits at most this long for the stage to read
-        loop = asyncio.get_running_loop()
         if len(self.stages) > 1:
             try:
                 results = await self._link_to(self.stages[-1], limit, chain, RESULTS)
-                self._results = CoordinatorLink(self, results, loop)
+                self._results = await CoordinatorLink.open(self, results)
             except (StepLinkError, StageError) as error:  # they come back up the chain instead
                 log.info("the last stage's results come back through every stage: %s", error)
-        return CoordinatorLink(self, link, loop)
+        return await CoordinatorLink.open(self, link)
 
     async def _link_to(self, stage: StageClient, limit: float, chain: str, protocol: str) -> Link:
         info = await stage.info(timeout=limit)
