@@ -225,6 +225,15 @@ class Link:
         self.sock.close()
 
 
+def close_listener(listener: socket.socket) -> None:
+    """Stop listening; a thread blocked in `accept` on it wakes (with OSError)."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
 def connect(address: str, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT) -> Link:
     """A link to `address` ("host:port"), over mutual TLS with `tls`, before any hello; the socket keeps
     `timeout` for its reads and writes until the caller clears it. LinkError says why it failed."""

@@ -110,11 +110,7 @@ class StepLinkServer:
     def close(self) -> None:
         self._closed = True
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-            except OSError:
-                pass
-            self._listener.close()
+            frames.close_listener(self._listener)  # wakes the accepting thread
         for hop in list(self._hops):
             hop.stop()  # the compute thread reading it sees its end, and the hop closes its links
         for link in list(self._links):

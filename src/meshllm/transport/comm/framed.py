@@ -103,6 +103,20 @@ def _tls_failure(text: str) -> bool:
     return "tls handshake" in lowered or "alert" in lowered or "certificate" in lowered
 
 
+def lose_peer(owner: LinkOwner, peer: int, reason: str, outbox: Outbox) -> None:
+    """This rank's way to `peer` broke for `reason`: mark it lost (unless this rank is closing) and fail
+    every message still queued for it, and every later one, saying so."""
+    if not owner.closing and owner.mailbox.mark_lost(peer, reason):
+        log.warning("rank %d: %s is gone: %s", owner.rank, owner.describe_peer(peer), reason)
+
+    def failure() -> BaseException:
+        return owner.mailbox.peer_error(peer, "send") or PeerLostError(
+            f"rank {owner.rank}: send: {owner.describe_peer(peer)}: {reason}", peer
+        )
+
+    outbox.fail(failure)
+
+
 class LinkSender:
     """This rank's messages to one peer over its link: each message whole and in order, the caller's own
     small ones written by the caller's thread when nothing is queued, the rest by the sending thread."""
@@ -146,15 +160,7 @@ class LinkSender:
             reason = f"it took nothing sent to it for {self.timeout:g} s (it does not read, or the network is stuck)"
         else:
             reason = f"the link to it broke ({error}): the process died, or the network failed"
-        if not owner.closing and owner.mailbox.mark_lost(peer, reason):
-            log.warning("rank %d: %s is gone: %s", owner.rank, owner.describe_peer(peer), reason)
-
-        def failure() -> BaseException:
-            return owner.mailbox.peer_error(peer, "send") or PeerLostError(
-                f"rank {owner.rank}: send: {owner.describe_peer(peer)}: {reason}", peer
-            )
-
-        self.outbox.fail(failure)
+        lose_peer(owner, peer, reason, self.outbox)
         self.link.shutdown()
 
     def end(self) -> None:
@@ -289,11 +295,7 @@ class LinkListener:
             self._closed = True
             sockets = list(self._sockets)
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-            except OSError:
-                pass
-            self._listener.close()
+            frames.close_listener(self._listener)  # wakes the accepting thread
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes its reading thread

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from meshllm.transport.comm.errors import CommError, PeerLostError
+from meshllm.transport.comm.errors import CommError
+from meshllm.transport.comm.framed import lose_peer
 from meshllm.transport.comm.outbox import Outbox, OutgoingMessage
 from meshllm.transport.comm.wire import RANK_KEY, SERVICE
 from meshllm.transport.proto import comm_pb2
@@ -92,12 +93,4 @@ class StreamSender:
             return
         detail = describe_rpc_error(error) if error else "cancelled"
         reason = f"the stream to it broke ({detail}): the process died, or the network failed"
-        if not links.closing and links.mailbox.mark_lost(peer, reason):
-            log.warning("rank %d: %s is gone: %s", links.rank, links.describe_peer(peer), reason)
-
-        def failure() -> BaseException:
-            return links.mailbox.peer_error(peer, "send") or PeerLostError(
-                f"rank {links.rank}: send: {links.describe_peer(peer)}: {reason}", peer
-            )
-
-        outbox.fail(failure)
+        lose_peer(links, peer, reason, outbox)
