@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshllm.runtime.sampling import Sampler
+from meshllm.runtime.sampling import Sampler, _inverse_cdf
 from meshllm.step import SamplingParams, Segment
 
 VOCAB = 64
@@ -165,3 +165,19 @@ def test_top_p_over_tied_logits_keeps_the_lowest_ids() -> None:
     drawn = {token.token_id for token in Sampler().sample(segments, logits)}
 
     assert drawn <= set(range(VOCAB // 2)) and len(drawn) > VOCAB // 4
+
+
+@pytest.mark.parametrize("size", [1, 700, 1024, 5000, 151_936])
+def test_a_draw_picks_where_the_running_sum_passes_the_uniform_number(size: int) -> None:
+    """The blocked running sum picks the token a whole-row running sum would, zero weights included."""
+    rng = np.random.default_rng(size)
+    weights = rng.exponential(size=size).astype(np.float32)
+    weights[rng.random(size) < 0.3] = 0.0  # tokens that cannot be drawn
+    weights[0] = max(weights[0], 1e-3)
+    running = np.cumsum(weights, dtype=np.float64)
+    uniforms = np.concatenate([rng.random(300), [0.0, 1e-12, 1 - 1e-12]])
+    for uniform in uniforms:
+        expected = min(int(np.searchsorted(running, uniform * running[-1], side="right")), size - 1)
+        got = _inverse_cdf(weights, float(uniform))
+        assert got == expected or abs(running[got] - running[expected]) < 1e-6 * running[-1], (uniform, got)
+        assert weights[got] > 0 or uniform == 0.0

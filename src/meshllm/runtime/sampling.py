@@ -90,9 +90,32 @@ def _draw(scaled: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator
     if top_p < 1.0:
         keep = min(int(np.searchsorted(np.cumsum(probs), top_p) + 1), len(probs))  # the smallest prefix
         candidates, probs = candidates[:keep], probs[:keep]  # type: ignore[index]   # with mass >= top_p
-    cumulative = np.cumsum(probs, dtype=np.float64)
-    index = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(probs) - 1)
+    index = _inverse_cdf(probs, rng.random())
     return index if candidates is None else int(candidates[index])
+
+
+_BLOCK = 1024  # weights summed a block at a time by `_inverse_cdf`
+
+
+def _inverse_cdf(weights: np.ndarray, uniform: float) -> int:
+    """The first index at which the running sum of `weights` (non-negative) passes `uniform` times their
+    total. Summed in float64 a block at a time, then within one block: a float64 running sum over a
+    whole vocabulary took ~1 ms a token, more than all the rest of a draw."""
+    size = weights.shape[0]
+    if size <= _BLOCK:
+        running = np.cumsum(weights, dtype=np.float64)
+        return min(int(np.searchsorted(running, uniform * running[-1], side="right")), size - 1)
+    padded = np.zeros(-(-size // _BLOCK) * _BLOCK, dtype=weights.dtype)
+    padded[:size] = weights
+    blocks = np.cumsum(padded.reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64))
+    target = uniform * blocks[-1]
+    block = min(int(np.searchsorted(blocks, target, side="right")), len(blocks) - 1)
+    start = block * _BLOCK
+    inside = np.cumsum(padded[start : start + _BLOCK], dtype=np.float64) + (
+        blocks[block - 1] if block else 0.0
+    )
+    offset = min(int(np.searchsorted(inside, target, side="right")), _BLOCK - 1)
+    return min(start + offset, size - 1)
 
 
 def _nucleus(scaled: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
