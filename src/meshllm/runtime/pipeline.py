@@ -14,7 +14,7 @@ from meshllm import compute
 from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost
-from meshllm.step import PipelineError, SampledToken, StepInput
+from meshllm.step import PipelineError, SampledToken, StepInput, StepResult
 from meshllm.transport.stage_client import PreparedStep, prepare_step
 from meshllm.transport.step_link import Chain, CoordinatorLink, StepChain
 
@@ -80,32 +80,19 @@ class Pipeline:
         # and the event loop wakes only for the result.
         future = remote.expect(step.step_id)
         sent = _Sent()
-        compute.post(self._run_and_send, step, remote, link, asyncio.get_running_loop(), sent)
-        reply = await remote.result(step.step_id, future)
-        self._notify("remote chain", time.perf_counter() - sent.at)
-        for timing in reply.timings:
-            self._notify(timing.stage, timing.seconds)
-        return reply.tokens
+        compute.post(self._run_and_send, step, remote, link, sent)
+        return self._tokens(await remote.result(step.step_id, future), sent.at)
 
-    def _run_and_send(
-        self,
-        step: StepInput,
-        chain: StepChain,
-        link: CoordinatorLink,
-        loop: asyncio.AbstractEventLoop,
-        sent: _Sent,
-    ) -> None:
+    def _run_and_send(self, step: StepInput, chain: StepChain, link: CoordinatorLink, sent: _Sent) -> None:
         """On the compute thread: the local stages, then the step written to the first remote stage
         (or its failure handed to the step's future)."""
         try:
             result = self._run_local(step)
         except Exception as error:
-            log.exception("local stage failed")
-            failure = PipelineError(f"device '{self.local_name}' (local stage): {error}")
-            chain.fail(loop, step.step_id, failure)
+            chain.fail(link, step.step_id, self._local_failure(error))
             return
         if isinstance(result, list):  # cannot happen with a remote chain behind; said, not hidden
-            chain.fail(loop, step.step_id, PipelineError("a local stage sampled before the remote chain"))
+            chain.fail(link, step.step_id, PipelineError("a local stage sampled before the remote chain"))
             return
         sent.at = time.perf_counter()
         chain.send(link, result)
@@ -114,15 +101,21 @@ class Pipeline:
         try:
             result = await compute.run_async(self._run_local, step)
         except Exception as error:
-            log.exception("local stage failed")
-            raise PipelineError(f"device '{self.local_name}' (local stage): {error}") from error
+            raise self._local_failure(error) from error
         if isinstance(result, list):
             return result
         if self.remote is None:
             raise PipelineError(f"device '{self.local_name}': the last local stage did not sample")
         started = time.perf_counter()
-        reply = await self.remote.submit(result)
-        self._notify("remote chain", time.perf_counter() - started)
+        return self._tokens(await self.remote.submit(result), started)
+
+    def _local_failure(self, error: Exception) -> PipelineError:
+        log.exception("local stage failed", exc_info=error)
+        return PipelineError(f"device '{self.local_name}' (local stage): {error}")
+
+    def _tokens(self, reply: StepResult, sent_at: float) -> list[SampledToken]:
+        """A remote chain's reply to a step sent at `sent_at`: its timings told, its tokens."""
+        self._notify("remote chain", time.perf_counter() - sent_at)
         for timing in reply.timings:
             self._notify(timing.stage, timing.seconds)
         return reply.tokens

@@ -202,7 +202,8 @@ class StepsInFlight:
     def first(self) -> StageClient:
         return self.stages[0]
 
-    def _expect(self, step_id: int) -> asyncio.Future[StepResult]:
+    def expect(self, step_id: int) -> asyncio.Future[StepResult]:
+        """On the event loop, before the step is sent: the future its result will complete."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         self._pending[step_id] = future
         return future
@@ -222,7 +223,8 @@ class StepsInFlight:
             if not future.done():
                 future.set_exception(error)
 
-    async def _result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
+    async def result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
+        """The step's result, within the step timeout."""
         # A timer on the future itself, not `asyncio.wait_for`: that wraps it in a second future, one
         # more turn of the event loop between the result's arrival and the step going on.
         timer = asyncio.get_running_loop().call_later(self.step_timeout, _time_out, future)
@@ -293,7 +295,7 @@ class ForwardChain(StepsInFlight):
 
     async def submit(self, request: PreparedStep) -> StepResult:
         call = await self._ensure_open()
-        future = self._expect(request.step_id)
+        future = self.expect(request.step_id)
         try:
             async with self._write_lock:
                 await call.write(request)
@@ -305,7 +307,7 @@ class ForwardChain(StepsInFlight):
                 await self.reset()  # the next step opens a new stream
             details = self._explain(error) if isinstance(error, grpc.aio.AioRpcError) else str(error)
             raise StageLost(f"the stream to {self.first.describe()} broke: {details}") from None
-        return await self._result(request.step_id, future)
+        return await self.result(request.step_id, future)
 
     async def reset(self) -> None:
         """Close the stream; in-flight steps fail, the next step opens a new one."""

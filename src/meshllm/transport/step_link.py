@@ -449,8 +449,8 @@ class StepChain(StepsInFlight):
     """`ForwardChain`'s interface over a step link to the first remote stage, or over gRPC's Forward
     stream where no link can be made. Results are matched to steps by id.
 
-    Over a link, a step may be written from the compute thread (`open_link`, `expect`, then `send` there
-    and `result` on the loop), so that it leaves the moment the local stages are done."""
+    Over a link, a step may be written from the compute thread (`open_link` and `expect` on the loop,
+    `send` there, then `result` on the loop), so that it leaves the moment the local stages are done."""
 
     def __init__(self, stages: list[StageClient], step_timeout: float):
         super().__init__(stages, step_timeout)
@@ -474,26 +474,19 @@ class StepChain(StepsInFlight):
         compute.post(self.send, link, request)  # a blocking write: never on the event loop
         return await self.result(request.step_id, future)
 
-    def expect(self, step_id: int) -> asyncio.Future[StepResult]:
-        """On the event loop, before the step is sent: the future its result will complete."""
-        return self._expect(step_id)
-
-    async def result(self, step_id: int, future: asyncio.Future[StepResult]) -> StepResult:
-        """The result of a step sent over the link, within the step timeout."""
-        return await self._result(step_id, future)
-
     def send(self, link: CoordinatorLink, request: PreparedStep) -> None:
         """On any thread but the event loop's: write one step. A link that broke fails the step (and the
         link, on the loop) with StageLost."""
         try:
             link.send(request.SerializeToString())
         except OSError as error:
-            problem = f"the step link to {self.first.describe()} broke: {error or 'timed out'}"
-            link.loop.call_soon_threadsafe(self._broken, link, request.step_id, problem)
+            link.loop.call_soon_threadsafe(
+                self._broken, link, request.step_id, f"broke: {error or 'timed out'}"
+            )
 
-    def fail(self, loop: asyncio.AbstractEventLoop, step_id: int, error: Exception) -> None:
-        """From any thread: the step failed before it was sent (a local stage failed)."""
-        loop.call_soon_threadsafe(self._fail_step, step_id, error)
+    def fail(self, link: CoordinatorLink, step_id: int, error: Exception) -> None:
+        """From any thread: the step failed before it was sent on `link` (a local stage failed)."""
+        link.loop.call_soon_threadsafe(self._fail_step, step_id, error)
 
     def _fail_step(self, step_id: int, error: Exception) -> None:
         future = self._pending.pop(step_id, None)
@@ -501,9 +494,9 @@ class StepChain(StepsInFlight):
             future.set_exception(error)
 
     def _broken(self, link: CoordinatorLink, step_id: int, problem: str) -> None:
-        self._fail_step(step_id, StageLost(problem))
+        self._fail_step(step_id, StageLost(f"the step link to {self.first.describe()} {problem}"))
         if self._link is link:
-            link._end(problem.removeprefix(f"the step link to {self.first.describe()} "))
+            link._end(problem)
 
     async def open_link(self) -> CoordinatorLink | None:
         """The link steps go over, opened (and the whole chain behind it linked) if it is not yet; None
