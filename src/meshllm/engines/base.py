@@ -107,11 +107,6 @@ def stage_bounds(
     return StageBounds(checkpoint, checked, checked.is_first, checked.is_last(num_layers))
 
 
-def kv_bytes_per_token(config: ModelConfig, layer_range: LayerRange, itemsize: int) -> int:
-    """Keys and values of one token over the layers `[start, end)`, each element `itemsize` bytes."""
-    return 2 * layer_range.size * config.num_key_value_heads * config.head_dim * itemsize
-
-
 # Calibration (each engine's `calibrate`): the compute rate is measured over a few matrices that stay in a
 # cache; the read speed over as many bytes as the stages of this machine will hold (`volume`), since a
 # model that fits the last-level cache (480 MB on some servers) reads at its speed, one that does not at

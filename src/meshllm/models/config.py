@@ -88,6 +88,10 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(config, source=str(path))
 
+    def kv_bytes_per_token(self, layers: int, itemsize: int) -> int:
+        """Keys and values of one token over `layers` layers, each element `itemsize` bytes."""
+        return 2 * layers * self.num_key_value_heads * self.head_dim * itemsize
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:

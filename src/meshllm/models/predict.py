@@ -121,10 +121,8 @@ class CostModel:
     ) -> StageCost:
         start, end = layers
         last = end == len(self.weights.layers)
-        config = self.checkpoint.config
         # keys and values of every layer, in the activations' dtype (16-bit unless float32)
-        element = 4 if self.dtype == "float32" else 2
-        cache = 2 * config.num_key_value_heads * config.head_dim * element * (end - start)
+        cache = self.checkpoint.config.kv_bytes_per_token(end - start, 4 if self.dtype == "float32" else 2)
         return StageCost(
             device,
             self.held(quantize).read(start, end),

@@ -35,7 +35,6 @@ from meshllm.engines.base import (
     DECODE_BATCH,
     Progress,
     added_rate,
-    kv_bytes_per_token,
     read_matrices,
     stage_bounds,
 )
@@ -172,8 +171,8 @@ class GgmlStage:
         return self.weights.nbytes
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(
-            self.config, self.layer_range, 4 if self.kv_type == self.g.GGML_TYPE_F32 else 2
+        return self.config.kv_bytes_per_token(
+            self.layer_range.size, 4 if self.kv_type == self.g.GGML_TYPE_F32 else 2
         )
 
     def set_kv_memory(self, nbytes: int) -> None:

@@ -28,7 +28,6 @@ from meshllm.engines.base import (
     DECODE_BATCH,
     Progress,
     added_rate,
-    kv_bytes_per_token,
     read_matrices,
     stage_bounds,
 )
@@ -101,7 +100,7 @@ class MlxStage:
         return sum(array.nbytes for _, array in flat_parameters(self.model))
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.size)
+        return self.config.kv_bytes_per_token(self.layer_range.size, self.dtype.size)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:

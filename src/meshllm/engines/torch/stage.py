@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.engines.base import Progress, kv_bytes_per_token, stage_bounds
+from meshllm.engines.base import Progress, stage_bounds
 from meshllm.engines.torch.kv import POOL_POSITIONS, KVPools, SequenceKV, step_kv
 from meshllm.engines.torch.llama import StageModel, rope_inv_freq
 from meshllm.engines.torch.qlinear import QuantizedLinear
@@ -67,7 +67,7 @@ class TorchStage:
         return sum(p.numel() * p.element_size() for p in unique.values()) + packed
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.layer_range, self.dtype.itemsize)
+        return self.config.kv_bytes_per_token(self.layer_range.size, self.dtype.itemsize)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
