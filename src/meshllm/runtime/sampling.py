@@ -105,16 +105,18 @@ def _inverse_cdf(weights: np.ndarray, uniform: float) -> int:
     if size <= _BLOCK:
         running = np.cumsum(weights, dtype=np.float64)
         return min(int(np.searchsorted(running, uniform * running[-1], side="right")), size - 1)
-    padded = np.zeros(-(-size // _BLOCK) * _BLOCK, dtype=weights.dtype)
-    padded[:size] = weights
-    blocks = np.cumsum(padded.reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64))
+    whole = size // _BLOCK * _BLOCK
+    sums = weights[:whole].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+    if whole < size:  # the last, shorter block
+        sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
+    blocks = np.cumsum(sums)
     target = uniform * blocks[-1]
     block = min(int(np.searchsorted(blocks, target, side="right")), len(blocks) - 1)
     start = block * _BLOCK
-    inside = np.cumsum(padded[start : start + _BLOCK], dtype=np.float64) + (
+    inside = np.cumsum(weights[start : start + _BLOCK], dtype=np.float64) + (
         blocks[block - 1] if block else 0.0
     )
-    offset = min(int(np.searchsorted(inside, target, side="right")), _BLOCK - 1)
+    offset = min(int(np.searchsorted(inside, target, side="right")), len(inside) - 1)
     return min(start + offset, size - 1)
 
 
