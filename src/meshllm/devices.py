@@ -88,6 +88,24 @@ class Calibration(NamedTuple):
     # Operations/s that a decode step of many streams adds to reading the weights: DECODE_BATCH tokens
     # over weights streamed from memory, not cached (0: flop_rate). Lower than flop_rate on a CPU.
     decode_flop_rate: float = 0.0
+    # Timed on decoder layers of the model's own shape (0: not timed, the matmul rates stand in): the
+    # seconds each token of a decode step past the first adds to one layer (its arithmetic, its attention
+    # over its sequence's cache, the small operations around them), and one prompt token's seconds in one.
+    layer_token_seconds: float = 0.0
+    layer_prompt_seconds: float = 0.0
+
+
+class LayerShape(NamedTuple):
+    """A model's decoder layer as a calibration builds one to time: its shape, and the tokens of context
+    each sequence has cached when its decode steps are timed."""
+
+    model_type: str  # llama | mistral | qwen2 | qwen3
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    context: int
 
 
 class Link(NamedTuple):
@@ -126,6 +144,8 @@ class StageInfo:
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
     read_bandwidth_alone: float = 0.0  # a step alone in the pipeline's read speed, when measured and other
     decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds, when measured
+    layer_token_seconds: float = 0.0  # a decode token's added seconds in one layer, when timed
+    layer_prompt_seconds: float = 0.0  # a prompt token's seconds in one layer, when timed
 
 
 def system_memory() -> tuple[int, int]:

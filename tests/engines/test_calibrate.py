@@ -1,14 +1,17 @@
 """Calibration over as many bytes as a machine's stages will read: at least the compute pass's eight
-matrices, at most 256, on every engine here."""
+matrices, at most 256, on every engine here; and decoder layers of a model's shape, timed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
-from meshllm.devices import Precision
+from meshllm.devices import LayerShape, Precision
 from meshllm.engines import calibrate
 from meshllm.engines.base import COMPUTE_MATRICES, MAX_READ_MATRICES, read_matrices
+from meshllm.models.checkpoint import Checkpoint
+from meshllm.models.tiny import layer_checkpoint
 
 MATRIX = 2048 * 2048 * 2  # one bfloat16 matrix of the calibration
 
@@ -29,3 +32,36 @@ def test_a_calibration_over_a_larger_volume_measures_its_speeds_with_both_thread
         measured.decode_flop_rate,  # 16-token steps over the whole volume
     ]
     assert np.isfinite(figures).all() and min(figures) > 1e8  # the read speed with 2 threads too
+
+
+SMALL_LAYER = LayerShape("qwen3", 256, 768, 8, 4, 32, context=48)
+
+
+@pytest.mark.parametrize("engine", ["torch", "ggml", "mlx"])
+def test_a_layer_of_the_models_shape_is_timed_on_every_engine(engine: str) -> None:
+    """Two random layers of the shape asked, loaded as the engine loads a stage: a decode token past the
+    first and a prompt token each take some time in a layer; without a shape nothing is timed."""
+    measured = calibrate(engine, Precision("float32"), threads=1, layer=SMALL_LAYER)
+    assert 0 < measured.layer_token_seconds < 0.1 and 0 < measured.layer_prompt_seconds < 0.1
+    assert calibrate(engine, Precision("float32"), threads=1).layer_token_seconds == 0.0
+
+
+def test_a_wider_layer_takes_longer_per_token() -> None:
+    narrow = calibrate("ggml", Precision("float32"), threads=1, layer=SMALL_LAYER)
+    wide = calibrate(
+        "ggml",
+        Precision("float32"),
+        threads=1,
+        layer=SMALL_LAYER._replace(hidden_size=1024, intermediate_size=3072, head_dim=128),
+    )
+    assert wide.layer_prompt_seconds > 2 * narrow.layer_prompt_seconds
+    assert wide.layer_token_seconds > narrow.layer_token_seconds
+
+
+def test_the_timed_layers_are_of_the_shape_asked_with_a_small_vocabulary(tmp_path) -> None:
+    checkpoint = Checkpoint.open(layer_checkpoint(tmp_path, SMALL_LAYER, layers=2))
+    config = checkpoint.config
+    assert config.layer_shape(SMALL_LAYER.context) == SMALL_LAYER
+    assert config.num_hidden_layers == 2 and config.vocab_size == 64
+    with safe_open(checkpoint.weight_map["model.layers.1.mlp.down_proj.weight"], "numpy") as tensors:
+        assert tensors.get_slice("model.layers.1.mlp.down_proj.weight").get_shape() == [256, 768]

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from meshllm.devices import Link, Precision
+from meshllm.devices import LayerShape, Link, Precision, StageInfo
 from meshllm.errors import StageError
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
@@ -122,6 +122,26 @@ def test_load_quantizes_as_asked_and_info_measures_the_read_speed(tiny_checkpoin
     info = asyncio.run(run())
     assert info.quantize == "int8" and info.read_bandwidth > 0 and info.flop_rate > 0
     assert info.decode_flop_rate > 0  # measured with them, and carried over gRPC
+
+
+def test_info_times_a_layer_of_the_shape_asked_and_refuses_one_no_model_has() -> None:
+    layer = LayerShape("llama", 128, 256, 4, 2, 32, context=32)
+
+    async def run() -> tuple[StageInfo, list[str]]:
+        async with served(1) as (client,):
+            precision = Precision("float32")
+            timed = await client.info(timeout=120, calibrate=precision, layer=layer)
+            refusals = []
+            for bad in (layer._replace(model_type="gpt2"), layer._replace(num_key_value_heads=3)):
+                with pytest.raises(StageError) as refused:
+                    await client.info(timeout=120, calibrate=precision, layer=bad)
+                refusals.append(str(refused.value))
+            return timed, refusals
+
+    timed, refusals = asyncio.run(run())
+    assert timed.layer_token_seconds > 0 and timed.layer_prompt_seconds > 0  # carried over gRPC
+    assert "layer model_type 'gpt2' is not one of llama" in refusals[0]
+    assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in refusals[1]
 
 
 def test_links_are_timed_from_the_caller_and_from_a_stage_to_the_next() -> None:

@@ -7,8 +7,9 @@ import platform
 import sys
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE, ENGINES
-from meshllm.devices import Calibration, Precision
+from meshllm.devices import Calibration, LayerShape, Precision
 from meshllm.engines.base import LoadStage, Progress, Stage
+from meshllm.engines.layer_timing import time_layers
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
 
@@ -69,11 +70,23 @@ def calibrate(
     threads: int | None = None,
     volume: int = 0,
     alone: int | None = None,
+    layer: LayerShape | None = None,
 ) -> Calibration:
     """How fast this device reads weights as decode does and computes over a batch of tokens, on `engine`
     at `precision` (a short measurement, a second or two), with `threads` CPU threads (None: the
     process's); the read speed over about `volume` bytes of weights (at least 8 matrices of 2048²), and
-    with `alone` threads too (`alone_read_bandwidth`; MLX chooses its threads itself)."""
+    with `alone` threads too (`alone_read_bandwidth`; MLX chooses its threads itself). With `layer`, also
+    what a decode token and a prompt token cost in a decoder layer of that shape (`layer_timing`)."""
+    calibration = _matmul_calibration(engine, precision, device, threads, volume, alone)
+    if layer is None:
+        return calibration
+    token, prompt = time_layers(engine, layer, precision, device, threads)
+    return calibration._replace(layer_token_seconds=token, layer_prompt_seconds=prompt)
+
+
+def _matmul_calibration(
+    engine: str, precision: Precision, device: str | None, threads: int | None, volume: int, alone: int | None
+) -> Calibration:
     if engine == "torch":
         from meshllm.engines.torch.calibrate import calibrate as torch_calibrate
 

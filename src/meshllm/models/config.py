@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from meshllm.devices import LayerShape
 from meshllm.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -91,6 +92,18 @@ class ModelConfig:
     def kv_bytes_per_token(self, layers: int, itemsize: int) -> int:
         """Keys and values of one token over `layers` layers, each element `itemsize` bytes."""
         return 2 * layers * self.num_key_value_heads * self.head_dim * itemsize
+
+    def layer_shape(self, context: int) -> LayerShape:
+        """A decoder layer of this model, to time one like it with `context` tokens cached per sequence."""
+        return LayerShape(
+            self.model_type,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            context,
+        )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

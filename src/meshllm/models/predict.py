@@ -9,8 +9,11 @@ every link in turn; many streams keep one micro-batch per stage in flight, so th
 pace once there are enough of them. Prefill is arithmetic: every prompt token through every stage.
 
 A decode token's attention also reads its sequence's cached keys and values (the prompt and half the new
-tokens, on average), at the read speed. The figures leave out what the measurements do not see
-(attention's arithmetic, the sampler, the HTTP server); the prediction is a ceiling the measured speed
+tokens, on average), at the read speed. Where the calibration timed two random layers of the model's own
+shape (`engines.layer_timing`), what each decode token past the first and each prompt token costs in a
+layer is that timing, attention and the engine's own work per sequence included, instead of the layers'
+share of the matmul rates; the lm_head's arithmetic stays at the matmul rates. The figures leave out what
+the measurements do not see (the sampler, the HTTP server); the prediction is a ceiling the measured speed
 should come within a fair margin of.
 """
 
@@ -37,6 +40,10 @@ class StageCost:
     alone_read_bandwidth: float = 0.0  # bytes/s of a step alone in the pipeline (0: read_bandwidth)
     decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds (0: flop_rate)
     cache_bytes: int = 0  # bytes of keys and values this stage's layers hold per token of context
+    layers: int = 0  # decoder layers
+    # Timed on layers of the model's shape (0: not timed; the layers' share of the matmul rates instead):
+    layer_token_seconds: float = 0.0  # what a decode token past the first adds to one layer
+    layer_prompt_seconds: float = 0.0  # a prompt token in one layer
 
     def step_seconds(
         self, tokens: int, head_tokens: int | None = None, alone: bool = False, context: int = 0
@@ -49,12 +56,17 @@ class StageCost:
         # The read speed was measured with one-token matmuls: a one-token step's arithmetic is in it.
         read = self.read_bytes / bandwidth
         if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
+            decode_rate = self.decode_flop_rate or self.flop_rate
+            if self.layer_token_seconds:  # timed with its attention over as much context
+                first = context * self.cache_bytes / bandwidth
+                added = self.layers * self.layer_token_seconds + 2 * self.head_weights / decode_rate
+                return read + first + (tokens - 1) * added
             attention = tokens * context * self.cache_bytes / bandwidth
-            return (
-                read + attention + 2 * self.weights * (tokens - 1) / (self.decode_flop_rate or self.flop_rate)
-            )
-        arithmetic = 2 * ((self.weights - self.head_weights) * tokens + self.head_weights * head_tokens)
-        return read + arithmetic / self.flop_rate
+            return read + attention + 2 * self.weights * (tokens - 1) / decode_rate
+        head = 2 * self.head_weights * head_tokens / self.flop_rate
+        if self.layer_prompt_seconds:
+            return read + tokens * self.layers * self.layer_prompt_seconds + head
+        return read + 2 * (self.weights - self.head_weights) * tokens / self.flop_rate + head
 
 
 @dataclass(frozen=True)
@@ -67,13 +79,19 @@ class Prediction:
     new_tokens: int
 
 
+PROMPT_TOKENS = 128  # each predicted stream's prompt
+NEW_TOKENS = 64  # and the tokens it generates
+# A decode token's cache, on average: the prompt and half the new tokens (what layers are timed with).
+MEAN_CONTEXT = PROMPT_TOKENS + NEW_TOKENS // 2
+
+
 def predict(
     stages: list[StageCost],
     links: list[Link],  # between consecutive stages, in chain order
     activation_bytes: int,  # a token's hidden state on the wire
     streams: int,
-    prompt_tokens: int = 128,
-    new_tokens: int = 64,
+    prompt_tokens: int = PROMPT_TOKENS,
+    new_tokens: int = NEW_TOKENS,
 ) -> Prediction:
     if not stages or streams < 1:
         raise ValueError("a prediction needs at least one stage and one stream")
@@ -133,6 +151,9 @@ class CostModel:
             calibration.alone_read_bandwidth,
             calibration.decode_flop_rate,
             cache,
+            end - start,
+            calibration.layer_token_seconds,
+            calibration.layer_prompt_seconds,
         )
 
     def stage_costs(

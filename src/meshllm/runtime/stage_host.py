@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshllm.devices import Calibration, Precision, StageInfo, describe_host
+from meshllm.devices import Calibration, LayerShape, Precision, StageInfo, describe_host
 from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.engines.base import Stage
 from meshllm.errors import StageError
@@ -71,7 +71,8 @@ class LocalStageHost:
         self.threads: int | None = None
         self.threads_alone: int | None = None
         self._threads_now: int | None = None
-        self._calibrations: dict[tuple[Precision, int], Calibration] = {}  # once per precision and volume
+        # once per precision, volume and layer shape
+        self._calibrations: dict[tuple[Precision, int, LayerShape | None], Calibration] = {}
 
     @classmethod
     def of(
@@ -141,12 +142,15 @@ class LocalStageHost:
             kv_memory=self.kv_memory if stage is not None else 0,
         )
 
-    def calibrate(self, precision: Precision, volume: int = 0) -> Calibration:
-        """This device's speeds at `precision`, read over about `volume` bytes (measured once each)."""
-        key = (precision, volume)
+    def calibrate(
+        self, precision: Precision, volume: int = 0, layer: LayerShape | None = None
+    ) -> Calibration:
+        """This device's speeds at `precision`, read over about `volume` bytes, and with `layer` what a
+        decoder layer of that shape takes (measured once each)."""
+        key = (precision, volume, layer)
         if key not in self._calibrations:
             self._calibrations[key] = calibrate(
-                self.engine, precision, self.device, self.threads, volume, self.threads_alone
+                self.engine, precision, self.device, self.threads, volume, self.threads_alone, layer
             )
         return self._calibrations[key]
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from meshllm import compute
 from meshllm.defaults import PREDICT_ENV
-from meshllm.devices import Calibration, Link, Precision, StageInfo, describe_host
+from meshllm.devices import Calibration, LayerShape, Link, Precision, StageInfo, describe_host
 from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
-from meshllm.models.predict import CostModel, describe, predict
+from meshllm.models.predict import MEAN_CONTEXT, CostModel, describe, predict
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -293,6 +293,7 @@ async def _calibrate(
 
     # A GGUF file's blocks are held as stored: measure the speed of reading those.
     stored = checkpoint.gguf.stored_quantize() if checkpoint.gguf is not None else None
+    layer = checkpoint.config.layer_shape(MEAN_CONTEXT)
     if config.local_stage:
         quantize = config.quantize_of(config.name)
         precision = Precision(config.dtype, quantize or stored, config.group_size)
@@ -304,13 +305,19 @@ async def _calibrate(
             config.threads,
             config.threads_alone,
             volume(quantize),
+            layer,
         )
     for client in clients:
         quantize = config.quantize_of(client.name)
         precision = Precision(config.dtype, quantize or stored, config.group_size)
-        info = await client.info(timeout=120.0, calibrate=precision, volume=volume(quantize))
+        info = await client.info(timeout=120.0, calibrate=precision, volume=volume(quantize), layer=layer)
         calibrations[client.name] = Calibration(
-            info.read_bandwidth, info.flop_rate, info.read_bandwidth_alone, info.decode_flop_rate
+            info.read_bandwidth,
+            info.flop_rate,
+            info.read_bandwidth_alone,
+            info.decode_flop_rate,
+            info.layer_token_seconds,
+            info.layer_prompt_seconds,
         )
     return calibrations
 
@@ -333,9 +340,10 @@ def _local_calibration(
     threads: int | None,
     alone: int | None,
     volume: int,
+    layer: LayerShape,
 ) -> Calibration:
     """This process's speeds, measured once per precision."""
-    return calibrate(engine, precision, device, threads, volume, alone)
+    return calibrate(engine, precision, device, threads, volume, alone, layer)
 
 
 PREDICTED_STREAMS = 16

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from meshllm.devices import StageInfo
+from meshllm.devices import LayerShape, StageInfo
 from meshllm.step import (
     LayerRange,
     MalformedStep,
@@ -223,6 +223,34 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
     )
 
 
+def encode_layer_shape(shape: LayerShape) -> pb.LayerShape:
+    return pb.LayerShape(**shape._asdict())
+
+
+LAYER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MAX_LAYER_CONTEXT = 1 << 16
+
+
+def decode_layer_shape(message: pb.LayerShape) -> LayerShape:
+    """The shape a calibration times; a ValueError naming the field when it could be no model's."""
+    shape = LayerShape(**{name: getattr(message, name) for name in LayerShape._fields})
+    if shape.model_type not in LAYER_MODEL_TYPES:
+        raise ValueError(
+            f"layer model_type {shape.model_type!r} is not one of {', '.join(LAYER_MODEL_TYPES)}"
+        )
+    for name in LayerShape._fields[1:]:
+        if getattr(shape, name) <= 0:
+            raise ValueError(f"layer {name} must be positive, not {getattr(shape, name)}")
+    if shape.num_attention_heads % shape.num_key_value_heads:
+        raise ValueError(
+            f"layer num_attention_heads {shape.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {shape.num_key_value_heads}"
+        )
+    if shape.context > MAX_LAYER_CONTEXT:
+        raise ValueError(f"layer context {shape.context} is over {MAX_LAYER_CONTEXT} tokens")
+    return shape
+
+
 def decode_info(reply: pb.InfoReply) -> StageInfo:
     loaded = reply.layer_end > reply.layer_start
     return StageInfo(
@@ -247,4 +275,6 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         step_port=reply.step_port,
         read_bandwidth_alone=reply.read_bandwidth_alone,
         decode_flop_rate=reply.decode_flop_rate,
+        layer_token_seconds=reply.layer_token_seconds,
+        layer_prompt_seconds=reply.layer_prompt_seconds,
     )

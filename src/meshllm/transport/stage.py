@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshllm.defaults import DEFAULT_GROUP_SIZE
-from meshllm.devices import Calibration, Precision, StageInfo
+from meshllm.devices import Calibration, LayerShape, Precision, StageInfo
 from meshllm.step import LayerRange, SampledToken, StepInput
 
 
@@ -80,9 +80,12 @@ class StageHost(Protocol):
 
     def info(self) -> StageInfo: ...
 
-    def calibrate(self, precision: Precision, volume: int = 0) -> Calibration:
+    def calibrate(
+        self, precision: Precision, volume: int = 0, layer: LayerShape | None = None
+    ) -> Calibration:
         """Bytes/s this device reads weights at, in that dtype and quantization, over about `volume` bytes
-        of them, and its compute rate (measured once, kept)."""
+        of them, and its compute rate; with `layer`, what a decoder layer of that shape takes (measured
+        once, kept)."""
         ...
 
     def health(self) -> Health: ...

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import grpc
 
-from meshllm.devices import Link, Precision, StageInfo
+from meshllm.devices import LayerShape, Link, Precision, StageInfo
 from meshllm.errors import StageError
 from meshllm.step import PipelineError, StageLost, StepInput, StepResult
-from meshllm.transport.codec import decode_info, decode_result, encode_step
+from meshllm.transport.codec import decode_info, decode_result, encode_layer_shape, encode_step
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import channel, explain, is_refusal, token_metadata
@@ -84,10 +84,14 @@ class StageClient:
         return kind(explain(error, self.name, self.address, self.secure))
 
     async def info(
-        self, timeout: float = 3.0, calibrate: Precision | None = None, volume: int = 0
+        self,
+        timeout: float = 3.0,
+        calibrate: Precision | None = None,
+        volume: int = 0,
+        layer: LayerShape | None = None,
     ) -> StageInfo:
         """What the stage has; with `calibrate`, also its speeds (`Calibration`) at that precision, the
-        read speed over about `volume` bytes of weights."""
+        read speed over about `volume` bytes of weights, and with `layer` what a layer of that shape takes."""
         request = pb.InfoRequest()
         if calibrate is not None:
             request = pb.InfoRequest(
@@ -95,6 +99,7 @@ class StageClient:
                 quantize=calibrate.quantize or "",
                 group_size=calibrate.group_size,
                 volume=volume,
+                layer=encode_layer_shape(layer) if layer is not None else None,
             )
         try:
             reply = await self._stub.Info(request, metadata=self._metadata, timeout=timeout)

@@ -21,7 +21,13 @@ from meshllm.defaults import DEFAULT_GROUP_SIZE
 from meshllm.devices import Precision
 from meshllm.errors import StageError
 from meshllm.step import LayerRange, MalformedStep, StepResult
-from meshllm.transport.codec import decode_step, encode_info, encode_result, forward_step
+from meshllm.transport.codec import (
+    decode_layer_shape,
+    decode_step,
+    encode_info,
+    encode_result,
+    forward_step,
+)
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.proto import meshllm_pb2_grpc as pbg
 from meshllm.transport.rpc import (
@@ -67,10 +73,16 @@ class StageService(pbg.StageServicer):
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
             precision = Precision(request.dtype, quantize, group_size)
-            calibration = await compute.run_async(self.host.calibrate, precision, request.volume)
+            try:
+                layer = decode_layer_shape(request.layer) if request.HasField("layer") else None
+            except ValueError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name}: {error}")
+            calibration = await compute.run_async(self.host.calibrate, precision, request.volume, layer)
             reply.read_bandwidth, reply.flop_rate = calibration.read_bandwidth, calibration.flop_rate
             reply.read_bandwidth_alone = calibration.alone_read_bandwidth
             reply.decode_flop_rate = calibration.decode_flop_rate
+            reply.layer_token_seconds = calibration.layer_token_seconds
+            reply.layer_prompt_seconds = calibration.layer_prompt_seconds
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:

@@ -95,19 +95,39 @@ class StepResult(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., error: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ("dtype", "quantize", "group_size", "volume")
+    __slots__ = ("dtype", "quantize", "group_size", "volume", "layer")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     quantize: str
     group_size: int
     volume: int
-    def __init__(self, dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ..., volume: _Optional[int] = ...) -> None: ...
+    layer: LayerShape
+    def __init__(self, dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., group_size: _Optional[int] = ..., volume: _Optional[int] = ..., layer: _Optional[_Union[LayerShape, _Mapping]] = ...) -> None: ...
+
+class LayerShape(_message.Message):
+    __slots__ = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "context")
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    context: int
+    def __init__(self, model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone", "decode_flop_rate")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone", "decode_flop_rate", "layer_token_seconds", "layer_prompt_seconds")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +150,8 @@ class InfoReply(_message.Message):
     STEP_PORT_FIELD_NUMBER: _ClassVar[int]
     READ_BANDWIDTH_ALONE_FIELD_NUMBER: _ClassVar[int]
     DECODE_FLOP_RATE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_PROMPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -152,7 +174,9 @@ class InfoReply(_message.Message):
     step_port: int
     read_bandwidth_alone: float
     decode_flop_rate: float
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ..., decode_flop_rate: _Optional[float] = ...) -> None: ...
+    layer_token_seconds: float
+    layer_prompt_seconds: float
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ..., decode_flop_rate: _Optional[float] = ..., layer_token_seconds: _Optional[float] = ..., layer_prompt_seconds: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size", "weights_from", "weights_key")
