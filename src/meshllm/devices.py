@@ -90,9 +90,11 @@ class Calibration(NamedTuple):
     decode_flop_rate: float = 0.0
     # Timed on decoder layers of the model's own shape (0: not timed, the matmul rates stand in): the
     # seconds each token of a decode step past the first adds to one layer (its arithmetic, its attention
-    # over its sequence's cache, the small operations around them), and one prompt token's seconds in one.
+    # over its sequence's cache, the small operations around them), one prompt token's seconds in one, and a
+    # one-token step's seconds in one with its weights close by and the threads of a step alone.
     layer_token_seconds: float = 0.0
     layer_prompt_seconds: float = 0.0
+    layer_step_seconds: float = 0.0
 
 
 class LayerShape(NamedTuple):
@@ -146,6 +148,7 @@ class StageInfo:
     decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds, when measured
     layer_token_seconds: float = 0.0  # a decode token's added seconds in one layer, when timed
     layer_prompt_seconds: float = 0.0  # a prompt token's seconds in one layer, when timed
+    layer_step_seconds: float = 0.0  # a one-token step's seconds in one layer, when timed
 
 
 def system_memory() -> tuple[int, int]:

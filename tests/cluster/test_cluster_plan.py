@@ -20,7 +20,11 @@ def test_plan_measures_devices_and_links_and_start_then_uses_its_workers(cluster
     assert re.search(
         r"^plan: coordinator layers \[0, \d\) · w1 layers \[\d, \d\) · w2 layers \[\d, 4\)$", out, re.M
     )
-    speeds = r"reads [\d.]+ GB/s, computes \d+ GFLOP/s \(\d+ decoding\)"  # measured there, or over gRPC
+    # measured there, or over gRPC; a layer of the model's shape timed on each
+    speeds = (
+        r"reads [\d.]+ GB/s, computes \d+ GFLOP/s \(\d+ decoding\), "
+        r"a layer adds [\d.]+ ms a decode token \([\d.]+ a prompt token, [\d.]+ a one-token step\)"
+    )
     assert re.search(rf"^device speeds: coordinator {speeds}, w1 {speeds}, w2 {speeds}$", out, re.M), out
     assert re.search(r"^link coordinator -> w1: [\d.]+ ms round trip, \d+ MB/s$", out, re.M), out
     assert re.search(r"^link w1 -> w2: [\d.]+ ms round trip", out, re.M), out

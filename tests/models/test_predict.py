@@ -103,13 +103,26 @@ def test_layers_timed_on_the_models_shape_set_what_tokens_add_and_the_head_stays
     assert cost.step_seconds(64, head_tokens=4) == pytest.approx(0.5 + 64 * 3 * 0.125 + 2 * 400 * 4 / 2000)
 
 
+def test_a_step_takes_at_least_what_its_layers_took_with_their_weights_close_by() -> None:
+    """Measured on a 2-core Xeon at the Qwen3-0.6B shape: the torch engine's int4 layers read at 10.7 GB/s
+    promised ~34 ms a token where the engine took ~53 (eager PyTorch's work around each layer's kernels);
+    two random int4 layers took 1.16 ms each in one-token steps, their 18 MB in the caches."""
+    eager = StageCost("d", 500, 1000, 400, 1000.0, 2000.0, layers=3, layer_step_seconds=0.25, head_bytes=100)
+    assert eager.step_seconds(1) == pytest.approx(3 * 0.25 + 100 / 1000)  # the layers' floor, then the head
+    lean = StageCost("d", 500, 1000, 400, 1000.0, 2000.0, layers=3, layer_step_seconds=0.05, head_bytes=100)
+    assert lean.step_seconds(1) == pytest.approx(0.5)  # reading the weights takes longer
+
+
 def test_stage_costs_carry_their_layers_and_the_devices_layer_timings(
     tiny_checkpoint: Callable[..., Path],
 ) -> None:
     checkpoint = Checkpoint.open(tiny_checkpoint(layers=4))
-    calibration = Calibration(10 * GB, 100 * GB, layer_token_seconds=0.002, layer_prompt_seconds=0.001)
-    cost = CostModel(checkpoint, "float32", 64).cost("a", LayerRange(1, 4), None, calibration)
+    calibration = Calibration(10 * GB, 100 * GB, 0, 0, 0.002, 0.001, 0.003)
+    model = CostModel(checkpoint, "float32", 64)
+    cost = model.cost("a", LayerRange(1, 4), None, calibration)
     assert (cost.layers, cost.layer_token_seconds, cost.layer_prompt_seconds) == (3, 0.002, 0.001)
+    assert cost.layer_step_seconds == 0.003 and cost.head_bytes == model.held(None).head
+    assert model.cost("a", LayerRange(0, 3), None, calibration).head_bytes == 0  # not the last stage
 
 
 def test_stage_costs_hold_the_keys_and_values_of_their_layers(tiny_checkpoint: Callable[..., Path]) -> None:

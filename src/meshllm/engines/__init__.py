@@ -80,8 +80,10 @@ def calibrate(
     calibration = _matmul_calibration(engine, precision, device, threads, volume, alone)
     if layer is None:
         return calibration
-    token, prompt = time_layers(engine, layer, precision, device, threads)
-    return calibration._replace(layer_token_seconds=token, layer_prompt_seconds=prompt)
+    timed = time_layers(engine, layer, precision, device, threads, alone)
+    return calibration._replace(
+        layer_token_seconds=timed.token, layer_prompt_seconds=timed.prompt, layer_step_seconds=timed.step
+    )
 
 
 def _matmul_calibration(

@@ -4,7 +4,9 @@ A calibration's matmuls measure how fast a device reads weights and multiplies t
 also runs attention over each sequence's cache, norms, rotary embeddings and the engine's own work per
 sequence, and those grow with the step's sequences, not with the weights. Two random layers of the model's
 shape, loaded by the engine as it loads a stage (dtype and quantization included), show what each decode
-token past the first and each prompt token costs in one layer, all of that included.
+token past the first and each prompt token costs in one layer, all of that included; and what a one-token
+step takes in one layer with its weights close by (an eager engine's work around its kernels shows there:
+a step takes at least that in every layer, however fast the weights are read).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,11 +30,24 @@ VOCAB = 64  # the timed stage's embedding and head: too small to count
 REPEATS = 5  # timed decode steps of each size, after one untimed
 
 
+class LayerTiming(NamedTuple):
+    """What one decoder layer of a model's shape takes on a device, in seconds."""
+
+    token: float  # what each decode token past the first adds to a step, with the threads of a shared step
+    prompt: float  # a prompt token
+    step: float  # a one-token decode step, its weights close by, with the threads of a step alone
+
+
 def time_layers(
-    engine: str, shape: LayerShape, precision: Precision, device: str | None, threads: int | None
-) -> tuple[float, float]:
-    """(seconds a decode token past the first adds to one layer, seconds of a prompt token in one layer),
-    with `DECODE_BATCH` sequences of `shape.context` cached tokens each, on `threads` CPU threads."""
+    engine: str,
+    shape: LayerShape,
+    precision: Precision,
+    device: str | None,
+    threads: int | None,
+    alone: int | None = None,
+) -> LayerTiming:
+    """Time layers of `shape`: `DECODE_BATCH` sequences of `shape.context` cached tokens each, decode steps
+    of all of them and of one, on `threads` CPU threads (and one-token steps on `alone` threads too)."""
     from meshllm.engines import load_stage  # the engines' package imports this module's callers
 
     with tempfile.TemporaryDirectory(prefix="meshllm-layers-") as folder:
@@ -45,17 +61,17 @@ def time_layers(
             quantize=precision.quantize,
             group_size=precision.group_size,
         )
-        if threads:
-            stage.set_threads(threads)
-        return _time(stage, shape.context)
+        return _time(stage, shape.context, threads, alone or threads)
 
 
-def _time(stage: Stage, context: int) -> tuple[float, float]:
+def _time(stage: Stage, context: int, threads: int | None, alone: int | None) -> LayerTiming:
     positions: dict[int, int] = {}
     step_ids = iter(range(1, 1 << 30))
 
-    def step(lengths: dict[int, int]) -> float:
+    def step(lengths: dict[int, int], threads: int | None) -> float:
         """One step of `lengths[seq]` tokens of each sequence; its seconds."""
+        if threads:
+            stage.set_threads(threads)
         segments = [Segment(seq, positions.get(seq, 0), n, sample=True) for seq, n in lengths.items()]
         ids = np.ones(sum(lengths.values()), dtype=np.int64)
         started = time.perf_counter()
@@ -66,17 +82,27 @@ def _time(stage: Stage, context: int) -> tuple[float, float]:
         return seconds
 
     sequences = list(range(DECODE_BATCH))
+    first = sequences[0]
     try:
-        step({sequences[0]: context})  # untimed: first calls build what the engine keeps
-        prompts = [step({seq: context}) for seq in sequences[1:]]
-        one, many = [], []
+        step({first: context}, threads)  # untimed: first calls build what the engine keeps
+        prompts = [step({seq: context}, threads) for seq in sequences[1:]]
+        one: list[float] = []
+        many: list[float] = []
+        lone: list[float] = []
         for repeat in range(REPEATS + 1):
-            single = step({sequences[0]: 1})
-            batch = step(dict.fromkeys(sequences, 1))
-            if repeat:
-                one.append(single)
-                many.append(batch)
+            timed = (
+                step({first: 1}, threads),
+                step(dict.fromkeys(sequences, 1), threads),
+                step({first: 1}, alone),
+            )
+            if repeat:  # the first of each: untimed
+                for times, seconds in zip((one, many, lone), timed, strict=True):
+                    times.append(seconds)
     finally:
         stage.release(sequences)
     added = (statistics.median(many) - statistics.median(one)) / (DECODE_BATCH - 1)
-    return max(added, 0.0) / LAYERS, statistics.median(prompts) / context / LAYERS
+    return LayerTiming(
+        max(added, 0.0) / LAYERS,
+        statistics.median(prompts) / context / LAYERS,
+        statistics.median(lone) / LAYERS,
+    )

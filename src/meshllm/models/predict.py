@@ -12,7 +12,9 @@ A decode token's attention also reads its sequence's cached keys and values (the
 tokens, on average), at the read speed. Where the calibration timed two random layers of the model's own
 shape (`engines.layer_timing`), what each decode token past the first and each prompt token costs in a
 layer is that timing, attention and the engine's own work per sequence included, instead of the layers'
-share of the matmul rates; the lm_head's arithmetic stays at the matmul rates. The figures leave out what
+share of the matmul rates; the lm_head's arithmetic stays at the matmul rates. A step takes at least
+what its layers took in one-token steps over those random layers, whose weights stay close by: in an
+eager engine the work around each kernel costs more than reading the weights. The figures leave out what
 the measurements do not see (the sampler, the HTTP server); the prediction is a ceiling the measured speed
 should come within a fair margin of.
 """
@@ -44,6 +46,8 @@ class StageCost:
     # Timed on layers of the model's shape (0: not timed; the layers' share of the matmul rates instead):
     layer_token_seconds: float = 0.0  # what a decode token past the first adds to one layer
     layer_prompt_seconds: float = 0.0  # a prompt token in one layer
+    layer_step_seconds: float = 0.0  # a one-token step in one layer, its weights close by
+    head_bytes: int = 0  # of read_bytes, the final norm's and the lm_head's
 
     def step_seconds(
         self, tokens: int, head_tokens: int | None = None, alone: bool = False, context: int = 0
@@ -53,8 +57,12 @@ class StageCost:
         which may take more threads. A decode token's attention reads its sequence's cached keys and
         values, `context` tokens of them."""
         bandwidth = (self.alone_read_bandwidth or self.read_bandwidth) if alone else self.read_bandwidth
-        # The read speed was measured with one-token matmuls: a one-token step's arithmetic is in it.
-        read = self.read_bytes / bandwidth
+        # The read speed was measured with one-token matmuls: a one-token step's arithmetic is in it. A step
+        # takes at least what its layers took with their weights close by (an eager engine's work around
+        # its kernels, which no matmul shows).
+        read = max(
+            self.read_bytes / bandwidth, self.layers * self.layer_step_seconds + self.head_bytes / bandwidth
+        )
         if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
             decode_rate = self.decode_flop_rate or self.flop_rate
             if self.layer_token_seconds:  # timed with its attention over as much context
@@ -154,6 +162,8 @@ class CostModel:
             end - start,
             calibration.layer_token_seconds,
             calibration.layer_prompt_seconds,
+            calibration.layer_step_seconds,
+            self.held(quantize).head if last else 0,
         )
 
     def stage_costs(

@@ -318,6 +318,7 @@ async def _calibrate(
             info.decode_flop_rate,
             info.layer_token_seconds,
             info.layer_prompt_seconds,
+            info.layer_step_seconds,
         )
     return calibrations
 
@@ -372,6 +373,13 @@ async def _predict(
             + (f" ({found.alone_read_bandwidth / 1e9:.1f} alone)" if found.alone_read_bandwidth else "")
             + f", computes {found.flop_rate / 1e9:.0f} GFLOP/s"
             + (f" ({found.decode_flop_rate / 1e9:.0f} decoding)" if found.decode_flop_rate else "")
+            + (
+                f", a layer adds {found.layer_token_seconds * 1e3:.2f} ms a decode token "
+                f"({found.layer_prompt_seconds * 1e3:.2f} a prompt token, "
+                f"{found.layer_step_seconds * 1e3:.2f} a one-token step)"
+                if found.layer_token_seconds
+                else ""
+            )
             for name, found in calibrations.items()
         )
     ]

@@ -277,4 +277,5 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         decode_flop_rate=reply.decode_flop_rate,
         layer_token_seconds=reply.layer_token_seconds,
         layer_prompt_seconds=reply.layer_prompt_seconds,
+        layer_step_seconds=reply.layer_step_seconds,
     )

@@ -83,6 +83,7 @@ class StageService(pbg.StageServicer):
             reply.decode_flop_rate = calibration.decode_flop_rate
             reply.layer_token_seconds = calibration.layer_token_seconds
             reply.layer_prompt_seconds = calibration.layer_prompt_seconds
+            reply.layer_step_seconds = calibration.layer_step_seconds
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
