@@ -67,3 +67,13 @@ def test_the_timed_layers_are_of_the_shape_asked_with_a_small_vocabulary(tmp_pat
     assert config.num_hidden_layers == 2 and config.vocab_size == 64
     with safe_open(checkpoint.weight_map["model.layers.1.mlp.down_proj.weight"], "numpy") as tensors:
         assert tensors.get_slice("model.layers.1.mlp.down_proj.weight").get_shape() == [256, 768]
+
+
+def test_a_layer_the_engine_cannot_hold_leaves_the_matmul_figures_and_says_why(caplog) -> None:
+    """Rows of 100 weights fit no q8_0 block of 32: a load of such a model fails, and says so then; its
+    calibration only warns."""
+    odd = LayerShape("qwen3", 100, 200, 4, 2, 25, context=16)
+    measured = calibrate("ggml", Precision("bfloat16", "int8"), threads=1, layer=odd)
+    assert measured.read_bandwidth > 0 and measured.layer_token_seconds == 0.0
+    assert "no layer of the model's shape could be timed here" in caplog.text
+    assert "cannot be held in ggml blocks of 32" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import platform
 import sys
 
@@ -12,6 +13,8 @@ from meshllm.engines.base import LoadStage, Progress, Stage
 from meshllm.engines.layer_timing import time_layers
 from meshllm.errors import ConfigError
 from meshllm.models.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def default_engine() -> str:
@@ -80,7 +83,11 @@ def calibrate(
     calibration = _matmul_calibration(engine, precision, device, threads, volume, alone)
     if layer is None:
         return calibration
-    timed = time_layers(engine, layer, precision, device, threads, alone)
+    try:
+        timed = time_layers(engine, layer, precision, device, threads, alone)
+    except Exception as error:  # the layers are only timed: what a load would say, it says then
+        log.warning("no layer of the model's shape could be timed here (%s): predicting from matmuls", error)
+        return calibration
     return calibration._replace(
         layer_token_seconds=timed.token, layer_prompt_seconds=timed.prompt, layer_step_seconds=timed.step
     )
