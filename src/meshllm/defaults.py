@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 ENGINES = ("torch", "mlx", "ggml")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # config.json model_type values every engine runs
 DTYPES = ("float32", "bfloat16", "float16")
 EngineName = Literal["torch", "mlx", "ggml"]
 DtypeName = Literal["float32", "bfloat16", "float16"]

@@ -139,16 +139,10 @@ class StageInfo:
     version: str
     protocol_version: int
     quantize: str = ""  # int8 | int4 | "" (the weights as stored)
-    read_bandwidth: float = 0.0  # bytes/s of weights read by one-token matmuls, when measured
-    flop_rate: float = 0.0  # floating-point operations/s over a batch of tokens, when measured
     kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
-    read_bandwidth_alone: float = 0.0  # a step alone in the pipeline's read speed, when measured and other
-    decode_flop_rate: float = 0.0  # operations/s a decode step of many streams adds, when measured
-    layer_token_seconds: float = 0.0  # a decode token's added seconds in one layer, when timed
-    layer_prompt_seconds: float = 0.0  # a prompt token's seconds in one layer, when timed
-    layer_step_seconds: float = 0.0  # a one-token step's seconds in one layer, when timed
+    calibration: Calibration | None = None  # the device's speeds, when the Info call asked for them
 
 
 def system_memory() -> tuple[int, int]:

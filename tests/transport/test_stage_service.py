@@ -120,8 +120,11 @@ def test_load_quantizes_as_asked_and_info_measures_the_read_speed(tiny_checkpoin
             return await client.info(timeout=120, calibrate=Precision("bfloat16", "int8"))
 
     info = asyncio.run(run())
-    assert info.quantize == "int8" and info.read_bandwidth > 0 and info.flop_rate > 0
-    assert info.decode_flop_rate > 0  # measured with them, and carried over gRPC
+    speeds = info.calibration
+    assert (
+        info.quantize == "int8" and speeds is not None and speeds.read_bandwidth > 0 and speeds.flop_rate > 0
+    )
+    assert speeds.decode_flop_rate > 0  # measured with them, and carried over gRPC
 
 
 def test_info_times_a_layer_of_the_shape_asked_and_refuses_one_no_model_has() -> None:
@@ -140,7 +143,9 @@ def test_info_times_a_layer_of_the_shape_asked_and_refuses_one_no_model_has() ->
 
     timed, refusals = asyncio.run(run())
     # carried over gRPC
-    assert min(timed.layer_token_seconds, timed.layer_prompt_seconds, timed.layer_step_seconds) > 0
+    speeds = timed.calibration
+    assert speeds is not None
+    assert min(speeds.layer_token_seconds, speeds.layer_prompt_seconds, speeds.layer_step_seconds) > 0
     assert "layer model_type 'gpt2' is not one of llama" in refusals[0]
     assert "num_attention_heads 4 is not a multiple of num_key_value_heads 3" in refusals[1]
 

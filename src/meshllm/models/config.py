@@ -7,10 +7,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from meshllm.defaults import MODEL_TYPES
 from meshllm.devices import LayerShape
 from meshllm.errors import ConfigError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelConfig:
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in MODEL_TYPES:
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
             )
         for key in (
             "hidden_size",

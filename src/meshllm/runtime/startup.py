@@ -315,15 +315,9 @@ async def _calibrate(
         info = await client.info(
             timeout=CALIBRATION_TIMEOUT, calibrate=precision, volume=volume(quantize), layer=layer
         )
-        calibrations[client.name] = Calibration(
-            info.read_bandwidth,
-            info.flop_rate,
-            info.read_bandwidth_alone,
-            info.decode_flop_rate,
-            info.layer_token_seconds,
-            info.layer_prompt_seconds,
-            info.layer_step_seconds,
-        )
+        if info.calibration is None:
+            raise StageError(f"{client.describe()} answered Info without the speeds it was asked to measure")
+        calibrations[client.name] = info.calibration
     return calibrations
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from meshllm.devices import LayerShape, StageInfo
+from meshllm.defaults import MODEL_TYPES
+from meshllm.devices import Calibration, LayerShape, StageInfo
 from meshllm.step import (
     LayerRange,
     MalformedStep,
@@ -216,8 +217,6 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         version=info.version,
         protocol_version=info.protocol_version,
         quantize=info.quantize,
-        read_bandwidth=info.read_bandwidth,
-        flop_rate=info.flop_rate,
         kv_bytes_per_token=info.kv_bytes_per_token,
         kv_memory=info.kv_memory,
     )
@@ -227,17 +226,14 @@ def encode_layer_shape(shape: LayerShape) -> pb.LayerShape:
     return pb.LayerShape(**shape._asdict())
 
 
-LAYER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MAX_LAYER_CONTEXT = 1 << 16
 
 
 def decode_layer_shape(message: pb.LayerShape) -> LayerShape:
     """The shape a calibration times; a ValueError naming the field when it could be no model's."""
     shape = LayerShape(**{name: getattr(message, name) for name in LayerShape._fields})
-    if shape.model_type not in LAYER_MODEL_TYPES:
-        raise ValueError(
-            f"layer model_type {shape.model_type!r} is not one of {', '.join(LAYER_MODEL_TYPES)}"
-        )
+    if shape.model_type not in MODEL_TYPES:
+        raise ValueError(f"layer model_type {shape.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     for name in LayerShape._fields[1:]:
         if getattr(shape, name) <= 0:
             raise ValueError(f"layer {name} must be positive, not {getattr(shape, name)}")
@@ -268,14 +264,29 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         version=reply.version,
         protocol_version=reply.protocol_version,
         quantize=reply.quantize,
-        read_bandwidth=reply.read_bandwidth,
-        flop_rate=reply.flop_rate,
         kv_bytes_per_token=reply.kv_bytes_per_token,
         kv_memory=reply.kv_memory,
         step_port=reply.step_port,
-        read_bandwidth_alone=reply.read_bandwidth_alone,
-        decode_flop_rate=reply.decode_flop_rate,
-        layer_token_seconds=reply.layer_token_seconds,
-        layer_prompt_seconds=reply.layer_prompt_seconds,
-        layer_step_seconds=reply.layer_step_seconds,
+        calibration=decode_calibration(reply) if reply.read_bandwidth else None,
     )
+
+
+# Calibration's fields and the InfoReply fields that carry them
+_CALIBRATION_FIELDS = {
+    "read_bandwidth": "read_bandwidth",
+    "flop_rate": "flop_rate",
+    "alone_read_bandwidth": "read_bandwidth_alone",
+    "decode_flop_rate": "decode_flop_rate",
+    "layer_token_seconds": "layer_token_seconds",
+    "layer_prompt_seconds": "layer_prompt_seconds",
+    "layer_step_seconds": "layer_step_seconds",
+}
+
+
+def encode_calibration(reply: pb.InfoReply, calibration: Calibration) -> None:
+    for name, wire in _CALIBRATION_FIELDS.items():
+        setattr(reply, wire, getattr(calibration, name))
+
+
+def decode_calibration(reply: pb.InfoReply) -> Calibration:
+    return Calibration(**{name: getattr(reply, wire) for name, wire in _CALIBRATION_FIELDS.items()})

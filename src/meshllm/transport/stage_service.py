@@ -24,6 +24,7 @@ from meshllm.step import LayerRange, MalformedStep, StepResult
 from meshllm.transport.codec import (
     decode_layer_shape,
     decode_step,
+    encode_calibration,
     encode_info,
     encode_result,
     forward_step,
@@ -78,12 +79,7 @@ class StageService(pbg.StageServicer):
             except ValueError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"worker {self.name}: {error}")
             calibration = await compute.run_async(self.host.calibrate, precision, request.volume, layer)
-            reply.read_bandwidth, reply.flop_rate = calibration.read_bandwidth, calibration.flop_rate
-            reply.read_bandwidth_alone = calibration.alone_read_bandwidth
-            reply.decode_flop_rate = calibration.decode_flop_rate
-            reply.layer_token_seconds = calibration.layer_token_seconds
-            reply.layer_prompt_seconds = calibration.layer_prompt_seconds
-            reply.layer_step_seconds = calibration.layer_step_seconds
+            encode_calibration(reply, calibration)
         return reply
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
