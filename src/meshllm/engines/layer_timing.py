@@ -68,10 +68,8 @@ def _time(stage: Stage, context: int, threads: int | None, alone: int | None) ->
     positions: dict[int, int] = {}
     step_ids = iter(range(1, 1 << 30))
 
-    def step(lengths: dict[int, int], threads: int | None) -> float:
+    def step(lengths: dict[int, int]) -> float:
         """One step of `lengths[seq]` tokens of each sequence; its seconds."""
-        if threads:
-            stage.set_threads(threads)
         segments = [Segment(seq, positions.get(seq, 0), n, sample=True) for seq, n in lengths.items()]
         ids = np.ones(sum(lengths.values()), dtype=np.int64)
         started = time.perf_counter()
@@ -84,18 +82,22 @@ def _time(stage: Stage, context: int, threads: int | None, alone: int | None) ->
     sequences = list(range(DECODE_BATCH))
     first = sequences[0]
     try:
-        step({first: context}, threads)  # untimed: first calls build what the engine keeps
-        prompts = [step({seq: context}, threads) for seq in sequences[1:]]
+        if threads:
+            stage.set_threads(threads)
+        step({first: context})  # untimed: first calls build what the engine keeps
+        prompts = [step({seq: context}) for seq in sequences[1:]]
         one: list[float] = []
         many: list[float] = []
         for repeat in range(REPEATS + 1):
-            timed = step({first: 1}, threads), step(dict.fromkeys(sequences, 1), threads)
+            timed = step({first: 1}), step(dict.fromkeys(sequences, 1))
             if repeat:  # the first of each: untimed
                 one.append(timed[0])
                 many.append(timed[1])
         # One stream's steps follow each other on the threads of a step alone (switching threads between
         # steps costs some engines a step's worth).
-        lone = [step({first: 1}, alone) for _ in range(REPEATS + 1)][1:]
+        if alone:
+            stage.set_threads(alone)
+        lone = [step({first: 1}) for _ in range(REPEATS + 1)][1:]
     finally:
         stage.release(sequences)
     added = (statistics.median(many) - statistics.median(one)) / (DECODE_BATCH - 1)

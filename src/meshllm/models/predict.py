@@ -87,10 +87,14 @@ class Prediction:
     new_tokens: int
 
 
+def mean_context(prompt_tokens: int, new_tokens: int) -> int:
+    """A decode token's cache, on average: the prompt and half the new tokens."""
+    return prompt_tokens + new_tokens // 2
+
+
 PROMPT_TOKENS = 128  # each predicted stream's prompt
 NEW_TOKENS = 64  # and the tokens it generates
-# A decode token's cache, on average: the prompt and half the new tokens (what layers are timed with).
-MEAN_CONTEXT = PROMPT_TOKENS + NEW_TOKENS // 2
+MEAN_CONTEXT = mean_context(PROMPT_TOKENS, NEW_TOKENS)  # what layers are timed with
 
 
 def predict(
@@ -107,7 +111,7 @@ def predict(
     def hops(tokens: int) -> float:
         return sum(link.seconds(tokens * activation_bytes) for link in links)
 
-    context = prompt_tokens + new_tokens // 2  # a decode token's cache, on average
+    context = mean_context(prompt_tokens, new_tokens)
 
     def cycle(batch: int, in_flight: int) -> float:
         """Seconds for every one of the streams to gain a token."""
