@@ -105,13 +105,20 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_workers():
-    """`start_workers(n, token=None, engine=None)` -> n ready WorkerProcess; all killed after the test."""
+    """`start_workers(n, token=None, engine=None, prefix="w", args=None)` -> n ready WorkerProcess (with
+    `args` on their command lines); all killed after the test."""
     started: list[WorkerProcess] = []
 
     def start(
-        n: int, token: str | None = None, engine: str | None = None, prefix: str = "w"
+        n: int,
+        token: str | None = None,
+        engine: str | None = None,
+        prefix: str = "w",
+        args: list[str] | None = None,
     ) -> list[WorkerProcess]:
-        workers = [WorkerProcess(f"{prefix}{len(started) + i + 1}", token, engine) for i in range(n)]
+        workers = [
+            WorkerProcess(f"{prefix}{len(started) + i + 1}", token, engine, args=args) for i in range(n)
+        ]
         started.extend(workers)
         for worker in workers:
             worker.wait_ready()

@@ -7,12 +7,15 @@ coordinator sees it: the rows of `/distributed/gpu-info`, which `cluster status`
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
@@ -68,6 +71,7 @@ class HostDevice:
     device_name: str
     memory_total: int  # bytes
     memory_available: int
+    compute: str = ""  # what its arithmetic runs on (`compute_unit`): stages of one unit take turns
 
 
 class Precision(NamedTuple):
@@ -143,6 +147,7 @@ class StageInfo:
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
     calibration: Calibration | None = None  # the device's speeds, when the Info call asked for them
+    compute: str = ""  # what its arithmetic runs on (`compute_unit`); "" from a worker that does not say
 
 
 def system_memory() -> tuple[int, int]:
@@ -170,7 +175,70 @@ def describe_host(device_type: str) -> HostDevice:
 
         available, total = torch.cuda.mem_get_info()
         name = torch.cuda.get_device_name()
-    return HostDevice(socket.gethostname(), device_type, name, total, available)
+    return HostDevice(socket.gethostname(), device_type, name, total, available, compute_unit(device_type))
+
+
+def compute_unit(device_type: str) -> str:
+    """What a stage of `device_type` in this process computes on, as a name two processes agree on
+    when they share it: this machine's CPU cores the process may run on (its affinity), its GPU as a
+    whole on a Mac (mps and metal: one GPU, and memory shared with the CPU), or one CUDA device (its
+    UUID, whatever CUDA_VISIBLE_DEVICES numbers it). Stages on one unit gain nothing from computing
+    at the same time (they would split its cores and its memory's bandwidth): the pipeline keeps one
+    step in flight per unit (`steps_in_flight`)."""
+    machine = _machine()
+    if device_type == "cuda":
+        import torch
+
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return f"{machine}/cuda/{getattr(properties, 'uuid', '') or torch.cuda.current_device()}"
+    if device_type in ("mps", "metal"):
+        return f"{machine}/gpu"
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: every process may run on every core
+        return f"{machine}/cpu"
+    return f"{machine}/cpu/{_ranges(cores)}"
+
+
+def steps_in_flight(units: list[str]) -> int:
+    """How many steps a pipeline over stages computing on `units` (in chain order; "" where unknown,
+    counted as a unit of its own) keeps in flight: one per unit, so that every unit has a step to
+    work on and no two steps split one unit's cores."""
+    return max(1, len({unit or f"stage {index}" for index, unit in enumerate(units)}))
+
+
+def _ranges(numbers: list[int]) -> str:
+    """ "0-3,6" for [0, 1, 2, 3, 6]."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and spans[-1][1] == number - 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+@functools.cache
+def _machine() -> str:
+    """This machine, the same in every process on it and different on another: a digest of its
+    machine id (which should not leave the machine as it is), else of its host name."""
+    found = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            found = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if found:
+            break
+    if not found and platform.system() == "Darwin":
+        try:
+            found = subprocess.run(
+                ["sysctl", "-n", "kern.uuid"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            found = ""
+    found = found or socket.gethostname()
+    return hashlib.sha256(f"meshllm machine {found}".encode()).hexdigest()[:16]
 
 
 class WorkerExit(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,23 @@ def test_one_stream_reads_at_the_speed_of_a_step_alone_and_many_at_the_shared_on
     prediction = predict(halves, [Link(0.0, 1e12)], 0, streams=16)
     assert prediction.one_stream == pytest.approx(10.0)  # 2 × 0.5 GB at 10 GB/s
     assert prediction.many_streams == pytest.approx(16 / (2 * 0.1))  # 2 micro-batches, 0.1 s a step
+
+
+def test_stages_on_one_compute_unit_take_turns_at_every_core_with_the_whole_batch() -> None:
+    shared, alone = 5 * GB, 10 * GB  # one core each while both compute, both cores for a step alone
+    own = [StageCost("d", int(0.5 * GB), int(1e8), 0, shared, 100 * GB, alone)] * 2
+    turns = [replace(cost, compute="machine/cpu/0-1") for cost in own]
+    pipelined = predict(own, [Link(0.0, 1e12)], 0, streams=16)
+    taking_turns = predict(turns, [Link(0.0, 1e12)], 0, streams=16)
+    assert taking_turns.one_stream == pytest.approx(pipelined.one_stream)  # a lone stream: no difference
+    # One step of 16 tokens at a time, each stage reading its half at the lone step's speed, against
+    # two micro-batches of 8, each stage reading its half twice at the shared one's:
+    step = 0.05 + 2 * 1e8 * 15 / (100 * GB)
+    assert taking_turns.many_streams == pytest.approx(16 / (2 * step))
+    assert pipelined.many_streams == pytest.approx(16 / (2 * (0.1 + 2 * 1e8 * 7 / (100 * GB))))
+    assert taking_turns.many_streams > pipelined.many_streams
+    # Their prompts take turns too: every stage's prefill in full, none hidden behind another's.
+    assert taking_turns.many_streams_total < taking_turns.many_streams
 
 
 def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:

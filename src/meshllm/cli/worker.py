@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     parser.add_argument(
+        "--cores",
+        type=parse_cores,
+        default=None,
+        metavar="LIST",
+        help="run on these CPU cores only, such as 0-7 or 0-3,8-11 (Linux; default: every core the "
+        "process may use). Stages on the same cores take turns, one step at a time; stages on cores of "
+        "their own, such as one per socket of a two-socket server, compute at once",
+    )
+    parser.add_argument(
         "--threads-alone",
         type=int,
         default=None,
@@ -79,6 +88,39 @@ def parse_step_port(value: str) -> int | None:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535) or 'off'")
     return port
+
+
+def parse_cores(text: str) -> set[int]:
+    """--cores: '0-3,8' -> {0, 1, 2, 3, 8}; argparse shows the error's message."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a list of cores such as 0-3 or 0-3,8-11"
+            ) from None
+        if low < 0 or high < low:
+            raise argparse.ArgumentTypeError(f"'{part.strip()}' in '{text}' is not a range of cores")
+        cores.update(range(low, high + 1))
+    return cores
+
+
+def pin_to_cores(cores: set[int]) -> None:
+    """Run this process on `cores` only; a ConfigError naming --cores when they cannot be had."""
+    from meshllm.errors import ConfigError
+
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--cores: this system does not let a process choose its cores (Linux does)")
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as error:
+        usable = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+        raise ConfigError(
+            f"--cores {','.join(str(core) for core in sorted(cores))}: {error.strerror} "
+            f"(this process may use cores {usable})"
+        ) from None
 
 
 def add_kv_memory_argument(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +209,10 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cores is not None:  # before any library starts its threads
+        pin_to_cores(args.cores)
+        if not args.threads:
+            args.threads = len(args.cores)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from meshllm.cli import event_loop

@@ -5,8 +5,10 @@ device's read speed, measured as decode reads them, one token's arithmetic inclu
 of the other tokens (two operations per weight per token, over the device's measured compute rate: for a
 decode step, the rate measured for many streams' decode over weights streamed from memory; for prompt
 chunks, the rate of a batch of tokens). A token of one stream passes every stage and
-every link in turn; many streams keep one micro-batch per stage in flight, so the slowest stage sets the
-pace once there are enough of them. Prefill is arithmetic: every prompt token through every stage.
+every link in turn; many streams keep one micro-batch per compute unit in flight (one per stage where
+each has a machine of its own; stages sharing one machine's cores take turns, `devices.compute_unit`),
+so the busiest unit sets the pace once there are enough of them. Prefill is arithmetic: every prompt
+token through every stage.
 
 A decode token's attention also reads its sequence's cached keys and values (the prompt and half the new
 tokens, on average), at the read speed. Where the calibration timed two random layers of the model's own
@@ -22,9 +24,10 @@ should come within a fair margin of.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from meshllm.devices import Calibration, Link
+from meshllm.devices import Calibration, Link, steps_in_flight
 from meshllm.models.balance import ModelCosts
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import HEADROOM, StagePlan, model_costs, model_weights, quantized_sizes, tensor_bytes
@@ -48,6 +51,7 @@ class StageCost:
     layer_prompt_seconds: float = 0.0  # a prompt token in one layer
     layer_step_seconds: float = 0.0  # a one-token step in one layer, its weights close by
     head_bytes: int = 0  # of read_bytes, the final norm's and the lm_head's
+    compute: str = ""  # what the device computes on (`devices.compute_unit`; "": a unit of its own)
 
     def step_seconds(
         self, tokens: int, head_tokens: int | None = None, alone: bool = False, context: int = 0
@@ -112,19 +116,28 @@ def predict(
         return sum(link.seconds(tokens * activation_bytes) for link in links)
 
     context = mean_context(prompt_tokens, new_tokens)
+    units = [stage.compute or f"stage {index}" for index, stage in enumerate(stages)]
+
+    def busiest(times: list[float]) -> float:
+        """The most time one compute unit spends on its stages' share (stages of one unit take turns)."""
+        spent: dict[str, float] = {}
+        for unit, seconds in zip(units, times, strict=True):
+            spent[unit] = spent.get(unit, 0.0) + seconds
+        return max(spent.values())
 
     def cycle(batch: int, in_flight: int) -> float:
         """Seconds for every one of the streams to gain a token."""
         times = [stage.step_seconds(batch, alone=in_flight == 1, context=context) for stage in stages]
-        return max(sum(times) + hops(batch), in_flight * max(times))
+        return max(sum(times) + hops(batch), in_flight * busiest(times))
 
     one = 1.0 / cycle(1, 1)
-    in_flight = min(len(stages), streams)
+    in_flight = min(steps_in_flight(units), streams)
     batch = math.ceil(streams / in_flight)
     decode_cycle = cycle(batch, in_flight)
     prefill = [stage.step_seconds(prompt_tokens * streams, head_tokens=streams) for stage in stages]
-    # Prompts follow each other through the stages: the slowest stage's share, plus the rest once.
-    prefill_seconds = max(prefill) + (sum(prefill) - max(prefill)) / streams + hops(prompt_tokens)
+    # Prompts follow each other through the compute units: the busiest one's share, plus the rest once.
+    slowest = busiest(prefill)
+    prefill_seconds = slowest + (sum(prefill) - slowest) / streams + hops(prompt_tokens)
     total = streams * new_tokens / (prefill_seconds + new_tokens * decode_cycle)
     return Prediction(one, streams, streams / decode_cycle, total, prompt_tokens, new_tokens)
 
@@ -147,7 +160,12 @@ class CostModel:
         return self._held[quantize]
 
     def cost(
-        self, device: str, layers: LayerRange, quantize: str | None, calibration: Calibration
+        self,
+        device: str,
+        layers: LayerRange,
+        quantize: str | None,
+        calibration: Calibration,
+        compute: str = "",
     ) -> StageCost:
         start, end = layers
         last = end == len(self.weights.layers)
@@ -168,6 +186,7 @@ class CostModel:
             calibration.layer_prompt_seconds,
             calibration.layer_step_seconds,
             self.held(quantize).head if last else 0,
+            compute,
         )
 
     def stage_costs(
@@ -175,10 +194,18 @@ class CostModel:
         plan: list[StagePlan],
         quantize: dict[str, str | None],  # by device
         calibrations: dict[str, Calibration],  # by device
+        computes: Mapping[str, str] | None = None,  # what each device computes on, by device
     ) -> list[StageCost]:
         """Each planned stage's costs on its device."""
+        computes = computes or {}
         return [
-            self.cost(stage.device, stage.layer_range, quantize.get(stage.device), calibrations[stage.device])
+            self.cost(
+                stage.device,
+                stage.layer_range,
+                quantize.get(stage.device),
+                calibrations[stage.device],
+                computes.get(stage.device, ""),
+            )
             for stage in plan
         ]
 

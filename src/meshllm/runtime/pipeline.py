@@ -1,7 +1,8 @@
 """The chain of stages as the coordinator drives it: its own stages in-process, then remote workers.
 
 `Pipeline.run_step` takes a step of token ids and returns the tokens the last stage sampled. Several
-steps may be in flight at once; each stage processes them in order, one at a time.
+steps may be in flight at once, one per compute unit its stages run on (`depth`); each stage processes
+them in order, one at a time.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 
 from meshllm import compute
+from meshllm.devices import steps_in_flight
 from meshllm.engines.base import Stage
 from meshllm.runtime.engine_client import StepListener
 from meshllm.runtime.stage_host import LocalStageHost
@@ -28,12 +31,21 @@ class _Sent:
 
 
 class Pipeline:
-    def __init__(self, local: list[LocalStageHost], remote: Chain | None, local_name: str = "coordinator"):
+    def __init__(
+        self,
+        local: list[LocalStageHost],
+        remote: Chain | None,
+        local_name: str = "coordinator",
+        computes: Mapping[str, str] | None = None,
+    ):
         if not local and remote is None:
             raise ValueError("a pipeline needs at least one stage")
         self.local = local
         self.remote = remote
         self.local_name = local_name
+        # What each device's stage computes on (`devices.compute_unit`), by device name; a stage not
+        # in it counts as a unit of its own.
+        self.computes = dict(computes or {})
         # Every local forward pass and cache change runs on the process's compute thread, in order; the
         # event loop only moves bytes.
         self.listeners: list[StepListener] = []
@@ -45,8 +57,12 @@ class Pipeline:
 
     @property
     def depth(self) -> int:
-        """Number of stages: how many steps can usefully be in flight at once."""
-        return len(self.local) + (len(self.remote.stages) if self.remote else 0)
+        """How many steps can usefully be in flight at once: one per compute unit the stages run on
+        (one per stage on machines of their own; one in all for stages that share one machine's cores,
+        which would only split them and the memory's bandwidth by computing at once)."""
+        names = [host.name for host in self.local]
+        names += [stage.name for stage in self.remote.stages] if self.remote else []
+        return steps_in_flight([self.computes.get(name, "") for name in names])
 
     def _notify(self, stage: str, seconds: float) -> None:
         for listener in self.listeners:

@@ -130,6 +130,7 @@ class LocalStageHost:
             device_name=device.device_name,
             memory_total=device.memory_total,
             memory_available=device.memory_available,
+            compute=device.compute,
             model=self.model,
             layers=stage.layer_range if stage is not None else None,
             num_layers=self.num_layers,

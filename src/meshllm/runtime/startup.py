@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ async def _start(
             log.info("%s", line)
 
     remote = StepChain(clients, config.step_timeout) if clients else None
-    pipeline = Pipeline(local_hosts, remote, local_name=config.name)
+    pipeline = Pipeline(local_hosts, remote, local_name=config.name, computes=survey.computes)
     kv_budgets = await _kv_budgets(local_hosts, clients)
     scheduler = Scheduler(
         pipeline.depth,
@@ -216,6 +216,7 @@ class Survey:
     calibrations: dict[str, Calibration]  # by device, when measured
     plan: list[StagePlan]
     speeds: dict[str, float] | None = None  # read speeds the plan balanced, relative to the fastest
+    computes: dict[str, str] = field(default_factory=dict)  # what each device computes on, by device
 
 
 async def _survey(
@@ -234,10 +235,12 @@ async def _survey(
     speeds = _relative_speeds(calibrations) if measure else None
     memory = dict(config.memory_overrides)
     devices: list[tuple[str, int]] = []
+    computes = {client.name: info.compute for client, info in zip(clients, infos, strict=True)}
     if config.local_stage:
         # The memory of the device the local stage will run on: the GPU's when it runs on CUDA.
         local = describe_host(guess_device_type(engine, config.device))
         devices.append((config.name, memory.get(config.name, local.memory_available)))
+        computes[config.name] = local.compute
     for client, info in zip(clients, infos, strict=True):
         devices.append((client.name, memory.get(client.name, info.memory_available)))
     plan = make_plan(
@@ -256,7 +259,7 @@ async def _survey(
             planned.layer_range,
             planned.weight_bytes / 1e6,
         )
-    return Survey(devices, calibrations, plan, speeds)
+    return Survey(devices, calibrations, plan, speeds, computes)
 
 
 async def forecast(config: CoordinatorConfig) -> list[str]:
@@ -394,7 +397,10 @@ async def _predict(
     model = CostModel(checkpoint, config.dtype, config.group_size)
     activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
     prediction = predict(
-        model.stage_costs(plan, quantize, calibrations), links, activation, PREDICTED_STREAMS
+        model.stage_costs(plan, quantize, calibrations, survey.computes),
+        links,
+        activation,
+        PREDICTED_STREAMS,
     )
     alone = model.best_alone(devices, quantize, calibrations, PREDICTED_STREAMS)
     return [*lines, describe(prediction, alone, len(plan))]

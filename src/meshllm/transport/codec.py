@@ -219,6 +219,7 @@ def encode_info(info: StageInfo) -> pb.InfoReply:
         quantize=info.quantize,
         kv_bytes_per_token=info.kv_bytes_per_token,
         kv_memory=info.kv_memory,
+        compute=info.compute,
     )
 
 
@@ -268,6 +269,7 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         kv_memory=reply.kv_memory,
         step_port=reply.step_port,
         calibration=decode_calibration(reply) if reply.read_bandwidth else None,
+        compute=reply.compute,
     )
 
 
