@@ -235,3 +235,20 @@ def test_workers_take_weights_from_the_coordinator_unless_they_have_a_model_path
         'name = "w2"', 'name = "w2"\nmodel_path = "m"'
     )
     assert not load_cluster(write(tmp_path, every, "every.toml")).takes_weights
+
+
+def test_a_device_s_cores_reach_its_command_line_and_a_bad_list_is_named(tmp_path: Path) -> None:
+    from meshllm.cluster.start import Starter
+
+    text = MINIMAL.replace('name = "head"', 'name = "head"\ncores = "0-1"').replace(
+        'name = "w1"', 'name = "w1"\ncores = 2'
+    )
+    cluster = load_cluster(write(tmp_path, text))
+    starter = Starter(cluster, force=False, timeout=10)
+    head = starter.coordinator_argv(cluster.device[0])
+    assert head[head.index("--cores") + 1] == "0-1"
+    worker = starter.worker_argv(cluster.device[1], threads=1)
+    assert worker[worker.index("--cores") + 1] == "2"
+    assert "--cores" not in starter.worker_argv(cluster.device[2], threads=1)
+    message = error_of(tmp_path, MINIMAL.replace('name = "w1"', 'name = "w1"\ncores = "3-1"'))
+    assert "cores" in message and "'3-1'" in message and "not a range of cores" in message

@@ -32,6 +32,7 @@ from meshllm.defaults import (
     QuantizeMode,
 )
 from meshllm.devices import Role as RoleName
+from meshllm.devices import parse_cores
 from meshllm.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -118,7 +119,17 @@ def _strings(value: Any) -> list[str]:
     return value
 
 
+def _cores(value: Any) -> str:
+    """A list of CPU cores ("0-7", "0-3,8-11"; a single core may be a number), kept as written."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise ValueError(f'must be a list of cores such as "0-7" or "0-3,8-11", got {value!r}')
+    parse_cores(text)  # its ValueError says what is wrong
+    return text.replace(" ", "")
+
+
 Port = Annotated[int, BeforeValidator(_port)]
+Cores = Annotated[str, BeforeValidator(_cores)]
 Name = Annotated[str, BeforeValidator(_name)]
 Text = Annotated[str, BeforeValidator(_text)]
 Host = Annotated[str, BeforeValidator(_host)]
@@ -186,6 +197,7 @@ class Device(_Frozen):
     workdir: Text  # the folder the process runs in there; relative model paths start here
     memory: PositiveNumber | None = None  # GB the plan may use here (default: what the machine has free)
     threads: PositiveInt | None = None  # compute threads (default: the machine's cores ÷ its stages)
+    cores: Cores | None = None  # the CPU cores it runs on (`--cores`); None: every core of the machine
     env: Env = {}
     # This worker's own copy of the model (a folder there, relative to workdir, or a hub id it downloads
     # itself); None: it takes its layers' weights from the coordinator.

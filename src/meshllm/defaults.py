@@ -27,3 +27,6 @@ SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "10000"}
 TOKEN_ENV = "MESHLLM_TOKEN"  # where `meshllm worker` finds the cluster token when no flag names one
 # How `meshllm serve` names its own stage (in --memory and /distributed/gpu-info).
 COORDINATOR_STAGE = "coordinator"
+
+# How stages that share a compute unit run (`serve --shared-stages`): the first is the default.
+SHARED_STAGES = ("auto", "turns", "together")

@@ -207,6 +207,21 @@ def steps_in_flight(units: list[str]) -> int:
     return max(1, len({unit or f"stage {index}" for index, unit in enumerate(units)}))
 
 
+def parse_cores(text: str) -> frozenset[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8}: CPU cores to run on; a ValueError saying what is wrong."""
+    cores: set[int] = set()
+    for part in str(text).split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of cores such as 0-3 or 0-3,8-11") from None
+        if low < 0 or high < low:
+            raise ValueError(f"{part.strip()!r} in {text!r} is not a range of cores")
+        cores.update(range(low, high + 1))
+    return frozenset(cores)
+
+
 def _ranges(numbers: list[int]) -> str:
     """ "0-3,6" for [0, 1, 2, 3, 6]."""
     spans: list[list[int]] = []

@@ -37,3 +37,21 @@ def test_devices_sharing_a_machine_compute_with_idle_threads_that_give_the_cores
     assert compute_env(cluster, devices["w1"], 8) == {"OMP_NUM_THREADS": "2", **SHARED_CORES_ENV}
     assert compute_env(cluster, devices["w2"], 8) == {"OMP_NUM_THREADS": "1"}  # never takes every core
     assert compute_env(cluster, devices["w1"], 1) == {"OMP_NUM_THREADS": "1"}
+
+
+def test_a_device_on_cores_of_its_own_computes_on_them_and_leaves_the_rest_to_the_others(
+    cluster_files,
+) -> None:
+    path = cluster_files.write(
+        [
+            {"name": "coordinator", "host": "127.0.0.1"},
+            {"name": "w1", "host": "127.0.0.1", "port": free_port()},
+            {"name": "w2", "host": "127.0.0.1", "port": free_port(), "cores": "4-7"},
+        ]
+    )
+    cluster = load_cluster(path)
+    devices = {device.name: device for device in cluster.device}
+    assert threads_for(cluster, devices["w2"], 8) == 4  # its own cores
+    assert threads_alone_for(cluster, devices["w2"], 8) is None
+    assert threads_for(cluster, devices["w1"], 8) == 4  # the machine's split between the two sharing it
+    assert threads_alone_for(cluster, devices["w1"], 8) == 8

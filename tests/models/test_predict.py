@@ -11,7 +11,7 @@ import pytest
 from meshllm.devices import Calibration, Link
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import make_plan, model_weights
-from meshllm.models.predict import CostModel, StageCost, describe, predict
+from meshllm.models.predict import CostModel, StageCost, best_schedule, describe, predict
 from meshllm.step import LayerRange
 
 GB = 1e9
@@ -51,6 +51,20 @@ def test_stages_on_one_compute_unit_take_turns_at_every_core_with_the_whole_batc
     assert taking_turns.many_streams > pipelined.many_streams
     # Their prompts take turns too: every stage's prefill in full, none hidden behind another's.
     assert taking_turns.many_streams_total < taking_turns.many_streams
+
+
+def test_the_faster_way_for_stages_on_one_unit_is_chosen_and_stages_apart_have_one_way() -> None:
+    # Reading weights dominates, and a step alone reads twice as fast: taking turns wins.
+    reads = [StageCost("d", int(0.5 * GB), int(1e8), 0, 5 * GB, 100 * GB, 10 * GB, compute="m/cpu/0-1")] * 2
+    prediction, turns = best_schedule(reads, [Link(0.0, 1e12)], 0, streams=16)
+    assert turns and prediction == predict(reads, [Link(0.0, 1e12)], 0, 16, take_turns=True)
+    # A step alone gains little from every core (an engine that scales badly with threads): the
+    # overlap of two micro-batches wins.
+    slow_alone = [replace(cost, alone_read_bandwidth=5.5 * GB) for cost in reads]
+    prediction, turns = best_schedule(slow_alone, [Link(0.0, 1e12)], 0, streams=16)
+    assert not turns and prediction == predict(slow_alone, [Link(0.0, 1e12)], 0, 16, take_turns=False)
+    apart = [replace(cost, compute=f"m{index}/cpu/0-1") for index, cost in enumerate(reads)]
+    assert best_schedule(apart, [Link(0.0, 1e12)], 0, streams=16)[1] is False
 
 
 def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:

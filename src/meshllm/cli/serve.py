@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from meshllm.cli.worker import add_kv_memory_argument, add_tls_arguments
+from meshllm.cli.worker import CORES_HELP, add_kv_memory_argument, add_tls_arguments, parse_cores
 from meshllm.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_GROUP_SIZE,
@@ -20,6 +20,7 @@ from meshllm.defaults import (
     ENGINES,
     QUANTIZE_MODES,
     SHARED_CORES_ENV,
+    SHARED_STAGES,
 )
 
 if TYPE_CHECKING:  # heavy or runtime modules load inside run() only
@@ -49,6 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="compute threads of each stage on this machine (default: its cores divided between them); "
         "more threads than cores in all makes idle threads sleep rather than spin (OMP_WAIT_POLICY=passive)",
+    )
+    parser.add_argument(
+        "--cores",
+        type=parse_cores,
+        default=None,
+        metavar="LIST",
+        help=CORES_HELP.format(who="this process and the workers it starts"),
+    )
+    parser.add_argument(
+        "--shared-stages",
+        choices=SHARED_STAGES,
+        default="auto",
+        help="how stages on the same cores (several on one machine) serve many streams: 'turns', one step "
+        "at a time with the whole batch on every core; 'together', a micro-batch each at once on their "
+        "share of the cores; 'auto' (default), whichever the start's prediction says is faster",
     )
     parser.add_argument(
         "--threads-alone",
@@ -315,12 +331,14 @@ def stage_threads(requested: int | None, stages_here: int, cores: int) -> tuple[
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshllm.cli.worker import read_token
+    from meshllm.cli.worker import pin_to_cores, read_token
     from meshllm.errors import ConfigError
     from meshllm.log import setup_logging
     from meshllm.runtime.local_workers import LocalWorkers
     from meshllm.server.launch import bind_socket
 
+    if args.cores is not None:  # before any library starts its threads; the workers started here inherit it
+        pin_to_cores(args.cores)
     setup_logging(args.name)
     workers = parse_workers(args.workers)
     parse_device_models(args.device_model)  # a bad item fails before anything starts
@@ -449,6 +467,7 @@ def _config(
         kv_memory=args.kv_memory,
         threads=args.stage_threads,
         threads_alone=args.threads_alone,
+        shared_stages=args.shared_stages,
     )
 
 

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     from meshllm.transport.tls import TlsFiles
 
 
+CORES_HELP = (
+    "run on these CPU cores only, such as 0-7 or 0-3,8-11 (Linux; default: every core {who} may use, "
+    "the default threads counting these). Stages on the same cores take turns, one step at a time; "
+    "stages on cores of their own, such as one per socket of a two-socket server, compute at once"
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
@@ -47,9 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_cores,
         default=None,
         metavar="LIST",
-        help="run on these CPU cores only, such as 0-7 or 0-3,8-11 (Linux; default: every core the "
-        "process may use). Stages on the same cores take turns, one step at a time; stages on cores of "
-        "their own, such as one per socket of a two-socket server, compute at once",
+        help=CORES_HELP.format(who="the process"),
     )
     parser.add_argument(
         "--threads-alone",
@@ -90,24 +95,17 @@ def parse_step_port(value: str) -> int | None:
     return port
 
 
-def parse_cores(text: str) -> set[int]:
+def parse_cores(text: str) -> frozenset[int]:
     """--cores: '0-3,8' -> {0, 1, 2, 3, 8}; argparse shows the error's message."""
-    cores: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"'{text}' is not a list of cores such as 0-3 or 0-3,8-11"
-            ) from None
-        if low < 0 or high < low:
-            raise argparse.ArgumentTypeError(f"'{part.strip()}' in '{text}' is not a range of cores")
-        cores.update(range(low, high + 1))
-    return cores
+    from meshllm.devices import parse_cores as parse
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def pin_to_cores(cores: set[int]) -> None:
+def pin_to_cores(cores: frozenset[int]) -> None:
     """Run this process on `cores` only; a ConfigError naming --cores when they cannot be had."""
     from meshllm.errors import ConfigError
 

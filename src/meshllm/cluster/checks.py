@@ -14,6 +14,7 @@ from typing import Any
 from meshllm.cluster.launch import Machine
 from meshllm.config import Cluster, Device
 from meshllm.defaults import SHARED_CORES_ENV
+from meshllm.devices import parse_cores
 
 MIN_PYTHON = (3, 10)
 
@@ -145,18 +146,25 @@ def install_command(machine: Machine, version: str | None) -> str:
 
 
 def threads_for(cluster: Cluster, device: Device, cpu_count: int) -> int:
-    """The device's `threads`, else its machine's cores split evenly between the stages it runs."""
+    """The device's `threads`, else its own `cores`' number, else its machine's cores split evenly
+    between the stages that share them."""
     if device.threads:
         return device.threads
-    sharing = sum(1 for other in cluster.device if other.machine == device.machine)
-    return max(1, cpu_count // sharing)
+    if device.cores:
+        return len(parse_cores(device.cores))
+    return max(1, cpu_count // _sharing(cluster, device))
 
 
 def threads_alone_for(cluster: Cluster, device: Device, cpu_count: int) -> int | None:
     """The threads of a step alone in the pipeline: the machine's cores where the device shares them
     with other stages (by default), else None (its `threads`)."""
-    sharing = sum(1 for other in cluster.device if other.machine == device.machine)
-    return cpu_count if sharing > 1 and not device.threads and cpu_count > 1 else None
+    shared = _sharing(cluster, device) > 1 and not device.cores
+    return cpu_count if shared and not device.threads and cpu_count > 1 else None
+
+
+def _sharing(cluster: Cluster, device: Device) -> int:
+    """The stages on the device's machine that share its cores (those given cores of their own do not)."""
+    return sum(1 for other in cluster.device if other.machine == device.machine and not other.cores)
 
 
 def compute_env(cluster: Cluster, device: Device, cpu_count: int) -> dict[str, str]:

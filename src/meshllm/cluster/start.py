@@ -255,6 +255,7 @@ class Starter:
         ]
         argv += self.tls_argv(device)
         argv += ["--step-port", str(device.step_port)] if device.step_port is not None else []
+        argv += ["--cores", device.cores] if device.cores else []
         engine = device.engine or self.cluster.cluster.engine
         argv += ["--engine", engine] if engine else []
         return argv + (["--quantize", device.quantize] if device.quantize else [])
@@ -297,6 +298,7 @@ class Starter:
             "--replay-timeout": f"{settings.replay_timeout:g}" if settings.replay_timeout else None,
             "--replan-after": f"{settings.replan_after:g}" if settings.replan_after is not None else None,
             "--worker-status": status,
+            "--cores": device.cores,
         }
         for flag, value in optional.items():
             if value:

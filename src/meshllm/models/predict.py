@@ -108,6 +108,7 @@ def predict(
     streams: int,
     prompt_tokens: int = PROMPT_TOKENS,
     new_tokens: int = NEW_TOKENS,
+    take_turns: bool = True,  # stages on one compute unit take turns; False: they compute at once
 ) -> Prediction:
     if not stages or streams < 1:
         raise ValueError("a prediction needs at least one stage and one stream")
@@ -116,7 +117,7 @@ def predict(
         return sum(link.seconds(tokens * activation_bytes) for link in links)
 
     context = mean_context(prompt_tokens, new_tokens)
-    units = [stage.compute or f"stage {index}" for index, stage in enumerate(stages)]
+    units = [(stage.compute if take_turns else "") or f"stage {index}" for index, stage in enumerate(stages)]
 
     def busiest(times: list[float]) -> float:
         """The most time one compute unit spends on its stages' share (stages of one unit take turns)."""
@@ -140,6 +141,21 @@ def predict(
     prefill_seconds = slowest + (sum(prefill) - slowest) / streams + hops(prompt_tokens)
     total = streams * new_tokens / (prefill_seconds + new_tokens * decode_cycle)
     return Prediction(one, streams, streams / decode_cycle, total, prompt_tokens, new_tokens)
+
+
+def best_schedule(
+    stages: list[StageCost], links: list[Link], activation_bytes: int, streams: int
+) -> tuple[Prediction, bool]:
+    """The faster way for stages that share a compute unit (one machine's cores) to serve `streams`:
+    taking turns, one step in flight per unit with the whole batch on every core, or computing at
+    once, a micro-batch each on their share of the cores (an engine whose steps gain little from more
+    threads gains more from the overlap). Its prediction, and whether it is taking turns; stages on
+    units of their own have only the one way (False)."""
+    together = predict(stages, links, activation_bytes, streams, take_turns=False)
+    if steps_in_flight([stage.compute for stage in stages]) == len(stages):
+        return together, False
+    turns = predict(stages, links, activation_bytes, streams, take_turns=True)
+    return (turns, True) if turns.many_streams > together.many_streams else (together, False)
 
 
 class CostModel:

@@ -49,6 +49,10 @@ class CoordinatorConfig:
     # set_threads); None: as the process was started.
     threads: int | None = None
     threads_alone: int | None = None
+    # How stages that share a compute unit (one machine's cores, `devices.compute_unit`) run: "turns",
+    # one step in flight per unit; "together", one per stage, computing at once; "auto", whichever the
+    # start's prediction says is faster ("together" where nothing was predicted).
+    shared_stages: str = "auto"
     # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
     # None: every worker reads `model` itself.
     weights_listen: str | None = None

@@ -1,8 +1,8 @@
 """The chain of stages as the coordinator drives it: its own stages in-process, then remote workers.
 
 `Pipeline.run_step` takes a step of token ids and returns the tokens the last stage sampled. Several
-steps may be in flight at once, one per compute unit its stages run on (`depth`); each stage processes
-them in order, one at a time.
+steps may be in flight at once (`depth`: one per stage, or one per compute unit where stages that share
+one take turns); each stage processes them in order, one at a time.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class Pipeline:
         # What each device's stage computes on (`devices.compute_unit`), by device name; a stage not
         # in it counts as a unit of its own.
         self.computes = dict(computes or {})
+        # Whether stages that share a unit take turns (one step in flight per unit) rather than
+        # computing at once (one per stage); chosen at start by the prediction (`best_schedule`).
+        self.take_turns = False
         # Every local forward pass and cache change runs on the process's compute thread, in order; the
         # event loop only moves bytes.
         self.listeners: list[StepListener] = []
@@ -57,11 +60,14 @@ class Pipeline:
 
     @property
     def depth(self) -> int:
-        """How many steps can usefully be in flight at once: one per compute unit the stages run on
-        (one per stage on machines of their own; one in all for stages that share one machine's cores,
-        which would only split them and the memory's bandwidth by computing at once)."""
+        """How many steps are in flight at once: one per stage, or, where stages that share a compute
+        unit take turns (`take_turns`), one per unit (stages on one machine's cores then compute one
+        step at a time, the whole batch on every core, where computing at once would split the cores
+        and the memory's bandwidth between micro-batches half the size)."""
         names = [host.name for host in self.local]
         names += [stage.name for stage in self.remote.stages] if self.remote else []
+        if not self.take_turns:
+            return len(names)
         return steps_in_flight([self.computes.get(name, "") for name in names])
 
     def _notify(self, stage: str, seconds: float) -> None:

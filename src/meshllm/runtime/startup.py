@@ -16,12 +16,20 @@ from typing import Any
 
 from meshllm import compute
 from meshllm.defaults import PREDICT_ENV
-from meshllm.devices import Calibration, LayerShape, Link, Precision, StageInfo, describe_host
+from meshllm.devices import (
+    Calibration,
+    LayerShape,
+    Link,
+    Precision,
+    StageInfo,
+    describe_host,
+    steps_in_flight,
+)
 from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
-from meshllm.models.predict import MEAN_CONTEXT, CostModel, describe, predict
+from meshllm.models.predict import MEAN_CONTEXT, CostModel, best_schedule, describe, predict
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -144,12 +152,25 @@ async def _start(
             for client, planned, next_stage in zip(clients, worker_plan, next_stages, strict=True)
         )
     )
+    turns: bool | None = None  # whether stages sharing a compute unit take turns, as predicted faster
     if predicting:
-        for line in await _predict(config, checkpoint, survey, clients):
+        lines, turns = await _predict(config, checkpoint, survey, clients)
+        for line in lines:
             log.info("%s", line)
 
     remote = StepChain(clients, config.step_timeout) if clients else None
     pipeline = Pipeline(local_hosts, remote, local_name=config.name, computes=survey.computes)
+    pipeline.take_turns = config.shared_stages == "turns" or (config.shared_stages == "auto" and bool(turns))
+    if pipeline.depth < len(plan):
+        log.info(
+            "%d stages compute on %d unit%s (stages that share a machine's cores take turns): "
+            "%d step%s in flight at a time",
+            len(plan),
+            pipeline.depth,
+            "" if pipeline.depth == 1 else "s",
+            pipeline.depth,
+            "" if pipeline.depth == 1 else "s",
+        )
     kv_budgets = await _kv_budgets(local_hosts, clients)
     scheduler = Scheduler(
         pipeline.depth,
@@ -271,7 +292,8 @@ async def forecast(config: CoordinatorConfig) -> list[str]:
         checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
         survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
         ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
-        return [f"plan: {ranges}", *await _predict(config, checkpoint, survey, clients)]
+        lines, _ = await _predict(config, checkpoint, survey, clients)
+        return [f"plan: {ranges}", *lines]
     finally:
         for client in clients:
             await client.close()
@@ -364,8 +386,9 @@ async def _links(config: CoordinatorConfig, clients: list[StageClient]) -> list[
 
 async def _predict(
     config: CoordinatorConfig, checkpoint: Checkpoint, survey: Survey, clients: list[StageClient]
-) -> list[str]:
-    """What the plan should give, with the fastest single device beside it: lines for a person."""
+) -> tuple[list[str], bool | None]:
+    """What the plan should give, with the fastest single device beside it: lines for a person; and
+    whether stages that share a compute unit should take turns (None: no prediction was made)."""
     plan, devices, calibrations = survey.plan, survey.devices, survey.calibrations
     quantize = {name: config.quantize_of(name) for name, _ in devices}
     lines = [
@@ -388,7 +411,7 @@ async def _predict(
     try:
         links = await _links(config, clients)
     except StageError as error:
-        return [*lines, f"no prediction: a link could not be measured: {error}"]
+        return [*lines, f"no prediction: a link could not be measured: {error}"], None
     for (first, second), link in zip(zip(plan, plan[1:], strict=False), links, strict=False):
         lines.append(
             f"link {first.device} -> {second.device}: {link.round_trip * 1e3:.2f} ms round trip, "
@@ -396,14 +419,21 @@ async def _predict(
         )
     model = CostModel(checkpoint, config.dtype, config.group_size)
     activation = checkpoint.config.hidden_size * (4 if config.dtype == "float32" else 2)
-    prediction = predict(
-        model.stage_costs(plan, quantize, calibrations, survey.computes),
-        links,
-        activation,
-        PREDICTED_STREAMS,
-    )
+    costs = model.stage_costs(plan, quantize, calibrations, survey.computes)
+    if config.shared_stages == "auto":
+        prediction, turns = best_schedule(costs, links, activation, PREDICTED_STREAMS)
+    else:
+        turns = config.shared_stages == "turns"
+        prediction = predict(costs, links, activation, PREDICTED_STREAMS, take_turns=turns)
+    if steps_in_flight([cost.compute for cost in costs]) < len(costs):
+        other = predict(costs, links, activation, PREDICTED_STREAMS, take_turns=not turns)
+        ways = ("taking turns, one step at a time", "computing at once, a micro-batch each")
+        lines.append(
+            f"stages on the same cores: {ways[not turns]} ({prediction.many_streams:.1f} tok/s for "
+            f"{PREDICTED_STREAMS} streams; {other.many_streams:.1f} {ways[turns].split(',')[0]})"
+        )
     alone = model.best_alone(devices, quantize, calibrations, PREDICTED_STREAMS)
-    return [*lines, describe(prediction, alone, len(plan))]
+    return [*lines, describe(prediction, alone, len(plan))], turns
 
 
 async def _ask(client: StageClient) -> StageInfo:
