@@ -161,6 +161,7 @@ PREDICTED = re.compile(
     r"predicted decode: ([\d.]+) tok/s for one stream, [\d.]+ tok/s total for (\d+) streams "
     r"\(([\d.]+) counting"
 )
+SCHEDULE = re.compile(r"stages on the same cores: ([^\n]*)")
 
 
 def prediction_in(logs: list[Path]) -> dict[str, float]:
@@ -171,6 +172,15 @@ def prediction_in(logs: list[Path]) -> dict[str, float]:
         if found:
             return {"1": float(found[1]), found[2]: float(found[3])}
     return {}
+
+
+def schedule_in(logs: list[Path]) -> str:
+    """How `meshllm serve` chose to run stages on the same cores ("" when they have cores of their own)."""
+    for log in logs:
+        found = SCHEDULE.search(log.read_text(errors="replace"))
+        if found:
+            return found[1]
+    return ""
 
 
 def rpc_server_binary(llamacpp: Path) -> Path:
@@ -377,6 +387,7 @@ def main() -> int:
         print(f"note: {note}", file=sys.stderr)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     predictions: dict[str, dict[str, float]] = {}  # meshllm's own, from serve's log
+    schedules: dict[str, str] = {}  # how it runs stages on the same cores, from serve's log
     load_before = machine_load()
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as log_dir:
         for spec in specs:
@@ -386,6 +397,8 @@ def main() -> int:
                 predicted = prediction_in(server.logs)
                 if predicted:
                     predictions[spec.label] = predicted
+                if schedule_in(server.logs):
+                    schedules[spec.label] = schedule_in(server.logs)
 
     commit = llamacpp_commit(args.llamacpp) if args.llamacpp is not None else None
     prompt_tokens = {
@@ -433,6 +446,8 @@ def main() -> int:
                     f"{measured:.1f} measured ({measured / predicted[level]:.2f}×)"
                 )
             print(f"  {label:<22} " + "; ".join(cells))
+    for label, schedule in schedules.items():
+        print(f"  {label:<22} stages on the same cores: {schedule}")
     if ratios:
         print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
         for pair, values in ratios.items():
@@ -447,6 +462,7 @@ def main() -> int:
         "servers": results,
         "ratios": ratios,
         "predicted": predictions,
+        "schedules": schedules,
         "notes": notes,
     }
     if args.json:
