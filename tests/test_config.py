@@ -250,5 +250,14 @@ def test_a_device_s_cores_reach_its_command_line_and_a_bad_list_is_named(tmp_pat
     worker = starter.worker_argv(cluster.device[1], threads=1)
     assert worker[worker.index("--cores") + 1] == "2"
     assert "--cores" not in starter.worker_argv(cluster.device[2], threads=1)
+    assert "--shared-stages" not in head
+    with_turns = text.replace('model = "demo"', 'model = "demo"\nshared_stages = "turns"')
+    turns = load_cluster(write(tmp_path, with_turns, "turns.toml"))
+    head = Starter(turns, force=False, timeout=10).coordinator_argv(turns.device[0])
+    assert head[head.index("--shared-stages") + 1] == "turns"
+    message = error_of(
+        tmp_path, text.replace('model = "demo"', 'model = "demo"\nshared_stages = "alternate"')
+    )
+    assert "shared_stages" in message and "'alternate'" in message
     message = error_of(tmp_path, MINIMAL.replace('name = "w1"', 'name = "w1"\ncores = "3-1"'))
     assert "cores" in message and "'3-1'" in message and "not a range of cores" in message

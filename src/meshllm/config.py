@@ -27,6 +27,7 @@ from meshllm.defaults import (
     DTYPES,
     ENGINES,
     QUANTIZE_MODES,
+    SHARED_STAGES,
     DtypeName,
     EngineName,
     QuantizeMode,
@@ -138,6 +139,7 @@ NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 Engine = Annotated[EngineName, _choice(*ENGINES)]
 Dtype = Annotated[DtypeName, _choice(*DTYPES)]
+SharedStages = Annotated[str, _choice(*SHARED_STAGES)]
 Quantize = Annotated[QuantizeMode, _choice(*QUANTIZE_MODES)]
 Role = Annotated[RoleName, _choice(*ROLES)]
 Env = Annotated[dict[str, str], BeforeValidator(_env)]
@@ -175,6 +177,7 @@ class ClusterSettings(_Frozen):
     step_timeout: PositiveNumber | None = None  # seconds a pipeline step may take before it fails
     replay_timeout: PositiveNumber | None = None  # seconds sequences wait for a lost stage to come back
     replan_after: NonNegativeNumber | None = None  # seconds before a lost worker's layers move (0: never)
+    shared_stages: SharedStages | None = None  # how stages on the same cores run (`serve --shared-stages`)
     weights_port: Port | None = None  # where workers without a copy fetch weights; None: api_port + 1
 
 

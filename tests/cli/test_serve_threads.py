@@ -36,3 +36,21 @@ def test_threads_alone_below_one_is_refused_naming_the_flag() -> None:
     )
     assert result.returncode == 1, result
     assert "--threads-alone must be at least 1, got 0" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "value", "message"),
+    [
+        ("serve", "2-1", "'2-1' in '2-1' is not a range of cores"),
+        ("worker", "a,b", "'a,b' is not a list of cores such as 0-3 or 0-3,8-11"),
+        ("worker", "4096", "--cores 4096: Invalid argument (this process may use cores"),
+    ],
+)
+def test_cores_that_are_no_list_or_not_this_machine_s_are_refused_naming_the_flag(
+    command: str, value: str, message: str
+) -> None:
+    argv = [sys.executable, "-m", "meshllm", command, "--cores", value]
+    argv += ["--model", "demo"] if command == "serve" else ["--port", "0"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0, result
+    assert message in result.stderr, result.stderr

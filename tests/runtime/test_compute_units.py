@@ -15,6 +15,7 @@ import pytest
 
 from meshllm.defaults import PREDICT_ENV
 from meshllm.devices import compute_unit, describe_host, steps_in_flight
+from meshllm.errors import ConfigError
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress
 from meshllm.runtime.engine_client import GenerateRequest
@@ -112,3 +113,8 @@ def test_stages_on_this_machines_cores_take_turns_and_a_pinned_worker_computes_b
     chose_turns = "stages on the same cores: taking turns" in caplog.text
     assert chose_turns or "stages on the same cores: computing at once" in caplog.text
     assert depth == (1 if chose_turns else 2)
+
+
+def test_a_way_for_stages_on_the_same_cores_that_is_no_way_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match="shared_stages: 'alternate' is not one of auto, turns, together"):
+        CoordinatorConfig(model="demo", shared_stages="alternate")

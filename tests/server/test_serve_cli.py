@@ -299,6 +299,12 @@ def test_serve_measures_the_devices_and_links_and_predicts_its_speed(
     )
     assert found and 0 < float(found.group(1)) < float(found.group(2)), output
     assert re.search(r"; (coordinator|worker\d) alone: [\d.]+ and [\d.]+ tok/s", output), output
+    # Its three stages share this machine's cores: the start says how they serve many streams.
+    assert re.search(
+        r"stages on the same cores: (taking turns, one step at a time|computing at once, a micro-batch "
+        r"each) \([\d.]+ tok/s for 16 streams; [\d.]+ (computing at once|taking turns)\)",
+        output,
+    ), output
 
 
 def _greedy_chat(url: str, model: str) -> str:

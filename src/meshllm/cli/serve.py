@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from meshllm.cli.worker import CORES_HELP, add_kv_memory_argument, add_tls_arguments, parse_cores
+from meshllm.cli.worker import add_cores_argument, add_kv_memory_argument, add_tls_arguments
 from meshllm.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_GROUP_SIZE,
@@ -51,13 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute threads of each stage on this machine (default: its cores divided between them); "
         "more threads than cores in all makes idle threads sleep rather than spin (OMP_WAIT_POLICY=passive)",
     )
-    parser.add_argument(
-        "--cores",
-        type=parse_cores,
-        default=None,
-        metavar="LIST",
-        help=CORES_HELP.format(who="this process and the workers it starts"),
-    )
+    add_cores_argument(parser, "this process and the workers it starts")
     parser.add_argument(
         "--shared-stages",
         choices=SHARED_STAGES,

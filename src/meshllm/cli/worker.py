@@ -13,13 +13,6 @@ if TYPE_CHECKING:
     from meshllm.transport.tls import TlsFiles
 
 
-CORES_HELP = (
-    "run on these CPU cores only, such as 0-7 or 0-3,8-11 (Linux; default: every core {who} may use, "
-    "the default threads counting these). Stages on the same cores take turns, one step at a time; "
-    "stages on cores of their own, such as one per socket of a two-socket server, compute at once"
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
@@ -49,13 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    parser.add_argument(
-        "--cores",
-        type=parse_cores,
-        default=None,
-        metavar="LIST",
-        help=CORES_HELP.format(who="the process"),
-    )
+    add_cores_argument(parser, "the process")
     parser.add_argument(
         "--threads-alone",
         type=int,
@@ -93,6 +80,18 @@ def parse_step_port(value: str) -> int | None:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535) or 'off'")
     return port
+
+
+def add_cores_argument(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument(
+        "--cores",
+        type=parse_cores,
+        default=None,
+        metavar="LIST",
+        help=f"run on these CPU cores only, such as 0-7 or 0-3,8-11 (Linux; default: every core {who} may "
+        "use, the default threads counting these); stages on cores of their own, such as one per socket "
+        "of a two-socket server, compute at once, where stages on the same cores may take turns",
+    )
 
 
 def parse_cores(text: str) -> frozenset[int]:

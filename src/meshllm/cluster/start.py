@@ -299,6 +299,7 @@ class Starter:
             "--replan-after": f"{settings.replan_after:g}" if settings.replan_after is not None else None,
             "--worker-status": status,
             "--cores": device.cores,
+            "--shared-stages": settings.shared_stages,
         }
         for flag, value in optional.items():
             if value:

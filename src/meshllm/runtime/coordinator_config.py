@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshllm.defaults import COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES
+from meshllm.defaults import COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES, SHARED_STAGES
 from meshllm.errors import ConfigError
 from meshllm.transport.tls import TlsFiles
 
@@ -71,6 +71,10 @@ class CoordinatorConfig:
                 raise ConfigError(f"{name}: {mode!r} is not one of {', '.join(QUANTIZE_MODES)}")
         if self.group_size < 1:
             raise ConfigError(f"the quantization group size must be positive, got {self.group_size}")
+        if self.shared_stages not in SHARED_STAGES:
+            raise ConfigError(
+                f"shared_stages: {self.shared_stages!r} is not one of {', '.join(SHARED_STAGES)}"
+            )
         if self.replay_timeout < 0:
             raise ConfigError(f"the replay timeout must not be negative, got {self.replay_timeout}")
         if self.replan_after is not None and self.replan_after < 0:
