@@ -99,6 +99,9 @@ class Calibration(NamedTuple):
     layer_token_seconds: float = 0.0
     layer_prompt_seconds: float = 0.0
     layer_step_seconds: float = 0.0
+    # What each decode token past the first adds to one layer with the threads of a step alone (0: not
+    # timed, or the same threads): where stages on the same cores take turns, every step is alone.
+    layer_token_seconds_alone: float = 0.0
 
 
 class LayerShape(NamedTuple):

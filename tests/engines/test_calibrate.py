@@ -48,6 +48,14 @@ def test_a_layer_of_the_models_shape_is_timed_on_every_engine(engine: str) -> No
     assert calibrate(engine, Precision("float32"), threads=1).layer_token_seconds == 0.0
 
 
+@pytest.mark.parametrize("engine", ["torch", "ggml"])
+def test_a_decode_token_is_timed_again_on_the_threads_of_a_step_alone_where_they_differ(engine: str) -> None:
+    measured = calibrate(engine, Precision("float32"), threads=1, layer=SMALL_LAYER, alone=2)
+    assert 0 < measured.layer_token_seconds_alone < 0.1
+    same = calibrate(engine, Precision("float32"), threads=1, layer=SMALL_LAYER, alone=1)
+    assert same.layer_token_seconds > 0 and same.layer_token_seconds_alone == 0.0  # nothing more to time
+
+
 def test_a_wider_layer_takes_longer_per_token() -> None:
     narrow = calibrate("ggml", Precision("float32"), threads=1, layer=SMALL_LAYER)
     wide = calibrate(

@@ -67,6 +67,17 @@ def test_the_faster_way_for_stages_on_one_unit_is_chosen_and_stages_apart_have_o
     assert best_schedule(apart, [Link(0.0, 1e12)], 0, streams=16)[1] is False
 
 
+def test_a_step_alone_adds_its_tokens_at_the_lone_threads_timing_the_head_gaining_as_the_layers_did() -> None:
+    timed = StageCost(
+        "d", 0, 0, int(1e8), GB, 100 * GB, 2 * GB, 50 * GB, layers=10, layer_token_seconds=0.002,
+        layer_token_seconds_alone=0.001,
+    )  # fmt: skip
+    shared = timed.step_seconds(16)
+    alone = timed.step_seconds(16, alone=True)
+    assert shared == pytest.approx(15 * (10 * 0.002 + 2 * 1e8 / (50 * GB)))
+    assert alone == pytest.approx(15 * (10 * 0.001 + 2 * 1e8 / (100 * GB)))  # twice the decode rate
+
+
 def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:
     whole = predict([stage(1.0, weights=5e7)], [], 0, streams=16)
     halves = predict([stage(0.5, weights=2.5e7)] * 2, [Link(0.001, 1 * GB)], 2048, streams=16)

@@ -89,7 +89,10 @@ def calibrate(
         log.warning("no layer of the model's shape could be timed here (%s): predicting from matmuls", error)
         return calibration
     return calibration._replace(
-        layer_token_seconds=timed.token, layer_prompt_seconds=timed.prompt, layer_step_seconds=timed.step
+        layer_token_seconds=timed.token,
+        layer_prompt_seconds=timed.prompt,
+        layer_step_seconds=timed.step,
+        layer_token_seconds_alone=timed.token_alone,
     )
 
 

@@ -36,6 +36,7 @@ class LayerTiming(NamedTuple):
     token: float  # what each decode token past the first adds to a step, with the threads of a shared step
     prompt: float  # a prompt token
     step: float  # a one-token decode step, its weights close by, with the threads of a step alone
+    token_alone: float = 0.0  # as `token`, with the threads of a step alone (0: the same threads)
 
 
 def time_layers(
@@ -47,7 +48,8 @@ def time_layers(
     alone: int | None = None,
 ) -> LayerTiming:
     """Time layers of `shape`: `DECODE_BATCH` sequences of `shape.context` cached tokens each, decode steps
-    of all of them and of one, on `threads` CPU threads (and one-token steps on `alone` threads too)."""
+    of all of them and of one, on `threads` CPU threads, and again on `alone` threads (a step alone in the
+    pipeline, where stages on the same cores take turns), with one-token steps alone on those."""
     from meshllm.engines import load_stage  # the engines' package imports this module's callers
 
     with tempfile.TemporaryDirectory(prefix="meshllm-layers-") as folder:
@@ -98,11 +100,24 @@ def _time(stage: Stage, context: int, threads: int | None, alone: int | None) ->
         if alone:
             stage.set_threads(alone)
         lone = [step({first: 1}) for _ in range(REPEATS + 1)][1:]
+        one_alone: list[float] = []
+        many_alone: list[float] = []
+        if alone and alone != threads:
+            for repeat in range(REPEATS + 1):
+                timed = step({first: 1}), step(dict.fromkeys(sequences, 1))
+                if repeat:
+                    one_alone.append(timed[0])
+                    many_alone.append(timed[1])
     finally:
         stage.release(sequences)
-    added = (statistics.median(many) - statistics.median(one)) / (DECODE_BATCH - 1)
+
+    def added(many: list[float], one: list[float]) -> float:
+        """What each token past the first adds to one layer."""
+        return max(statistics.median(many) - statistics.median(one), 0.0) / (DECODE_BATCH - 1) / LAYERS
+
     return LayerTiming(
-        max(added, 0.0) / LAYERS,
+        added(many, one),
         statistics.median(prompts) / context / LAYERS,
         statistics.median(lone) / LAYERS,
+        added(many_alone, one_alone) if many_alone else 0.0,
     )

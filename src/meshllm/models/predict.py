@@ -52,6 +52,7 @@ class StageCost:
     layer_step_seconds: float = 0.0  # a one-token step in one layer, its weights close by
     head_bytes: int = 0  # of read_bytes, the final norm's and the lm_head's
     compute: str = ""  # what the device computes on (`devices.compute_unit`; "": a unit of its own)
+    layer_token_seconds_alone: float = 0.0  # layer_token_seconds with a lone step's threads (0: the same)
 
     def step_seconds(
         self, tokens: int, head_tokens: int | None = None, alone: bool = False, context: int = 0
@@ -70,8 +71,12 @@ class StageCost:
         if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
             decode_rate = self.decode_flop_rate or self.flop_rate
             if self.layer_token_seconds:  # timed with its attention over as much context
+                layer = self.layer_token_seconds
+                if alone and self.layer_token_seconds_alone:  # and on a lone step's threads: the head's
+                    layer = self.layer_token_seconds_alone  # arithmetic gains as the layer's did
+                    decode_rate *= self.layer_token_seconds / layer
                 first = context * self.cache_bytes / bandwidth
-                added = self.layers * self.layer_token_seconds + 2 * self.head_weights / decode_rate
+                added = self.layers * layer + 2 * self.head_weights / decode_rate
                 return read + first + (tokens - 1) * added
             attention = tokens * context * self.cache_bytes / bandwidth
             return read + attention + 2 * self.weights * (tokens - 1) / decode_rate
@@ -203,6 +208,7 @@ class CostModel:
             calibration.layer_step_seconds,
             self.held(quantize).head if last else 0,
             compute,
+            calibration.layer_token_seconds_alone,
         )
 
     def stage_costs(

@@ -400,7 +400,12 @@ async def _predict(
             + (f" ({found.decode_flop_rate / 1e9:.0f} decoding)" if found.decode_flop_rate else "")
             + (
                 f", a layer adds {found.layer_token_seconds * 1e3:.2f} ms a decode token "
-                f"({found.layer_prompt_seconds * 1e3:.2f} a prompt token, "
+                + (
+                    f"({found.layer_token_seconds_alone * 1e3:.2f} alone, "
+                    if found.layer_token_seconds_alone
+                    else "("
+                )
+                + f"{found.layer_prompt_seconds * 1e3:.2f} a prompt token, "
                 f"{found.layer_step_seconds * 1e3:.2f} a one-token step)"
                 if found.layer_token_seconds
                 else ""

@@ -282,6 +282,7 @@ _CALIBRATION_FIELDS = {
     "layer_token_seconds": "layer_token_seconds",
     "layer_prompt_seconds": "layer_prompt_seconds",
     "layer_step_seconds": "layer_step_seconds",
+    "layer_token_seconds_alone": "layer_token_seconds_alone",
 }
 
 
