@@ -58,11 +58,15 @@ def test_the_faster_way_for_stages_on_one_unit_is_chosen_and_stages_apart_have_o
     reads = [StageCost("d", int(0.5 * GB), int(1e8), 0, 5 * GB, 100 * GB, 10 * GB, compute="m/cpu/0-1")] * 2
     prediction, turns = best_schedule(reads, [Link(0.0, 1e12)], 0, streams=16)
     assert turns and prediction == predict(reads, [Link(0.0, 1e12)], 0, 16, take_turns=True)
-    # A step alone gains little from every core (an engine that scales badly with threads): the
-    # overlap of two micro-batches wins.
-    slow_alone = [replace(cost, alone_read_bandwidth=5.5 * GB) for cost in reads]
-    prediction, turns = best_schedule(slow_alone, [Link(0.0, 1e12)], 0, streams=16)
-    assert not turns and prediction == predict(slow_alone, [Link(0.0, 1e12)], 0, 16, take_turns=False)
+    # Arithmetic dominates, and gains little from a lone step's threads (an engine that scales badly
+    # with threads): the overlap of two micro-batches wins.
+    arithmetic = [
+        replace(cost, read_bytes=int(0.01 * GB), layers=10, layer_token_seconds=0.002,
+                layer_token_seconds_alone=0.0019)
+        for cost in reads
+    ]  # fmt: skip
+    prediction, turns = best_schedule(arithmetic, [Link(0.0, 1e12)], 0, streams=16)
+    assert not turns and prediction == predict(arithmetic, [Link(0.0, 1e12)], 0, 16, take_turns=False)
     apart = [replace(cost, compute=f"m{index}/cpu/0-1") for index, cost in enumerate(reads)]
     assert best_schedule(apart, [Link(0.0, 1e12)], 0, streams=16)[1] is False
 
@@ -76,6 +80,22 @@ def test_a_step_alone_adds_its_tokens_at_the_lone_threads_timing_the_head_gainin
     alone = timed.step_seconds(16, alone=True)
     assert shared == pytest.approx(15 * (10 * 0.002 + 2 * 1e8 / (50 * GB)))
     assert alone == pytest.approx(15 * (10 * 0.001 + 2 * 1e8 / (100 * GB)))  # twice the decode rate
+
+
+def test_stages_of_one_unit_computing_at_once_share_its_read_speed_and_a_lone_step_s_prompts_gain() -> None:
+    cost = StageCost(
+        "d", int(GB), 0, 0, 8 * GB, 100 * GB, 12 * GB, layers=10, layer_token_seconds=0.002,
+        layer_token_seconds_alone=0.001, layer_prompt_seconds=0.001, compute="m/cpu/0-1",
+    )  # fmt: skip
+    assert cost.sharing(2).read_bandwidth == 6 * GB  # 12 GB/s between two, below the 8 one thread reads
+    assert (
+        cost.sharing(1) is cost
+        and replace(cost, alone_read_bandwidth=0.0).sharing(2).read_bandwidth == 8 * GB
+    )
+    shared = cost.step_seconds(100, head_tokens=1)
+    alone = cost.step_seconds(100, head_tokens=1, alone=True)
+    assert shared == pytest.approx(1 / 8 + 100 * 10 * 0.001)
+    assert alone == pytest.approx(1 / 12 + 100 * 10 * 0.0005)  # twice as fast, as its decode tokens
 
 
 def test_a_split_adds_its_links_to_one_stream_and_pipelines_many() -> None:

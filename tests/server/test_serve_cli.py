@@ -302,7 +302,7 @@ def test_serve_measures_the_devices_and_links_and_predicts_its_speed(
     # Its three stages share this machine's cores: the start says how they serve many streams.
     assert re.search(
         r"stages on the same cores: (taking turns, one step at a time|computing at once, a micro-batch "
-        r"each) \([\d.]+ tok/s for 16 streams; [\d.]+ (computing at once|taking turns)\)",
+        r"each) \([\d.]+ tok/s for 16 streams with their prompts; [\d.]+ (computing at once|taking turns)\)",
         output,
     ), output
 

@@ -24,8 +24,9 @@ should come within a fair margin of.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshllm.devices import Calibration, Link, steps_in_flight
 from meshllm.models.balance import ModelCosts
@@ -74,16 +75,31 @@ class StageCost:
                 layer = self.layer_token_seconds
                 if alone and self.layer_token_seconds_alone:  # and on a lone step's threads: the head's
                     layer = self.layer_token_seconds_alone  # arithmetic gains as the layer's did
-                    decode_rate *= self.layer_token_seconds / layer
+                    decode_rate *= self.alone_gain()
                 first = context * self.cache_bytes / bandwidth
                 added = self.layers * layer + 2 * self.head_weights / decode_rate
                 return read + first + (tokens - 1) * added
             attention = tokens * context * self.cache_bytes / bandwidth
             return read + attention + 2 * self.weights * (tokens - 1) / decode_rate
-        head = 2 * self.head_weights * head_tokens / self.flop_rate
+        # Prompt chunks' arithmetic gains from a lone step's threads as much as decode tokens' did.
+        gain = self.alone_gain() if alone else 1.0
+        head = 2 * self.head_weights * head_tokens / (self.flop_rate * gain)
         if self.layer_prompt_seconds:
-            return read + tokens * self.layers * self.layer_prompt_seconds + head
-        return read + 2 * (self.weights - self.head_weights) * tokens / self.flop_rate + head
+            return read + tokens * self.layers * self.layer_prompt_seconds / gain + head
+        return read + 2 * (self.weights - self.head_weights) * tokens / (self.flop_rate * gain) + head
+
+    def alone_gain(self) -> float:
+        """How much faster a decode token's arithmetic ran on a lone step's threads (1: not timed)."""
+        if self.layer_token_seconds and self.layer_token_seconds_alone:
+            return self.layer_token_seconds / self.layer_token_seconds_alone
+        return 1.0
+
+    def sharing(self, stages: int) -> StageCost:
+        """The cost while `stages` stages of its compute unit compute at once: together they read at
+        most what a step alone reads with every thread (the unit's memory is one), each its share."""
+        if stages < 2 or not self.alone_read_bandwidth:
+            return self
+        return replace(self, read_bandwidth=min(self.read_bandwidth, self.alone_read_bandwidth / stages))
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,9 @@ def predict(
 
     context = mean_context(prompt_tokens, new_tokens)
     units = [(stage.compute if take_turns else "") or f"stage {index}" for index, stage in enumerate(stages)]
+    if not take_turns:  # stages of one unit computing at once share its memory's bandwidth
+        shared = Counter(stage.compute for stage in stages if stage.compute)
+        stages = [stage.sharing(shared[stage.compute]) if stage.compute else stage for stage in stages]
 
     def busiest(times: list[float]) -> float:
         """The most time one compute unit spends on its stages' share (stages of one unit take turns)."""
@@ -140,7 +159,10 @@ def predict(
     in_flight = min(steps_in_flight(units), streams)
     batch = math.ceil(streams / in_flight)
     decode_cycle = cycle(batch, in_flight)
-    prefill = [stage.step_seconds(prompt_tokens * streams, head_tokens=streams) for stage in stages]
+    prefill = [
+        stage.step_seconds(prompt_tokens * streams, head_tokens=streams, alone=in_flight == 1)
+        for stage in stages
+    ]
     # Prompts follow each other through the compute units: the busiest one's share, plus the rest once.
     slowest = busiest(prefill)
     prefill_seconds = slowest + (sum(prefill) - slowest) / streams + hops(prompt_tokens)
@@ -154,13 +176,15 @@ def best_schedule(
     """The faster way for stages that share a compute unit (one machine's cores) to serve `streams`:
     taking turns, one step in flight per unit with the whole batch on every core, or computing at
     once, a micro-batch each on their share of the cores (an engine whose steps gain little from more
-    threads gains more from the overlap). Its prediction, and whether it is taking turns; stages on
-    units of their own have only the one way (False)."""
+    threads gains more from the overlap), by the tokens/s of the streams with their prompts. Its
+    prediction, and whether it is taking turns; stages on units of their own have only the one way
+    (False)."""
     together = predict(stages, links, activation_bytes, streams, take_turns=False)
     if steps_in_flight([stage.compute for stage in stages]) == len(stages):
         return together, False
     turns = predict(stages, links, activation_bytes, streams, take_turns=True)
-    return (turns, True) if turns.many_streams > together.many_streams else (together, False)
+    faster = turns.many_streams_total > together.many_streams_total  # with their prompts: they wait too
+    return (turns, True) if faster else (together, False)
 
 
 class CostModel:

@@ -434,8 +434,9 @@ async def _predict(
         other = predict(costs, links, activation, PREDICTED_STREAMS, take_turns=not turns)
         ways = ("taking turns, one step at a time", "computing at once, a micro-batch each")
         lines.append(
-            f"stages on the same cores: {ways[not turns]} ({prediction.many_streams:.1f} tok/s for "
-            f"{PREDICTED_STREAMS} streams; {other.many_streams:.1f} {ways[turns].split(',')[0]})"
+            f"stages on the same cores: {ways[not turns]} ({prediction.many_streams_total:.1f} tok/s for "
+            f"{PREDICTED_STREAMS} streams with their prompts; {other.many_streams_total:.1f} "
+            f"{ways[turns].split(',')[0]})"
         )
     alone = model.best_alone(devices, quantize, calibrations, PREDICTED_STREAMS)
     return [*lines, describe(prediction, alone, len(plan))], turns
