@@ -29,4 +29,4 @@ TOKEN_ENV = "MESHLLM_TOKEN"  # where `meshllm worker` finds the cluster token wh
 COORDINATOR_STAGE = "coordinator"
 
 # How stages that share a compute unit run (`serve --shared-stages`): the first is the default.
-SHARED_STAGES = ("auto", "turns", "together")
+SHARED_STAGES = ("turns", "together", "auto")

@@ -116,5 +116,5 @@ def test_stages_on_this_machines_cores_take_turns_and_a_pinned_worker_computes_b
 
 
 def test_a_way_for_stages_on_the_same_cores_that_is_no_way_is_refused_naming_it() -> None:
-    with pytest.raises(ConfigError, match="shared_stages: 'alternate' is not one of auto, turns, together"):
+    with pytest.raises(ConfigError, match="shared_stages: 'alternate' is not one of turns, together, auto"):
         CoordinatorConfig(model="demo", shared_stages="alternate")

@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shared-stages",
         choices=SHARED_STAGES,
-        default="auto",
-        help="how stages on the same cores (several on one machine) serve many streams: 'turns', one step "
-        "at a time with the whole batch on every core; 'together', a micro-batch each at once on their "
-        "share of the cores; 'auto' (default), whichever the start's prediction says is faster",
+        default=SHARED_STAGES[0],
+        help="how stages on the same cores (several on one machine) serve many streams: 'turns' (default), "
+        "one step at a time with the whole batch on every core; 'together', a micro-batch each at once on "
+        "their share of the cores; 'auto', whichever the start's prediction says is faster",
     )
     parser.add_argument(
         "--threads-alone",

@@ -52,7 +52,7 @@ class CoordinatorConfig:
     # How stages that share a compute unit (one machine's cores, `devices.compute_unit`) run: "turns",
     # one step in flight per unit; "together", one per stage, computing at once; "auto", whichever the
     # start's prediction says is faster ("together" where nothing was predicted).
-    shared_stages: str = "auto"
+    shared_stages: str = SHARED_STAGES[0]
     # "host:port" where the coordinator serves the checkpoint's weights to workers without their own copy;
     # None: every worker reads `model` itself.
     weights_listen: str | None = None
