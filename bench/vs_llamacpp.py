@@ -397,8 +397,9 @@ def main() -> int:
                 predicted = prediction_in(server.logs)
                 if predicted:
                     predictions[spec.label] = predicted
-                if schedule_in(server.logs):
-                    schedules[spec.label] = schedule_in(server.logs)
+                schedule = schedule_in(server.logs)
+                if schedule:
+                    schedules[spec.label] = schedule
 
     commit = llamacpp_commit(args.llamacpp) if args.llamacpp is not None else None
     prompt_tokens = {

@@ -14,6 +14,7 @@ import platform
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -185,8 +186,8 @@ def compute_unit(device_type: str) -> str:
     """What a stage of `device_type` in this process computes on, as a name two processes agree on
     when they share it: this machine's CPU cores the process may run on (its affinity), its GPU as a
     whole on a Mac (mps and metal: one GPU, and memory shared with the CPU), or one CUDA device (its
-    UUID, whatever CUDA_VISIBLE_DEVICES numbers it). Stages on one unit gain nothing from computing
-    at the same time (they would split its cores and its memory's bandwidth): the pipeline keeps one
+    UUID, whatever CUDA_VISIBLE_DEVICES numbers it). Stages on one unit computing at the same time
+    split its cores and its memory's bandwidth: by default they take turns, the pipeline keeping one
     step in flight per unit (`steps_in_flight`)."""
     machine = _machine()
     if device_type == "cuda":
@@ -200,7 +201,7 @@ def compute_unit(device_type: str) -> str:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux: every process may run on every core
         return f"{machine}/cpu"
-    return f"{machine}/cpu/{_ranges(cores)}"
+    return f"{machine}/cpu/{format_cores(cores)}"
 
 
 def steps_in_flight(units: list[str]) -> int:
@@ -225,10 +226,10 @@ def parse_cores(text: str) -> frozenset[int]:
     return frozenset(cores)
 
 
-def _ranges(numbers: list[int]) -> str:
-    """ "0-3,6" for [0, 1, 2, 3, 6]."""
+def format_cores(cores: Iterable[int]) -> str:
+    """ "0-3,6" for {0, 1, 2, 3, 6}: what `parse_cores` reads."""
     spans: list[list[int]] = []
-    for number in numbers:
+    for number in sorted(cores):
         if spans and spans[-1][1] == number - 1:
             spans[-1][1] = number
         else:

@@ -106,6 +106,7 @@ def parse_cores(text: str) -> frozenset[int]:
 
 def pin_to_cores(cores: frozenset[int]) -> None:
     """Run this process on `cores` only; a ConfigError naming --cores when they cannot be had."""
+    from meshllm.devices import format_cores
     from meshllm.errors import ConfigError
 
     if not hasattr(os, "sched_setaffinity"):
@@ -113,10 +114,9 @@ def pin_to_cores(cores: frozenset[int]) -> None:
     try:
         os.sched_setaffinity(0, cores)
     except OSError as error:
-        usable = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
         raise ConfigError(
-            f"--cores {','.join(str(core) for core in sorted(cores))}: {error.strerror} "
-            f"(this process may use cores {usable})"
+            f"--cores {format_cores(cores)}: {error.strerror} "
+            f"(this process may use cores {format_cores(os.sched_getaffinity(0))})"
         ) from None
 
 

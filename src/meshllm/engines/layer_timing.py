@@ -83,11 +83,9 @@ def _time(stage: Stage, context: int, threads: int | None, alone: int | None) ->
 
     sequences = list(range(DECODE_BATCH))
     first = sequences[0]
-    try:
-        if threads:
-            stage.set_threads(threads)
-        step({first: context})  # untimed: first calls build what the engine keeps
-        prompts = [step({seq: context}) for seq in sequences[1:]]
+
+    def decode_steps() -> tuple[list[float], list[float]]:
+        """Seconds of decode steps of one sequence and of all of them, after an untimed pair."""
         one: list[float] = []
         many: list[float] = []
         for repeat in range(REPEATS + 1):
@@ -95,19 +93,20 @@ def _time(stage: Stage, context: int, threads: int | None, alone: int | None) ->
             if repeat:  # the first of each: untimed
                 one.append(timed[0])
                 many.append(timed[1])
+        return one, many
+
+    try:
+        if threads:
+            stage.set_threads(threads)
+        step({first: context})  # untimed: first calls build what the engine keeps
+        prompts = [step({seq: context}) for seq in sequences[1:]]
+        one, many = decode_steps()
         # One stream's steps follow each other on the threads of a step alone (switching threads between
         # steps costs some engines a step's worth).
         if alone:
             stage.set_threads(alone)
         lone = [step({first: 1}) for _ in range(REPEATS + 1)][1:]
-        one_alone: list[float] = []
-        many_alone: list[float] = []
-        if alone and alone != threads:
-            for repeat in range(REPEATS + 1):
-                timed = step({first: 1}), step(dict.fromkeys(sequences, 1))
-                if repeat:
-                    one_alone.append(timed[0])
-                    many_alone.append(timed[1])
+        one_alone, many_alone = decode_steps() if alone and alone != threads else ([], [])
     finally:
         stage.release(sequences)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshllm.defaults import MODEL_TYPES
 from meshllm.devices import LayerShape
 from meshllm.models.checkpoint import cache_dir
 
@@ -61,7 +62,7 @@ class TinySpec:
     fill_vocab: bool = False
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = MODEL_TYPES  # a tiny checkpoint of every model type the engines run
 
 
 def _config(arch: str, spec: TinySpec, vocab_size: int, eos_id: int, bos_id: int) -> dict:

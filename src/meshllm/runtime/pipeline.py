@@ -47,7 +47,7 @@ class Pipeline:
         # in it counts as a unit of its own.
         self.computes = dict(computes or {})
         # Whether stages that share a unit take turns (one step in flight per unit) rather than
-        # computing at once (one per stage); chosen at start by the prediction (`best_schedule`).
+        # computing at once (one per stage): `CoordinatorConfig.shared_stages`, set at start.
         self.take_turns = False
         # Every local forward pass and cache change runs on the process's compute thread, in order; the
         # event loop only moves bytes.
