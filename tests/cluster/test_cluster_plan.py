@@ -4,9 +4,10 @@ predicted speed printed; nothing loaded, and a later `start` uses the workers it
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
-from cluster_helpers import meshllm, status_rows
+from cluster_helpers import coordinator_device, meshllm, status_rows, worker_device
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +44,20 @@ def test_plan_refuses_a_running_cluster(running_cluster) -> None:
     result = meshllm("cluster", "plan", "-c", running_cluster)
     assert result.returncode != 0
     assert "is running: a plan measures idle devices; stop it first" in result.stderr
+
+
+def test_a_plan_killed_before_a_word_says_how_it_ended(cluster_files, tmp_path: Path) -> None:
+    # The coordinator's plan process dies by SIGKILL before printing anything (the checks before it pass).
+    killer = tmp_path / "killer"
+    killer.mkdir()
+    (killer / "sitecustomize.py").write_text(
+        "import os, signal, sys\nif '--plan-only' in sys.argv:\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    devices = [coordinator_device(env={"PYTHONPATH": str(killer)}), worker_device()]
+    path = cluster_files.write(devices, name="killed")
+    result = meshllm("cluster", "plan", "-c", path)
+    assert result.returncode == 1, str(result)
+    assert "device 'coordinator': the plan failed (killed by SIGKILL: out of memory?)." in result.error, (
+        result
+    )
+    assert "coordinator.plan.log is empty." in result.error, result

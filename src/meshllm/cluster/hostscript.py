@@ -17,6 +17,9 @@ import sys
 import time
 
 RESULT_MARKER = "@@meshllm-result "
+# The processes `launch` started from this process, by pid: where it is their parent (a local device),
+# `exit_status` can say how one ended. Over ssh the launching script is gone before they end.
+_LAUNCHED = {}  # type: dict[int, subprocess.Popen[bytes]]
 REQUIRED_MODULES = ("grpc", "google.protobuf", "numpy", "safetensors", "tokenizers", "pydantic")
 
 
@@ -226,7 +229,15 @@ def launch(argv, cwd, log, env=None, files=None):
             )
     except OSError as error:
         return {"error": f"{getattr(error, 'filename', None) or argv[0]}: {error.strerror or error}"}
+    _LAUNCHED[process.pid] = process
     return {"pid": process.pid, "log": log, "hostname": socket.gethostname()}
+
+
+def exit_status(pid):
+    """{"status": how a process `launch` started here ended (its exit code, or minus the signal that
+    killed it)}; None while it runs, or where this process did not start it."""
+    process = _LAUNCHED.get(pid)
+    return {"status": None if process is None else process.poll()}
 
 
 def stop(pid, timeout=10.0, port=None, bind=None):
@@ -378,6 +389,7 @@ ACTIONS = {
     "launch": launch,
     "stop": stop,
     "alive": alive,
+    "exit_status": exit_status,
     "read_json": read_json,
     "venv_check": venv_check,
     "make_venv": make_venv,

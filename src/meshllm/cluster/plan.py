@@ -8,6 +8,7 @@ plan printed is the plan a start makes. Nothing is loaded.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -76,9 +77,24 @@ def _run_plan(starter: Starter, facts: dict, timeout: float) -> list[str]:
     output = read_log_tail(machine, result["log"], 200)
     lines = [line for line in output if line.startswith(_PLAN_LINES)]
     if not any(line.startswith("plan: ") for line in lines):
+        status = machine.call("exit_status", {"pid": pid})["status"]
         raise ConfigError(
-            f"device {device.name!r}: the plan failed. Last lines of {log}:\n  "
-            + "\n  ".join(output[-12:])
+            f"device {device.name!r}: the plan failed{_how_it_ended(status)}. "
+            + (f"Last lines of {log}:\n  " + "\n  ".join(output[-12:]) if output else f"{log} is empty.")
             + f"\n(`meshllm cluster logs -c {cluster.path}` shows the workers' logs)"
         )
     return lines
+
+
+def _how_it_ended(status: int | None) -> str:
+    """How the plan's process ended, where known (it is known where this process started it)."""
+    if status is None:
+        return ""
+    if status >= 0:
+        return f" (exit status {status})"
+    try:
+        name = signal.Signals(-status).name
+    except ValueError:
+        name = f"signal {-status}"
+    hint = ": out of memory?" if -status == signal.SIGKILL else ""
+    return f" (killed by {name}{hint})"
