@@ -7,8 +7,9 @@ Two figures per hop:
   down and a relay back up); the median over the steps. Compute noise does not enter it.
 - by difference: (ms per token with N stages - ms per token with 1 stage) / (N - 1), which also counts
   any change in the stages' compute; noisy where a token costs far more than a hop.
-Both are measured with step links (plain TCP, the default) and with gRPC's Forward stream
-(`MESHLLM_LINKS=0`), and decode throughput with 8 concurrent sequences is reported beside them.
+Both are measured with step links (the default: over the local sockets of the workers, on Linux), with
+step links over loopback TCP (`MESHLLM_LOCAL_LINKS=0`: what links between machines take) and with gRPC's
+Forward stream (`MESHLLM_LINKS=0`); decode throughput with 8 concurrent sequences is reported beside them.
 The coordinator runs on the event loop `meshllm serve` runs on (uvloop's where installed).
 
     .venv/bin/python bench/hop_overhead.py [--shape bench|0.6b] [--tokens 64] [--json] [--plot FILE.png]
@@ -41,9 +42,15 @@ from meshllm.runtime.coordinator_config import CoordinatorConfig, WorkerAddress 
 from meshllm.runtime.engine_client import GenerateRequest  # noqa: E402
 from meshllm.runtime.local_workers import LocalWorkers  # noqa: E402
 from meshllm.step import SamplingParams  # noqa: E402
-from meshllm.transport.frames import LINKS_ENV  # noqa: E402
+from meshllm.transport.frames import LINKS_ENV, LOCAL_LINKS_ENV  # noqa: E402
 
-TRANSPORTS = {"link": "1", "grpc": "0"}  # MESHLLM_LINKS for each
+# The environment of the coordinator for each transport: links (over the workers' local sockets where
+# the machine has them, Linux), links over loopback TCP, gRPC's Forward stream.
+TRANSPORTS = {
+    "link": {LINKS_ENV: "1", LOCAL_LINKS_ENV: "1"},
+    "tcp": {LINKS_ENV: "1", LOCAL_LINKS_ENV: "0"},
+    "grpc": {LINKS_ENV: "0", LOCAL_LINKS_ENV: "1"},
+}
 
 
 async def measure(path: Path, workers: list[WorkerAddress], tokens: int, dtype: str) -> dict[str, float]:
@@ -116,14 +123,17 @@ def main() -> int:
             described = f"qwen3-shaped, {SPEC.num_hidden_layers} layers, hidden {SPEC.hidden_size}, float32"
         try:
             addresses = workers.spawn(3, token=None, threads=1, output=subprocess.DEVNULL)
+            # workers that link to each other over TCP too (and take no link on a local socket)
+            tcp_only = {LOCAL_LINKS_ENV: "0"}
+            tcp_addresses = workers.spawn(3, token=None, threads=1, output=subprocess.DEVNULL, env=tcp_only)
             asyncio.run(workers.wait_healthy(token=None))
             for n_stages in (1, 2, 4):
-                for transport, switch in TRANSPORTS.items():
-                    if n_stages == 1 and transport == "grpc":
+                for transport, environment in TRANSPORTS.items():
+                    if n_stages == 1 and transport != "link":
                         results[transport]["1"] = results["link"]["1"]  # no hop: the same run
                         continue
-                    os.environ[LINKS_ENV] = switch
-                    chain = addresses[: n_stages - 1]
+                    os.environ.update(environment)
+                    chain = (tcp_addresses if transport == "tcp" else addresses)[: n_stages - 1]
                     results[transport][str(n_stages)] = event_loop.run(
                         measure(path, chain, args.tokens, dtype)
                     )

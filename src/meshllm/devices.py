@@ -150,6 +150,7 @@ class StageInfo:
     kv_bytes_per_token: int = 0  # what one token of one sequence adds to its KV caches; 0 until loaded
     kv_memory: int = 0  # bytes its KV caches may take (its --kv-memory, or a share of free memory at load)
     step_port: int = 0  # the port of its host taking step links (transport/step_link.py); 0: none
+    step_socket: str = ""  # the local socket taking them from its machine (frames.local_listener)
     calibration: Calibration | None = None  # the device's speeds, when the Info call asked for them
     compute: str = ""  # what its arithmetic runs on (`compute_unit`); "" from a worker that does not say
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +19,21 @@ from meshllm.cluster import certs
 from meshllm.runtime.local_workers import free_ports
 from meshllm.runtime.stage_host import LocalStageHost
 from meshllm.step import LayerRange, PipelineError, SamplingParams, Segment, StageLost, StepInput
+from meshllm.transport.frames import LOCAL_LINKS_ENV
 from meshllm.transport.proto import meshllm_pb2 as pb
 from meshllm.transport.stage import LoadSpec
 from meshllm.transport.stage_client import ForwardChain, StageClient, prepare_step
 from meshllm.transport.stage_service import serve_stage
-from meshllm.transport.step_link import ABORT, RESULT, RESULTS, STEP, StepChain, StepLinkError, dial
+from meshllm.transport.step_link import (
+    ABORT,
+    PROTOCOL,
+    RESULT,
+    RESULTS,
+    STEP,
+    StepChain,
+    StepLinkError,
+    dial,
+)
 from meshllm.transport.tls import TlsFiles
 from tests.transport.test_stage_service import answering
 
@@ -238,3 +251,73 @@ def test_a_results_link_is_refused_by_a_stage_that_is_not_last_and_without_the_t
     assert "worker s0: not the last stage (it sends on to 127.0.0.1:" in not_last, not_last
     assert "worker s1: the step link carried a wrong cluster token" in wrong_token, wrong_token
     assert "worker s1: a results link names no chain" in no_chain, no_chain
+
+
+def tcp_links_to(ports: set[int]) -> int:
+    """TCP connections over IPv4 whose far end is one of `ports`, established, as the kernel lists them."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[2].rpartition(":")[2], 16) in ports:
+            count += 1
+    return count
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets: Linux")
+
+
+@linux_only
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "mutual-tls"])
+@pytest.mark.parametrize("local", [True, False], ids=["local-sockets", "MESHLLM_LOCAL_LINKS=0"])
+def test_stages_of_one_machine_link_over_local_sockets_and_sample_what_tcp_samples(
+    tiny_checkpoint, local: bool, secure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(LOCAL_LINKS_ENV, "1" if local else "0")
+
+    async def run():
+        ca = certs.make_ca("links") if secure else None
+        async with chain_of_two(str(tiny_checkpoint()), ca=ca) as (clients, _):
+            infos = [await client.info() for client in clients]
+            chain = StepChain(clients, step_timeout=30)
+            linked = [await chain.submit(step(i, 10 + i, [4, 5, 6 + i])) for i in range(3)]
+            families = (chain._link.link.sock.family, chain._results.link.sock.family)
+            tcp = tcp_links_to({info.step_port for info in infos})
+            grpc = ForwardChain(clients, step_timeout=30)
+            over_grpc = [await grpc.submit(step(i, 20 + i, [4, 5, 6 + i])) for i in range(3)]
+            await chain.reset()
+            await grpc.reset()
+            return infos, linked, families, tcp, over_grpc
+
+    infos, linked, families, tcp, over_grpc = event_loop.run(run())
+    if local:
+        assert all(info.step_socket.startswith("meshllm-") for info in infos), infos
+        assert families == (socket.AF_UNIX, socket.AF_UNIX)
+        assert tcp == 0  # the first stage's link to the second is local too
+    else:
+        assert [info.step_socket for info in infos] == ["", ""]
+        assert families == (socket.AF_INET, socket.AF_INET)
+        assert tcp == 3  # coordinator to s0, s0 to s1, and s1's results link to the coordinator
+    assert [r.tokens[0].token_id for r in linked] == [r.tokens[0].token_id for r in over_grpc]
+
+
+@linux_only
+def test_a_local_socket_this_machine_does_not_have_leaves_the_link_on_tcp(tiny_checkpoint) -> None:
+    """As for a stage in another network namespace, whose abstract sockets this one cannot see."""
+
+    async def run() -> tuple[socket.AddressFamily, int]:
+        async with chain_of_two(str(tiny_checkpoint())) as (clients, _):
+            port = (await clients[1].info()).step_port
+            elsewhere = "meshllm-" + "0" * 32
+            args = (f"127.0.0.1:{port}", TOKEN, None, 10.0, "", PROTOCOL, elsewhere)
+            link = await asyncio.to_thread(dial, *args)
+            try:
+                link.send(STEP, step(1, 5, [4, 5, 6]).SerializeToString())
+                frame = await asyncio.to_thread(link.read)
+            finally:
+                link.close()
+            assert frame is not None
+            return link.sock.family, frame[0]
+
+    family, kind = asyncio.run(run())
+    assert family == socket.AF_INET
+    assert kind == RESULT  # hidden states s1 needs are missing: refused, by name, over TCP

@@ -147,9 +147,10 @@ class LocalWorkers:
         kv_memory: int | float | None = None,
         engine: str | None = None,
         threads_alone: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> list[WorkerAddress]:
         """Start `count` workers (worker1, worker2, …) on free ports of `host`, on `engine` (None: the
-        platform's default); their addresses in chain order."""
+        platform's default), with `env` added to their environment; their addresses in chain order."""
         first = len(self.workers) + 1
         ports = free_ports(count, host)
         started = [
@@ -163,6 +164,7 @@ class LocalWorkers:
                 output=output,
                 kv_memory=kv_memory,
                 args=["--threads-alone", str(threads_alone)] if threads_alone else None,
+                env=env,
             )
             for index, port in enumerate(ports)
         ]

@@ -268,6 +268,7 @@ def decode_info(reply: pb.InfoReply) -> StageInfo:
         kv_bytes_per_token=reply.kv_bytes_per_token,
         kv_memory=reply.kv_memory,
         step_port=reply.step_port,
+        step_socket=reply.step_socket,
         calibration=decode_calibration(reply) if reply.read_bandwidth else None,
         compute=reply.compute,
     )

@@ -22,7 +22,10 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from meshllm.transport.rpc import MAX_MESSAGE_BYTES
@@ -33,10 +36,16 @@ HELLO, READY = 1, 2  # every protocol's first two kinds; its own start at 3
 OPEN_TIMEOUT = 30.0  # seconds a link may take to open by default
 _CHUNK = 256 << 10  # bytes `Link.frames_ready` reads at most at once (a larger frame takes several reads)
 LINKS_ENV = "MESHLLM_LINKS"  # "0": steps and communicator messages go over gRPC streams instead
+LOCAL_LINKS_ENV = "MESHLLM_LOCAL_LINKS"  # "0": links between processes of one machine over TCP too
 
 
 def links_enabled() -> bool:
     return os.environ.get(LINKS_ENV, "1") != "0"
+
+
+def local_links_enabled() -> bool:
+    """Whether links between processes of one machine go over Unix sockets (Linux's abstract ones)."""
+    return sys.platform.startswith("linux") and os.environ.get(LOCAL_LINKS_ENV, "1") != "0"
 
 
 class LinkError(Exception):
@@ -133,6 +142,8 @@ class Link:
         self._received = bytearray()  # bytes of frames not yet whole (`frames_ready`)
         self._chunk = bytearray(_CHUNK)  # what one `frames_ready` reads into
         self._chunk_view = memoryview(self._chunk)
+        if sock.family == socket.AF_UNIX:  # a peer on this machine: its end is seen when it exits
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
@@ -234,12 +245,63 @@ def close_listener(listener: socket.socket) -> None:
     listener.close()
 
 
-def connect(address: str, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT) -> Link:
+@dataclass
+class Listeners:
+    """Where a process takes links: a TCP port, and a local socket beside it (`local_listener`)."""
+
+    sockets: list[socket.socket]  # each wants a thread of its own accepting
+    port: int
+    local: str  # the local socket's name ("": none)
+
+    def close(self) -> None:
+        for listener in self.sockets:
+            close_listener(listener)  # wakes its accepting thread
+
+
+def listen(host: str, port: int) -> Listeners:
+    """Listen on (host, port) (0: any free port) and on a local socket. OSError when the port cannot be
+    bound."""
+    listener = socket.create_server((host, port), family=family(host))
+    local = local_listener()
+    if local is None:
+        return Listeners([listener], int(listener.getsockname()[1]), "")
+    return Listeners([listener, local[0]], int(listener.getsockname()[1]), local[1])
+
+
+def local_listener() -> tuple[socket.socket, str] | None:
+    """A listener on a Unix socket of Linux's abstract namespace, with a random name, and that name;
+    None where there is no such namespace (macOS) or local sockets are off (MESHLLM_LOCAL_LINKS=0).
+
+    A process listening on TCP listens here too and says the name beside its port: a caller on the same
+    machine, in the same network namespace, connects here instead (a write of a step's 2 KiB and the
+    peer's wake-up cost less than over loopback TCP); anywhere else the name does not exist and the
+    caller takes the TCP port. What is said on the link (hello, token, TLS) is the same either way."""
+    if not local_links_enabled():
+        return None
+    name = f"meshllm-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind("\0" + name)
+        listener.listen(64)
+    except OSError:
+        listener.close()
+        return None
+    return listener, name
+
+
+def connect(
+    address: str, tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT, local: str = ""
+) -> Link:
     """A link to `address` ("host:port"), over mutual TLS with `tls`, before any hello; the socket keeps
-    `timeout` for its reads and writes until the caller clears it. LinkError says why it failed."""
+    `timeout` for its reads and writes until the caller clears it. With `local`, the name of the Unix
+    socket the same process listens on (`local_listener`), that socket where this machine has it, the TCP
+    port where not; TLS checks the certificate against `address`'s host either way. LinkError says why
+    the link could not be made."""
     try:
         host, port = split_address(address)
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = _connect_local(local, timeout) if local else None
+        if sock is None:
+            sock = socket.create_connection((host, port), timeout=timeout)
     except (OSError, ValueError) as error:
         raise LinkError(f"cannot connect to {address}: {error}") from None
     try:
@@ -253,12 +315,32 @@ def connect(address: str, tls: TlsFiles | None = None, timeout: float = OPEN_TIM
     return Link(sock, session)
 
 
+def _connect_local(name: str, timeout: float) -> socket.socket | None:
+    """A connection to the abstract Unix socket `name`, or None where this machine (this network
+    namespace) has none by that name."""
+    if not local_links_enabled():
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect("\0" + name)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def dial(
-    address: str, hello: dict[str, Any], tls: TlsFiles | None = None, timeout: float = OPEN_TIMEOUT
+    address: str,
+    hello: dict[str, Any],
+    tls: TlsFiles | None = None,
+    timeout: float = OPEN_TIMEOUT,
+    local: str = "",
 ) -> tuple[Link, dict[str, Any]]:
-    """Open a link to `address`, say `hello` and wait for READY: the link (blocking from then on) and
-    READY's body. LinkError when it cannot be opened, or READY carries an error (its text)."""
-    link = connect(address, tls, timeout)
+    """Open a link to `address` (or the same listener's local socket `local`, as `connect`), say `hello`
+    and wait for READY: the link (blocking from then on) and READY's body. LinkError when it cannot be
+    opened, or READY carries an error (its text)."""
+    link = connect(address, tls, timeout, local)
     try:
         link.send_json(HELLO, hello)
         frame = link.read()

@@ -58,6 +58,7 @@ class StageService(pbg.StageServicer):
         self.next_stage = ""  # "host:port" of the next stage; empty when this one is last
         self._next_channel: grpc.aio.Channel | None = None
         self.step_port = 0  # where step links are taken (0: none)
+        self.step_socket = ""  # the local socket taking them from this machine ("": none)
         self._load_lock = asyncio.Lock()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
@@ -71,6 +72,7 @@ class StageService(pbg.StageServicer):
         await self._authorize(context)
         reply = encode_info(self.host.info())
         reply.step_port = self.step_port
+        reply.step_socket = self.step_socket
         if request.dtype:  # a short measurement: on the compute thread, never on the event loop
             quantize, group_size = request.quantize or None, request.group_size or DEFAULT_GROUP_SIZE
             precision = Precision(request.dtype, quantize, group_size)
@@ -203,10 +205,11 @@ class StageService(pbg.StageServicer):
         log.error("step %d failed", request.step_id, exc_info=error)
         return pb.StepResult(step_id=request.step_id, error=f"worker {self.name}: {error}")
 
-    async def next_step_address(self) -> str:
-        """Where the next stage takes step links ("" when it takes none)."""
+    async def next_step_address(self) -> tuple[str, str]:
+        """Where the next stage takes step links ("" when it takes none), and the name of its local
+        socket for them ("" when it has none)."""
         if self._next_channel is None:
-            return ""
+            return "", ""
         stub = pbg.StageStub(self._next_channel)  # type: ignore[no-untyped-call]
         try:
             reply = await stub.Info(pb.InfoRequest(), metadata=token_metadata(self.token), timeout=5.0)
@@ -214,9 +217,9 @@ class StageService(pbg.StageServicer):
             details = error.details() or error.code().name
             raise StepLinkError(f"the next stage {self.next_stage} does not answer: {details}") from None
         if not reply.step_port:
-            return ""
+            return "", ""
         host = self.next_stage.rpartition(":")[0]
-        return f"{host}:{reply.step_port}"
+        return f"{host}:{reply.step_port}", reply.step_socket
 
     async def Forward(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
@@ -335,13 +338,14 @@ async def serve_stage(
     if step_port is not None:
         loop = asyncio.get_running_loop()
 
-        def next_address() -> str:  # on a link's thread
+        def next_address() -> tuple[str, str]:  # on a link's thread
             return asyncio.run_coroutine_threadsafe(service.next_step_address(), loop).result(timeout=10.0)
 
         links = StepLinkServer(service, next_address)
         listen_host = address.rpartition(":")[0].strip("[]")
         try:
             service.step_port = links.start(listen_host, step_port)
+            service.step_socket = links.local
         except OSError as error:
             raise OSError(
                 f"cannot take step links on {listen_host}:{step_port}: {error} (is the port in use?)"
@@ -354,7 +358,9 @@ async def serve_stage(
         host.engine,
         VERSION,
         "mutual TLS" if tls else "plaintext",
-        f"; step links on port {service.step_port}" if service.step_port else "",
+        f"; step links on port {service.step_port}{' and a local socket' if service.step_socket else ''}"
+        if service.step_port
+        else "",
     )
     try:
         await server.wait_for_termination()

@@ -68,14 +68,16 @@ def dial(
     timeout: float = OPEN_TIMEOUT,
     chain: str = "",
     protocol: str = PROTOCOL,
+    local: str = "",
 ) -> Link:
-    """Open a step link to the stage listening at `address` ("host:port"), over mutual TLS with `tls`;
-    it answers READY once its own link onwards is open. `chain` names the chain the link is part of (the
+    """Open a step link to the stage listening at `address` ("host:port"), or on its local socket
+    `local` where that is on this machine (`frames.connect`), over mutual TLS with `tls`; it answers
+    READY once its own link onwards is open. `chain` names the chain the link is part of (the
     coordinator's id for it); with `protocol` RESULTS the link is the one the last stage of that chain
     answers the coordinator on. StepLinkError says why it could not be opened."""
     hello = {"token": token or "", "protocol": protocol, "chain": chain}
     try:
-        link, _ = frames.dial(address, hello, tls, timeout)
+        link, _ = frames.dial(address, hello, tls, timeout, local)
     except LinkError as error:
         raise StepLinkError(str(error)) from None
     return link
@@ -87,10 +89,12 @@ def dial(
 class StepLinkServer:
     """Accepts step links for one worker's stage and serves each on its own threads."""
 
-    def __init__(self, service: StageService, next_address: Callable[[], str]):
+    def __init__(self, service: StageService, next_address: Callable[[], tuple[str, str]]):
         self.service = service
-        self.next_address = next_address  # the next stage's step link address ("" when last); blocking
-        self._listener: socket.socket | None = None
+        # the next stage's step link address ("" when last) and local socket ("" none); blocking
+        self.next_address = next_address
+        self._listeners: frames.Listeners | None = None
+        self.local = ""  # the name of the Unix socket taking links from this machine ("": none)
         self._links: set[Link] = set()
         self._hops: set[_Hop] = set()
         self._results: dict[str, Link] = {}  # chain id -> the link its results go to (on the last stage)
@@ -102,25 +106,27 @@ class StepLinkServer:
         return self._results.get(chain) if chain else None
 
     def start(self, host: str, port: int) -> int:
-        """Listen on (host, port) (0: any free port); the port bound. OSError when it cannot be bound."""
-        self._listener = socket.create_server((host, port), family=frames.family(host))
-        threading.Thread(target=self._accept, name="step-links", daemon=True).start()
-        return int(self._listener.getsockname()[1])
+        """Listen on (host, port) (0: any free port), and on a local socket (`frames.local_listener`,
+        its name in `local`); the port bound. OSError when it cannot be bound."""
+        listeners = self._listeners = frames.listen(host, port)
+        self.local = listeners.local
+        for listener in listeners.sockets:
+            threading.Thread(target=self._accept, args=(listener,), name="step-links", daemon=True).start()
+        return listeners.port
 
     def close(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            frames.close_listener(self._listener)  # wakes the accepting thread
+        if self._listeners is not None:
+            self._listeners.close()
         for hop in list(self._hops):
             hop.stop()  # the compute thread reading it sees its end, and the hop closes its links
         for link in list(self._links):
             link.shutdown()
 
-    def _accept(self) -> None:
-        assert self._listener is not None
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(sock,), name="step-link", daemon=True).start()
@@ -179,10 +185,10 @@ class StepLinkServer:
         downstream = None
         if not refusal and service.next_stage:
             try:
-                address = self.next_address()
+                address, local = self.next_address()
                 if not address:
                     raise StepLinkError(f"the next stage {service.next_stage} takes no step links")
-                downstream = dial(address, service.token, service.tls, chain=chain)
+                downstream = dial(address, service.token, service.tls, chain=chain, local=local)
             except (StepLinkError, OSError, TimeoutError) as error:
                 refusal = f"worker {service.name}: no step link to the next stage: {error}"
         upstream.send_json(READY, {"error": refusal})
@@ -540,7 +546,8 @@ class StepChain(StepsInFlight):
             )
         host, _ = split_address(stage.address)
         address = frames.join_address(host, info.step_port)
-        return await asyncio.to_thread(dial, address, stage.token, stage.tls, limit, chain, protocol)
+        local = info.step_socket
+        return await asyncio.to_thread(dial, address, stage.token, stage.tls, limit, chain, protocol, local)
 
     def _lost(self, link: CoordinatorLink) -> None:
         lost: CoordinatorLink | None

@@ -16,7 +16,7 @@ from meshllm.cluster import certs
 from meshllm.runtime.local_workers import free_ports
 from meshllm.transport.comm import CommAuthError, CommError, Communicator
 from meshllm.transport.comm.framed import dial_link, link_hello
-from meshllm.transport.frames import LINKS_ENV, LinkError
+from meshllm.transport.frames import LINKS_ENV, LOCAL_LINKS_ENV, LinkError
 from meshllm.transport.tls import TlsFiles
 from tests.capture_proxy import CaptureProxy, pieces_found
 
@@ -59,6 +59,7 @@ def test_the_bytes_between_two_ranks_carry_no_plaintext_array_or_token(
     links: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(LINKS_ENV, "1" if links else "0")
+    monkeypatch.setenv(LOCAL_LINKS_ENV, "0")  # the links cross the proxy, not a local socket beside it
     grpc_port, link_port, joining_port = free_ports(3)
     # Rank 1 sees rank 0 at 127.0.0.2, where two proxies relay its gRPC port and its link port to
     # 127.0.0.1; rank 0 reaches rank 1 directly. Rank 1's messages to rank 0 cross a proxy either way.

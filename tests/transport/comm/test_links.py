@@ -17,6 +17,7 @@ from comm_helpers import Cluster
 
 from meshllm.runtime.local_workers import free_ports
 from meshllm.transport.comm import CommError, CommTimeoutError, Communicator
+from meshllm.transport.frames import LOCAL_LINKS_ENV
 from tests.capture_proxy import CaptureProxy
 
 
@@ -110,8 +111,9 @@ def test_close_returns_while_a_peer_is_stopped(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_a_link_that_cannot_be_opened_leaves_that_peer_on_grpc_with_a_warning(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(LOCAL_LINKS_ENV, "0")  # rank 0's local socket would be found beside the proxy
     grpc_port, joining_port = free_ports(2)
     # Rank 1 reaches rank 0's gRPC port through a proxy on 127.0.0.2, where nothing takes rank 0's links.
     proxy = CaptureProxy(f"127.0.0.1:{grpc_port}", listen=("127.0.0.2", grpc_port))
@@ -135,3 +137,29 @@ def test_a_link_that_cannot_be_opened_leaves_that_peer_on_grpc_with_a_warning(
     assert warnings[0].startswith(f"rank 1: messages to rank 0 ({proxy.address}) go over its gRPC stream")
     assert f"no link to 127.0.0.2:{comms[0].link_port}: cannot connect" in warnings[0]
     assert len(proxy.captured) > array.nbytes  # rank 1's message went over gRPC, through the proxy
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="abstract Unix sockets: Linux")
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("local", [True, False], ids=["local-sockets", "MESHLLM_LOCAL_LINKS=0"])
+def test_ranks_of_one_machine_link_over_local_sockets(local: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LOCAL_LINKS_ENV, "1" if local else "0")
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    array = np.arange(70_000, dtype=np.float32)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(Communicator, rank, 2, addresses, timeout=10.0) for rank in range(2)]
+        comms = [future.result() for future in futures]
+    try:
+        families = [comm._links._senders[1 - comm.rank].link.sock.family for comm in comms]
+        comms[1].send(array, 0, tag=1)
+        comms[0].send(array * 2, 1, tag=1)
+        np.testing.assert_array_equal(comms[0].recv(1, tag=1), array)
+        np.testing.assert_array_equal(comms[1].recv(0, tag=1), array * 2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            totals = list(pool.map(lambda comm: comm.all_reduce(array[:1000] * (comm.rank + 1)), comms))
+    finally:
+        for comm in comms:
+            comm.close()
+    assert families == [socket.AF_UNIX if local else socket.AF_INET] * 2
+    for total in totals:
+        np.testing.assert_array_equal(total, array[:1000] * 3)

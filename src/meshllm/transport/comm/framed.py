@@ -70,13 +70,14 @@ def dial_link(
     tls: TlsFiles | None,
     timeout: float = frames.OPEN_TIMEOUT,
     who: str = "the peer",
+    local: str = "",
 ) -> Link:
     """Open a link to the rank listening at `address` ("host:port"); `who` names it in errors ("rank 0:
     rank 1 (host:port)"). CommAuthError when it refuses the token or the TLS handshake fails, CommError
     when it refuses the link for another reason; LinkError when the link cannot be opened (the caller
     then sends over gRPC)."""
     try:
-        link, _ = frames.dial(address, hello, tls, timeout)
+        link, _ = frames.dial(address, hello, tls, timeout, local)
     except LinkError as error:
         text = str(error)
         if REFUSED in text and "cluster token" in text:
@@ -186,17 +187,21 @@ class LinkListener:
     def __init__(self, owner: LinkOwner, tls: TlsFiles | None) -> None:
         self.owner = owner
         self.tls = tls
-        self._listener: socket.socket | None = None
+        self._listeners: frames.Listeners | None = None
+        self.local = ""  # the local socket's name, beside the port ("": none)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()  # accepted, until their thread ends
         self._threads: set[threading.Thread] = set()
         self._closed = False
 
     def start(self, host: str, port: int) -> int:
-        """Listen on (host, port) (0: any free port); the port bound. OSError when it cannot be bound."""
-        self._listener = socket.create_server((host, port), family=frames.family(host))
-        self._spawn(self._accept, "comm-links")
-        return int(self._listener.getsockname()[1])
+        """Listen on (host, port) (0: any free port), and on a local socket (its name in `local`); the
+        port bound. OSError when it cannot be bound."""
+        listeners = self._listeners = frames.listen(host, port)
+        self.local = listeners.local
+        for listener in listeners.sockets:
+            self._spawn(self._accept, "comm-links", listener)
+        return listeners.port
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(target=self._tracked, args=(target, *args), name=name, daemon=True)
@@ -211,11 +216,10 @@ class LinkListener:
             with self._lock:
                 self._threads.discard(threading.current_thread())  # (or `_spawn` adds it, ended)
 
-    def _accept(self) -> None:
-        assert self._listener is not None
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:
                 return  # closed
             with self._lock:
@@ -294,8 +298,8 @@ class LinkListener:
         with self._lock:
             self._closed = True
             sockets = list(self._sockets)
-        if self._listener is not None:
-            frames.close_listener(self._listener)  # wakes the accepting thread
+        if self._listeners is not None:
+            self._listeners.close()  # wakes the accepting threads
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes its reading thread

@@ -98,6 +98,7 @@ class Links:
         self.closing = False
         self.metadata = token_metadata(token)
         self.link_port = 0  # where this rank takes links, as `Hello` announces it; 0: none
+        self.link_socket = ""  # and its local socket for them ("": none)
         self._wanted_link_port = link_port
         self._timeout = 30.0  # the communicator's, set by `start`
         self._server: grpc.Server | None = None
@@ -118,6 +119,7 @@ class Links:
             self._listener = LinkListener(self, self.tls)
             try:
                 self.link_port = self._listener.start(host, self._wanted_link_port)
+                self.link_socket = self._listener.local
             except OSError as error:
                 raise CommError(
                     f"rank {self.rank} cannot listen for links on {join_address(host, self._wanted_link_port)} "
@@ -149,7 +151,7 @@ class Links:
         channel = self._channels[peer] = blocking_channel(self.addresses[peer], self.tls, CLIENT_OPTIONS)
         stub = comm_pb2_grpc.CommStub(channel)
         reply = self._hello(stub, peer, deadline, timeout)
-        link = self._open_link(peer, reply.link_port, deadline)
+        link = self._open_link(peer, reply.link_port, reply.link_socket, deadline)
         if link is not None:
             self._senders[peer] = link
             log.debug("rank %d linked to %s", self.rank, self.describe_peer(peer))
@@ -157,8 +159,9 @@ class Links:
             self._senders[peer] = StreamSender(self, peer, channel)
             log.debug("rank %d streams to %s", self.rank, self.describe_peer(peer))
 
-    def _open_link(self, peer: int, link_port: int, deadline: float) -> LinkSender | None:
-        """The link to `peer`, or None (after a warning) when its messages must go over gRPC."""
+    def _open_link(self, peer: int, link_port: int, link_socket: str, deadline: float) -> LinkSender | None:
+        """The link to `peer` (on its local socket where it is on this machine), or None (after a
+        warning) when its messages must go over gRPC."""
         if self._listener is None:
             return None  # links are off here (warned at start)
         if not link_port:
@@ -170,7 +173,8 @@ class Links:
                 limit = min(OPEN_TIMEOUT, max(1.0, deadline - time.monotonic()))
                 hello = link_hello(self.rank, self.world_size, self.token)
                 who = f"rank {self.rank}: {self.describe_peer(peer)}"
-                return LinkSender(self, peer, dial_link(address, hello, self.tls, limit, who), self._timeout)
+                link = dial_link(address, hello, self.tls, limit, who, link_socket)
+                return LinkSender(self, peer, link, self._timeout)
             except LinkError as error:
                 why = f"no link to {address}: {error}"
         log.warning(

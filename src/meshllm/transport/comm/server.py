@@ -68,7 +68,10 @@ class CommServicer:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"rank {request.rank} is not a peer of rank {rank}"
             )
-        return comm_pb2.CommHelloReply(rank=rank, world_size=world_size, link_port=self.links.link_port)
+        links = self.links
+        return comm_pb2.CommHelloReply(
+            rank=rank, world_size=world_size, link_port=links.link_port, link_socket=links.link_socket
+        )
 
     def Exchange(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext

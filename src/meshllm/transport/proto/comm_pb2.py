@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from meshllm.transport.proto import meshllm_pb2 as meshllm_dot_transport_dot_proto_dot_meshllm__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshllm/transport/proto/comm.proto\x12\x07meshllm\x1a%meshllm/transport/proto/meshllm.proto\"4\n\x10\x43ommHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\"E\n\x0e\x43ommHelloReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x11\n\tlink_port\x18\x03 \x01(\x05\"\xc1\x01\n\x0b\x43ommMessage\x12\x0e\n\x06source\x18\x01 \x01(\x05\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.meshllm.CommChannel\x12\x0b\n\x03tag\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\ncollective\x18\x05 \x01(\t\x12\x1f\n\x06tensor\x18\x06 \x01(\x0b\x32\x0f.meshllm.Tensor\x12\r\n\x05parts\x18\x07 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0f\n\x07goodbye\x18\t \x01(\x08\"%\n\x11\x43ommStreamSummary\x12\x10\n\x08messages\x18\x01 \x01(\x04*K\n\x0b\x43ommChannel\x12\x1f\n\x1b\x43OMM_CHANNEL_POINT_TO_POINT\x10\x00\x12\x1b\n\x17\x43OMM_CHANNEL_COLLECTIVE\x10\x01\x32\x83\x01\n\x04\x43omm\x12;\n\x05Hello\x12\x19.meshllm.CommHelloRequest\x1a\x17.meshllm.CommHelloReply\x12>\n\x08\x45xchange\x12\x14.meshllm.CommMessage\x1a\x1a.meshllm.CommStreamSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshllm/transport/proto/comm.proto\x12\x07meshllm\x1a%meshllm/transport/proto/meshllm.proto\"4\n\x10\x43ommHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\"Z\n\x0e\x43ommHelloReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x11\n\tlink_port\x18\x03 \x01(\x05\x12\x13\n\x0blink_socket\x18\x04 \x01(\t\"\xc1\x01\n\x0b\x43ommMessage\x12\x0e\n\x06source\x18\x01 \x01(\x05\x12%\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x14.meshllm.CommChannel\x12\x0b\n\x03tag\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\ncollective\x18\x05 \x01(\t\x12\x1f\n\x06tensor\x18\x06 \x01(\x0b\x32\x0f.meshllm.Tensor\x12\r\n\x05parts\x18\x07 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0f\n\x07goodbye\x18\t \x01(\x08\"%\n\x11\x43ommStreamSummary\x12\x10\n\x08messages\x18\x01 \x01(\x04*K\n\x0b\x43ommChannel\x12\x1f\n\x1b\x43OMM_CHANNEL_POINT_TO_POINT\x10\x00\x12\x1b\n\x17\x43OMM_CHANNEL_COLLECTIVE\x10\x01\x32\x83\x01\n\x04\x43omm\x12;\n\x05Hello\x12\x19.meshllm.CommHelloRequest\x1a\x17.meshllm.CommHelloReply\x12>\n\x08\x45xchange\x12\x14.meshllm.CommMessage\x1a\x1a.meshllm.CommStreamSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshllm.transport.proto.comm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMMCHANNEL']._serialized_start=446
-  _globals['_COMMCHANNEL']._serialized_end=521
+  _globals['_COMMCHANNEL']._serialized_start=467
+  _globals['_COMMCHANNEL']._serialized_end=542
   _globals['_COMMHELLOREQUEST']._serialized_start=86
   _globals['_COMMHELLOREQUEST']._serialized_end=138
   _globals['_COMMHELLOREPLY']._serialized_start=140
-  _globals['_COMMHELLOREPLY']._serialized_end=209
-  _globals['_COMMMESSAGE']._serialized_start=212
-  _globals['_COMMMESSAGE']._serialized_end=405
-  _globals['_COMMSTREAMSUMMARY']._serialized_start=407
-  _globals['_COMMSTREAMSUMMARY']._serialized_end=444
-  _globals['_COMM']._serialized_start=524
-  _globals['_COMM']._serialized_end=655
+  _globals['_COMMHELLOREPLY']._serialized_end=230
+  _globals['_COMMMESSAGE']._serialized_start=233
+  _globals['_COMMMESSAGE']._serialized_end=426
+  _globals['_COMMSTREAMSUMMARY']._serialized_start=428
+  _globals['_COMMSTREAMSUMMARY']._serialized_end=465
+  _globals['_COMM']._serialized_start=545
+  _globals['_COMM']._serialized_end=676
 # @@protoc_insertion_point(module_scope)

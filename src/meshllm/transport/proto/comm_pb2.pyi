@@ -23,14 +23,16 @@ class CommHelloRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class CommHelloReply(_message.Message):
-    __slots__ = ("rank", "world_size", "link_port")
+    __slots__ = ("rank", "world_size", "link_port", "link_socket")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LINK_PORT_FIELD_NUMBER: _ClassVar[int]
+    LINK_SOCKET_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     link_port: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., link_port: _Optional[int] = ...) -> None: ...
+    link_socket: str
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., link_port: _Optional[int] = ..., link_socket: _Optional[str] = ...) -> None: ...
 
 class CommMessage(_message.Message):
     __slots__ = ("source", "channel", "tag", "seq", "collective", "tensor", "parts", "data", "goodbye")

@@ -127,7 +127,7 @@ class LayerShape(_message.Message):
     def __init__(self, model_type: _Optional[str] = ..., hidden_size: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone", "decode_flop_rate", "layer_token_seconds", "layer_prompt_seconds", "layer_step_seconds", "compute", "layer_token_seconds_alone")
+    __slots__ = ("hostname", "engine", "device_type", "memory_total", "memory_available", "model", "layer_start", "layer_end", "num_layers", "live_sequences", "version", "protocol_version", "weight_bytes", "device_name", "quantize", "read_bandwidth", "flop_rate", "kv_bytes_per_token", "kv_memory", "step_port", "read_bandwidth_alone", "decode_flop_rate", "layer_token_seconds", "layer_prompt_seconds", "layer_step_seconds", "compute", "layer_token_seconds_alone", "step_socket")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class InfoReply(_message.Message):
     LAYER_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FIELD_NUMBER: _ClassVar[int]
     LAYER_TOKEN_SECONDS_ALONE_FIELD_NUMBER: _ClassVar[int]
+    STEP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     engine: str
     device_type: str
@@ -182,7 +183,8 @@ class InfoReply(_message.Message):
     layer_step_seconds: float
     compute: str
     layer_token_seconds_alone: float
-    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ..., decode_flop_rate: _Optional[float] = ..., layer_token_seconds: _Optional[float] = ..., layer_prompt_seconds: _Optional[float] = ..., layer_step_seconds: _Optional[float] = ..., compute: _Optional[str] = ..., layer_token_seconds_alone: _Optional[float] = ...) -> None: ...
+    step_socket: str
+    def __init__(self, hostname: _Optional[str] = ..., engine: _Optional[str] = ..., device_type: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., live_sequences: _Optional[int] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., read_bandwidth: _Optional[float] = ..., flop_rate: _Optional[float] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_memory: _Optional[int] = ..., step_port: _Optional[int] = ..., read_bandwidth_alone: _Optional[float] = ..., decode_flop_rate: _Optional[float] = ..., layer_token_seconds: _Optional[float] = ..., layer_prompt_seconds: _Optional[float] = ..., layer_step_seconds: _Optional[float] = ..., compute: _Optional[str] = ..., layer_token_seconds_alone: _Optional[float] = ..., step_socket: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model", "layer_start", "layer_end", "dtype", "next_stage", "engine", "quantize", "group_size", "weights_from", "weights_key")
