@@ -1,4 +1,5 @@
-"""Framed links: one TCP connection (plaintext or mutual TLS) carrying length-prefixed frames.
+"""Framed links: one TCP connection (plaintext or mutual TLS) carrying length-prefixed frames, or, between
+processes of one machine, a Unix socket of Linux's abstract namespace carrying the same.
 
 The layer under both of meshllm's data paths: the stages' step links (step_link.py) and the
 communicator's peer links (comm/links.py). gRPC stays the control plane (Info, Load, the

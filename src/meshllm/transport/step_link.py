@@ -1,4 +1,5 @@
-"""Step links: the Forward chain over plain TCP, read and written by threads of their own.
+"""Step links: the Forward chain over framed TCP (or a local socket), read and written by threads of
+their own.
 
 A round trip on a gRPC stream from Python costs about 0.25 ms on loopback, and each hand-off between a
 process's event loop and its compute thread about 0.1 ms more; a hop of the gRPC chain paid one round
@@ -10,7 +11,8 @@ the next stage's link, or the sampled tokens back up; a second thread relays the
 from the next stage. Nothing on the way touches an event loop or wakes another thread.
 
 The framing, the hello and the TLS are frames.py's, shared with the communicator. A worker listens for
-step links on a second port (`meshllm worker --step-port`, any free port by default; `Info` says which).
+step links on a second port (`meshllm worker --step-port`, any free port by default; `Info` says which),
+and on a local socket beside it that callers on the same machine use instead (`frames.listen`).
 A chain is linked hop by hop: the coordinator dials the first worker, which dials the next stage before
 it answers, so READY means the whole chain is linked. Where a link cannot be made (the port is
 firewalled, a worker of an older version, `MESHLLM_LINKS=0`) the chain runs on the gRPC Forward
