@@ -69,20 +69,17 @@ class StageCost:
         read = max(
             self.read_bytes / bandwidth, self.layers * self.layer_step_seconds + self.head_bytes / bandwidth
         )
+        # On a lone step's threads, the arithmetic (the head's, prompt chunks') gains as a layer's decode
+        # token did (1 where that was not timed).
+        gain = self.alone_gain() if alone else 1.0
         if head_tokens is None or head_tokens == tokens:  # decode: each token past the first adds its own
             decode_rate = self.decode_flop_rate or self.flop_rate
             if self.layer_token_seconds:  # timed with its attention over as much context
-                layer = self.layer_token_seconds
-                if alone and self.layer_token_seconds_alone:  # and on a lone step's threads: the head's
-                    layer = self.layer_token_seconds_alone  # arithmetic gains as the layer's did
-                    decode_rate *= self.alone_gain()
                 first = context * self.cache_bytes / bandwidth
-                added = self.layers * layer + 2 * self.head_weights / decode_rate
+                added = (self.layers * self.layer_token_seconds + 2 * self.head_weights / decode_rate) / gain
                 return read + first + (tokens - 1) * added
             attention = tokens * context * self.cache_bytes / bandwidth
             return read + attention + 2 * self.weights * (tokens - 1) / decode_rate
-        # Prompt chunks' arithmetic gains from a lone step's threads as much as decode tokens' did.
-        gain = self.alone_gain() if alone else 1.0
         head = 2 * self.head_weights * head_tokens / (self.flop_rate * gain)
         if self.layer_prompt_seconds:
             return read + tokens * self.layers * self.layer_prompt_seconds / gain + head

@@ -96,7 +96,6 @@ class StepLinkServer:
         # the next stage's step link address ("" when last) and local socket ("" none); blocking
         self.next_address = next_address
         self._listeners: frames.Listeners | None = None
-        self.local = ""  # the name of the Unix socket taking links from this machine ("": none)
         self._links: set[Link] = set()
         self._hops: set[_Hop] = set()
         self._results: dict[str, Link] = {}  # chain id -> the link its results go to (on the last stage)
@@ -107,11 +106,15 @@ class StepLinkServer:
         them, or None (back up the chain)."""
         return self._results.get(chain) if chain else None
 
+    @property
+    def local(self) -> str:
+        """The name of the Unix socket taking links from this machine ("": none)."""
+        return self._listeners.local if self._listeners is not None else ""
+
     def start(self, host: str, port: int) -> int:
         """Listen on (host, port) (0: any free port), and on a local socket (`frames.local_listener`,
         its name in `local`); the port bound. OSError when it cannot be bound."""
         listeners = self._listeners = frames.listen(host, port)
-        self.local = listeners.local
         for listener in listeners.sockets:
             threading.Thread(target=self._accept, args=(listener,), name="step-links", daemon=True).start()
         return listeners.port

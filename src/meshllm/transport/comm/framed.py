@@ -188,17 +188,20 @@ class LinkListener:
         self.owner = owner
         self.tls = tls
         self._listeners: frames.Listeners | None = None
-        self.local = ""  # the local socket's name, beside the port ("": none)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()  # accepted, until their thread ends
         self._threads: set[threading.Thread] = set()
         self._closed = False
 
+    @property
+    def local(self) -> str:
+        """The local socket's name, beside the port ("": none)."""
+        return self._listeners.local if self._listeners is not None else ""
+
     def start(self, host: str, port: int) -> int:
         """Listen on (host, port) (0: any free port), and on a local socket (its name in `local`); the
         port bound. OSError when it cannot be bound."""
         listeners = self._listeners = frames.listen(host, port)
-        self.local = listeners.local
         for listener in listeners.sockets:
             self._spawn(self._accept, "comm-links", listener)
         return listeners.port

@@ -98,7 +98,6 @@ class Links:
         self.closing = False
         self.metadata = token_metadata(token)
         self.link_port = 0  # where this rank takes links, as `Hello` announces it; 0: none
-        self.link_socket = ""  # and its local socket for them ("": none)
         self._wanted_link_port = link_port
         self._timeout = 30.0  # the communicator's, set by `start`
         self._server: grpc.Server | None = None
@@ -108,6 +107,11 @@ class Links:
         self._senders: dict[int, LinkSender | StreamSender] = {}
         self._incoming = threading.Condition()  # guards _open_incoming
         self._open_incoming: set[int] = set()  # peers whose stream or link to this rank is open
+
+    @property
+    def link_socket(self) -> str:
+        """The local socket this rank takes links on beside `link_port`, as `Hello` announces it ("": none)."""
+        return self._listener.local if self._listener is not None else ""
 
     def start(self, timeout: float) -> None:
         """Listen on this rank's address (and for links), then connect to every peer (each must answer
@@ -119,7 +123,6 @@ class Links:
             self._listener = LinkListener(self, self.tls)
             try:
                 self.link_port = self._listener.start(host, self._wanted_link_port)
-                self.link_socket = self._listener.local
             except OSError as error:
                 raise CommError(
                     f"rank {self.rank} cannot listen for links on {join_address(host, self._wanted_link_port)} "
