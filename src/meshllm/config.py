@@ -159,7 +159,7 @@ class ClusterSettings(_Frozen):
     dtype: Dtype | None = None  # None: the coordinator's default
     quantize: Quantize | None = None  # int8 | int4: linear layers held quantized; None: as stored
     quantize_group: PositiveInt | None = None  # int4's inputs per scale; None: the default (64)
-    engine: Engine | None = None  # None: each machine's default (mlx on Apple silicon, else torch)
+    engine: Engine | None = None  # None: each machine's default (`engines.default_engine`)
     api_host: Host | None = None  # where the API listens; None: see Cluster.api_bind
     api_port: Port = DEFAULT_API_PORT
     api_key: Text | None = None

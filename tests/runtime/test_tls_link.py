@@ -64,6 +64,7 @@ def run_through_proxy(path: Path, worker: WorkerProcess, tls: TlsFiles | None) -
             token=TOKEN,
             tls=tls,
             layer_overrides={"coordinator": (0, 1), "w1": (1, 4)},
+            engine="torch",  # the engine `first_stage_activations` computes them on
         )
         coordinator = await Coordinator.start(config)
         try:

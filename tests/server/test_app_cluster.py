@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from meshllm.engines import default_engine
+
 
 def test_health_is_healthy_with_every_device(http) -> None:
     response = http.get("/health")
@@ -24,7 +26,7 @@ def test_gpu_info_lists_both_devices_with_their_layers(http, cluster) -> None:
     assert worker["address"] == cluster.worker_addresses[0].address
     for device in body["devices"]:
         assert device["status"] == "healthy"
-        assert device["engine"] == "torch" and device["device_type"] == "cpu"
+        assert device["engine"] == default_engine() and device["device_type"] == "cpu"
         assert device["memory_total"] >= device["memory_available"] > 0
         assert {"device_id", "hostname", "rtt_ms", "weight_bytes", "live_sequences"} <= set(device)
     assert worker["rtt_ms"] > 0

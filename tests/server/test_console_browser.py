@@ -23,6 +23,8 @@ import pytest
 from server_helpers import wait_until
 from test_serve_cli import Serve, free_port, pid_exists
 
+from meshllm.engines import default_engine
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -113,7 +115,7 @@ def test_console_shows_the_cluster_streams_a_chat_and_marks_a_killed_worker(
             ),
             30,
         )
-        assert "torch · cpu" in text(browser, '.device[data-name="worker1"]')
+        assert f"{default_engine()} · cpu" in text(browser, '.device[data-name="worker1"]')
         segments = by_css(browser, "#layer-bar .segment")
         assert [segment.get_attribute("data-name") for segment in segments] == ["coordinator", "worker1"]
         assert [segment.text.split("\n")[-1] for segment in segments] == ["0–2", "2–4"]

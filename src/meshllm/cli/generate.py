@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--engine", default=None, choices=ENGINES)
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=ENGINES,
+        help="default: mlx on Apple silicon, torch on a GPU, else ggml",
+    )
     add_quantize_arguments(parser)
     parser.add_argument(
         "--raw", action="store_true", help="use the prompt as it is, without the chat template"
@@ -61,7 +66,7 @@ async def _generate(args: argparse.Namespace) -> int:
         )
     checkpoint = Checkpoint.open(args.model)
     tokenizer = load_tokenizer(checkpoint.path)
-    engine = args.engine or default_engine()
+    engine = args.engine or default_engine(checkpoint=checkpoint)
     ranges = plan_layers(checkpoint.config.num_hidden_layers, [1.0] * args.stages)
 
     def load_stages() -> list[Stage]:

@@ -98,7 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=MODE,...",
         help="a device's own quantization, over --quantize (e.g. coordinator=int8,w1=int4)",
     )
-    parser.add_argument("--engine", default=None, choices=ENGINES, help="default: the platform's best")
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=ENGINES,
+        help="default: mlx on Apple silicon, torch on a GPU, else ggml where installed",
+    )
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: derived)"
     )

@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", default=None, help="read the cluster token from this file")
     add_tls_arguments(parser)
     parser.add_argument(
-        "--engine", choices=ENGINES, default=None, help="default: mlx on Apple silicon, else torch"
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="default: mlx on Apple silicon, torch on a GPU, else ggml where installed",
     )
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import platform
 import sys
@@ -17,15 +18,30 @@ from meshllm.models.checkpoint import Checkpoint
 log = logging.getLogger(__name__)
 
 
-def default_engine() -> str:
-    """mlx on Apple silicon, torch elsewhere."""
+def default_engine(device: str | None = None, checkpoint: Checkpoint | None = None) -> str:
+    """The engine a stage runs where none is named: mlx on Apple silicon; torch on a GPU (`device` names
+    one, or, for None and "auto", torch finds CUDA or MPS); on a CPU ggml, llama.cpp's kernels, which
+    decode 2-2.5x faster than torch's there (docs/benchmarks.md), where ggml-python is installed; else
+    torch. Where the `checkpoint` is known: ggml for a GGUF file (no other engine reads one), and not
+    ggml for a checkpoint quantized by MLX (which ggml does not read)."""
+    if checkpoint is not None and checkpoint.gguf is not None:
+        return "ggml"
     if sys.platform == "darwin" and platform.machine() == "arm64":
         try:
             importlib.import_module("mlx.core")
             return "mlx"
         except ImportError:
             pass
-    return "torch"
+    if device not in (None, "auto", "cpu") or importlib.util.find_spec("ggml") is None:
+        return "torch"
+    if checkpoint is not None and checkpoint.config.quantization:
+        return "torch"
+    if device != "cpu":
+        from meshllm.engines.torch.stage import pick_device
+
+        if pick_device(device).type != "cpu":
+            return "torch"
+    return "ggml"
 
 
 def engine_loader(engine: str) -> LoadStage:

@@ -25,7 +25,7 @@ class CoordinatorConfig:
     quantize: str | None = None  # int8 | int4: every device's linear layers held quantized
     group_size: int = DEFAULT_GROUP_SIZE  # int4's group of inputs
     device_quantize: Mapping[str, str | None] = field(default_factory=dict)  # a device's own choice
-    engine: str | None = None  # None: the platform's best (mlx on Apple silicon, else torch)
+    engine: str | None = None  # None: this machine's best (`engines.default_engine`)
     device: str | None = None  # the local stage's torch device (None: cuda, then mps, then cpu)
     token: str | None = None  # the cluster token every gRPC call carries
     tls: TlsFiles | None = None  # this device's certificates: mutual TLS to every worker; None: plaintext

@@ -225,13 +225,15 @@ class Replanner:
             remote = StepChain(chain, config.step_timeout) if chain else None
             await self.loop.pipeline.rebuild(self.local, remote)
             self.loop.scheduler.max_in_flight = self.loop.pipeline.depth
-            self.plan = list(plan)
-            self.settled, self.problem = True, ""
+            self.plan, self.problem = list(plan), ""
             self.monitor.set_plan(
                 [(client, placements[name].layers if name in placements else None)
                  for name, client in self.clients.items()]
             )  # fmt: skip
-            await self.monitor.refresh()
+            try:  # settled once the devices' status judges this plan, not the one before
+                await self.monitor.refresh()
+            finally:
+                self.settled = True
 
 
 def gone_from(new: list[StagePlan], old: list[StagePlan]) -> bool:

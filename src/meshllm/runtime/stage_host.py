@@ -57,7 +57,8 @@ class LocalStageHost:
         self.token = token  # the cluster token, for fetching weights from the coordinator
         self.tls = tls  # and the certificates that link takes, like the stage links
         self.weights_cache = WeightCache(weights_cache)
-        self.engine = engine or default_engine()
+        self.named_engine = engine  # --engine; None: the default for this device and each checkpoint
+        self.engine = engine or default_engine(device)
         self.device = device
         self.own_quantize = quantize  # this device's own choice; wins over what Load asks
         self.quantize: str | None = None  # of the loaded stage
@@ -166,7 +167,6 @@ class LocalStageHost:
         progress: Callable[[float], None] | None = None,
         received: Callable[[int, int], None] | None = None,
     ) -> str:
-        engine = spec.engine or self.engine
         quantize = self.own_quantize or spec.quantize
         self.stage = None  # free the old range before reading the new one
         self.model = ""
@@ -184,6 +184,7 @@ class LocalStageHost:
             checkpoint = Checkpoint.open(report.folder)
         else:
             checkpoint = Checkpoint.open(spec.model)
+        engine = spec.engine or self.named_engine or default_engine(self.device, checkpoint)
         stage = load_stage(
             engine,
             checkpoint,

@@ -90,8 +90,8 @@ async def _start(
     weights: list[WeightsServer],
     on_load: OnLoad | None,
 ) -> Coordinator:
-    engine = config.engine or default_engine()
     checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    engine = config.engine or default_engine(config.device, checkpoint)
     if checkpoint.gguf is not None and config.local_stage and engine != "ggml":
         raise ConfigError(
             f"model {config.model!r} is a GGUF file, which only the ggml engine reads: pass --engine ggml"
@@ -288,8 +288,8 @@ async def forecast(config: CoordinatorConfig) -> list[str]:
     loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
     clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     try:
-        engine = config.engine or default_engine()
         checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+        engine = config.engine or default_engine(config.device, checkpoint)
         survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
         ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
         lines, _ = await _predict(config, checkpoint, survey, clients)
