@@ -14,8 +14,14 @@ Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.c
   with --llamacpp DIR: llama-server single-process with 2 threads, and llama-server --rpc over two
   rpc-servers of 1 thread each (every layer on them: -ngl 99), on GGUFs in bf16 and q8_0.
 
+With --one-core-machines the two cores stand for two machines of one core each (they still share the
+memory bus, which two machines would not): every process is held to its machine's core and computes
+with one thread. One stage and llama-server single-process run on core 0; meshllm's two stages are
+`serve --cores 0` with a `meshllm worker --cores 1` (as on two machines: `serve --workers`), llama.cpp's
+split an rpc-server on each core under llama-server on core 0.
+
     .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--engine ggml [--gguf]]
-        [--serve-args ARGS] [--only LABELS] [--json] [--plot FILE.png]
+        [--one-core-machines] [--serve-args ARGS] [--only LABELS] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import re
 import shlex
 import signal
@@ -72,6 +79,9 @@ class ServerSpec:
     layout: str  # "1 stage", "2 stages", "1 process", "rpc 2x1"
     command: list[str] = field(default_factory=list)
     rpc_servers: int = 0  # rpc-server processes to start first (their ports go into --rpc)
+    core: int | None = None  # the one core the command runs on (None: any)
+    rpc_cores: tuple[int, ...] = ()  # the core of each rpc-server (empty: any)
+    worker: list[str] = field(default_factory=list)  # a `meshllm worker` to start first, for --workers
 
 
 class Server:
@@ -82,10 +92,13 @@ class Server:
         self.logs: list[Path] = []
         self.log_dir = log_dir
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], core: int | None = None) -> subprocess.Popen:
         log = self.log_dir / f"{name}-{len(self.logs)}.log"
+        pin = None if core is None else lambda: os.sched_setaffinity(0, {core})
         with log.open("wb") as output:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, preexec_fn=pin
+            )
         self.processes.append(process)
         self.logs.append(log)
         return process
@@ -113,13 +126,13 @@ def wait_port(server: Server, process: subprocess.Popen, port: int, timeout: flo
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise server.failure(f"rpc-server exited during start (exit code {process.returncode})")
+            raise server.failure(f"{process.args[0]} exited during start (exit code {process.returncode})")
         with socket.socket() as probe:
             probe.settimeout(1)
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
         if time.monotonic() > deadline:
-            raise server.failure(f"rpc-server did not listen on port {port} in {timeout:.0f} s")
+            raise server.failure(f"{process.args[0]} did not listen on port {port} in {timeout:.0f} s")
         time.sleep(0.3)
 
 
@@ -140,17 +153,23 @@ def running(spec: ServerSpec, log_dir: Path, llamacpp: Path | None) -> Iterator[
             assert llamacpp is not None
             rpc = rpc_server_binary(llamacpp)
             addresses = []
-            for _ in range(spec.rpc_servers):
+            for index in range(spec.rpc_servers):
                 port = free_port()
+                core = spec.rpc_cores[index] if spec.rpc_cores else None
                 process = server.start(
-                    f"{name}-rpc", [str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"]
+                    f"{name}-rpc", [str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"], core
                 )
                 wait_port(server, process, port, 60)
                 addresses.append(f"127.0.0.1:{port}")
             command += ["--rpc", ",".join(addresses)]
+        if spec.worker:
+            port = free_port()
+            process = server.start(f"{name}-worker", spec.worker + ["--port", str(port)])
+            wait_port(server, process, port, START_TIMEOUT)
+            command += ["--workers", f"w1=127.0.0.1:{port}"]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        process = server.start(name, command + ["--port", str(port)])
+        process = server.start(name, command + ["--port", str(port)], spec.core)
         wait_healthy(server, process, url, START_TIMEOUT)
         yield url, server
     finally:
@@ -291,11 +310,19 @@ def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[Serve
 
     def meshllm(n: int, weights: str, model: Path, extra: list[str]) -> ServerSpec:
         command = [sys.executable, "-m", "meshllm", "serve", "--model", str(model), "--dtype", "bfloat16"]
-        command += ["--served-model-name", "bench", "--stages", str(n), *engine, *extra]
+        command += ["--served-model-name", "bench", *engine, *extra]
+        worker: list[str] = []
+        if not args.one_core_machines:
+            command += ["--stages", str(n)]
+        else:  # this process on core 0, the second stage a worker of its own on core 1
+            command += ["--cores", "0", "--threads", "1"]
+            if n == 2:
+                worker = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--name", "w1"]
+                worker += ["--cores", "1", "--threads", "1", *engine]
         command += shlex.split(args.serve_args)
         label = f"{prefix} {n} stage{'s' if n > 1 else ''} {weights}"
         label += f" ({args.serve_args})" if args.serve_args else ""
-        return ServerSpec(label, "meshllm", weights, f"{n} stage", command)
+        return ServerSpec(label, "meshllm", weights, f"{n} stage", command, worker=worker)
 
     def model_of(kind: str) -> Path:
         """What meshllm serves: the checkpoint, or with --gguf the very GGUF llama.cpp serves."""
@@ -320,8 +347,16 @@ def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[Serve
             model = gguf_file(checkpoint, args.llamacpp, kind)
             common = [server, "-m", str(model), "--host", "127.0.0.1", "-c", str(context), "-np", "16"]
             common += ["--alias", "bench", "--no-webui"]
+            pinned = args.one_core_machines
             specs.append(
-                ServerSpec(f"llama.cpp {kind}", "llama.cpp", kind, "1 process", common + ["-t", "2"])
+                ServerSpec(
+                    f"llama.cpp {kind}",
+                    "llama.cpp",
+                    kind,
+                    "1 process",
+                    common + ["-t", "1" if pinned else "2"],
+                    core=0 if pinned else None,
+                )
             )
             specs.append(
                 ServerSpec(
@@ -331,6 +366,8 @@ def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[Serve
                     "rpc 2x1",
                     common + ["-t", "1", "-ngl", "99"],
                     rpc_servers=2,
+                    core=0 if pinned else None,
+                    rpc_cores=(0, 1) if pinned else (),
                 )
             )
     return specs, notes
@@ -366,6 +403,11 @@ def main() -> int:
         help="meshllm serves the same GGUF files as llama.cpp (needs --engine ggml and --llamacpp)",
     )
     parser.add_argument(
+        "--one-core-machines",
+        action="store_true",
+        help="the two cores as two machines of one core each: every process held to its core, one thread",
+    )
+    parser.add_argument(
         "--serve-args", default="", help="more arguments for every meshllm serve (e.g. '--threads 2')"
     )
     parser.add_argument("--only", default=None, help="comma-separated row labels to run (default: all)")
@@ -375,6 +417,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.levels = [int(level) for level in args.concurrency.split(",")]
+    if args.one_core_machines and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--one-core-machines needs two cores")
     if args.gguf and (args.engine != "ggml" or args.llamacpp is None):
         parser.error("--gguf needs --engine ggml and --llamacpp (only the ggml engine reads GGUF files)")
 
@@ -413,6 +457,8 @@ def main() -> int:
         "median (min–max)"
     )
     print(f"machine: {load_before} at the start, {machine_load()} at the end")
+    if args.one_core_machines:
+        print("two machines of one core each: every process held to its core, one compute thread")
     if commit is not None:
         print(f"llama.cpp: {commit}")
     titles = [f"{level} stream{'s' if level > 1 else ''} tok/s" for level in args.levels]
@@ -460,6 +506,7 @@ def main() -> int:
         "llamacpp_commit": commit,
         "engine": args.engine,
         "gguf": args.gguf,
+        "one_core_machines": args.one_core_machines,
         "servers": results,
         "ratios": ratios,
         "predicted": predictions,
