@@ -4,7 +4,9 @@ Each server is started on 127.0.0.1 (free ports), sent streamed chat completions
 --prompt-tokens tokens, exactly --tokens new tokens with `ignore_eos`, greedy) 1, 4 and 16 at a time,
 then stopped by pid. Per concurrency level it records each stream's decode tokens/s after its first
 token, the total tokens/s (all streams' tokens over the wall time, prefill included) and the time to the
-first token; each level is repeated --repeats times and the table gives medians with min–max.
+first token; each level is repeated --repeats times and the table gives medians with min–max. With
+--interleave every server is started first and each repeat goes round all of them, so that a machine
+whose speed drifts over minutes moves every row alike (for ratios of a few percent).
 
 Servers, on the random-weight qwen3-0.6b-shaped checkpoint (bfloat16, under ~/.cache/meshllm-bench/):
   meshllm serve --stages 1 and --stages 2 (its default thread split: 2 threads, or 1 + 1), and
@@ -21,7 +23,7 @@ with one thread. One stage and llama-server single-process run on core 0; meshll
 split an rpc-server on each core under llama-server on core 0.
 
     .venv/bin/python bench/vs_llamacpp.py [--llamacpp DIR] [--quantize int8] [--engine ggml [--gguf]]
-        [--one-core-machines] [--serve-args ARGS] [--only LABELS] [--json] [--plot FILE.png]
+        [--one-core-machines] [--interleave] [--serve-args ARGS] [--only LABELS] [--json] [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -283,12 +285,24 @@ async def measure_level(url: str, words: int, tokens: int, streams: int) -> dict
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every level, --repeats times; each figure as a spread over the repeats."""
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=10)) as client:
-        await one_request(client, args.words, 4)  # warm up
-    figures: dict[str, dict[str, Any]] = {}
+    return (await measure_interleaved({"": url}, args))[""]
+
+
+async def measure_interleaved(urls: dict[str, str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every level, --repeats times, each repeat going round every server in turn (so that a machine whose
+    speed drifts over minutes moves every row alike); each figure as a spread over the repeats."""
+    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10)
+    for url in urls.values():
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+            await one_request(client, args.words, 4)  # warm up
+    figures: dict[str, dict[str, Any]] = {label: {} for label in urls}
     for streams in args.levels:
-        runs = [await measure_level(url, args.words, args.tokens, streams) for _ in range(args.repeats)]
-        figures[str(streams)] = {key: spread([run[key] for run in runs]) for key in runs[0]}
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label in urls}
+        for _ in range(args.repeats):
+            for label, url in urls.items():
+                runs[label].append(await measure_level(url, args.words, args.tokens, streams))
+        for label, done in runs.items():
+            figures[label][str(streams)] = {key: spread([run[key] for run in done]) for key in done[0]}
     return figures
 
 
@@ -403,6 +417,12 @@ def main() -> int:
         help="meshllm serves the same GGUF files as llama.cpp (needs --engine ggml and --llamacpp)",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every server first, then measure them in turn at each repeat (they must fit in memory "
+        "together; the idle ones still answer their own health checks)",
+    )
+    parser.add_argument(
         "--one-core-machines",
         action="store_true",
         help="the two cores as two machines of one core each: every process held to its core, one thread",
@@ -433,17 +453,30 @@ def main() -> int:
     predictions: dict[str, dict[str, float]] = {}  # meshllm's own, from serve's log
     schedules: dict[str, str] = {}  # how it runs stages on the same cores, from serve's log
     load_before = machine_load()
+
+    def read_logs(label: str, server: Server) -> None:
+        predicted = prediction_in(server.logs)
+        if predicted:
+            predictions[label] = predicted
+        schedule = schedule_in(server.logs)
+        if schedule:
+            schedules[label] = schedule
+
     with tempfile.TemporaryDirectory(prefix="meshllm-bench-") as log_dir:
-        for spec in specs:
+        if args.interleave:  # every server up at once, measured in turn
+            with contextlib.ExitStack() as stack:
+                urls: dict[str, str] = {}
+                for spec in specs:
+                    print(f"starting {spec.label}", file=sys.stderr)
+                    url, server = stack.enter_context(running(spec, Path(log_dir), args.llamacpp))
+                    urls[spec.label] = url
+                    read_logs(spec.label, server)
+                results.update(asyncio.run(measure_interleaved(urls, args)))
+        for spec in specs if not args.interleave else []:
             print(f"running {spec.label}", file=sys.stderr)
             with running(spec, Path(log_dir), args.llamacpp) as (url, server):
                 results[spec.label] = asyncio.run(measure(url, args))
-                predicted = prediction_in(server.logs)
-                if predicted:
-                    predictions[spec.label] = predicted
-                schedule = schedule_in(server.logs)
-                if schedule:
-                    schedules[spec.label] = schedule
+                read_logs(spec.label, server)
 
     commit = llamacpp_commit(args.llamacpp) if args.llamacpp is not None else None
     prompt_tokens = {
@@ -457,6 +490,8 @@ def main() -> int:
         "median (min–max)"
     )
     print(f"machine: {load_before} at the start, {machine_load()} at the end")
+    if args.interleave:
+        print("interleaved: every server up at once, each repeat going round all of them")
     if args.one_core_machines:
         print("two machines of one core each: every process held to its core, one compute thread")
     if commit is not None:
@@ -507,6 +542,7 @@ def main() -> int:
         "engine": args.engine,
         "gguf": args.gguf,
         "one_core_machines": args.one_core_machines,
+        "interleaved": args.interleave,
         "servers": results,
         "ratios": ratios,
         "predicted": predictions,
