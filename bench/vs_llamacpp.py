@@ -326,9 +326,9 @@ def server_specs(args: argparse.Namespace, checkpoint: Path) -> tuple[list[Serve
         command = [sys.executable, "-m", "meshllm", "serve", "--model", str(model), "--dtype", "bfloat16"]
         command += ["--served-model-name", "bench", *engine, *extra]
         worker: list[str] = []
-        if not args.one_core_machines:
+        if not args.one_core_machines or n == 1:
             command += ["--stages", str(n)]
-        else:  # this process on core 0, the second stage a worker of its own on core 1
+        if args.one_core_machines:  # this process on core 0, the second stage a worker of its own on core 1
             command += ["--cores", "0", "--threads", "1"]
             if n == 2:
                 worker = [sys.executable, "-m", "meshllm", "worker", "--host", "127.0.0.1", "--name", "w1"]
