@@ -436,6 +436,7 @@ def main() -> int:
         "--plot", type=Path, metavar="FILE.png", help="also draw the figures to FILE.png (needs matplotlib)"
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out, by pid
     args.levels = [int(level) for level in args.concurrency.split(",")]
     if args.one_core_machines and len(os.sched_getaffinity(0)) < 2:
         parser.error("--one-core-machines needs two cores")
