@@ -60,7 +60,7 @@ def test_defaults_and_choices_are_the_shared_vocabulary(tmp_path: Path) -> None:
     assert cluster.cluster.api_port == defaults.DEFAULT_API_PORT
     assert cluster.workers[0].port == defaults.DEFAULT_STAGE_PORT
     engines = ", ".join(map(repr, defaults.ENGINES))
-    dtypes = ", ".join(map(repr, defaults.DTYPES))
+    dtypes = ", ".join(map(repr, (defaults.AUTO_DTYPE, *defaults.DTYPES)))
     assert f"engine must be one of {engines}" in error_of(tmp_path, MINIMAL + 'engine = "tf"\n')
     assert f"dtype must be one of {dtypes}" in error_of(
         tmp_path, MINIMAL.replace('model = "demo"', 'model = "demo"\ndtype = "int4"')
@@ -116,7 +116,7 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
         (('name = "w1"', 'name = "w 1"'), "device 'w 1': name must be letters, digits"),
         (('name = "w1"', 'name = "w1"\nengine = "tf"'), "device 'w1': engine must be one of 'torch', 'mlx'"),
         (('name = "w1"', 'name = "w1"\nenv = 3'), "device 'w1': env must be a table of NAME = \"value\""),
-        (('model = "demo"', 'model = "demo"\ndtype = "int4"'), "[cluster]: dtype must be one of 'float32'"),
+        (('model = "demo"', 'model = "demo"\ndtype = "int4"'), "[cluster]: dtype must be one of 'auto', 'float32'"),
         (
             ('model = "demo"', 'model = "demo"\napi_port = 0'),
             "[cluster]: api_port must be an integer between",

@@ -21,6 +21,7 @@ from typing import Annotated, Any, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from meshllm.defaults import (
+    AUTO_DTYPE,
     COORDINATOR_STAGE,
     DEFAULT_API_PORT,
     DEFAULT_STAGE_PORT,
@@ -28,7 +29,6 @@ from meshllm.defaults import (
     ENGINES,
     QUANTIZE_MODES,
     SHARED_STAGES,
-    DtypeName,
     EngineName,
     QuantizeMode,
 )
@@ -138,7 +138,7 @@ PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
 NonNegativeNumber = Annotated[float, BeforeValidator(_non_negative_number)]
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 Engine = Annotated[EngineName, _choice(*ENGINES)]
-Dtype = Annotated[DtypeName, _choice(*DTYPES)]
+Dtype = Annotated[str, _choice(AUTO_DTYPE, *DTYPES)]  # auto: the model's own
 SharedStages = Annotated[str, _choice(*SHARED_STAGES)]
 Quantize = Annotated[QuantizeMode, _choice(*QUANTIZE_MODES)]
 Role = Annotated[RoleName, _choice(*ROLES)]
@@ -156,7 +156,7 @@ class ClusterSettings(_Frozen):
 
     name: Name
     model: Text  # a local folder (relative to each device's workdir), a hub id, or "demo"
-    dtype: Dtype | None = None  # None: the coordinator's default
+    dtype: Dtype | None = None  # None: the coordinator's default (auto: the model's own)
     quantize: Quantize | None = None  # int8 | int4: linear layers held quantized; None: as stored
     quantize_group: PositiveInt | None = None  # int4's inputs per scale; None: the default (64)
     engine: Engine | None = None  # None: each machine's default (`engines.default_engine`)

@@ -9,6 +9,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # config.json model_type v
 DTYPES = ("float32", "bfloat16", "float16")
 EngineName = Literal["torch", "mlx", "ggml"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
+AUTO_DTYPE = "auto"  # a model's own dtype: `Checkpoint.own_dtype`
 # Weights held quantized: int8 per output channel, int4 in groups of DEFAULT_GROUP_SIZE inputs.
 QUANTIZE_MODES = ("int8", "int4")
 QuantizeMode = Literal["int8", "int4"]

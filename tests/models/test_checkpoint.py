@@ -236,3 +236,33 @@ def test_demo_checkpoint_is_made_once(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(made) == 1
     assert Checkpoint.open("demo").config.model_type == "qwen3"
     assert [child.name for child in tmp_path.iterdir()] == [first.name]  # no partial folder left
+
+
+@pytest.mark.parametrize(
+    ("keys", "own"),
+    [
+        ({"torch_dtype": "bfloat16"}, "bfloat16"),
+        ({"torch_dtype": "float16"}, "float16"),
+        ({"torch_dtype": None, "dtype": "bfloat16"}, "bfloat16"),  # as transformers 5 writes it
+        ({"torch_dtype": "float32"}, "float32"),
+        ({"torch_dtype": None}, "float32"),
+        ({"torch_dtype": "int8"}, "float32"),  # no dtype of a stage: the safe one
+    ],
+)
+def test_a_model_s_own_dtype_is_the_one_its_config_names(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path, keys: dict[str, Any], own: str
+) -> None:
+    path = copy_checkpoint(tiny_checkpoint(), tmp_path / "model")
+    edit_config(path, **keys)
+    checkpoint = Checkpoint.open(path)
+    assert checkpoint.own_dtype == own
+    assert checkpoint.served_dtype("auto") == checkpoint.served_dtype(None) == own
+    assert checkpoint.served_dtype("float16") == "float16"
+
+
+def test_a_gguf_file_s_own_dtype_is_float32(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    from meshllm.models.gguf import write_gguf
+
+    assert (
+        Checkpoint.open(write_gguf(tiny_checkpoint(), tmp_path / "model.gguf", "BF16")).own_dtype == "float32"
+    )

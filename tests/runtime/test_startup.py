@@ -9,6 +9,8 @@ import pytest
 
 from meshllm import __version__
 from meshllm.errors import StageError
+from meshllm.models.checkpoint import Checkpoint
+from meshllm.models.tiny import make_checkpoint
 from meshllm.runtime.coordinator_config import WorkerAddress
 from tests.conftest import WorkerProcess
 from tests.runtime.test_coordinator import PROMPT, generate, reference_greedy, start
@@ -42,3 +44,23 @@ def test_a_worker_of_the_same_version_is_accepted(tiny_checkpoint, start_workers
             await coordinator.close()
 
     assert asyncio.run(run()) == reference_greedy(path, PROMPT, 4)
+
+
+def test_a_model_is_served_in_its_own_dtype_where_none_is_asked(tmp_path: Path, start_workers) -> None:
+    # A bfloat16 checkpoint (as most on the hub are), served without a dtype: every stage, the
+    # coordinator's and the worker's, holds bfloat16 weights, half the bytes of float32.
+    path = make_checkpoint(tmp_path / "bf16", dtype="bfloat16")
+    (worker,) = start_workers(1, prefix="own")
+
+    async def weight_bytes(**options) -> list[int]:
+        coordinator = await start(path, [WorkerAddress(worker.name, worker.address)], **options)
+        try:
+            assert len(await generate(coordinator, PROMPT, 3)) == 3
+            return [device.weight_bytes for device in await coordinator.devices()]
+        finally:
+            await coordinator.close()
+
+    own = asyncio.run(weight_bytes())
+    wide = asyncio.run(weight_bytes(dtype="float32"))
+    assert [2 * n for n in own] == pytest.approx(wide, rel=0.01)  # norms may stay float32
+    assert Checkpoint.open(str(path)).own_dtype == "bfloat16"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from meshllm.cli.serve import add_quantize_arguments
-from meshllm.defaults import DTYPES, ENGINES
+from meshllm.defaults import AUTO_DTYPE, DTYPES, ENGINES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default=AUTO_DTYPE, choices=(AUTO_DTYPE, *DTYPES))
     parser.add_argument(
         "--engine",
         default=None,
@@ -75,7 +75,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 engine,
                 checkpoint,
                 layer_range,
-                dtype=args.dtype,
+                dtype=checkpoint.served_dtype(args.dtype),
                 quantize=args.quantize,
                 group_size=args.quantize_group,
             )

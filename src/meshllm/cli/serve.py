@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from meshllm.cli.worker import add_cores_argument, add_kv_memory_argument, add_tls_arguments
 from meshllm.defaults import (
+    AUTO_DTYPE,
     DEFAULT_API_PORT,
     DEFAULT_GROUP_SIZE,
     DTYPES,
@@ -87,9 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tls_arguments(parser)
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="weights and activations",
+        default=AUTO_DTYPE,
+        choices=(AUTO_DTYPE, *DTYPES),
+        help="weights and activations (default auto: the model's own, as its config.json says, else float32)",
     )
     add_quantize_arguments(parser)
     parser.add_argument(

@@ -193,7 +193,7 @@ def check_memory_fit(cluster: Cluster, memory_available: dict[str, int | None]) 
         if memory is None:
             return
         devices.append((device.name, memory))
-    make_plan(checkpoint, devices, cluster.cluster.dtype or "float32")
+    make_plan(checkpoint, devices, checkpoint.served_dtype(cluster.cluster.dtype))
 
 
 def _readable_checkpoint(cluster: Cluster) -> Any:

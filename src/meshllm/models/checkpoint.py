@@ -10,6 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshllm.defaults import AUTO_DTYPE, DTYPES
 from meshllm.errors import ConfigError
 from meshllm.models.config import ModelConfig
 
@@ -82,6 +83,18 @@ class Checkpoint:
         from meshllm.models.gguf import GgufModel, is_gguf
 
         return GgufModel(self.path) if is_gguf(self.path) else None
+
+    @property
+    def own_dtype(self) -> str:
+        """The dtype a model is served in where none is asked for (`--dtype auto`): the one its
+        config.json says its weights are in (bfloat16, float16 or float32), else float32; float32 for a
+        GGUF file (its matrices keep their own types whatever the dtype: it is that of the rest)."""
+        stored = None if self.gguf is not None else self.config.torch_dtype
+        return stored if stored in DTYPES else "float32"
+
+    def served_dtype(self, dtype: str | None) -> str:
+        """`dtype` ("auto" or None: `own_dtype`)."""
+        return self.own_dtype if dtype in (None, AUTO_DTYPE) else dtype
 
     @cached_property
     def config(self) -> ModelConfig:

@@ -71,6 +71,7 @@ class ModelConfig:
             sliding_window=config.get("sliding_window") if model_type == "mistral" else None,
             num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            torch_dtype=config.get("torch_dtype") or config.get("dtype"),  # transformers 5 writes "dtype"
             raw=config,
         )
         return cls(**values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshllm.defaults import COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES, SHARED_STAGES
+from meshllm.defaults import AUTO_DTYPE, COORDINATOR_STAGE, DEFAULT_GROUP_SIZE, QUANTIZE_MODES, SHARED_STAGES
 from meshllm.errors import ConfigError
 from meshllm.transport.tls import TlsFiles
 
@@ -21,7 +21,7 @@ class CoordinatorConfig:
     model: str  # a local folder, a hub id, or "demo"
     workers: tuple[WorkerAddress, ...] = ()  # in chain order, after the coordinator's own stage
     local_stage: bool = True  # the coordinator computes the first layers itself
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE  # or float32, bfloat16, float16; "auto": the checkpoint's own (`own_dtype`)
     quantize: str | None = None  # int8 | int4: every device's linear layers held quantized
     group_size: int = DEFAULT_GROUP_SIZE  # int4's group of inputs
     device_quantize: Mapping[str, str | None] = field(default_factory=dict)  # a device's own choice

@@ -10,12 +10,12 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from meshllm import compute
-from meshllm.defaults import PREDICT_ENV
+from meshllm.defaults import AUTO_DTYPE, PREDICT_ENV
 from meshllm.devices import (
     Calibration,
     LayerShape,
@@ -91,6 +91,9 @@ async def _start(
     on_load: OnLoad | None,
 ) -> Coordinator:
     checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    if config.dtype == AUTO_DTYPE:
+        config = replace(config, dtype=checkpoint.own_dtype)
+        log.info("dtype %s: the model's own (--dtype chooses another)", config.dtype)
     engine = config.engine or default_engine(config.device, checkpoint)
     if checkpoint.gguf is not None and config.local_stage and engine != "ggml":
         raise ConfigError(
@@ -289,6 +292,7 @@ async def forecast(config: CoordinatorConfig) -> list[str]:
     clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     try:
         checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+        config = replace(config, dtype=checkpoint.served_dtype(config.dtype))
         engine = config.engine or default_engine(config.device, checkpoint)
         survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
         ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
