@@ -116,7 +116,10 @@ def test_a_given_coordinator_role_wins_over_the_first_device(tmp_path: Path) -> 
         (('name = "w1"', 'name = "w 1"'), "device 'w 1': name must be letters, digits"),
         (('name = "w1"', 'name = "w1"\nengine = "tf"'), "device 'w1': engine must be one of 'torch', 'mlx'"),
         (('name = "w1"', 'name = "w1"\nenv = 3'), "device 'w1': env must be a table of NAME = \"value\""),
-        (('model = "demo"', 'model = "demo"\ndtype = "int4"'), "[cluster]: dtype must be one of 'auto', 'float32'"),
+        (
+            ('model = "demo"', 'model = "demo"\ndtype = "int4"'),
+            "[cluster]: dtype must be one of 'auto', 'float32'",
+        ),
         (
             ('model = "demo"', 'model = "demo"\napi_port = 0'),
             "[cluster]: api_port must be an integer between",

@@ -11,7 +11,8 @@ import pytest
 from meshllm.devices import Calibration, Link
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import make_plan, model_weights
-from meshllm.models.predict import CostModel, StageCost, best_schedule, describe, predict
+from meshllm.models.predict import CostModel, StageCost, best_schedule, describe, predict, step_balance
+from meshllm.models.tiny import TinySpec, make_checkpoint
 from meshllm.step import LayerRange
 
 GB = 1e9
@@ -222,3 +223,48 @@ def test_no_device_alone_when_none_holds_the_whole_model(tiny_checkpoint: Callab
     checkpoint = Checkpoint.open(tiny_checkpoint(layers=4))
     calibrations = {"a": Calibration(GB, GB)}
     assert CostModel(checkpoint, "float32", 64).best_alone([("a", 1000)], {}, calibrations, 4) is None
+
+
+def test_stages_on_units_of_their_own_are_balanced_per_step_of_many_streams(tmp_path: Path) -> None:
+    # A head as heavy as a few layers to read: balanced per token, the last stage takes fewer layers.
+    # Per step of 8 tokens (16 streams over 2 stages) the layers' own work per token dominates and the
+    # head, one matmul, weighs little: balanced per step, the split is even.
+    spec = TinySpec(num_hidden_layers=12, vocab_size=2048, fill_vocab=True)
+    checkpoint = Checkpoint.open(make_checkpoint(tmp_path / "model", spec=spec))
+    devices = [("a", 10**10), ("b", 10**10)]
+    per_token = [stage.layer_range for stage in make_plan(checkpoint, devices, "float32")]
+    assert per_token[1].end - per_token[1].start < 5
+    calibration = Calibration(10 * GB, 100 * GB, 0, 1000 * GB, 0.001, 0.0001, 0.0)
+    seconds = step_balance(CostModel(checkpoint, "float32", 64), calibration, [None, None], streams=16)
+    per_step = [
+        stage.layer_range for stage in make_plan(checkpoint, devices, "float32", stage_seconds=seconds)
+    ]
+    assert per_step == [LayerRange(0, 6), LayerRange(6, 12)]
+    # a device half as fast takes fewer layers there too
+    halved = make_plan(checkpoint, devices, "float32", speeds={"a": 1.0, "b": 0.5}, stage_seconds=seconds)
+    assert [stage.layer_range for stage in halved] == [LayerRange(0, 8), LayerRange(8, 12)]
+
+
+def test_a_start_balances_per_step_only_where_every_stage_has_its_own_unit_and_layers_were_timed(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    from meshllm.runtime.coordinator_config import CoordinatorConfig
+    from meshllm.runtime.startup import _step_balance
+
+    path = tiny_checkpoint(layers=4)
+    config, checkpoint = CoordinatorConfig(model=str(path), dtype="float32"), Checkpoint.open(path)
+    devices, quantize = [("a", 10**10), ("b", 10**10)], {"a": None, "b": None}
+    timed = {
+        "a": Calibration(10 * GB, 100 * GB, 0, 0, 0.001),
+        "b": Calibration(20 * GB, 100 * GB, 0, 0, 0.002),
+    }
+    apart = {"a": "vm/cpu/0", "b": "vm/cpu/1"}
+    seconds = _step_balance(config, checkpoint, devices, quantize, timed, apart)
+    assert seconds is not None  # on the fastest device's figures: b's
+    assert seconds(0, 0, 2) == pytest.approx(
+        step_balance(CostModel(checkpoint, "float32", 64), timed["b"], [None, None], 16)(0, 0, 2)
+    )
+    shared = {"a": "vm/cpu/0-1", "b": "vm/cpu/0-1"}  # taking turns: any split does the same work
+    assert _step_balance(config, checkpoint, devices, quantize, timed, shared) is None
+    untimed = {"a": Calibration(10 * GB, 100 * GB), "b": Calibration(10 * GB, 100 * GB)}
+    assert _step_balance(config, checkpoint, devices, quantize, untimed, apart) is None

@@ -10,6 +10,7 @@ choice: each stage must fit its device (weights plus headroom for caches and act
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshllm.step import LayerRange
@@ -47,14 +48,19 @@ class ModelCosts:
         return self._layers(start, end) + self.head * (end == len(self.layers))
 
 
+StageSeconds = Callable[[int, int, int], float]  # (device index, start, end) -> a stage's time, at speed 1
+
+
 def balance(
     costs: list[ModelCosts],  # one per device, in chain order
     speeds: list[float],  # each device's read speed (bytes/s, or any common unit)
     memory: list[float],  # bytes each device may hold
     headroom: float,
+    seconds: StageSeconds | None = None,  # a stage's time (None: its bytes read per decode token)
 ) -> list[LayerRange] | None:
     """Contiguous non-empty ranges, one per device in chain order, that minimise the slowest stage's time
-    per token while each fits its device; None when no split fits."""
+    per token (or per step, by `seconds`; each over its device's speed) while each fits its device; None
+    when no split fits."""
     n_devices, n_layers = len(costs), len(costs[0].layers)
     if n_layers < n_devices:
         return None
@@ -69,7 +75,8 @@ def balance(
                 before = best[j - 1][start]
                 if before == math.inf or device_costs.held(start, end) * headroom > room:
                     continue
-                slowest = max(before, device_costs.read(start, end) / speed)
+                cost = device_costs.read(start, end) if seconds is None else seconds(j - 1, start, end)
+                slowest = max(before, cost / speed)
                 if slowest < best[j][end]:
                     best[j][end], choice[j][end] = slowest, start
     if best[n_devices][n_layers] == math.inf:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.errors import ConfigError
-from meshllm.models.balance import ModelCosts, balance
+from meshllm.models.balance import ModelCosts, StageSeconds, balance
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.step import LayerRange
 
@@ -195,8 +195,10 @@ def make_plan(
     quantize: dict[str, str | None] | None = None,  # by device name: int8 | int4 | None (as stored)
     group_size: int = 64,
     speeds: dict[str, float] | None = None,  # by device name: measured read speed; None or 0: all alike
+    stage_seconds: StageSeconds | None = None,  # a stage's time at speed 1 (None: bytes read a token)
 ) -> list[StagePlan]:
-    """Ranges by cost within memory; raises ConfigError naming the devices and the shortfall if it can't fit."""
+    """Ranges by cost within memory; raises ConfigError naming the devices and the shortfall if it can't fit.
+    The cost is each stage's bytes read per decode token, or `stage_seconds` (`predict.step_balance`)."""
     config = checkpoint.config
     sizes = tensor_bytes(checkpoint, dtype)
     modes = {mode for mode in (quantize or {}).values() if mode}
@@ -216,6 +218,7 @@ def make_plan(
             else [1.0] * len(devices),
             [float(memory) for _, memory in devices],
             HEADROOM,
+            stage_seconds,
         )
     if ranges is None:  # nothing fits (reported below, on the memory-weighted split), or too few layers
         ranges = plan_layers(config.num_hidden_layers, [float(memory) for _, memory in devices])

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from meshllm.devices import Calibration, Link, steps_in_flight
-from meshllm.models.balance import ModelCosts
+from meshllm.models.balance import ModelCosts, StageSeconds
 from meshllm.models.checkpoint import Checkpoint
 from meshllm.models.plan import HEADROOM, StagePlan, model_costs, model_weights, quantized_sizes, tensor_bytes
 from meshllm.step import LayerRange
@@ -271,6 +271,26 @@ class CostModel:
             if best is None or prediction.one_stream > best[1].one_stream:
                 best = (name, prediction)
         return best
+
+
+def step_balance(
+    model: CostModel, calibration: Calibration, quantize: list[str | None], streams: int
+) -> StageSeconds:
+    """A stage's decode step where every stage computes on a unit of its own and `streams` streams keep a
+    micro-batch in flight at each: a step of ceil(streams / stages) tokens (`StageCost.step_seconds`), on
+    `calibration`'s figures for every device (the devices' relative speeds divide it in `balance`, as
+    they divide bytes). Per token the lm_head weighs what ten layers of a small model weigh; per step of
+    many tokens it is one matmul that reads its weights once, where each layer's work per token
+    (attention over each sequence's own cache, norms, RoPE) grows with the tokens: balanced per step, the
+    last stage takes more layers than balanced per token, and one stream, which passes every stage in
+    turn, loses nothing on devices alike."""
+    batch = math.ceil(streams / len(quantize))
+
+    def seconds(index: int, start: int, end: int) -> float:
+        cost = model.cost("", LayerRange(start, end), quantize[index], calibration)
+        return cost.step_seconds(batch, context=MEAN_CONTEXT)
+
+    return seconds
 
 
 def describe(prediction: Prediction, alone: tuple[str, Prediction] | None, stages: int) -> str:

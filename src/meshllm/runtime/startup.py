@@ -27,9 +27,10 @@ from meshllm.devices import (
 )
 from meshllm.engines import calibrate, default_engine, guess_device_type, load_stage
 from meshllm.errors import ConfigError, StageError
+from meshllm.models.balance import StageSeconds
 from meshllm.models.checkpoint import DEMO_MODEL, Checkpoint
 from meshllm.models.plan import StagePlan, make_plan
-from meshllm.models.predict import MEAN_CONTEXT, CostModel, best_schedule, describe, predict
+from meshllm.models.predict import MEAN_CONTEXT, CostModel, best_schedule, describe, predict, step_balance
 from meshllm.models.tokenizer import load_tokenizer
 from meshllm.runtime.coordinator import Coordinator
 from meshllm.runtime.coordinator_config import CoordinatorConfig
@@ -267,15 +268,22 @@ async def _survey(
         computes[config.name] = local.compute
     for client, info in zip(clients, infos, strict=True):
         devices.append((client.name, memory.get(client.name, info.memory_available)))
+    quantize = {name: config.quantize_of(name) for name, _ in devices}
+    stage_seconds = _step_balance(config, checkpoint, devices, quantize, calibrations, computes)
     plan = make_plan(
         checkpoint,
         devices,
         config.dtype,
         dict(config.layer_overrides) or None,
-        quantize={name: config.quantize_of(name) for name, _ in devices},
+        quantize=quantize,
         group_size=config.group_size,
         speeds=speeds,
+        stage_seconds=stage_seconds,
     )
+    if stage_seconds is not None and not config.layer_overrides:
+        log.info(
+            "plan: balanced for %d streams' decode steps (every stage computes on its own)", PREDICTED_STREAMS
+        )
     for planned in plan:
         log.info(
             "plan: %s runs layers %s (%.1f MB)",
@@ -348,6 +356,29 @@ async def _calibrate(
             raise StageError(f"{client.describe()} answered Info without the speeds it was asked to measure")
         calibrations[client.name] = info.calibration
     return calibrations
+
+
+def _step_balance(
+    config: CoordinatorConfig,
+    checkpoint: Checkpoint,
+    devices: list[tuple[str, int]],
+    quantize: dict[str, str | None],
+    calibrations: dict[str, Calibration],
+    computes: dict[str, str],
+) -> StageSeconds | None:
+    """What the plan balances where every stage has a compute unit of its own (machines, or cores, of
+    their own) and the layers of the model's shape were timed: the stages' decode steps of many streams
+    (`predict.step_balance`), on the figures of the fastest device. Else None: bytes read a token."""
+    names = [name for name, _ in devices]
+    timed = [calibrations.get(name) for name in names]
+    units = [computes.get(name, "") for name in names]
+    if len(names) < 2 or steps_in_flight(units) < len(names):
+        return None  # stages on one unit take turns: whatever the split, they do the same work in turn
+    if not all(found is not None and found.layer_token_seconds for found in timed):
+        return None
+    fastest = max((found for found in timed if found is not None), key=lambda found: found.read_bandwidth)
+    model = CostModel(checkpoint, config.dtype, config.group_size)
+    return step_balance(model, fastest, [quantize.get(name) for name in names], PREDICTED_STREAMS)
 
 
 def _relative_speeds(calibrations: dict[str, Calibration]) -> dict[str, float]:
