@@ -414,7 +414,7 @@ def main() -> int:
     parser.add_argument(
         "--gguf",
         action="store_true",
-        help="meshllm serves the same GGUF files as llama.cpp (needs --engine ggml and --llamacpp)",
+        help="meshllm serves the same GGUF files as llama.cpp, on the ggml engine (needs --llamacpp)",
     )
     parser.add_argument(
         "--interleave",
@@ -440,8 +440,10 @@ def main() -> int:
     args.levels = [int(level) for level in args.concurrency.split(",")]
     if args.one_core_machines and len(os.sched_getaffinity(0)) < 2:
         parser.error("--one-core-machines needs two cores")
-    if args.gguf and (args.engine != "ggml" or args.llamacpp is None):
-        parser.error("--gguf needs --engine ggml and --llamacpp (only the ggml engine reads GGUF files)")
+    if args.gguf and (args.engine not in (None, "ggml") or args.llamacpp is None):
+        parser.error("--gguf needs the ggml engine and --llamacpp (only the ggml engine reads GGUF files)")
+    if args.gguf:
+        args.engine = "ggml"  # what serve runs a GGUF file on anyway; named, so the rows say so
 
     checkpoint = shape_checkpoint(args.shape)
     specs, notes = server_specs(args, checkpoint)
