@@ -41,14 +41,26 @@ def loopback_addresses(count: int) -> list[str]:
 
 
 def start_group(world_size: int, **kwargs: Any) -> list[Communicator]:
-    """`world_size` communicators in this process, built at once (each waits for the others)."""
-    addresses = loopback_addresses(world_size)
-    with concurrent.futures.ThreadPoolExecutor(world_size) as pool:
-        futures = [
-            pool.submit(Communicator, rank, world_size, addresses, **{"timeout": 10.0, **kwargs})
-            for rank in range(world_size)
-        ]
-        return [future.result() for future in futures]
+    """`world_size` communicators in this process, built at once (each waits for the others). Ports are
+    chosen free before the ranks bind them, and a port another socket took meanwhile (the ranks' own
+    link listeners take ephemeral ports too) makes the group start again on new ones, twice at most."""
+    for attempt in range(3):
+        addresses = loopback_addresses(world_size)
+        with concurrent.futures.ThreadPoolExecutor(world_size) as pool:
+            futures = [
+                pool.submit(Communicator, rank, world_size, addresses, **{"timeout": 10.0, **kwargs})
+                for rank in range(world_size)
+            ]
+        failed = [future for future in futures if future.exception() is not None]
+        if not failed:
+            return [future.result() for future in futures]
+        for future in futures:
+            if future.exception() is None:
+                future.result().close()
+        taken = any("cannot listen on" in str(future.exception()) for future in failed)
+        if not taken or attempt == 2:
+            failed[0].result()  # raises the first rank's error
+    raise AssertionError("unreachable")
 
 
 def on_every_rank(comms: list[Communicator], work: Any) -> list[Any]:
