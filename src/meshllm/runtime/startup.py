@@ -85,17 +85,23 @@ async def _serve_weights(config: CoordinatorConfig, checkpoint: Checkpoint) -> W
     return server
 
 
+async def _open_model(config: CoordinatorConfig) -> tuple[CoordinatorConfig, Checkpoint, str]:
+    """The checkpoint, the config with its dtype resolved ("auto": the model's own) and the engine of this
+    process's stage (`--engine`, else the default for its device and this checkpoint)."""
+    checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
+    if config.dtype == AUTO_DTYPE:
+        config = replace(config, dtype=checkpoint.own_dtype)
+        log.info("dtype %s: the model's own (--dtype chooses another)", config.dtype)
+    return config, checkpoint, config.engine or default_engine(config.device, checkpoint)
+
+
 async def _start(
     config: CoordinatorConfig,
     clients: list[StageClient],
     weights: list[WeightsServer],
     on_load: OnLoad | None,
 ) -> Coordinator:
-    checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
-    if config.dtype == AUTO_DTYPE:
-        config = replace(config, dtype=checkpoint.own_dtype)
-        log.info("dtype %s: the model's own (--dtype chooses another)", config.dtype)
-    engine = config.engine or default_engine(config.device, checkpoint)
+    config, checkpoint, engine = await _open_model(config)
     if checkpoint.gguf is not None and config.local_stage and engine != "ggml":
         raise ConfigError(
             f"model {config.model!r} is a GGUF file, which only the ggml engine reads: pass --engine ggml"
@@ -299,9 +305,7 @@ async def forecast(config: CoordinatorConfig) -> list[str]:
     loaded. Lines for a person: the plan, each device's speeds, each link, the prediction."""
     clients = [StageClient(w.name, w.address, config.token, config.tls) for w in config.workers]
     try:
-        checkpoint = await asyncio.to_thread(Checkpoint.open, config.model)
-        config = replace(config, dtype=checkpoint.served_dtype(config.dtype))
-        engine = config.engine or default_engine(config.device, checkpoint)
+        config, checkpoint, engine = await _open_model(config)
         survey = await _survey(config, engine, checkpoint, clients, calibrate=True)
         ranges = " · ".join(f"{stage.device} layers {stage.layer_range}" for stage in survey.plan)
         lines, _ = await _predict(config, checkpoint, survey, clients)
