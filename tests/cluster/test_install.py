@@ -15,10 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from cluster_helpers import SshServer, coordinator_device, free_port, is_running, meshllm, pid_record
+from cluster_helpers import (
+    SshServer,
+    coordinator_device,
+    free_port,
+    is_running,
+    meshllm,
+    pid_record,
+    start_fails,
+)
 
 from meshllm import __version__
+from meshllm.config import load_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +67,11 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     assert first.returncode == 0, str(first)
     assert f"coordinator: meshllm {__version__} is there" in first.stdout
     assert f"remote: meshllm {__version__} installed in {venv} (python " in first.stdout
-    version = subprocess.run([venv / "bin/python", "-c", "import meshllm; print(meshllm.__version__)"],
+    # A CPU device without an engine named gets the ggml engine too, built there (its default on a CPU).
+    assert "torch for cpu, the ggml engine) in " in first.stdout, first.stdout
+    version = subprocess.run([venv / "bin/python", "-c", "import meshllm, ggml; print(meshllm.__version__)"],
                              capture_output=True, text=True)  # fmt: skip
-    assert version.stdout.strip() == __version__
+    assert version.stdout.strip() == __version__, version.stderr
 
     touched = (
         (venv / "bin" / "python").stat().st_mtime,
@@ -97,8 +109,55 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
     assert record["machine"]["python"] == str(venv / "bin" / "python")
     chat = meshllm("cluster", "test", "-c", path, "--max-tokens", "4")
     assert chat.returncode == 0, str(chat)
+    url = load_cluster(path).api_url
+    devices = {
+        row["name"]: row for row in httpx.get(f"{url}/distributed/gpu-info", timeout=30).json()["devices"]
+    }
+    assert devices["remote"]["engine"] == "ggml", devices["remote"]
     assert meshllm("cluster", "stop", "-c", path).returncode == 0
     assert not is_running(record["pid"])
+
+
+@pytest.mark.timeout(1500)
+def test_a_ggml_engine_that_does_not_build_leaves_a_cpu_device_on_torch_unless_named(
+    cluster_files, tmp_path: Path, bare_python: str
+) -> None:
+    # A machine without a C++ compiler: CMake finds none where CXX names one that is not there (and pip
+    # must not take the wheel of ggml-python it built before).
+    no_compiler = {"CC": "/nowhere/cc", "CXX": "/nowhere/c++", "PIP_NO_CACHE_DIR": "1"}
+    worker = {"name": "w1", "host": "127.0.0.1", "port": free_port(), "python": bare_python,
+              "workdir": str(tmp_path), "torch_index": "", "env": no_compiler}  # fmt: skip
+    result = install(cluster_files.write([coordinator_device(), worker], name="noggml"))
+    assert result.returncode == 0, str(result)
+    venv = tmp_path / ".meshllm" / "venv"
+    assert f"w1: meshllm {__version__} installed in {venv} (python " in result.stdout
+    assert "; the ggml engine did not build there (no C/C++ compiler there; install one (" in result.stdout
+    assert (
+        'so it computes with torch, slower on a CPU: with that fixed, set engine = "ggml" for w1'
+        in result.stdout
+    )
+    assert subprocess.run([venv / "bin/python", "-c", "import ggml"], capture_output=True).returncode != 0
+
+    # Named, the engine must be there: install builds it into that venv, or says why it cannot.
+    named = cluster_files.write([coordinator_device(), {**worker, "engine": "ggml"}], name="noggml")
+    failed = install(named)
+    assert failed.returncode == 1, str(failed)
+    assert len(failed.stderr.strip().splitlines()) == 1, failed
+    assert (
+        f"error: device 'w1': the ggml engine (engine = \"ggml\" in {named}) did not build on this machine: "
+        in (failed.stderr)
+    )
+    assert "no C/C++ compiler there; install one (`sudo apt install build-essential`" in failed.stderr
+    # `cluster start` checks it before it starts anything, and says the same.
+    refused = start_fails(named)
+    assert (
+        f"device 'w1' computes with the ggml engine (engine = \"ggml\" in {named}) but ggml, gguf cannot be "
+        in (refused)
+    )
+    assert (
+        f"imported on this machine; `meshllm cluster install -c {named}` builds it into meshllm's venv"
+        in refused
+    )
 
 
 def test_start_install_leaves_devices_that_run_this_version_alone_and_starts(cluster_files) -> None:

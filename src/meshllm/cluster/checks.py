@@ -77,7 +77,14 @@ def problems(
             f"(or `meshllm cluster install -c {file}` makes a venv with it)"
         )
         return found
-    if facts["missing_modules"]:
+    engine_missing = [module for module in facts["missing_modules"] if module in ("ggml", "gguf")]
+    if engine_missing and engine_missing == facts["missing_modules"]:
+        found.append(
+            f'device {name!r} computes with the ggml engine (engine = "ggml" in {file}) but '
+            f"{', '.join(engine_missing)} cannot be imported {machine.where}; `meshllm cluster install -c {file}` "
+            f'builds it into meshllm\'s venv there (it needs cmake and a C++ compiler), or drop engine = "ggml"'
+        )
+    elif facts["missing_modules"]:
         found.append(
             f"device {name!r}: meshllm {facts['meshllm']} is installed there but "
             f"{', '.join(facts['missing_modules'])} cannot be imported; reinstall it: "

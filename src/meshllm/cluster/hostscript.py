@@ -21,6 +21,11 @@ RESULT_MARKER = "@@meshllm-result "
 # `exit_status` can say how one ended. Over ssh the launching script is gone before they end.
 _LAUNCHED = {}  # type: dict[int, subprocess.Popen[bytes]]
 REQUIRED_MODULES = ("grpc", "google.protobuf", "numpy", "safetensors", "tokenizers", "pydantic")
+ENGINE_MODULES = {
+    "mlx": ("mlx",),
+    "torch": ("torch",),
+    "ggml": ("ggml", "gguf"),
+}  # what an engine named needs
 
 
 def probe(workdir, model=None, engine=None, port=None, bind=None):
@@ -49,7 +54,7 @@ def probe(workdir, model=None, engine=None, port=None, bind=None):
     if result["meshllm"]:
         import importlib.util
 
-        wanted = REQUIRED_MODULES + (("mlx",) if engine == "mlx" else ("torch",) if engine == "torch" else ())
+        wanted = REQUIRED_MODULES + ENGINE_MODULES.get(engine, ())
         result["missing_modules"] = [name for name in wanted if _find_spec(importlib.util, name) is None]
         try:
             from meshllm.devices import system_memory
@@ -370,12 +375,16 @@ def make_venv(path):
     return {"python": python}
 
 
-def pip_install(python, args, timeout=1800):
-    """`python -m pip install ARGS`: its exit status and the last lines of its output."""
+def pip_install(python, args, timeout=1800, env=None):
+    """`python -m pip install ARGS` (with `env` added to the environment): its exit status and the last
+    lines of its output."""
     argv = [os.path.expanduser(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     argv += ["--progress-bar", "off"] + [os.path.expanduser(arg) for arg in args]
     try:
-        completed = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        environment = dict(os.environ, **(env or {}))
+        completed = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, env=environment
+        )
     except subprocess.TimeoutExpired:
         return {"returncode": -1, "tail": ["pip did not finish within " + str(int(timeout)) + " s"]}
     except OSError as error:

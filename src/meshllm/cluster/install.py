@@ -5,7 +5,8 @@ a venv there (3.10+, the venv and ensurepip modules, free disk), make one (`venv
 `<workdir>/.meshllm/venv`), copy a wheel of the running package there (over ssh for remote devices),
 install torch for that machine (`torch_index`: the CPU build's index on Linux without an NVIDIA
 driver) and then the wheel with its dependencies from the device's own package index (with mlx on
-Apple silicon), and record the venv's python in the state folder, so every later command uses it.
+Apple silicon), then the ggml engine (built there) on a CPU device that names no engine or on one that
+names ggml, and record the venv's python in the state folder, so every later command uses it.
 A device whose python (or recorded venv) already runs this version is not touched. Every failure is
 one line naming the device and the fix.
 """
@@ -36,6 +37,9 @@ from meshllm.config import Cluster, Device
 from meshllm.errors import ConfigError
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# ggml-python builds ggml at install; llama.cpp's tiled mat-muls for prompts (GGML_LLAMAFILE), which
+# standalone ggml leaves off, make the ggml engine prefill 2-3x faster.
+GGML_BUILD_ENV = {"CMAKE_ARGS": "-DGGML_LLAMAFILE=ON"}
 PIP_TIMEOUT_S = 1800.0
 # Free disk a venv needs, by the torch build that goes in it (torch and its libraries, the rest, headroom).
 NEEDED_BYTES = {"cpu": 2_000_000_000, "cuda": 8_000_000_000, "apple": 2_000_000_000}
@@ -80,20 +84,21 @@ class Installer:
     def _install(self, device: Device, venv: str) -> Installed:
         machine = Machine.of(device, self.cluster.path)
         recorded = self.state.installed_python(device)
-        facts = self._probe(device, machine)
+        engine = device.engine or self.cluster.cluster.engine
+        facts = self._probe(device, machine, engine)
         if _runs_this_version(facts):
             return Installed(
                 device.name, device.python, False, f"meshllm {__version__} is there ({facts['executable']})"
             )
         if recorded:
-            venv_facts = _quiet_probe(self._with_python(device, recorded))
+            venv_facts = _quiet_probe(self._with_python(device, recorded), engine)
             if venv_facts and _runs_this_version(venv_facts):
                 return Installed(device.name, recorded, False, f"meshllm {__version__} is there ({recorded})")
         self._check_python(device, machine, facts)
         started = time.monotonic()
         where = machine.run_script("venv_check", {"path": venv}, timeout=60.0)
         if where["python"]:  # a venv of an earlier install (or another device's on this machine)
-            venv_facts = _quiet_probe(self._with_python(device, where["python"]))
+            venv_facts = _quiet_probe(self._with_python(device, where["python"]), engine)
             if venv_facts and _runs_this_version(venv_facts):
                 self.state.record_install(device, where["python"], __version__)
                 return Installed(
@@ -128,20 +133,45 @@ class Installer:
                 f"device {device.name!r}: meshllm was installed in {where['path']} {machine.where} but does not "
                 f"import there ({problem}); see `{python} -m pip check` there"
             )
+        ggml = self._add_ggml(device, machine, python, engine, kind)
         self.state.record_install(device, python, __version__)
         seconds = time.monotonic() - started
         return Installed(
             device.name, python, True,
-            f"meshllm {__version__} installed in {where['path']} (python {facts['python']}, torch for {kind}) "
-            f"in {seconds:.0f} s",
+            f"meshllm {__version__} installed in {where['path']} (python {facts['python']}, torch for {kind}"
+            f"{ggml}) in {seconds:.0f} s",
         )  # fmt: skip
+
+    def _add_ggml(self, device: Device, machine: Machine, python: str, engine: str | None, kind: str) -> str:
+        """The ggml engine in the venv where the device computes with it: named (`engine = "ggml"`), or by
+        default on a CPU (no GPU, not Apple silicon). What the line printed says of it; ConfigError where
+        it was named and did not build. Where it was not named, a failed build leaves the device on torch."""
+        if engine != "ggml" and not (engine is None and kind == "cpu"):
+            return ""
+        done = machine.run_script(
+            "pip_install",
+            {"python": python, "args": ggml_requirements(), "timeout": PIP_TIMEOUT_S, "env": GGML_BUILD_ENV},
+            timeout=PIP_TIMEOUT_S + 60,
+        )
+        if done["returncode"] == 0:
+            return ", the ggml engine"
+        why = _build_problem(done["tail"])
+        if engine == "ggml":
+            raise ConfigError(
+                f'device {device.name!r}: the ggml engine (engine = "ggml" in {self.cluster.path}) did not build '
+                f"{machine.where}: {why}"
+            )
+        return (
+            f"; the ggml engine did not build there ({why}), so it computes with torch, slower on a CPU: "
+            f'with that fixed, set engine = "ggml" for {device.name} and install again'
+        )
 
     def _with_python(self, device: Device, python: str) -> Machine:
         return Machine.of(device.model_copy(update={"python": python}), self.cluster.path)
 
-    def _probe(self, device: Device, machine: Machine) -> dict[str, Any]:
+    def _probe(self, device: Device, machine: Machine, engine: str | None) -> dict[str, Any]:
         try:
-            return machine.run_script("probe", {"workdir": device.workdir}, timeout=60.0)
+            return machine.run_script("probe", {"workdir": device.workdir, "engine": engine}, timeout=60.0)
         except ConfigError as error:
             if "`python` not found" not in str(error) and "`python` is not executable" not in str(error):
                 raise  # ssh itself failed: its own message says what to do
@@ -255,11 +285,39 @@ def _runs_this_version(facts: dict[str, Any]) -> bool:
     return facts.get("meshllm") == __version__ and not facts.get("missing_modules")
 
 
-def _quiet_probe(machine: Machine) -> dict[str, Any] | None:
+def _quiet_probe(machine: Machine, engine: str | None = None) -> dict[str, Any] | None:
     try:
-        return machine.run_script("probe", {"workdir": "~", "engine": None}, timeout=60.0)
+        return machine.run_script("probe", {"workdir": "~", "engine": engine}, timeout=60.0)
     except ConfigError:
         return None
+
+
+def ggml_requirements() -> list[str]:
+    """What the ggml engine needs installed beside meshllm: its `ggml` extra's requirements."""
+    found = []
+    try:
+        requirements = importlib.metadata.requires("meshllm") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree: its pyproject's extra
+        requirements = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if marker.replace("'", '"').replace(" ", "") == 'extra=="ggml"':
+            found.append(name.strip())
+    return found or ["ggml-python>=0.0.45", "gguf>=0.17"]
+
+
+def _build_problem(tail: list[str]) -> str:
+    """Why pip could not build ggml-python, from the last lines of its output, with the fix."""
+    text = "\n".join(tail).lower()
+    if "compiler" in text and ("not found" in text or "no cmake_c" in text or "could not" in text):
+        return (
+            "no C/C++ compiler there; install one (`sudo apt install build-essential` on Debian/Ubuntu, "
+            "`xcode-select --install` on macOS)"
+        )
+    if "cmake" in text and ("not found" in text or "no such file" in text):
+        return "no cmake there; install it (`sudo apt install cmake`, `brew install cmake`)"
+    lines = [line.strip() for line in tail if line.strip()]
+    return f"pip said: {lines[-1] if lines else 'nothing'}"
 
 
 def _torch_requirement() -> str:
