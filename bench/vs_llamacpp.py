@@ -302,14 +302,30 @@ async def measure_interleaved(urls: dict[str, str], args: argparse.Namespace) ->
             for label, url in urls.items():
                 runs[label].append(await measure_level(url, args.words, args.tokens, streams))
         for label, done in runs.items():
-            figures[label][str(streams)] = {key: spread([run[key] for run in done]) for key in done[0]}
+            level = figures[label][str(streams)] = {
+                key: spread([run[key] for run in done]) for key in done[0]
+            }
+            level["headline_repeats"] = [run[HEADLINE[streams == 1]] for run in done]  # in order, for pairs
     return figures
 
 
+# The figure a level is judged by: decode tokens/s of the one stream, total tokens/s of many.
+HEADLINE = {True: "decode_tokens_per_s_a_stream", False: "tokens_per_s_total"}
+
+
 def headline(figures: dict[str, dict[str, Any]], streams: str) -> dict[str, float]:
-    """The figure a level is judged by: decode tokens/s of the one stream, total tokens/s of many."""
-    key = "decode_tokens_per_s_a_stream" if streams == "1" else "tokens_per_s_total"
-    return figures[streams][key]  # type: ignore[no-any-return]
+    """The figure a level is judged by (`HEADLINE`), as a spread over the repeats."""
+    return figures[streams][HEADLINE[streams == "1"]]  # type: ignore[no-any-return]
+
+
+def split_ratio(numerator: dict[str, Any], denominator: dict[str, Any], paired: bool) -> dict[str, float]:
+    """One level's ratio of two rows as a spread: repeat by repeat where the repeats were interleaved
+    (each pair measured within minutes, so the machine's drift cancels), else the ratio of the medians."""
+    if not paired:
+        medians = [statistics.median(rows["headline_repeats"]) for rows in (numerator, denominator)]
+        return spread([medians[0] / medians[1]])
+    pairs = zip(numerator["headline_repeats"], denominator["headline_repeats"], strict=True)
+    return spread([a / b for a, b in pairs])
 
 
 def serve_has_option(option: str) -> bool:
@@ -520,6 +536,21 @@ def main() -> int:
             / headline(results[other.label], str(level))["median"]
             for level in args.levels
         }
+    # What a second stage costs or gains, same weights: meshllm's 2 stages against its 1 stage.
+    splits: dict[str, dict[str, dict[str, float]]] = {}
+    for spec in specs:
+        one = next(
+            (o for o in specs if o.kind == "meshllm" and o.weights == spec.weights and o.layout == "1 stage"),
+            None,
+        )
+        if spec.kind != "meshllm" or spec.layout != "2 stage" or one is None or one.label not in results:
+            continue
+        if spec.label in results:
+            two_rows, one_rows = results[spec.label], results[one.label]
+            splits[f"{spec.label} / {one.label}"] = {
+                str(level): split_ratio(two_rows[str(level)], one_rows[str(level)], args.interleave)
+                for level in args.levels
+            }
     if predictions:
         print("meshllm's own prediction (serve's log) against the measured median:")
         for label, predicted in predictions.items():
@@ -537,6 +568,15 @@ def main() -> int:
         print(f"{'ratio of medians':<42} " + " ".join(f"{f'{level} stream(s)':>12}" for level in args.levels))
         for pair, values in ratios.items():
             print(f"{pair:<42} " + " ".join(f"{values[str(level)]:>12.2f}" for level in args.levels))
+    if splits:
+        way = "median of the repeats' ratios, interleaved" if args.interleave else "ratio of medians"
+        print(
+            f"{f'2 stages / 1 stage ({way})':<42} "
+            + " ".join(f"{f'{level} stream(s)':>16}" for level in args.levels)
+        )
+        for pair, by_level in splits.items():
+            cells = [show(by_level[str(level)], digits=2) for level in args.levels]
+            print(f"{pair:<42} " + " ".join(f"{cell:>16}" for cell in cells))
     report: dict[str, Any] = {
         "shape": args.shape,
         "tokens": args.tokens,
@@ -548,6 +588,7 @@ def main() -> int:
         "interleaved": args.interleave,
         "servers": results,
         "ratios": ratios,
+        "splits": splits,
         "predicted": predictions,
         "schedules": schedules,
         "notes": notes,
