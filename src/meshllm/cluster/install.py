@@ -7,8 +7,8 @@ install torch for that machine (`torch_index`: the CPU build's index on Linux wi
 driver) and then the wheel with its dependencies from the device's own package index (with mlx on
 Apple silicon), then the ggml engine (built there) on a CPU device that names no engine or on one that
 names ggml, and record the venv's python in the state folder, so every later command uses it.
-A device whose python (or recorded venv) already runs this version is not touched. Every failure is
-one line naming the device and the fix.
+A device whose python (or recorded venv) already runs this version, with the engine it names, is not
+touched. Every failure is one line naming the device and the fix.
 """
 
 from __future__ import annotations
@@ -297,13 +297,13 @@ def ggml_requirements() -> list[str]:
     found = []
     try:
         requirements = importlib.metadata.requires("meshllm") or []
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree: its pyproject's extra
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree with no metadata installed
         requirements = []
     for requirement in requirements:
         name, _, marker = requirement.partition(";")
         if marker.replace("'", '"').replace(" ", "") == 'extra=="ggml"':
             found.append(name.strip())
-    return found or ["ggml-python>=0.0.45", "gguf>=0.17"]
+    return found or ["ggml-python>=0.0.45", "gguf>=0.17"]  # as pyproject.toml's `ggml` extra says
 
 
 def _build_problem(tail: list[str]) -> str:
