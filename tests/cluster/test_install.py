@@ -122,9 +122,9 @@ def test_a_device_without_meshllm_gets_a_venv_of_this_version_and_joins(
 def test_a_ggml_engine_that_does_not_build_leaves_a_cpu_device_on_torch_unless_named(
     cluster_files, tmp_path: Path, bare_python: str
 ) -> None:
-    # A machine without a C++ compiler: CMake finds none where CXX names one that is not there (and pip
-    # must not take the wheel of ggml-python it built before).
-    no_compiler = {"CC": "/nowhere/cc", "CXX": "/nowhere/c++", "PIP_NO_CACHE_DIR": "1"}
+    # A machine without a C++ compiler: CMake finds none where CXX names one that is not there (install
+    # builds ggml anew, never from the wheel pip kept from an earlier test's build).
+    no_compiler = {"CC": "/nowhere/cc", "CXX": "/nowhere/c++"}
     worker = {"name": "w1", "host": "127.0.0.1", "port": free_port(), "python": bare_python,
               "workdir": str(tmp_path), "torch_index": "", "env": no_compiler}  # fmt: skip
     result = install(cluster_files.write([coordinator_device(), worker], name="noggml"))

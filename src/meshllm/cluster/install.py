@@ -150,7 +150,13 @@ class Installer:
             return ""
         done = machine.run_script(
             "pip_install",
-            {"python": python, "args": ggml_requirements(), "timeout": PIP_TIMEOUT_S, "env": GGML_BUILD_ENV},
+            # built anew: a wheel pip kept from an earlier build may lack GGML_BUILD_ENV's flags
+            {
+                "python": python,
+                "args": ["--no-cache-dir", *ggml_requirements()],
+                "timeout": PIP_TIMEOUT_S,
+                "env": GGML_BUILD_ENV,
+            },
             timeout=PIP_TIMEOUT_S + 60,
         )
         if done["returncode"] == 0:
