@@ -539,15 +539,14 @@ def main() -> int:
     # What a second stage costs or gains, same weights: meshllm's 2 stages against its 1 stage.
     splits: dict[str, dict[str, dict[str, float]]] = {}
     for spec in specs:
-        one = next(
-            (o for o in specs if o.kind == "meshllm" and o.weights == spec.weights and o.layout == "1 stage"),
-            None,
-        )
-        if spec.kind != "meshllm" or spec.layout != "2 stage" or one is None or one.label not in results:
+        if spec.kind != "meshllm" or spec.layout != "2 stage" or spec.label not in results:
             continue
-        if spec.label in results:
-            two_rows, one_rows = results[spec.label], results[one.label]
-            splits[f"{spec.label} / {one.label}"] = {
+        ones = [
+            o for o in specs if o.kind == "meshllm" and o.weights == spec.weights and o.layout == "1 stage"
+        ]
+        if ones and ones[0].label in results:
+            two_rows, one_rows = results[spec.label], results[ones[0].label]
+            splits[f"{spec.label} / {ones[0].label}"] = {
                 str(level): split_ratio(two_rows[str(level)], one_rows[str(level)], args.interleave)
                 for level in args.levels
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from meshllm.cluster import hostscript
 from meshllm.cluster.launch import Machine
 from meshllm.config import Cluster, Device
 from meshllm.defaults import SHARED_CORES_ENV
@@ -77,7 +78,9 @@ def problems(
             f"(or `meshllm cluster install -c {file}` makes a venv with it)"
         )
         return found
-    engine_missing = [module for module in facts["missing_modules"] if module in ("ggml", "gguf")]
+    engine_missing = [
+        module for module in facts["missing_modules"] if module in hostscript.ENGINE_MODULES["ggml"]
+    ]
     if engine_missing and engine_missing == facts["missing_modules"]:
         found.append(
             f'device {name!r} computes with the ggml engine (engine = "ggml" in {file}) but '

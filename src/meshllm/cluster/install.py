@@ -133,7 +133,7 @@ class Installer:
                 f"device {device.name!r}: meshllm was installed in {where['path']} {machine.where} but does not "
                 f"import there ({problem}); see `{python} -m pip check` there"
             )
-        ggml = self._add_ggml(device, machine, python, engine, kind)
+        ggml = self._add_ggml(device, machine, python, wheel, engine, kind)
         self.state.record_install(device, python, __version__)
         seconds = time.monotonic() - started
         return Installed(
@@ -142,9 +142,11 @@ class Installer:
             f"{ggml}) in {seconds:.0f} s",
         )  # fmt: skip
 
-    def _add_ggml(self, device: Device, machine: Machine, python: str, engine: str | None, kind: str) -> str:
-        """The ggml engine in the venv where the device computes with it: named (`engine = "ggml"`), or by
-        default on a CPU (no GPU, not Apple silicon). What the line printed says of it; ConfigError where
+    def _add_ggml(
+        self, device: Device, machine: Machine, python: str, wheel: str, engine: str | None, kind: str
+    ) -> str:
+        """The ggml engine (the wheel's `ggml` extra) in the venv where the device computes with it: named
+        (`engine = "ggml"`), or by default on a CPU (no GPU, not Apple silicon). What the line printed says of it; ConfigError where
         it was named and did not build. Where it was not named, a failed build leaves the device on torch."""
         if engine != "ggml" and not (engine is None and kind == "cpu"):
             return ""
@@ -153,7 +155,7 @@ class Installer:
             # built anew: a wheel pip kept from an earlier build may lack GGML_BUILD_ENV's flags
             {
                 "python": python,
-                "args": ["--no-cache-dir", *ggml_requirements()],
+                "args": ["--no-cache-dir", f"{wheel}[ggml]"],
                 "timeout": PIP_TIMEOUT_S,
                 "env": GGML_BUILD_ENV,
             },
@@ -296,20 +298,6 @@ def _quiet_probe(machine: Machine, engine: str | None = None) -> dict[str, Any] 
         return machine.run_script("probe", {"workdir": "~", "engine": engine}, timeout=60.0)
     except ConfigError:
         return None
-
-
-def ggml_requirements() -> list[str]:
-    """What the ggml engine needs installed beside meshllm: its `ggml` extra's requirements."""
-    found = []
-    try:
-        requirements = importlib.metadata.requires("meshllm") or []
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree with no metadata installed
-        requirements = []
-    for requirement in requirements:
-        name, _, marker = requirement.partition(";")
-        if marker.replace("'", '"').replace(" ", "") == 'extra=="ggml"':
-            found.append(name.strip())
-    return found or ["ggml-python>=0.0.45", "gguf>=0.17"]  # as pyproject.toml's `ggml` extra says
 
 
 def _build_problem(tail: list[str]) -> str:
